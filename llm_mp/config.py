@@ -1,0 +1,372 @@
+"""Configs as plain, frozen, validated data.
+
+Every experiment is described by one :class:`Config` made of sections
+(:class:`ModelConfig`, :class:`OptimConfig`, :class:`DataConfig`,
+:class:`TrainConfig`, :class:`MeshConfig`). Each section validates itself on
+construction and raises ``ValueError`` naming the field and the bad value.
+Named presets live in :data:`PRESETS`; :func:`apply_overrides` applies dotted
+``section.field=value`` overrides and rejects unknown keys.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import json
+from typing import Any, Mapping, Sequence
+
+NORMS = ("layernorm", "rmsnorm")
+POSITIONS = ("learned", "rope", "sinusoidal", "none")
+MLPS = ("gelu", "relu", "swiglu", "geglu")
+ATTENTION_IMPLS = ("xla", "cudnn")
+REMAT_POLICIES = ("none", "dots", "full")
+OPTIMIZERS = ("adamw", "adam", "sgd", "rmsprop", "adagrad")
+SCHEDULES = ("cosine", "linear", "constant")
+TOKENIZERS = ("byte", "bpe")
+
+
+def _check_choice(section: str, field: str, value: Any, choices: Sequence[Any]) -> None:
+  if value not in choices:
+    raise ValueError(f"{section}.{field}={value!r} is not one of {list(choices)}")
+
+
+def _check_positive(section: str, field: str, value: Any, allow_zero: bool = False) -> None:
+  ok = value >= 0 if allow_zero else value > 0
+  if not ok:
+    bound = ">= 0" if allow_zero else "> 0"
+    raise ValueError(f"{section}.{field}={value!r} must be {bound}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Shape and architecture of a Transformer.
+
+  The defaults are a tiny GPT-2-style decoder; :meth:`gpt2` and :meth:`llama`
+  give the two families' switches.
+  """
+
+  vocab_size: int = 259  # 256 bytes + 3 specials (the byte tokenizer's size)
+  d_model: int = 64  # width of the residual stream
+  n_layers: int = 2
+  n_heads: int = 4
+  n_kv_heads: int | None = None  # < n_heads gives grouped-query attention; None = n_heads
+  d_ff: int | None = None  # hidden width of the MLP; None = 4*d_model (8/3*d_model for GLU MLPs)
+  max_len: int = 128  # longest sequence the positions support
+  dropout: float = 0.0  # on attention output, MLP output and embeddings
+  norm: str = "layernorm"  # "layernorm" (GPT-2) or "rmsnorm" (LLaMA)
+  norm_eps: float = 1e-5
+  position: str = "learned"  # "learned" (GPT-2), "rope" (LLaMA), "sinusoidal" (Vaswani et al.)
+  rope_theta: float = 10_000.0
+  mlp: str = "gelu"  # "gelu"/"relu" two-layer MLP, or "swiglu"/"geglu" gated
+  use_bias: bool = True  # biases in dense layers and LayerNorm (GPT-2: yes, LLaMA: no)
+  tie_embeddings: bool = True  # logits use the transposed token embedding
+  attention_impl: str = "xla"  # jax.nn.dot_product_attention implementation
+  remat: str = "none"  # rematerialisation per block: "none", "dots" (save matmuls), "full"
+  scan_layers: bool = False  # nn.scan over blocks: one compiled block, faster compiles
+  n_experts: int = 0  # >0 replaces the MLP by a mixture of experts
+  expert_top_k: int = 2
+  init_std: float = 0.02
+
+  def __post_init__(self):
+    s = "model"
+    for f in ("vocab_size", "d_model", "n_layers", "n_heads", "max_len"):
+      _check_positive(s, f, getattr(self, f))
+    _check_choice(s, "norm", self.norm, NORMS)
+    _check_choice(s, "position", self.position, POSITIONS)
+    _check_choice(s, "mlp", self.mlp, MLPS)
+    _check_choice(s, "attention_impl", self.attention_impl, ATTENTION_IMPLS)
+    _check_choice(s, "remat", self.remat, REMAT_POLICIES)
+    if self.d_model % self.n_heads:
+      raise ValueError(
+          f"model.n_heads={self.n_heads} does not divide model.d_model={self.d_model}")
+    if self.n_kv_heads is not None:
+      _check_positive(s, "n_kv_heads", self.n_kv_heads)
+      if self.n_heads % self.n_kv_heads:
+        raise ValueError(
+            f"model.n_kv_heads={self.n_kv_heads} does not divide model.n_heads={self.n_heads}")
+    if self.d_ff is not None:
+      _check_positive(s, "d_ff", self.d_ff)
+    if not 0.0 <= self.dropout < 1.0:
+      raise ValueError(f"model.dropout={self.dropout!r} must be in [0, 1)")
+    if self.position == "rope" and self.head_dim % 2:
+      raise ValueError(f"model.position='rope' needs an even head dim, got {self.head_dim}")
+    _check_positive(s, "n_experts", self.n_experts, allow_zero=True)
+    if self.n_experts and not 0 < self.expert_top_k <= self.n_experts:
+      raise ValueError(
+          f"model.expert_top_k={self.expert_top_k} must be in [1, n_experts={self.n_experts}]")
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.n_heads
+
+  @property
+  def kv_heads(self) -> int:
+    return self.n_kv_heads or self.n_heads
+
+  @property
+  def ff_dim(self) -> int:
+    if self.d_ff is not None:
+      return self.d_ff
+    if self.mlp in ("swiglu", "geglu"):
+      return 256 * ((8 * self.d_model // 3 + 255) // 256) if self.d_model >= 256 else 8 * self.d_model // 3
+    return 4 * self.d_model
+
+  @classmethod
+  def gpt2(cls, **kw) -> "ModelConfig":
+    """GPT-2: LayerNorm with bias, learned positions, GELU MLP, tied embeddings."""
+    base = dict(norm="layernorm", position="learned", mlp="gelu", use_bias=True,
+                tie_embeddings=True)
+    return cls(**{**base, **kw})
+
+  @classmethod
+  def llama(cls, **kw) -> "ModelConfig":
+    """LLaMA: RMSNorm, rotary positions, SwiGLU MLP, no biases, untied head."""
+    base = dict(norm="rmsnorm", position="rope", mlp="swiglu", use_bias=False,
+                tie_embeddings=False, norm_eps=1e-6)
+    return cls(**{**base, **kw})
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  """Optimizer, schedule, clipping, weight decay and gradient accumulation."""
+
+  name: str = "adamw"
+  lr: float = 1e-3  # peak learning rate
+  warmup_steps: int = 100
+  schedule: str = "cosine"  # decay after warm-up: "cosine", "linear" (to end_lr) or "constant"
+  end_lr_ratio: float = 0.1  # final lr as a fraction of the peak
+  b1: float = 0.9
+  b2: float = 0.95
+  eps: float = 1e-8
+  momentum: float = 0.9  # sgd and rmsprop
+  weight_decay: float = 0.1
+  decay_norms: bool = False  # whether weight decay also applies to norm scales
+  decay_biases: bool = False
+  decay_embeddings: bool = False
+  clip_norm: float | None = 1.0  # global-norm clipping of unscaled gradients; None = off
+  grad_accum_steps: int = 1  # micro-batches per optimizer update
+
+  def __post_init__(self):
+    s = "optim"
+    _check_choice(s, "name", self.name, OPTIMIZERS)
+    _check_choice(s, "schedule", self.schedule, SCHEDULES)
+    _check_positive(s, "lr", self.lr)
+    _check_positive(s, "warmup_steps", self.warmup_steps, allow_zero=True)
+    _check_positive(s, "weight_decay", self.weight_decay, allow_zero=True)
+    _check_positive(s, "grad_accum_steps", self.grad_accum_steps)
+    if self.clip_norm is not None:
+      _check_positive(s, "clip_norm", self.clip_norm)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """Where text comes from and how it becomes token rows."""
+
+  paths: tuple[str, ...] = ()  # files or directories of .txt/.jsonl; () = the embedded corpus
+  tokenizer: str = "byte"  # "byte" (256 + specials) or "bpe" (trained with `tokenizers`)
+  bpe_vocab_size: int = 1024
+  seq_len: int = 128  # tokens per packed row
+  val_fraction: float = 0.05  # fraction of documents held out for validation
+  min_doc_chars: int = 16  # shorter documents are dropped during cleaning
+  skip_bad_files: bool = False  # skip non-UTF-8 files with a warning instead of failing
+  max_docs: int | None = None  # keep only the first N documents (quick runs)
+
+  def __post_init__(self):
+    s = "data"
+    _check_choice(s, "tokenizer", self.tokenizer, TOKENIZERS)
+    _check_positive(s, "seq_len", self.seq_len)
+    _check_positive(s, "bpe_vocab_size", self.bpe_vocab_size)
+    if not 0.0 <= self.val_fraction < 1.0:
+      raise ValueError(f"data.val_fraction={self.val_fraction!r} must be in [0, 1)")
+    if isinstance(self.paths, str):
+      object.__setattr__(self, "paths", (self.paths,))
+    else:
+      object.__setattr__(self, "paths", tuple(self.paths))
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """Device mesh axis sizes; one may be -1 (= all remaining devices)."""
+
+  data: int = -1
+  fsdp: int = 1
+  tensor: int = 1
+
+  def __post_init__(self):
+    sizes = (self.data, self.fsdp, self.tensor)
+    if sum(1 for x in sizes if x == -1) > 1:
+      raise ValueError(f"mesh: at most one axis may be -1, got data={self.data}, "
+                       f"fsdp={self.fsdp}, tensor={self.tensor}")
+    for name, x in zip(("data", "fsdp", "tensor"), sizes):
+      if x != -1 and x < 1:
+        raise ValueError(f"mesh.{name}={x} must be >= 1 or -1")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """The training loop: length, batch, precision, logging and checkpoints."""
+
+  steps: int = 300
+  batch_size: int = 16  # rows per optimizer update (split into grad_accum_steps micro-batches)
+  precision: str = "fp32"  # a preset of llm_mp.precision: fp32, bf16, fp16, pure_bf16
+  loss_scale: str = "auto"  # "auto" (the preset's), "none", "static", "dynamic"
+  init_loss_scale: float = 2.0**15
+  loss_scale_period: int = 2000  # finite steps before a dynamic scale grows
+  z_loss: float = 0.0  # weight of log(Z)^2, keeps logits from drifting
+  seed: int = 0
+  log_every: int = 10
+  eval_every: int = 100
+  eval_batches: int = 8
+  ckpt_every: int = 100
+  keep_checkpoints: int = 3
+  sample_prompt: str = "The "
+  sample_tokens: int = 200
+
+  def __post_init__(self):
+    s = "train"
+    for f in ("steps", "batch_size", "log_every", "eval_every", "ckpt_every",
+              "keep_checkpoints", "eval_batches", "loss_scale_period"):
+      _check_positive(s, f, getattr(self, f))
+    _check_choice(s, "loss_scale", self.loss_scale, ("auto", "none", "static", "dynamic"))
+    _check_positive(s, "init_loss_scale", self.init_loss_scale)
+    _check_positive(s, "z_loss", self.z_loss, allow_zero=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """A whole run: one value, written to the run directory as JSON."""
+
+  model: ModelConfig = ModelConfig()
+  optim: OptimConfig = OptimConfig()
+  data: DataConfig = DataConfig()
+  train: TrainConfig = TrainConfig()
+  mesh: MeshConfig = MeshConfig()
+
+  def __post_init__(self):
+    if self.data.seq_len > self.model.max_len:
+      raise ValueError(
+          f"data.seq_len={self.data.seq_len} is longer than model.max_len={self.model.max_len}")
+    if self.train.batch_size % self.optim.grad_accum_steps:
+      raise ValueError(f"optim.grad_accum_steps={self.optim.grad_accum_steps} does not divide "
+                       f"train.batch_size={self.train.batch_size}")
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  def to_json(self) -> str:
+    return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> "Config":
+    sections = {f.name: f.type for f in dataclasses.fields(cls)}
+    unknown = set(d) - set(sections)
+    if unknown:
+      raise ValueError(f"unknown config section(s) {sorted(unknown)}; known: {sorted(sections)}")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+      if f.name in d:
+        section_cls = type(getattr(cls(), f.name))
+        _check_keys(f.name, section_cls, d[f.name])
+        kwargs[f.name] = section_cls(**d[f.name])
+    return cls(**kwargs)
+
+
+def _check_keys(section: str, section_cls: type, values: Mapping[str, Any]) -> None:
+  known = {f.name for f in dataclasses.fields(section_cls)}
+  unknown = set(values) - known
+  if unknown:
+    raise ValueError(f"unknown key(s) {sorted(f'{section}.{k}' for k in unknown)}; "
+                     f"known: {sorted(known)}")
+
+
+def _parse_value(text: str) -> Any:
+  """'3' -> 3, '1e-3' -> 0.001, 'true' -> True, 'none' -> None, 'a,b' -> ('a', 'b')."""
+  low = text.lower()
+  if low in ("true", "false"):
+    return low == "true"
+  if low in ("none", "null"):
+    return None
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
+def apply_overrides(config: Config, overrides: Sequence[str]) -> Config:
+  """Returns ``config`` with ``section.field=value`` strings applied.
+
+  Raises ValueError for a malformed override, an unknown section or field, or a
+  value the section's validation rejects.
+  """
+  d = config.to_dict()
+  for item in overrides:
+    if "=" not in item:
+      raise ValueError(f"override {item!r} is not of the form section.field=value")
+    key, value = item.split("=", 1)
+    if "." not in key:
+      raise ValueError(f"override key {key!r} is not of the form section.field")
+    section, field = key.split(".", 1)
+    if section not in d:
+      raise ValueError(f"unknown config section {section!r} in override {item!r}; "
+                       f"known: {sorted(d)}")
+    if field not in d[section]:
+      raise ValueError(f"unknown key {key!r}; known: {sorted(d[section])}")
+    d[section][field] = _parse_value(value)
+  return Config.from_dict(d)
+
+
+def _tiny() -> Config:
+  # Trains in a few minutes on 2 CPU cores and still learns visible structure.
+  return Config(
+      model=ModelConfig.gpt2(vocab_size=259, d_model=128, n_layers=4, n_heads=4, max_len=128),
+      optim=OptimConfig(lr=2e-3, warmup_steps=50),
+      data=DataConfig(seq_len=128),
+      train=TrainConfig(steps=600, batch_size=16, log_every=20, eval_every=200, ckpt_every=200),
+  )
+
+
+def _gpt2_124m() -> Config:
+  return Config(
+      model=ModelConfig.gpt2(vocab_size=50304, d_model=768, n_layers=12, n_heads=12,
+                             max_len=1024),
+      optim=OptimConfig(lr=6e-4, warmup_steps=700),
+      data=DataConfig(tokenizer="bpe", bpe_vocab_size=50304, seq_len=1024),
+      train=TrainConfig(steps=20_000, batch_size=16, precision="bf16", eval_every=1000,
+                        ckpt_every=1000),
+  )
+
+
+def _gpt2_350m() -> Config:
+  c = _gpt2_124m()
+  return dataclasses.replace(
+      c, model=dataclasses.replace(c.model, d_model=1024, n_layers=24, n_heads=16))
+
+
+def _llama_1b() -> Config:
+  c = _gpt2_124m()
+  return dataclasses.replace(
+      c, model=ModelConfig.llama(vocab_size=50304, d_model=2048, n_layers=16, n_heads=16,
+                                 n_kv_heads=8, d_ff=5632, max_len=1024))
+
+
+def _llama_tiny() -> Config:
+  c = _tiny()
+  return dataclasses.replace(
+      c, model=ModelConfig.llama(vocab_size=259, d_model=128, n_layers=4, n_heads=4,
+                                 n_kv_heads=2, max_len=128))
+
+
+PRESETS = {
+    "tiny": _tiny,
+    "llama_tiny": _llama_tiny,
+    "gpt2_124m": _gpt2_124m,
+    "gpt2_350m": _gpt2_350m,
+    "llama_1b": _llama_1b,
+}
+
+
+def get_preset(name: str) -> Config:
+  """Returns the named preset Config; ValueError lists the known names."""
+  if name not in PRESETS:
+    raise ValueError(f"unknown preset {name!r}; known: {sorted(PRESETS)}")
+  return PRESETS[name]()

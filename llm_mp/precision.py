@@ -1,0 +1,209 @@
+"""Mixed-precision policies as values.
+
+A :class:`Precision` is a base :class:`jmp.Policy` (param / compute / output
+dtype) plus per-module overrides keyed by module-path patterns, plus the kind
+of loss scaling the preset wants. It is passed into every module as an
+attribute; each module looks up its own policy by its path with
+:func:`module_policy`. Nothing here is global.
+
+Kept in float32 whatever the preset (each is tested in tests/test_precision.py):
+  * norm statistics (``*norm*`` override: compute in fp32),
+  * the MoE router (``*router*`` override),
+  * the attention softmax (``jax.nn.dot_product_attention`` always does it),
+  * logits returned by the LM head (``lm_head`` override: output fp32),
+  * the loss (``llm_mp.step`` casts logits to fp32 before the cross-entropy).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import jmp
+import numpy as np
+
+DTYPES: Mapping[str, Any] = {
+    "float32": jnp.float32, "fp32": jnp.float32, "f32": jnp.float32, "full": jnp.float32,
+    "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16,
+    "float16": jnp.float16, "fp16": jnp.float16, "f16": jnp.float16, "half": jnp.float16,
+}
+LOSS_SCALES = ("none", "static", "dynamic")
+
+
+def parse_dtype(name: str, field: str = "dtype") -> Any:
+  """'bf16' -> jnp.bfloat16; ValueError naming ``field`` and listing valid names."""
+  key = str(name).strip().lower()
+  if key not in DTYPES:
+    raise ValueError(f"unknown {field} {name!r}; valid: {sorted(DTYPES)}")
+  return DTYPES[key]
+
+
+def dtype_name(dtype: Any) -> str:
+  return np.dtype(dtype).name
+
+
+def _parse_policy_fields(spec: str, base: jmp.Policy) -> jmp.Policy:
+  """'c=f32,o=bf16' (any subset of p/c/o) or a bare dtype (= compute) applied to ``base``."""
+  fields = {"p": "param_dtype", "params": "param_dtype", "param": "param_dtype",
+            "c": "compute_dtype", "compute": "compute_dtype",
+            "o": "output_dtype", "output": "output_dtype"}
+  if "=" not in spec:
+    return dataclasses.replace(base, compute_dtype=parse_dtype(spec, "override dtype"))
+  changes = {}
+  for part in spec.split(","):
+    if "=" not in part:
+      raise ValueError(f"policy field {part!r} in {spec!r} is not of the form key=dtype")
+    key, value = (s.strip() for s in part.split("=", 1))
+    if key not in fields:
+      raise ValueError(f"unknown policy field {key!r} in {spec!r}; valid: p, c, o")
+    changes[fields[key]] = parse_dtype(value, f"policy field {key!r}")
+  return dataclasses.replace(base, **changes)
+
+
+def _policy_str(p: jmp.Policy) -> str:
+  return (f"p={dtype_name(p.param_dtype)},c={dtype_name(p.compute_dtype)},"
+          f"o={dtype_name(p.output_dtype)}")
+
+
+# Overrides every preset starts from; later entries win over earlier ones.
+DEFAULT_OVERRIDES: tuple[tuple[str, str], ...] = (
+    ("*norm*", "c=f32"),  # mean/variance in fp32; output back to the stream's dtype
+    ("*router*", "c=f32,o=f32"),  # MoE routing probabilities in fp32
+    ("lm_head", "o=f32"),  # logits leave the model in fp32 for the loss
+)
+
+# preset -> (base policy string, loss scaling)
+PRESETS: Mapping[str, tuple[str, str]] = {
+    "fp32": ("p=f32,c=f32,o=f32", "none"),
+    "bf16": ("p=f32,c=bf16,o=bf16", "none"),
+    "fp16": ("p=f32,c=f16,o=f16", "dynamic"),
+    "pure_bf16": ("p=bf16,c=bf16,o=bf16", "none"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Precision:
+  """A base policy, per-module overrides and the loss-scaling kind.
+
+  Attributes:
+    name: the preset or spec it was built from (for logs).
+    base: policy of every module no override matches.
+    overrides: ``(pattern, policy)`` pairs; a module whose '/'-joined path
+      matches ``pattern`` (fnmatch) takes ``policy``. The last match wins.
+    loss_scale: "none", "static" or "dynamic".
+  """
+
+  name: str
+  base: jmp.Policy
+  overrides: tuple[tuple[str, jmp.Policy], ...] = ()
+  loss_scale: str = "none"
+
+  def __post_init__(self):
+    if self.loss_scale not in LOSS_SCALES:
+      raise ValueError(f"unknown loss_scale {self.loss_scale!r}; valid: {list(LOSS_SCALES)}")
+
+  def for_path(self, path: str) -> jmp.Policy:
+    """The policy of the module at ``path`` ('blocks_0/attn/query')."""
+    policy = self.base
+    for pattern, override in self.overrides:
+      if fnmatch.fnmatchcase(path, pattern):
+        policy = override
+    return policy
+
+  @property
+  def param_dtype(self) -> Any:
+    return self.base.param_dtype
+
+  @property
+  def compute_dtype(self) -> Any:
+    return self.base.compute_dtype
+
+  def describe(self) -> str:
+    lines = [f"precision {self.name}: {_policy_str(self.base)}, loss scale {self.loss_scale}"]
+    lines += [f"  {pat}: {_policy_str(p)}" for pat, p in self.overrides]
+    return "\n".join(lines)
+
+
+def make_precision(spec: str = "fp32", overrides: str | None = None,
+                   loss_scale: str | None = None) -> Precision:
+  """Builds a :class:`Precision` from a preset or a jmp policy string.
+
+  Args:
+    spec: a preset name (``fp32``, ``bf16``, ``fp16``, ``pure_bf16``) or a jmp
+      string such as ``"p=f32,c=bf16,o=f32"``.
+    overrides: extra ``pattern=spec`` entries separated by ';', applied after
+      the defaults, e.g. ``"*attn*=f32;lm_head=c=f32,o=f32"``. A bare dtype
+      sets the compute dtype; ``p=,c=,o=`` set any subset of the three.
+    loss_scale: "none", "static", "dynamic", or None for the preset's choice.
+
+  Raises:
+    ValueError: unknown preset, dtype, policy field or loss-scale kind.
+  """
+  key = spec.strip().lower()
+  if key in PRESETS:
+    base_str, preset_scale = PRESETS[key]
+  elif "=" in key:
+    base_str, preset_scale = key, "none"
+  else:
+    raise ValueError(f"unknown precision {spec!r}; valid presets: {sorted(PRESETS)}, "
+                     "or a policy string like 'p=f32,c=bf16,o=bf16'")
+  base = _parse_policy_fields(base_str, jmp.Policy(jnp.float32, jnp.float32, jnp.float32))
+  entries = list(DEFAULT_OVERRIDES)
+  for item in (overrides or "").split(";"):
+    if item.strip():
+      if "=" not in item:
+        raise ValueError(f"precision override {item!r} is not of the form pattern=dtype")
+      pattern, value = item.split("=", 1)
+      entries.append((pattern.strip(), value.strip()))
+  # Each override changes only the fields it names, starting from the base policy.
+  resolved = tuple((pat, _parse_policy_fields(val, base)) for pat, val in entries)
+  scale = preset_scale if loss_scale in (None, "auto") else loss_scale
+  return Precision(name=spec, base=base, overrides=resolved, loss_scale=scale)
+
+
+def module_path(module) -> str:
+  """The '/'-joined path of a bound flax module ('' for the top-level module)."""
+  return "/".join(str(p) for p in module.scope.path)
+
+
+def module_policy(module) -> jmp.Policy:
+  """The policy for a bound flax module that has a ``precision`` attribute."""
+  return module.precision.for_path(module_path(module))
+
+
+def precision_report(model, params_shape: Any, *args, **kwargs) -> dict[str, dict[str, str]]:
+  """What dtype each parameter has and each module computes and returns in.
+
+  Runs ``model.apply`` abstractly (no FLOPs) with intermediates captured.
+
+  Args:
+    model: a flax module with a ``precision`` attribute.
+    params_shape: the params (or their ``jax.eval_shape``) as from ``model.init``.
+    *args, **kwargs: example inputs for ``model.apply``.
+
+  Returns:
+    ``{"params": {path: dtype}, "modules": {path: "compute=..., output=..."}}``.
+  """
+  variables = {"params": params_shape} if "params" not in params_shape else params_shape
+  _, state = jax.eval_shape(
+      lambda v: model.apply(v, *args, capture_intermediates=True, mutable=["intermediates"],
+                            **kwargs), variables)
+  params = {
+      "/".join(str(getattr(k, "key", k)) for k in path): dtype_name(leaf.dtype)
+      for path, leaf in jax.tree_util.tree_leaves_with_path(variables["params"])
+  }
+  modules = {}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(state["intermediates"]):
+    keys = [str(getattr(k, "key", k)) for k in path]
+    if "__call__" not in keys:
+      continue
+    mod = "/".join(keys[:keys.index("__call__")])
+    if mod in modules:  # modules returning tuples: report the first output
+      continue
+    policy = model.precision.for_path(mod)
+    modules[mod] = (f"compute={dtype_name(policy.compute_dtype)}, "
+                    f"output={dtype_name(leaf.dtype)}")
+  return {"params": params, "modules": modules}
