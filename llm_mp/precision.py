@@ -29,6 +29,8 @@ DTYPES: Mapping[str, Any] = {
     "float32": jnp.float32, "fp32": jnp.float32, "f32": jnp.float32, "full": jnp.float32,
     "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16,
     "float16": jnp.float16, "fp16": jnp.float16, "f16": jnp.float16, "half": jnp.float16,
+    # float64 needs jax_enable_x64; used for reference computations in tests.
+    "float64": jnp.float64, "fp64": jnp.float64, "f64": jnp.float64,
 }
 LOSS_SCALES = ("none", "static", "dynamic")
 
