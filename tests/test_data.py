@@ -1,18 +1,20 @@
-"""The data pipeline: cleaning, file reading and errors, tokenizers, embedded corpus."""
+"""The data pipeline: cleaning and errors, tokenizers, embedded corpus, token files, packing,
+resumable and sharded iterators."""
 
 import json
 import os
 import sysconfig
 import unicodedata
 
+import numpy as np
 import pytest
 
 from llm_mp.config import DataConfig
-from llm_mp.data import stdlib_corpus
-from llm_mp.data.corpus import clean_documents, load_corpus, read_documents
-from llm_mp.data.files import DataError
-from llm_mp.data.tokenizer import (BpeTokenizer, ByteTokenizer, build_tokenizer,
-                                   load_tokenizer)
+from llm_mp.data import (BpeTokenizer, ByteTokenizer, DataError, PackedRows, TokenSplit,
+                         build_token_shards, build_tokenizer, clean_documents, load_corpus,
+                         load_tokenizer, make_eval_iterator, make_train_iterator, prepare_data,
+                         read_documents, split_documents, stdlib_corpus)
+from llm_mp.data.shards import token_dtype, tokenize
 
 UNICODE_SAMPLES = [
     "",
@@ -67,7 +69,8 @@ def test_max_docs_keeps_the_first_documents():
 def test_reads_txt_and_jsonl_recursively_in_sorted_order(tmp_path):
   _write(tmp_path / "b" / "two.jsonl",
          json.dumps({"text": "json doc one"}) + "\n\n" + json.dumps({"text": "json doc two"}))
-  _write(tmp_path / "a.txt", "first doc\n\nstill first (one blank line)\n\n\nsecond doc\n \n\t\nthird")
+  _write(tmp_path / "a.txt",
+         "first doc\n\nstill first (one blank line)\n\n\nsecond doc\n \n\t\nthird")
   _write(tmp_path / "ignored.md", "not read")
   docs, n_files, skipped = read_documents([str(tmp_path)])
   assert docs == ["first doc\n\nstill first (one blank line)", "second doc", "third",
@@ -167,3 +170,198 @@ def test_bpe_save_load_and_errors(bpe, tmp_path):
   _write(tmp_path / "junk" / "tokenizer.json", "{not json")
   with pytest.raises(DataError, match="not a tokenizer"):
     load_tokenizer(str(tmp_path / "junk"))
+
+
+# ---------------------------------------------------------------- splits and token files
+
+
+def _docs(n=60, seed=0):
+  """Distinct documents of 5..60 words."""
+  rng = np.random.default_rng(seed)
+  words = ["alpha", "beta", "gamma", "delta", "épsilon", "ζeta", "эта", "θ", "日本", "🙂"]
+  return [f"doc {i}: " + " ".join(rng.choice(words, rng.integers(5, 60))) for i in range(n)]
+
+
+def test_split_is_deterministic_by_content_and_keeps_one_val_doc():
+  docs = _docs(40)
+  train, val = split_documents(docs, 0.1)
+  assert len(val) == 4 and sorted(train + val) == sorted(docs)
+  assert split_documents(docs, 0.1) == (train, val)
+  assert sorted(split_documents(docs[::-1], 0.1)[1]) == sorted(val)  # order-independent
+  assert len(split_documents(docs[:3], 0.01)[1]) == 1
+  assert split_documents(docs[:1], 0.5) == (docs[:1], [])
+  assert split_documents(docs, 0.0) == (docs, [])
+
+
+def test_token_files_are_cached_by_content(tmp_path):
+  tok = ByteTokenizer()
+  train, val = split_documents(_docs(), 0.1)
+  first = build_token_shards(train, val, tok, str(tmp_path))
+  assert not first.reused
+  assert first.train.tokens.dtype == np.uint16 and isinstance(first.train.tokens, np.memmap)
+  stream = np.concatenate([[tok.bos_id] + tok.encode(d) + [tok.eos_id] for d in train])
+  np.testing.assert_array_equal(first.train.tokens, stream)
+  assert first.train.num_docs == len(train) and first.val.num_docs == len(val)
+  assert all(first.train.tokens[s] == tok.bos_id for s in first.train.starts)
+  files = sorted(os.listdir(first.directory))
+  mtimes = {f: os.stat(os.path.join(first.directory, f)).st_mtime_ns for f in files}
+
+  again = build_token_shards(train, val, tok, str(tmp_path))
+  assert again.reused and again.directory == first.directory
+  assert {f: os.stat(os.path.join(again.directory, f)).st_mtime_ns for f in files} == mtimes
+  np.testing.assert_array_equal(again.val.tokens, first.val.tokens)
+  changed = build_token_shards(train[:-1], val, tok, str(tmp_path))
+  assert not changed.reused and changed.directory != first.directory
+  assert not any(f.endswith(".tmp") for f in os.listdir(first.directory))
+  assert token_dtype(2**16) == np.uint16 and token_dtype(2**16 + 1) == np.uint32
+
+
+def test_prepare_data_reuses_run_tokenizer_and_rejects_another_kind(tmp_path):
+  corpus = tmp_path / "corpus.jsonl"
+  _write(corpus, "\n".join(json.dumps({"text": d}) for d in _docs()))
+  run = str(tmp_path / "run")
+  cfg = DataConfig(paths=(str(corpus),), tokenizer="bpe", bpe_vocab_size=300, val_fraction=0.1)
+  first = prepare_data(cfg, run)
+  assert os.path.isfile(os.path.join(run, "tokenizer.json")) and not first.reused
+  assert first.cache_dir.startswith(os.path.join(run, "data"))
+  again = prepare_data(cfg, run)
+  assert again.reused and again.tokenizer.to_json() == first.tokenizer.to_json()
+  assert "60 documents" in again.format()
+  with pytest.raises(DataError, match="holds a bpe tokenizer but data.tokenizer='byte'"):
+    prepare_data(DataConfig(paths=(str(corpus),)), run)
+
+
+# ---------------------------------------------------------------- packing
+
+
+def test_packing_hand_made_example():
+  b, e, p = 1, 2, 0  # bos, eos, pad;  stream: B a b E | B c E | B d e f E
+  split = TokenSplit(np.array([b, 10, 11, e, b, 12, e, b, 13, 14, 15, e], np.uint16),
+                     np.array([0, 4, 7]))
+  rows = PackedRows(split, seq_len=5, pad_id=p)
+  assert len(rows) == 3  # 11 targets in rows of 5
+  expect = [
+      # inputs             targets                 segment_ids      positions
+      ([b, 10, 11, e, b], [10, 11, e, -1, 12], [1, 1, 1, 1, 2], [0, 1, 2, 3, 0]),
+      ([12, e, b, 13, 14], [e, -1, 13, 14, 15], [1, 1, 2, 2, 2], [0, 1, 0, 1, 2]),
+      ([15, p, p, p, p], [e, -1, -1, -1, -1], [1, 0, 0, 0, 0], [0, 0, 0, 0, 0]),
+  ]
+  for r, (inputs, targets, segments, positions) in enumerate(expect):
+    row = rows[r]
+    assert all(v.dtype == np.int32 and v.shape == (5,) for v in row.values())
+    np.testing.assert_array_equal(row["inputs"], inputs)
+    np.testing.assert_array_equal(row["targets"], targets)
+    np.testing.assert_array_equal(row["segment_ids"], segments)
+    np.testing.assert_array_equal(row["positions"], positions)
+  pad = rows.gather(np.array([-1, 3]))
+  assert (pad["targets"] == -1).all() and (pad["segment_ids"] == 0).all()
+  assert (pad["inputs"] == p).all()
+  with pytest.raises(DataError, match="cannot pack 0 documents"):
+    PackedRows(TokenSplit(np.zeros(0, np.uint16), np.zeros(0, np.int64)), 5, p)
+
+
+def test_packed_targets_are_next_tokens_within_documents():
+  tok = ByteTokenizer()
+  split = TokenSplit(*tokenize(_docs(20), tok))
+  rows = PackedRows(split, seq_len=32, pad_id=tok.pad_id)
+  batch = rows.gather(np.arange(len(rows)))
+  inputs, targets, seg, pos = (batch[k] for k in ("inputs", "targets", "segment_ids", "positions"))
+  # Within a row and a document, the target is the next input.
+  inner = (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] > 0)
+  np.testing.assert_array_equal(targets[:, :-1][inner], inputs[:, 1:][inner])
+  # Masked targets are exactly the EOS -> next BOS boundaries and the padding.
+  np.testing.assert_array_equal(targets < 0, (inputs == tok.eos_id) | (seg == 0))
+  # Every token but the first is a target once, in order (a BOS where masked).
+  flat = targets[seg > 0]
+  flat[flat < 0] = tok.bos_id
+  np.testing.assert_array_equal(flat, split.tokens[1:])
+  # Positions count from each document's start within the row.
+  for r in range(len(rows)):
+    expect = [0] * 32
+    for j in range(1, 32):
+      same = seg[r, j] == seg[r, j - 1] and seg[r, j] > 0
+      expect[j] = expect[j - 1] + 1 if same else 0
+    np.testing.assert_array_equal(pos[r], expect)
+
+
+# ---------------------------------------------------------------- iterators
+
+B, T = 8, 64  # global batch and row length
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+  root = tmp_path_factory.mktemp("pipeline")
+  _write(root / "corpus" / "docs.txt", "\n\n\n".join(_docs(30)))
+  cfg = DataConfig(paths=(str(root / "corpus"),), val_fraction=0.25)
+  return prepare_data(cfg, str(root / "run"))
+
+
+def _take(it, n):
+  return [next(it) for _ in range(n)]
+
+
+def _assert_batches_equal(a, b):
+  assert len(a) == len(b)
+  for x, y in zip(a, b):
+    assert x.keys() == y.keys()
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k])
+
+
+def test_train_iterator_shape_determinism_and_epochs(prepared):
+  it = make_train_iterator(prepared, B, T, seed=3, process_index=0, process_count=1)
+  batches = _take(it, 24)
+  assert set(batches[0]) == {"inputs", "targets", "segment_ids", "positions"}
+  assert all(v.dtype == np.int32 and v.shape == (B, T) for b in batches for v in b.values())
+  _assert_batches_equal(
+      batches, _take(make_train_iterator(prepared, B, T, seed=3, process_index=0,
+                                         process_count=1), 24))
+  other = _take(make_train_iterator(prepared, B, T, seed=4, process_index=0, process_count=1), 1)
+  assert not np.array_equal(other[0]["inputs"], batches[0]["inputs"])
+  # The first len(rows) rows drawn are a permutation of all rows; the next epoch reshuffles.
+  rows = PackedRows(prepared.train, T, prepared.tokenizer.pad_id)
+  drawn = np.concatenate([b["inputs"] for b in batches])
+  n = len(rows)
+  assert 2 * n <= len(drawn)
+  everything = rows.gather(np.arange(n))["inputs"]
+  for epoch in (drawn[:n], drawn[n:2 * n]):
+    np.testing.assert_array_equal(np.unique(epoch, axis=0), np.unique(everything, axis=0))
+  assert not np.array_equal(drawn[:n], drawn[n:2 * n])
+
+
+def test_train_iterator_resumes_exactly_from_json_state(prepared):
+  it = make_train_iterator(prepared, B, T, seed=7, process_index=0, process_count=1)
+  _take(it, 7)
+  state = json.loads(json.dumps(it.get_state()))  # what a checkpoint would store
+  expected = _take(it, 5)
+  restored = make_train_iterator(prepared, B, T, seed=7, process_index=0, process_count=1)
+  restored.set_state(state)
+  _assert_batches_equal(_take(restored, 5), expected)
+
+
+def test_processes_get_disjoint_slices_of_the_global_batch(prepared):
+  def run(make, index, count, n):
+    return _take(make(prepared, B, T, process_index=index, process_count=count), n)
+
+  for make, n in ((make_train_iterator, 6), (make_eval_iterator, 3)):
+    whole = run(make, 0, 1, n)
+    for count in (2, 4):
+      parts = [run(make, i, count, n) for i in range(count)]
+      assert all(b["inputs"].shape == (B // count, T) for p in parts for b in p)
+      joined = [{k: np.concatenate([p[j][k] for p in parts]) for k in whole[j]} for j in range(n)]
+      _assert_batches_equal(joined, whole)
+  with pytest.raises(ValueError, match="divisible by process_count=3"):
+    make_train_iterator(prepared, B, T, process_index=0, process_count=3)
+
+
+def test_eval_iterator_is_one_ordered_padded_pass(prepared):
+  rows = PackedRows(prepared.val, T, prepared.tokenizer.pad_id)
+  batches = list(make_eval_iterator(prepared, B, T, process_index=0, process_count=1))
+  assert len(batches) == -(-len(rows) // B)
+  assert all(b["targets"].shape == (B, T) for b in batches)
+  targets = np.concatenate([b["targets"] for b in batches])
+  np.testing.assert_array_equal(targets[:len(rows)], rows.gather(np.arange(len(rows)))["targets"])
+  assert len(targets) > len(rows) and (targets[len(rows):] == -1).all()
+  assert len(list(make_eval_iterator(prepared, B, T, max_batches=1, process_index=0,
+                                     process_count=1))) == 1

@@ -173,7 +173,8 @@ def clean_documents(docs: Iterable[str], min_doc_chars: int = 0, max_docs: int |
 
   Args:
     docs: raw documents.
-    min_doc_chars: documents with fewer characters after cleaning are dropped.
+    min_doc_chars: documents with fewer characters after cleaning are dropped
+      (empty ones always are).
     max_docs: keep at most this many documents (the first ones); None = all.
 
   Returns:

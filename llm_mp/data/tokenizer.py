@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Protocol, Sequence
 
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
@@ -27,7 +27,6 @@ SPECIAL_TOKENS = ("<|pad|>", "<|bos|>", "<|eos|>")  # BPE ids 0, 1, 2 in this or
 BYTE_ALPHABET = 256
 
 
-@runtime_checkable
 class Tokenizer(Protocol):
   """What the data pipeline, trainer and sampler need from a tokenizer."""
 

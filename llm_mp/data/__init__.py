@@ -1,0 +1,49 @@
+"""Text in, batches out: corpus cleaning, tokenizers, cached token files, packing, iterators.
+
+Typical use by a training loop::
+
+  prepared = prepare_data(cfg.data, workdir)          # tokenizer + token files under workdir
+  print(prepared.format())
+  train_it = make_train_iterator(prepared, cfg.train.batch_size, cfg.data.seq_len,
+                                 seed=cfg.train.seed)
+  if resuming:
+    train_it.set_state(saved_state)                     # a dict from train_it.get_state()
+  batch = next(train_it)   # {"inputs", "targets", "segment_ids", "positions"}: int32[B, T]
+  for batch in make_eval_iterator(prepared, cfg.train.batch_size, cfg.data.seq_len,
+                                  max_batches=cfg.train.eval_batches): ...
+
+API:
+
+* :func:`prepare_data` ``(cfg, workdir, tokenizer=None) -> PreparedData``
+* :func:`make_train_iterator` ``(prepared, batch_size, seq_len, seed=0, *,
+  process_index=None, process_count=None)``: infinite, shuffled, resumable.
+* :func:`make_eval_iterator` ``(prepared, batch_size, seq_len, max_batches=None,
+  *, process_index=None, process_count=None)``: one ordered, padded pass.
+* :func:`load_corpus`, :func:`read_documents`, :func:`clean_documents`,
+  :func:`default_corpus`: documents and a :class:`CorpusSummary`.
+* :class:`Tokenizer`, :class:`ByteTokenizer`, :class:`BpeTokenizer`,
+  :func:`build_tokenizer`, :func:`load_tokenizer`.
+* :func:`split_documents`, :func:`build_token_shards`, :class:`TokenSplit`,
+  :class:`PackedRows`: the steps :func:`prepare_data` composes.
+
+Every data problem raises :class:`DataError` (a ``ValueError``) with a
+one-line message naming the file.
+"""
+
+from llm_mp.data.corpus import CorpusSummary, clean_documents, load_corpus, read_documents
+from llm_mp.data.files import DataError
+from llm_mp.data.packing import PackedRows
+from llm_mp.data.pipeline import (PreparedData, make_eval_iterator, make_train_iterator,
+                                  prepare_data)
+from llm_mp.data.shards import TokenShards, TokenSplit, build_token_shards, split_documents
+from llm_mp.data.stdlib_corpus import default_corpus
+from llm_mp.data.tokenizer import (BpeTokenizer, ByteTokenizer, Tokenizer, build_tokenizer,
+                                   load_tokenizer)
+
+__all__ = [
+    "BpeTokenizer", "ByteTokenizer", "CorpusSummary", "DataError", "PackedRows",
+    "PreparedData", "TokenShards", "TokenSplit", "Tokenizer", "build_token_shards",
+    "build_tokenizer", "clean_documents", "default_corpus", "load_corpus", "load_tokenizer",
+    "make_eval_iterator", "make_train_iterator", "prepare_data", "read_documents",
+    "split_documents",
+]

@@ -1,0 +1,180 @@
+"""From a DataConfig to batches: prepare once, then iterate with grain.
+
+:func:`prepare_data` runs corpus -> cleaning -> split -> tokenizer -> cached
+token files and returns a :class:`PreparedData`. :func:`make_train_iterator`
+and :func:`make_eval_iterator` turn it into grain iterators of batches::
+
+  {"inputs", "targets", "segment_ids", "positions"}: np.int32[B_local, T]
+
+(see :mod:`llm_mp.data.packing`), where ``B_local = batch_size /
+process_count``: every process gets its own contiguous, disjoint slice of
+each global batch, in process order, so the global batch is the
+concatenation of the processes' batches.
+
+The training iterator is infinite and shuffles rows with ``seed``, differently
+in each epoch; the evaluation iterator is one ordered pass over the
+validation rows, its last batch filled with padding rows (all targets -1).
+Both are deterministic and resumable: ``it.get_state()`` is a small JSON-able
+dict and ``it.set_state(state)`` on a fresh iterator made with the same
+arguments continues exactly where the saved one stopped. With orbax,
+``grain.checkpoint.CheckpointSave(it)`` / ``CheckpointRestore(it)`` store and
+restore that dict as JSON, one file per process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import grain
+import jax
+import numpy as np
+
+from llm_mp.config import DataConfig
+from llm_mp.data.corpus import CorpusSummary, load_corpus
+from llm_mp.data.files import DataError
+from llm_mp.data.packing import PackedRows
+from llm_mp.data.shards import TokenSplit, build_token_shards, split_documents
+from llm_mp.data.tokenizer import (TOKENIZER_FILE, ByteTokenizer, Tokenizer, build_tokenizer,
+                                   load_tokenizer)
+
+# One background thread assembling a few batches ahead: rows are cheap numpy
+# slices of a memmap, and more threads would only contend for the GIL.
+_READ_OPTIONS = grain.ReadOptions(num_threads=1, prefetch_buffer_size=4)
+
+
+@dataclasses.dataclass(frozen=True)
+class PreparedData:
+  """A tokenised corpus, ready to be packed into batches.
+
+  Attributes:
+    config: the DataConfig it was prepared from.
+    tokenizer: the tokenizer, also saved as ``<workdir>/tokenizer.json``.
+    train: the training token stream (memory-mapped).
+    val: the validation token stream (memory-mapped; empty when
+      ``val_fraction == 0`` or there is a single document).
+    summary: what corpus cleaning kept and removed.
+    cache_dir: the directory holding the token files.
+    reused: True if the token files came from the cache untouched.
+  """
+
+  config: DataConfig
+  tokenizer: Tokenizer
+  train: TokenSplit
+  val: TokenSplit
+  summary: CorpusSummary
+  cache_dir: str
+  reused: bool
+
+  def format(self) -> str:
+    """Two lines for a log: the corpus summary, then tokens and cache."""
+    kind = "byte" if isinstance(self.tokenizer, ByteTokenizer) else "bpe"
+    return (f"{self.summary.format()}\n"
+            f"tokens: train {self.train.num_tokens:,} ({self.train.num_docs} docs), "
+            f"val {self.val.num_tokens:,} ({self.val.num_docs} docs); "
+            f"tokenizer {kind}, vocab {self.tokenizer.vocab_size}; "
+            f"{'reused' if self.reused else 'wrote'} {self.cache_dir}")
+
+
+def _run_tokenizer(cfg: DataConfig, workdir: str, train_docs: list[str]) -> Tokenizer:
+  """The run directory's tokenizer if it has one (resume), else a new one."""
+  if not os.path.isfile(os.path.join(workdir, TOKENIZER_FILE)):
+    return build_tokenizer(cfg, train_docs)
+  tokenizer = load_tokenizer(workdir)
+  kind = "byte" if isinstance(tokenizer, ByteTokenizer) else "bpe"
+  if kind != cfg.tokenizer:
+    raise DataError(f"{os.path.join(workdir, TOKENIZER_FILE)} holds a {kind} tokenizer but "
+                    f"data.tokenizer={cfg.tokenizer!r}; use a new run directory")
+  return tokenizer
+
+
+def prepare_data(cfg: DataConfig, workdir: str, tokenizer: Tokenizer | None = None
+                 ) -> PreparedData:
+  """Reads, cleans, splits and tokenises the corpus of ``cfg``, caching under ``workdir``.
+
+  Args:
+    cfg: the data section of the run's config.
+    workdir: the run directory. The tokenizer is saved to
+      ``workdir/tokenizer.json`` and the token files under ``workdir/data/``.
+    tokenizer: use this tokenizer instead. Without it, the one already in
+      ``workdir`` is reused (a resumed run), else one is built from ``cfg``
+      (BPE is trained on the training documents only).
+
+  Returns:
+    A :class:`PreparedData`; print ``prepared.format()`` for a summary.
+
+  Raises:
+    DataError: a corpus problem (see :func:`~llm_mp.data.corpus.load_corpus`),
+      or ``workdir`` holds a tokenizer of another kind than ``cfg.tokenizer``.
+  """
+  docs, summary = load_corpus(cfg)
+  train_docs, val_docs = split_documents(docs, cfg.val_fraction)
+  if tokenizer is None:
+    tokenizer = _run_tokenizer(cfg, workdir, train_docs)
+  tokenizer.save(workdir)
+  shards = build_token_shards(train_docs, val_docs, tokenizer, os.path.join(workdir, "data"))
+  return PreparedData(cfg, tokenizer, shards.train, shards.val, summary, shards.directory,
+                      shards.reused)
+
+
+def _local_slice(batch_size: int, process_index: int | None, process_count: int | None
+                 ) -> slice:
+  """This process's rows of a global batch."""
+  index = jax.process_index() if process_index is None else process_index
+  count = jax.process_count() if process_count is None else process_count
+  if batch_size % count or not 0 <= index < count:
+    raise ValueError(f"batch_size={batch_size} must be divisible by process_count={count}, "
+                     f"and process_index={index} must be in [0, {count})")
+  local = batch_size // count
+  return slice(index * local, (index + 1) * local)
+
+
+def _batches(rows: PackedRows, index_batches: grain.MapDataset, local: slice
+             ) -> grain.DatasetIterator:
+  """Maps batches of global row indices to this process's stacked rows."""
+  batches = index_batches.map(lambda idx: rows.gather(np.asarray(idx)[local]))
+  return iter(batches.to_iter_dataset(_READ_OPTIONS))
+
+
+def make_train_iterator(prepared: PreparedData, batch_size: int, seq_len: int, seed: int = 0,
+                        *, process_index: int | None = None, process_count: int | None = None,
+                        ) -> grain.DatasetIterator:
+  """An infinite, shuffled iterator of training batches.
+
+  Args:
+    prepared: from :func:`prepare_data`.
+    batch_size: global rows per batch, divisible by ``process_count``.
+    seq_len: tokens per row, ``T``.
+    seed: shuffle seed in ``[0, 2**32)``; each epoch is shuffled differently.
+    process_index: this process, default ``jax.process_index()``.
+    process_count: processes sharing each batch, default ``jax.process_count()``.
+
+  Returns:
+    A grain ``DatasetIterator`` of dicts of ``np.int32[batch_size / process_count, T]``
+    with ``get_state()``/``set_state()``. Batches may span an epoch boundary.
+  """
+  local = _local_slice(batch_size, process_index, process_count)
+  rows = PackedRows(prepared.train, seq_len, prepared.tokenizer.pad_id)
+  order = grain.MapDataset.range(len(rows)).shuffle(seed=seed).repeat()
+  return _batches(rows, order.batch(batch_size, drop_remainder=True), local)
+
+
+def make_eval_iterator(prepared: PreparedData, batch_size: int, seq_len: int,
+                       max_batches: int | None = None, *, process_index: int | None = None,
+                       process_count: int | None = None) -> grain.DatasetIterator:
+  """One ordered pass over the validation rows.
+
+  Arguments are as for :func:`make_train_iterator`; ``max_batches`` stops
+  early (None = the whole validation split). The last batch is completed with
+  padding rows (``targets == -1`` everywhere), so every batch has the same
+  shape and a masked mean over all batches weighs every target once.
+
+  Raises:
+    DataError: the validation split is empty.
+  """
+  local = _local_slice(batch_size, process_index, process_count)
+  rows = PackedRows(prepared.val, seq_len, prepared.tokenizer.pad_id)
+  n_batches = -(-len(rows) // batch_size)
+  if max_batches is not None:
+    n_batches = min(n_batches, max_batches)
+  return _batches(rows, grain.MapDataset.range(n_batches * batch_size).batch(batch_size), local)
