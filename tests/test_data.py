@@ -57,7 +57,7 @@ def test_cleaning_normalises_strips_and_counts():
   assert summary.removed == {"too_short": 2, "duplicate": 1, "max_docs": 0}
   assert summary.control_chars == 3
   assert summary.documents == 3 and summary.characters == sum(map(len, kept))
-  assert "3 documents" in summary.format() and "1 duplicate" in summary.format()
+  assert "3 documents" in str(summary) and "1 duplicate" in str(summary)
 
 
 def test_max_docs_keeps_the_first_documents():
@@ -226,7 +226,7 @@ def test_prepare_data_reuses_run_tokenizer_and_rejects_another_kind(tmp_path):
   assert first.cache_dir.startswith(os.path.join(run, "data"))
   again = prepare_data(cfg, run)
   assert again.reused and again.tokenizer.to_json() == first.tokenizer.to_json()
-  assert "60 documents" in again.format()
+  assert "60 documents" in str(again)
   with pytest.raises(DataError, match="holds a bpe tokenizer but data.tokenizer='byte'"):
     prepare_data(DataConfig(paths=(str(corpus),)), run)
 
@@ -293,7 +293,7 @@ B, T = 8, 64  # global batch and row length
 def prepared(tmp_path_factory):
   root = tmp_path_factory.mktemp("pipeline")
   _write(root / "corpus" / "docs.txt", "\n\n\n".join(_docs(30)))
-  cfg = DataConfig(paths=(str(root / "corpus"),), val_fraction=0.25)
+  cfg = DataConfig(paths=(str(root / "corpus"),), val_fraction=0.25, seq_len=T)
   return prepare_data(cfg, str(root / "run"))
 
 
@@ -310,15 +310,19 @@ def _assert_batches_equal(a, b):
 
 
 def test_train_iterator_shape_determinism_and_epochs(prepared):
-  it = make_train_iterator(prepared, B, T, seed=3, process_index=0, process_count=1)
+  it = make_train_iterator(prepared, B, seed=3, process_index=0, process_count=1)
   batches = _take(it, 24)
   assert set(batches[0]) == {"inputs", "targets", "segment_ids", "positions"}
   assert all(v.dtype == np.int32 and v.shape == (B, T) for b in batches for v in b.values())
   _assert_batches_equal(
-      batches, _take(make_train_iterator(prepared, B, T, seed=3, process_index=0,
+      batches, _take(make_train_iterator(prepared, B, seed=3, process_index=0,
                                          process_count=1), 24))
-  other = _take(make_train_iterator(prepared, B, T, seed=4, process_index=0, process_count=1), 1)
-  assert not np.array_equal(other[0]["inputs"], batches[0]["inputs"])
+  other = next(make_train_iterator(prepared, B, seed=4, seq_len=T, process_index=0,
+                                   process_count=1))
+  assert not np.array_equal(other["inputs"], batches[0]["inputs"])
+  short = next(make_train_iterator(prepared, B, seq_len=T // 2, process_index=0,
+                                   process_count=1))
+  assert short["inputs"].shape == (B, T // 2)
   # The first len(rows) rows drawn are a permutation of all rows; the next epoch reshuffles.
   rows = PackedRows(prepared.train, T, prepared.tokenizer.pad_id)
   drawn = np.concatenate([b["inputs"] for b in batches])
@@ -331,18 +335,18 @@ def test_train_iterator_shape_determinism_and_epochs(prepared):
 
 
 def test_train_iterator_resumes_exactly_from_json_state(prepared):
-  it = make_train_iterator(prepared, B, T, seed=7, process_index=0, process_count=1)
+  it = make_train_iterator(prepared, B, seed=7, process_index=0, process_count=1)
   _take(it, 7)
   state = json.loads(json.dumps(it.get_state()))  # what a checkpoint would store
   expected = _take(it, 5)
-  restored = make_train_iterator(prepared, B, T, seed=7, process_index=0, process_count=1)
+  restored = make_train_iterator(prepared, B, seed=7, process_index=0, process_count=1)
   restored.set_state(state)
   _assert_batches_equal(_take(restored, 5), expected)
 
 
 def test_processes_get_disjoint_slices_of_the_global_batch(prepared):
   def run(make, index, count, n):
-    return _take(make(prepared, B, T, process_index=index, process_count=count), n)
+    return _take(make(prepared, B, process_index=index, process_count=count), n)
 
   for make, n in ((make_train_iterator, 6), (make_eval_iterator, 3)):
     whole = run(make, 0, 1, n)
@@ -352,16 +356,16 @@ def test_processes_get_disjoint_slices_of_the_global_batch(prepared):
       joined = [{k: np.concatenate([p[j][k] for p in parts]) for k in whole[j]} for j in range(n)]
       _assert_batches_equal(joined, whole)
   with pytest.raises(ValueError, match="divisible by process_count=3"):
-    make_train_iterator(prepared, B, T, process_index=0, process_count=3)
+    make_train_iterator(prepared, B, process_index=0, process_count=3)
 
 
 def test_eval_iterator_is_one_ordered_padded_pass(prepared):
   rows = PackedRows(prepared.val, T, prepared.tokenizer.pad_id)
-  batches = list(make_eval_iterator(prepared, B, T, process_index=0, process_count=1))
+  batches = list(make_eval_iterator(prepared, B, process_index=0, process_count=1))
   assert len(batches) == -(-len(rows) // B)
   assert all(b["targets"].shape == (B, T) for b in batches)
   targets = np.concatenate([b["targets"] for b in batches])
   np.testing.assert_array_equal(targets[:len(rows)], rows.gather(np.arange(len(rows)))["targets"])
   assert len(targets) > len(rows) and (targets[len(rows):] == -1).all()
-  assert len(list(make_eval_iterator(prepared, B, T, max_batches=1, process_index=0,
+  assert len(list(make_eval_iterator(prepared, B, max_batches=1, process_index=0,
                                      process_count=1))) == 1

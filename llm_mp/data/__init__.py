@@ -2,23 +2,23 @@
 
 Typical use by a training loop::
 
-  prepared = prepare_data(cfg.data, workdir)          # tokenizer + token files under workdir
-  print(prepared.format())
-  train_it = make_train_iterator(prepared, cfg.train.batch_size, cfg.data.seq_len,
-                                 seed=cfg.train.seed)
+  prepared = prepare_data(cfg.data, workdir)   # tokenizer + token files under workdir
+  print(prepared)                              # corpus summary, token counts, cache
+  train_it = make_train_iterator(prepared, cfg.train.batch_size, cfg.train.seed)
   if resuming:
-    train_it.set_state(saved_state)                     # a dict from train_it.get_state()
+    train_it.set_state(saved_state)            # a dict from train_it.get_state()
   batch = next(train_it)   # {"inputs", "targets", "segment_ids", "positions"}: int32[B, T]
-  for batch in make_eval_iterator(prepared, cfg.train.batch_size, cfg.data.seq_len,
-                                  max_batches=cfg.train.eval_batches): ...
+  for batch in make_eval_iterator(prepared, cfg.train.batch_size, cfg.train.eval_batches):
+    ...
 
 API:
 
 * :func:`prepare_data` ``(cfg, workdir, tokenizer=None) -> PreparedData``
-* :func:`make_train_iterator` ``(prepared, batch_size, seq_len, seed=0, *,
+* :func:`make_train_iterator` ``(prepared, batch_size, seed=0, *, seq_len=None,
   process_index=None, process_count=None)``: infinite, shuffled, resumable.
-* :func:`make_eval_iterator` ``(prepared, batch_size, seq_len, max_batches=None,
-  *, process_index=None, process_count=None)``: one ordered, padded pass.
+* :func:`make_eval_iterator` ``(prepared, batch_size, max_batches=None, *,
+  seq_len=None, process_index=None, process_count=None)``: one ordered, padded pass.
+  ``seq_len=None`` means ``prepared.config.seq_len``; ``batch_size`` is global.
 * :func:`load_corpus`, :func:`read_documents`, :func:`clean_documents`,
   :func:`default_corpus`: documents and a :class:`CorpusSummary`.
 * :class:`Tokenizer`, :class:`ByteTokenizer`, :class:`BpeTokenizer`,

@@ -63,7 +63,7 @@ class CorpusSummary:
   files: int = 0
   skipped_files: tuple[str, ...] = ()
 
-  def format(self) -> str:
+  def __str__(self) -> str:
     """One line for a log, e.g. ``corpus: 812 documents, 1,534,201 chars; removed ...``."""
     removed = ", ".join(f"{n} {reason}" for reason, n in sorted(self.removed.items()) if n)
     line = f"corpus: {self.documents:,} documents, {self.characters:,} chars"

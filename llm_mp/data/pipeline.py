@@ -66,10 +66,10 @@ class PreparedData:
   cache_dir: str
   reused: bool
 
-  def format(self) -> str:
+  def __str__(self) -> str:
     """Two lines for a log: the corpus summary, then tokens and cache."""
     kind = "byte" if isinstance(self.tokenizer, ByteTokenizer) else "bpe"
-    return (f"{self.summary.format()}\n"
+    return (f"{self.summary}\n"
             f"tokens: train {self.train.num_tokens:,} ({self.train.num_docs} docs), "
             f"val {self.val.num_tokens:,} ({self.val.num_docs} docs); "
             f"tokenizer {kind}, vocab {self.tokenizer.vocab_size}; "
@@ -101,7 +101,7 @@ def prepare_data(cfg: DataConfig, workdir: str, tokenizer: Tokenizer | None = No
       (BPE is trained on the training documents only).
 
   Returns:
-    A :class:`PreparedData`; print ``prepared.format()`` for a summary.
+    A :class:`PreparedData`; ``print(prepared)`` shows a two-line summary.
 
   Raises:
     DataError: a corpus problem (see :func:`~llm_mp.data.corpus.load_corpus`),
@@ -129,6 +129,11 @@ def _local_slice(batch_size: int, process_index: int | None, process_count: int 
   return slice(index * local, (index + 1) * local)
 
 
+def _rows(prepared: PreparedData, split: TokenSplit, seq_len: int | None) -> PackedRows:
+  seq_len = prepared.config.seq_len if seq_len is None else seq_len
+  return PackedRows(split, seq_len, prepared.tokenizer.pad_id)
+
+
 def _batches(rows: PackedRows, index_batches: grain.MapDataset, local: slice
              ) -> grain.DatasetIterator:
   """Maps batches of global row indices to this process's stacked rows."""
@@ -136,16 +141,16 @@ def _batches(rows: PackedRows, index_batches: grain.MapDataset, local: slice
   return iter(batches.to_iter_dataset(_READ_OPTIONS))
 
 
-def make_train_iterator(prepared: PreparedData, batch_size: int, seq_len: int, seed: int = 0,
-                        *, process_index: int | None = None, process_count: int | None = None,
-                        ) -> grain.DatasetIterator:
+def make_train_iterator(prepared: PreparedData, batch_size: int, seed: int = 0, *,
+                        seq_len: int | None = None, process_index: int | None = None,
+                        process_count: int | None = None) -> grain.DatasetIterator:
   """An infinite, shuffled iterator of training batches.
 
   Args:
     prepared: from :func:`prepare_data`.
     batch_size: global rows per batch, divisible by ``process_count``.
-    seq_len: tokens per row, ``T``.
     seed: shuffle seed in ``[0, 2**32)``; each epoch is shuffled differently.
+    seq_len: tokens per row, ``T``; default ``prepared.config.seq_len``.
     process_index: this process, default ``jax.process_index()``.
     process_count: processes sharing each batch, default ``jax.process_count()``.
 
@@ -154,13 +159,13 @@ def make_train_iterator(prepared: PreparedData, batch_size: int, seq_len: int, s
     with ``get_state()``/``set_state()``. Batches may span an epoch boundary.
   """
   local = _local_slice(batch_size, process_index, process_count)
-  rows = PackedRows(prepared.train, seq_len, prepared.tokenizer.pad_id)
+  rows = _rows(prepared, prepared.train, seq_len)
   order = grain.MapDataset.range(len(rows)).shuffle(seed=seed).repeat()
   return _batches(rows, order.batch(batch_size, drop_remainder=True), local)
 
 
-def make_eval_iterator(prepared: PreparedData, batch_size: int, seq_len: int,
-                       max_batches: int | None = None, *, process_index: int | None = None,
+def make_eval_iterator(prepared: PreparedData, batch_size: int, max_batches: int | None = None,
+                       *, seq_len: int | None = None, process_index: int | None = None,
                        process_count: int | None = None) -> grain.DatasetIterator:
   """One ordered pass over the validation rows.
 
@@ -173,7 +178,7 @@ def make_eval_iterator(prepared: PreparedData, batch_size: int, seq_len: int,
     DataError: the validation split is empty.
   """
   local = _local_slice(batch_size, process_index, process_count)
-  rows = PackedRows(prepared.val, seq_len, prepared.tokenizer.pad_id)
+  rows = _rows(prepared, prepared.val, seq_len)
   n_batches = -(-len(rows) // batch_size)
   if max_batches is not None:
     n_batches = min(n_batches, max_batches)
