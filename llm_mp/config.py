@@ -356,8 +356,19 @@ def _llama_tiny() -> Config:
                                  n_kv_heads=2, max_len=128))
 
 
+def _nanogpt_cpu() -> Config:
+  # nanoGPT's small CPU configuration, the CPU speed reference in shared/bench.
+  return Config(
+      model=ModelConfig.gpt2(vocab_size=65, d_model=128, n_layers=4, n_heads=4, max_len=64),
+      optim=OptimConfig(lr=6e-4, warmup_steps=0, schedule="constant", clip_norm=None),
+      data=DataConfig(seq_len=64),
+      train=TrainConfig(steps=2000, batch_size=12),
+  )
+
+
 PRESETS = {
     "tiny": _tiny,
+    "nanogpt_cpu": _nanogpt_cpu,
     "llama_tiny": _llama_tiny,
     "gpt2_124m": _gpt2_124m,
     "gpt2_350m": _gpt2_350m,
