@@ -1,0 +1,110 @@
+"""Host-side metrics: JSONL and TensorBoard writers, progress bar, FLOP arithmetic."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any, Mapping
+
+import numpy as np
+
+from llm_mp.config import ModelConfig
+
+
+def flops_per_token(model: ModelConfig, seq_len: int, n_params_no_pos: int) -> float:
+  """Training FLOPs per token, the PaLM/nanoGPT formula the reference uses.
+
+  ``6 N + 12 L H Q T``: 6 FLOPs per parameter (forward + backward) plus the
+  attention score and value matmuls; ``N`` excludes position embeddings.
+  """
+  return 6.0 * n_params_no_pos + 12.0 * model.n_layers * model.n_heads * model.head_dim * seq_len
+
+
+def params_without_positions(params: Any) -> int:
+  """Parameter count without the learned position table (as in the MFU formula)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  total = 0
+  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+    if "pos_embedding" not in jax.tree_util.keystr(path):
+      total += int(np.prod(leaf.shape))
+  return total
+
+
+def to_python(metrics: Mapping[str, Any]) -> dict[str, Any]:
+  """Device scalars -> plain floats/ints/bools for JSON."""
+  out = {}
+  for k, v in metrics.items():
+    v = np.asarray(v)
+    if v.dtype == np.bool_:
+      out[k] = bool(v)
+    elif np.issubdtype(v.dtype, np.integer):
+      out[k] = int(v)
+    else:
+      out[k] = float(v)
+  return out
+
+
+class MetricsWriter:
+  """Appends one JSON object per call to ``workdir/metrics.jsonl`` and mirrors
+  scalars to TensorBoard event files under ``workdir/tensorboard``.
+
+  Only process 0 writes (pass ``enabled=False`` elsewhere).
+  """
+
+  def __init__(self, workdir: str, enabled: bool = True, tensorboard: bool = True):
+    self.enabled = enabled
+    self._jsonl = None
+    self._tb = None
+    if not enabled:
+      return
+    os.makedirs(workdir, exist_ok=True)
+    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+    if tensorboard:
+      from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def write(self, step: int, metrics: Mapping[str, Any]) -> None:
+    if not self.enabled:
+      return
+    record = {"step": int(step), **to_python(metrics)}
+    self._jsonl.write(json.dumps(record) + "\n")
+    self._jsonl.flush()
+    if self._tb is not None:
+      for k, v in record.items():
+        if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
+          self._tb.add_scalar(k, v, int(step))
+
+  def close(self) -> None:
+    if self._jsonl is not None:
+      self._jsonl.close()
+    if self._tb is not None:
+      self._tb.close()
+
+
+def read_metrics(workdir: str) -> list[dict[str, Any]]:
+  """All records of ``workdir/metrics.jsonl`` (for plots and tests)."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  with open(path, encoding="utf-8") as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def progress_bar(total: int, initial: int, enabled: bool = True):
+  """A tqdm bar over optimizer steps (disabled off process 0)."""
+  from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
+  return tqdm(total=total, initial=initial, disable=not enabled, unit="step",
+              dynamic_ncols=True, smoothing=0.1)
+
+
+def bar_postfix(m: Mapping[str, Any]) -> str:
+  """The progress bar's text: loss, tokens/s, loss scale, skipped steps."""
+  parts = [f"loss {m['loss']:.4f}"]
+  if "tokens_per_s" in m:
+    parts.append(f"{m['tokens_per_s']:,.0f} tok/s")
+  if m.get("loss_scale", 1.0) != 1.0:
+    parts.append(f"scale {m['loss_scale']:.0f}")
+  if m.get("skipped_steps"):
+    parts.append(f"skipped {m['skipped_steps']}")
+  return ", ".join(parts)
