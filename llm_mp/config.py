@@ -136,7 +136,7 @@ class OptimConfig:
   schedule: str = "cosine"  # decay after warm-up: "cosine", "linear" (to end_lr) or "constant"
   end_lr_ratio: float = 0.1  # final lr as a fraction of the peak
   b1: float = 0.9
-  b2: float = 0.95
+  b2: float = 0.95  # squared-gradient decay of adam(w) and rmsprop
   eps: float = 1e-8
   momentum: float = 0.9  # sgd and rmsprop
   weight_decay: float = 0.1

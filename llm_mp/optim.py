@@ -1,9 +1,20 @@
 """optax chains from :class:`~llm_mp.config.OptimConfig`.
 
-The chain is: global-norm clipping (of gradients the train step has already
-unscaled), the optimizer, decoupled weight decay on the parameters the mask
-selects, and the learning-rate schedule. Gradient accumulation is done by the
-train step (a scan over micro-batches), so one ``update`` is one optimizer step.
+The chain, in order:
+
+1. global-norm clipping (``clip_norm``), of the fp32 gradients the train step
+   has already unscaled, so the threshold applies to true gradients;
+2. a cast of the gradients to the params' dtypes, so the optimizer state
+   follows the params (fp32 params -> fp32 moments, bf16 -> bf16);
+3. weight decay on the parameters :func:`decay_mask` selects: decoupled for
+   ``adamw`` (``-lr * wd * p``, Loshchilov & Hutter); for the other optimizers
+   an L2 term ``wd * p`` added to the gradient before them, as the
+   ``weight_decay`` of ``torch.optim``'s Adam/SGD/RMSprop/Adagrad does;
+4. the optimizer, with the learning rate from :func:`make_schedule`.
+
+Gradient accumulation is done by the train step (a scan over micro-batches),
+so one ``update`` is one optimizer step. optax counts only the updates the
+train step keeps, so the lr of a step is ``schedule(step - skipped_steps)``.
 """
 
 from __future__ import annotations
@@ -15,16 +26,21 @@ import optax
 
 from llm_mp.config import OptimConfig
 
+EMBEDDING_LEAVES = ("embedding", "pos_embedding")
+
 
 def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
-  """Linear warm-up to ``cfg.lr`` over ``warmup_steps``, then cosine, linear
-  (both to ``lr * end_lr_ratio`` at ``total_steps``) or constant."""
-  end = cfg.lr * cfg.end_lr_ratio
+  """``count -> lr`` (fp32 ``[]``).
+
+  Linear warm-up from 0 to ``cfg.lr`` over ``warmup_steps``, then cosine or
+  linear decay reaching ``lr * end_lr_ratio`` at ``total_steps`` (and staying
+  there), or constant ``lr``.
+  """
   decay_steps = max(total_steps - cfg.warmup_steps, 1)
   if cfg.schedule == "cosine":
     decay = optax.cosine_decay_schedule(cfg.lr, decay_steps, alpha=cfg.end_lr_ratio)
   elif cfg.schedule == "linear":
-    decay = optax.linear_schedule(cfg.lr, end, decay_steps)
+    decay = optax.linear_schedule(cfg.lr, cfg.lr * cfg.end_lr_ratio, decay_steps)
   else:
     decay = optax.constant_schedule(cfg.lr)
   if cfg.warmup_steps == 0:
@@ -34,46 +50,74 @@ def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
 
 
 def decay_mask(params: Any, cfg: OptimConfig) -> Any:
-  """Tree of bools: which parameters get weight decay.
+  """Which parameters get weight decay: a tree of bools shaped like ``params``.
 
-  Excluded unless the config says otherwise: norm parameters (any path
-  component containing "norm"), biases (leaf "bias") and embeddings (leaves
-  "embedding" and "pos_embedding").
+  Excluded unless ``decay_norms``/``decay_biases``/``decay_embeddings`` say
+  otherwise: norm parameters (a path component containing "norm"), biases
+  (leaf "bias") and embeddings (leaves "embedding", "pos_embedding"). Only
+  dict keys count as path components, so plain arrays and arrays boxed in
+  ``nn.LogicallyPartitioned`` (whose mask keeps the box) give the same answer.
   """
 
-  def keep(path, _leaf) -> bool:
-    names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
-    if any("norm" in n for n in names[:-1]):
+  def decays(path, _leaf) -> bool:
+    names = [str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey)]
+    if any("norm" in name for name in names):
       return cfg.decay_norms
     if names[-1] == "bias":
       return cfg.decay_biases
-    if names[-1] in ("embedding", "pos_embedding"):
+    if names[-1] in EMBEDDING_LEAVES:
       return cfg.decay_embeddings
     return True
 
-  return jax.tree_util.tree_map_with_path(keep, params)
+  return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def cast_to_params() -> optax.GradientTransformation:
+  """Casts each update to its parameter's dtype; needs ``params`` in ``update``."""
+
+  def update(updates, state, params=None):
+    if params is None:
+      raise ValueError("cast_to_params needs the params passed to update")
+    return optax.tree_utils.tree_cast_like(updates, params), state
+
+  return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
+
+
+def _optimizer(cfg: OptimConfig, schedule: optax.Schedule) -> optax.GradientTransformation:
+  """The optimizer proper (adamw with its decoupled decay), without clipping."""
+  momentum = cfg.momentum or None  # 0 means plain, stateless SGD / RMSprop
+  if cfg.name == "adamw":
+    return optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                       weight_decay=cfg.weight_decay, mask=lambda p: decay_mask(p, cfg))
+  if cfg.name == "adam":
+    return optax.adam(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
+  if cfg.name == "sgd":
+    return optax.sgd(schedule, momentum=momentum)
+  if cfg.name == "rmsprop":
+    # b2 is the squared-gradient decay, as in Adam; eps inside the sqrt (optax's default).
+    return optax.rmsprop(schedule, decay=cfg.b2, eps=cfg.eps, momentum=momentum)
+  # adagrad (OptimConfig has validated the name); accumulator starts at optax's 0.1.
+  return optax.adagrad(schedule, eps=cfg.eps)
 
 
 def make_optimizer(cfg: OptimConfig, total_steps: int
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """Returns ``(tx, schedule)``; ``schedule(count)`` is the lr of update ``count``."""
+  """The optax chain described in the module docstring, and its schedule.
+
+  Args:
+    cfg: the optimizer section of the config.
+    total_steps: optimizer updates in the run (where the decay ends).
+
+  Returns:
+    ``(tx, schedule)``. ``tx.update(grads, opt_state, params)`` needs
+    ``params``; ``schedule(count)`` is the lr of the ``count``-th applied update.
+  """
   schedule = make_schedule(cfg, total_steps)
-  mask = lambda params: decay_mask(params, cfg)
-  if cfg.name == "adamw":
-    opt = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                      weight_decay=cfg.weight_decay, mask=mask)
-  else:
-    base = {
-        "adam": lambda: optax.adam(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps),
-        "sgd": lambda: optax.sgd(schedule, momentum=cfg.momentum or None),
-        "rmsprop": lambda: optax.rmsprop(schedule, eps=cfg.eps, momentum=cfg.momentum or None),
-        "adagrad": lambda: optax.adagrad(schedule, eps=cfg.eps),
-    }[cfg.name]()
-    decay = (optax.add_decayed_weights(cfg.weight_decay, mask) if cfg.weight_decay
-             else optax.identity())
-    # Decoupled decay, scaled by the lr like AdamW's: -lr * (update + wd * p).
-    opt = optax.chain(decay, base) if cfg.name == "sgd" else optax.chain(
-        base, optax.add_decayed_weights(-cfg.weight_decay, mask) if cfg.weight_decay
-        else optax.identity())
-  parts = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm else []
-  return optax.chain(*parts, opt), schedule
+  links = []
+  if cfg.clip_norm is not None:
+    links.append(optax.clip_by_global_norm(cfg.clip_norm))
+  links.append(cast_to_params())
+  if cfg.name != "adamw" and cfg.weight_decay > 0:
+    links.append(optax.add_decayed_weights(cfg.weight_decay, lambda p: decay_mask(p, cfg)))
+  links.append(_optimizer(cfg, schedule))
+  return optax.chain(*links), schedule
