@@ -57,9 +57,10 @@ class Attention(nn.Module):
 
   Attributes:
     causal: each query sees only keys at positions <= its own.
-    decode: use and update a fixed-size KV cache (``cache`` collection of
-      ``[B, max_len, kv_heads, head_dim]``); the first ``init`` with
-      ``decode=True`` on ``[B, max_len]`` tokens creates it.
+    decode: use and update a fixed-size KV cache (``cache`` collection:
+      ``cached_key``/``cached_value`` of ``[B, max_len, kv_heads, head_dim]``
+      and an int32 ``index``; ``key``/``value`` name the projections); the
+      first ``init`` with ``decode=True`` on ``[B, max_len]`` tokens creates it.
   """
 
   config: ModelConfig
@@ -101,10 +102,10 @@ class Attention(nn.Module):
   def _update_cache(self, k: jax.Array, v: jax.Array):
     """Writes ``k, v [B, L, K, H]`` at the cache index; returns the whole cache
     and the mask ``[1, 1, L, max_len]`` of slots each new query may see."""
-    ready = self.has_variable("cache", "key")
+    ready = self.has_variable("cache", "cached_key")
     shape = (k.shape[0], self.config.max_len) + k.shape[2:]
-    cached_k = self.variable("cache", "key", jnp.zeros, shape, k.dtype)
-    cached_v = self.variable("cache", "value", jnp.zeros, shape, v.dtype)
+    cached_k = self.variable("cache", "cached_key", jnp.zeros, shape, k.dtype)
+    cached_v = self.variable("cache", "cached_value", jnp.zeros, shape, v.dtype)
     index = self.variable("cache", "index", lambda: jnp.array(0, jnp.int32))
     if not ready:  # init: shapes only, attend causally over the input itself
       q_pos = jnp.arange(k.shape[1])
