@@ -1,0 +1,141 @@
+"""``llm-mp`` / ``python -m llm_mp``: train, generate, eval, bench.
+
+Every user error (bad path, unknown preset or key, conflicting workdir, a
+prompt too long) is one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import re
+import sys
+from typing import Sequence
+
+from llm_mp.config import PRESETS, Config, MeshConfig, apply_overrides, get_preset
+
+_OVERRIDE = re.compile(r"^(model|optim|data|train|mesh)\.\w+=")
+
+
+def parse_mesh(text: str) -> MeshConfig:
+  """'data=2,fsdp=2,tensor=2' -> MeshConfig; ValueError on unknown axes."""
+  sizes = {}
+  for part in text.split(","):
+    if "=" not in part:
+      raise ValueError(f"--mesh entry {part!r} is not of the form axis=size")
+    axis, size = part.split("=", 1)
+    if axis not in ("data", "fsdp", "tensor"):
+      raise ValueError(f"--mesh axis {axis!r} is not one of data, fsdp, tensor")
+    sizes[axis] = int(size)
+  if "data" not in sizes:
+    sizes["data"] = 1 if -1 in sizes.values() else -1
+  return MeshConfig(**sizes)
+
+
+def resolve_config(args: argparse.Namespace) -> Config:
+  """Preset (or the workdir's stored config) + --precision/--data/--mesh + overrides."""
+  from llm_mp.train import stored_config  # pylint: disable=import-outside-toplevel
+  config = get_preset(args.preset) if args.preset else (stored_config(args.workdir)
+                                                        or get_preset("tiny"))
+  paths = [p for p in (args.data or []) if not _OVERRIDE.match(p)]
+  overrides = [p for p in (args.data or []) if _OVERRIDE.match(p)] + list(args.overrides)
+  if args.precision:
+    overrides.append(f"train.precision={args.precision}")
+  if args.steps:
+    overrides.append(f"train.steps={args.steps}")
+  config = apply_overrides(config, overrides)
+  if paths:
+    config = dataclasses.replace(config, data=dataclasses.replace(config.data, paths=tuple(paths)))
+  if args.mesh:
+    config = dataclasses.replace(config, mesh=parse_mesh(args.mesh))
+  return config
+
+
+def _load(workdir: str):
+  from llm_mp import inference  # pylint: disable=import-outside-toplevel
+  return inference.load_run(workdir)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+  from llm_mp.train import train  # pylint: disable=import-outside-toplevel
+  config = resolve_config(args)
+  last = train(config, args.workdir)
+  print(json.dumps({k: v for k, v in last.items()}, sort_keys=True))
+  return 130 if "interrupted" in last else 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+  from llm_mp.generate import generate_text  # pylint: disable=import-outside-toplevel
+  loaded = _load(args.workdir)
+  text = generate_text(loaded.config.model, loaded.precision, loaded.params, loaded.tokenizer,
+                       args.prompt, max_new_tokens=args.max_new_tokens, seed=args.seed,
+                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+  print(args.prompt + text)
+  return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+  from llm_mp import inference  # pylint: disable=import-outside-toplevel
+  print(json.dumps(inference.evaluate_run(args.workdir, args.data or None), sort_keys=True))
+  return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+  from experiments import benchmark  # pylint: disable=import-outside-toplevel
+  return benchmark.main(args.bench_args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+      prog="llm-mp", description="Train, sample and evaluate Transformer LMs in mixed precision.")
+  sub = parser.add_subparsers(dest="command", required=True)
+
+  p = sub.add_parser("train", help="train (or resume) a run in --workdir",
+                     description="Train a model; re-running on the same --workdir resumes.")
+  p.add_argument("--workdir", required=True, help="run directory (config, checkpoints, metrics)")
+  p.add_argument("--preset", choices=sorted(PRESETS),
+                 help="named config (default: the workdir's, else tiny)")
+  p.add_argument("--precision", help="fp32, bf16, fp16, pure_bf16, or a policy 'p=f32,c=bf16'")
+  p.add_argument("--data", nargs="+", metavar="PATH",
+                 help="text files or directories (.txt/.jsonl); default: the embedded corpus")
+  p.add_argument("--mesh", help="device mesh, e.g. data=2,fsdp=2,tensor=2")
+  p.add_argument("--steps", type=int, help="shorthand for train.steps=N")
+  p.add_argument("overrides", nargs="*", metavar="section.field=value",
+                 help="config overrides, e.g. model.n_layers=6 optim.lr=3e-4")
+  p.set_defaults(fn=cmd_train)
+
+  p = sub.add_parser("generate", help="continue a prompt with a trained run")
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--prompt", required=True)
+  p.add_argument("--max-new-tokens", type=int, default=200)
+  p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+  p.add_argument("--top-k", type=int, default=None)
+  p.add_argument("--top-p", type=float, default=None)
+  p.add_argument("--seed", type=int, default=0)
+  p.set_defaults(fn=cmd_generate)
+
+  p = sub.add_parser("eval", help="validation loss and perplexity of a trained run, as JSON")
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--data", nargs="+", metavar="PATH",
+                 help="evaluate on these files instead of the run's validation split")
+  p.set_defaults(fn=cmd_eval)
+
+  p = sub.add_parser("bench", help="time the train step; prints JSON (see experiments/benchmark)",
+                     add_help=False)
+  p.add_argument("bench_args", nargs=argparse.REMAINDER)
+  p.set_defaults(fn=cmd_bench)
+  return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  args = build_parser().parse_args(argv)
+  try:
+    return args.fn(args)
+  except (ValueError, FileNotFoundError, NotADirectoryError) as e:
+    print(f"llm-mp {args.command}: error: {e}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,241 @@
+"""The training loop, as a short composition a researcher can read and copy.
+
+config -> mesh -> data -> state (created sharded, or restored) -> jitted step
+-> metrics, evaluation and checkpoints. Running :func:`train` again on the
+same workdir resumes from the latest checkpoint: the train state, the data
+iterator position and the RNG are all in it, so the resumed run computes the
+same losses as one that was never stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import signal
+import time
+from typing import Any, Iterator
+
+import jax
+import numpy as np
+
+from llm_mp import checkpoint, data, sharding
+from llm_mp.config import Config
+from llm_mp.metrics import (MetricsWriter, bar_postfix, flops_per_token,
+                            params_without_positions, progress_bar, to_python)
+from llm_mp.models import TransformerLM
+from llm_mp.optim import make_optimizer
+from llm_mp.precision import make_precision
+from llm_mp.state import param_count
+from llm_mp.step import make_eval_step, make_train_step
+
+# Fields that may change between runs on the same workdir (the run stays the same run).
+RESUMABLE_FIELDS = {
+    "train.steps", "train.log_every", "train.eval_every", "train.eval_batches",
+    "train.ckpt_every", "train.keep_checkpoints", "train.sample_prompt", "train.sample_tokens",
+}
+
+
+class ConfigConflictError(ValueError):
+  """The requested config differs from the one the workdir was created with."""
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in d.items():
+    key = f"{prefix}{k}"
+    if isinstance(v, dict):
+      out.update(_flatten(v, key + "."))
+    else:
+      out[key] = list(v) if isinstance(v, tuple) else v
+  return out
+
+
+def stored_config(workdir: str) -> Config | None:
+  """The config a workdir was created with, or None for a new workdir."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return None
+  with open(path, encoding="utf-8") as f:
+    return Config.from_dict(json.load(f))
+
+
+def check_config(workdir: str, config: Config) -> None:
+  """Raises ConfigConflictError if ``config`` conflicts with the workdir's."""
+  old = stored_config(workdir)
+  if old is None:
+    return
+  a, b = _flatten(old.to_dict()), _flatten(config.to_dict())
+  diff = sorted(k for k in a if a[k] != b.get(k) and k not in RESUMABLE_FIELDS)
+  if diff:
+    k = diff[0]
+    raise ConfigConflictError(
+        f"workdir {workdir} was created with {k}={a[k]!r}, but {k}={b[k]!r} was requested "
+        f"({len(diff)} conflicting field(s)); use a new --workdir or the same settings")
+
+
+def write_config(workdir: str, config: Config) -> None:
+  """Writes ``workdir/config.json`` atomically."""
+  os.makedirs(workdir, exist_ok=True)
+  tmp = os.path.join(workdir, "config.json.tmp")
+  with open(tmp, "w", encoding="utf-8") as f:
+    f.write(config.to_json())
+  os.replace(tmp, os.path.join(workdir, "config.json"))
+
+
+@dataclasses.dataclass
+class Run:
+  """Everything built from a config that is not training state."""
+
+  config: Config
+  mesh: Any
+  rules: Any
+  model: TransformerLM
+  tx: Any
+  schedule: Any
+  state: Any
+  shardings: Any
+  data_state: Any
+  step: int
+
+
+def build(config: Config, ckpt, say=print) -> Run:
+  """Mesh, model, optimizer and state: restored from the checkpoint manager
+  ``ckpt`` if it has a checkpoint (onto this config's mesh, whatever mesh saved
+  it), else created directly sharded."""
+  mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.logical_rules(config.mesh)
+  precision = make_precision(config.train.precision, loss_scale=config.train.loss_scale)
+  model = TransformerLM(config.model, precision)
+  tx, schedule = make_optimizer(config.optim, config.train.steps)
+  rng = jax.random.key(config.train.seed)
+  abstract = sharding.abstract_train_state(model, tx, precision, config, mesh, rng)
+  shardings = jax.tree.map(lambda x: x.sharding, abstract)
+  say(f"model: {param_count(abstract.params):,} parameters; {precision.describe()}")
+  mem = sharding.state_memory_report(abstract)
+  say(f"mesh: {dict(mesh.shape)}; per device: params {mem['params_bytes'] / 2**20:.1f} MiB, "
+      f"optimizer state {mem['opt_state_bytes'] / 2**20:.1f} MiB")
+  restored = checkpoint.restore_latest(ckpt, abstract)
+  if restored is None:
+    state, _ = sharding.create_sharded_state(model, tx, precision, config, mesh, rng)
+    return Run(config, mesh, rules, model, tx, schedule, state, shardings, None, 0)
+  state, data_state, step = restored
+  say(f"resumed from step {step}")
+  return Run(config, mesh, rules, model, tx, schedule, state, shardings, data_state, step)
+
+
+def evaluate(eval_fn, params: Any, batches: Iterator[dict], mesh, rules) -> dict[str, float]:
+  """Exact token-weighted loss and perplexity of ``params`` over ``batches``."""
+  loss_sum, tokens = 0.0, 0.0
+  for batch in batches:
+    out = eval_fn(params, sharding.shard_batch(batch, mesh, rules))
+    loss_sum += float(out["loss_sum"])
+    tokens += float(out["tokens"])
+  loss = loss_sum / max(tokens, 1.0)
+  return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_tokens": tokens}
+
+
+def validate(config: Config) -> None:
+  """Checks what only devices and the policy parser can check, before anything
+  is written: the precision spec, the mesh, and that the batch splits over it."""
+  make_precision(config.train.precision, loss_scale=config.train.loss_scale)
+  mesh = sharding.make_mesh(config.mesh)
+  rows = mesh.shape["data"] * mesh.shape["fsdp"]
+  if config.train.batch_size % rows:
+    raise ValueError(f"train.batch_size={config.train.batch_size} does not split over the "
+                     f"mesh's {rows} batch shards (data*fsdp)")
+
+
+@contextlib.contextmanager
+def _stop_on_signal():
+  """Turns the first SIGINT/SIGTERM into a flag, so the loop saves and exits."""
+  flag = {"stop": None}
+  handlers = {}
+
+  def handle(signum, _frame):
+    flag["stop"] = signal.Signals(signum).name
+
+  for sig in (signal.SIGINT, signal.SIGTERM):
+    try:
+      handlers[sig] = signal.signal(sig, handle)
+    except ValueError:  # not the main thread: no handler, Ctrl-C raises as usual
+      pass
+  try:
+    yield flag
+  finally:
+    for sig, old in handlers.items():
+      signal.signal(sig, old)
+
+
+def train(config: Config, workdir: str, verbose: bool = True,
+          until: int | None = None) -> dict[str, Any]:
+  """Trains (or resumes) a run in ``workdir``; returns the last logged metrics.
+
+  Writes ``config.json``, the tokenizer, ``metrics.jsonl``, TensorBoard events
+  and checkpoints under ``workdir``. On SIGINT/SIGTERM it saves a checkpoint
+  and returns with ``{"interrupted": signal name}``. ``until`` stops (with a
+  checkpoint) after that step, as a preempted job would; the schedule still
+  runs to ``train.steps``.
+  """
+  sharding.maybe_initialize_distributed()
+  check_config(workdir, config)
+  validate(config)
+  is_main = jax.process_index() == 0
+  say = print if verbose and is_main else (lambda *a, **k: None)
+  prepared = data.prepare_data(config.data, workdir)
+  say(prepared)
+  if config.model.vocab_size < prepared.tokenizer.vocab_size:
+    raise ValueError(f"model.vocab_size={config.model.vocab_size} is smaller than the "
+                     f"tokenizer's vocabulary ({prepared.tokenizer.vocab_size})")
+  t = config.train
+  ckpt = checkpoint.make_manager(os.path.join(workdir, "checkpoints"), t.keep_checkpoints)
+  run = build(config, ckpt, say)
+  if is_main:
+    write_config(workdir, config)
+  train_iter = data.make_train_iterator(prepared, t.batch_size, t.seed)
+  if run.data_state is not None:
+    train_iter.set_state(run.data_state)
+  step_fn = sharding.jit_train_step(make_train_step(run.model, run.tx, run.schedule, config),
+                                    run.shardings, run.mesh, run.rules)
+  eval_fn = sharding.jit_eval_step(make_eval_step(run.model), run.shardings, run.mesh, run.rules)
+  tokens_per_step = t.batch_size * config.data.seq_len
+  flops = flops_per_token(config.model, config.data.seq_len,
+                          params_without_positions(run.state.params))
+  writer = MetricsWriter(workdir, enabled=is_main)
+  state = run.state
+  start = int(state.step)
+  last: dict[str, Any] = {}
+  if start >= t.steps:
+    say(f"{workdir} already trained to step {start} (train.steps={t.steps}); nothing to do")
+  bar = progress_bar(t.steps, start, enabled=is_main and verbose)
+  t0, step0 = time.perf_counter(), start
+  with _stop_on_signal() as stop:
+    for step in range(start + 1, min(t.steps, until or t.steps) + 1):
+      batch = sharding.shard_batch(next(train_iter), run.mesh, run.rules)
+      state, metrics = step_fn(state, batch)
+      bar.update(1)
+      if step % t.log_every == 0 or step == t.steps:
+        last = to_python(metrics)  # the only host sync: once per log interval
+        dt = time.perf_counter() - t0
+        last["tokens_per_s"] = (step - step0) * tokens_per_step / dt
+        last["flops_per_s"] = last["tokens_per_s"] * flops
+        t0, step0 = time.perf_counter(), step
+        if step % t.eval_every == 0 or step == t.steps:
+          batches = data.make_eval_iterator(prepared, t.batch_size, t.eval_batches)
+          last.update(evaluate(eval_fn, state.params, batches, run.mesh, run.rules))
+        writer.write(step, last)
+        bar.set_postfix_str(bar_postfix(last))
+      if step % t.ckpt_every == 0 or step in (t.steps, until) or stop["stop"]:
+        checkpoint.save(ckpt, step, state, train_iter.get_state(), force=True)
+      if stop["stop"]:
+        last["interrupted"] = stop["stop"]
+        break
+  bar.close()
+  checkpoint.wait(ckpt)
+  writer.close()
+  if is_main and verbose and "interrupted" in last:
+    print(f"{last['interrupted']}: checkpoint saved at step {int(state.step)}; "
+          "run the same command to resume")
+  return last

@@ -1,0 +1,155 @@
+"""The training loop and the CLI: exact resume, interruption, bad input."""
+
+import json
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from llm_mp import cli
+from llm_mp.config import Config, DataConfig, ModelConfig, OptimConfig, TrainConfig
+from llm_mp.metrics import read_metrics
+from llm_mp.train import ConfigConflictError, train
+
+TEXT = ("The quick brown fox jumps over the lazy dog. " * 8 + "\n\n\n") * 3 + (
+    "Pack my box with five dozen liquor jugs. " * 8 + "\n\n\n") * 3
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+  d = tmp_path_factory.mktemp("corpus")
+  (d / "a.txt").write_text(TEXT, encoding="utf-8")
+  (d / "b.jsonl").write_text("\n".join(json.dumps({"text": f"Document number {i}. " * 10})
+                                       for i in range(20)), encoding="utf-8")
+  return str(d)
+
+
+def _config(corpus, steps=12):
+  return Config(
+      model=ModelConfig.gpt2(d_model=32, n_layers=2, n_heads=2, max_len=32),
+      optim=OptimConfig(lr=3e-3, warmup_steps=2),
+      data=DataConfig(paths=(corpus,), seq_len=32, val_fraction=0.2),
+      train=TrainConfig(steps=steps, batch_size=8, log_every=1, eval_every=6, eval_batches=2,
+                        ckpt_every=4, keep_checkpoints=2),
+  )
+
+
+def _losses(workdir):
+  return {r["step"]: r["loss"] for r in read_metrics(workdir)}
+
+
+def test_resumed_run_matches_uninterrupted_run_bit_for_bit(corpus, tmp_path):
+  straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+  train(_config(corpus, 12), straight, verbose=False)
+  train(_config(corpus, 12), resumed, verbose=False, until=6)  # checkpoints at 4 and 6
+  last = train(_config(corpus, 12), resumed, verbose=False)
+  a, b = _losses(straight), _losses(resumed)
+  assert sorted(a) == list(range(1, 13)) and sorted(b) == list(range(1, 13))
+  assert [a[s] for s in range(1, 13)] == [b[s] for s in range(1, 13)]  # exact on CPU
+  assert a[12] < a[1]
+  assert "val_loss" in last and np.isfinite(last["val_ppl"])
+  assert os.path.exists(os.path.join(resumed, "tokenizer.json"))
+  assert os.listdir(os.path.join(resumed, "tensorboard"))
+
+
+def _kill_after_logged_steps(workdir, n):
+  """SIGINTs this process once ``n`` steps are in metrics.jsonl (inside the loop)."""
+
+  def watch():
+    for _ in range(6000):
+      if len(read_metrics(workdir)) >= n:
+        os.kill(os.getpid(), signal.SIGINT)
+        return
+      time.sleep(0.01)
+
+  thread = threading.Thread(target=watch, daemon=True)
+  thread.start()
+  return thread
+
+
+def test_sigint_saves_a_checkpoint_that_resumes_exactly(corpus, tmp_path):
+  straight, stopped = str(tmp_path / "straight"), str(tmp_path / "stopped")
+  train(_config(corpus, 10), straight, verbose=False)
+  watcher = _kill_after_logged_steps(stopped, 3)
+  out = train(_config(corpus, 10), stopped, verbose=False)
+  watcher.join()
+  assert out["interrupted"] == "SIGINT"
+  assert 3 <= out["step"] < 10 if "step" in out else True
+  assert len(read_metrics(stopped)) < 10
+  train(_config(corpus, 10), stopped, verbose=False)
+  a, b = _losses(straight), _losses(stopped)
+  assert [a[s] for s in range(1, 11)] == [b[s] for s in range(1, 11)]
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_previous(corpus, tmp_path):
+  straight, broken = str(tmp_path / "straight"), str(tmp_path / "broken")
+  train(_config(corpus, 12), straight, verbose=False)
+  train(_config(corpus, 12), broken, verbose=False, until=8)  # checkpoints at 4 and 8
+  ckpt_dir = os.path.join(broken, "checkpoints", "8")
+  for root, _, files in os.walk(ckpt_dir):
+    for name in files:
+      with open(os.path.join(root, name), "wb") as f:
+        f.write(b"garbage")
+  with pytest.warns(UserWarning, match="8"):
+    train(_config(corpus, 12), broken, verbose=False)
+  a, b = _losses(straight), _losses(broken)
+  assert a[12] == b[12]
+
+
+def test_conflicting_workdir_config_is_rejected_without_damage(corpus, tmp_path):
+  workdir = str(tmp_path / "run")
+  train(_config(corpus, 2), workdir, verbose=False)
+  before = open(os.path.join(workdir, "config.json")).read()
+  cfg = _config(corpus, 2)
+  bigger = Config(model=ModelConfig.gpt2(d_model=64, n_layers=2, n_heads=2, max_len=32),
+                  optim=cfg.optim, data=cfg.data, train=cfg.train)
+  with pytest.raises(ConfigConflictError, match="model.d_model=32"):
+    train(bigger, workdir, verbose=False)
+  assert open(os.path.join(workdir, "config.json")).read() == before
+
+
+def _cli(args, capsys):
+  code = cli.main(args)
+  out = capsys.readouterr()
+  return code, out.out, out.err
+
+
+def test_cli_train_generate_eval(corpus, tmp_path, capsys):
+  workdir = str(tmp_path / "cli")
+  code, out, _ = _cli(["train", "--workdir", workdir, "--data", corpus, "model.d_model=32",
+                       "model.n_layers=1", "model.max_len=32", "data.seq_len=32",
+                       "train.batch_size=8", "--steps", "3"], capsys)
+  assert code == 0 and json.loads(out.strip().splitlines()[-1])["loss"] > 0
+  code, out, _ = _cli(["generate", "--workdir", workdir, "--prompt", "The quick",
+                       "--max-new-tokens", "8", "--temperature", "0"], capsys)
+  assert code == 0 and out.startswith("The quick") and len(out.strip()) > len("The quick")
+  code, out, _ = _cli(["eval", "--workdir", workdir], capsys)
+  result = json.loads(out)
+  assert code == 0 and result["val_loss"] > 0 and result["val_ppl"] > 1
+  code, _, err = _cli(["generate", "--workdir", workdir, "--prompt", "x" * 40,
+                       "--max-new-tokens", "8"], capsys)
+  assert code == 2 and "max_len" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--data", "/no/such/file.txt"], "/no/such/file.txt"),
+    (["model.no_such_key=1"], "model.no_such_key"),
+    (["--precision", "fp8"], "fp8"),
+    (["--mesh", "data=3"], "data"),
+])
+def test_cli_bad_input_is_one_line_and_exit_2(args, needle, tmp_path, capsys):
+  workdir = str(tmp_path / "bad")
+  code, _, err = _cli(["train", "--workdir", workdir, "--steps", "1"] + args, capsys)
+  assert code == 2
+  assert needle in err and len(err.strip().splitlines()) == 1
+  assert not os.path.exists(os.path.join(workdir, "checkpoints"))
+
+
+def test_cli_non_utf8_file_names_file_and_offset(tmp_path, capsys):
+  bad = tmp_path / "bad.txt"
+  bad.write_bytes(b"hello world, this is fine text\n\xff\xfe broken")
+  code, _, err = _cli(["train", "--workdir", str(tmp_path / "w"), "--data", str(bad)], capsys)
+  assert code == 2 and "bad.txt" in err and "31" in err
