@@ -13,7 +13,7 @@ import pytest
 
 from llm_mp.config import ModelConfig
 from llm_mp.models import TransformerLM, dot_product_attention
-from llm_mp.precision import Precision, make_precision
+from llm_mp.precision import Precision, make_precision, precision_report
 
 GPT2 = ModelConfig.gpt2(vocab_size=61, d_model=32, n_layers=2, n_heads=4, max_len=24)
 LLAMA = ModelConfig.llama(vocab_size=61, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
@@ -228,3 +228,13 @@ def test_unknown_precision_lists_valid_choices():
     make_precision("fp8")
   with pytest.raises(ValueError, match="valid"):
     make_precision("bf16", overrides="*norm*=float8")
+
+
+def test_precision_report_lists_params_and_module_dtypes():
+  model, params = _init(GPT2, "pure_bf16")
+  report = precision_report(model, params, _tokens())
+  assert report["params"]["decoder/blocks_0/attn/query/kernel"] == "bfloat16"
+  mods = report["modules"]
+  assert mods["decoder/blocks_0/attn_norm"] == "compute=float32, output=bfloat16"
+  assert mods["decoder/blocks_1/mlp/up"] == "compute=bfloat16, output=bfloat16"
+  assert mods[""] == "compute=bfloat16, output=float32"  # the model: logits in fp32
