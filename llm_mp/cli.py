@@ -94,8 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
   p = sub.add_parser("train", help="train (or resume) a run in --workdir",
                      description="Train a model; re-running on the same --workdir resumes.")
   p.add_argument("--workdir", required=True, help="run directory (config, checkpoints, metrics)")
-  p.add_argument("--preset", choices=sorted(PRESETS),
-                 help="named config (default: the workdir's, else tiny)")
+  p.add_argument("--preset", metavar="NAME",
+                 help=f"named config: {', '.join(sorted(PRESETS))} (default: the workdir's, "
+                      "else tiny)")
   p.add_argument("--precision", help="fp32, bf16, fp16, pure_bf16, or a policy 'p=f32,c=bf16'")
   p.add_argument("--data", nargs="+", metavar="PATH",
                  help="text files or directories (.txt/.jsonl); default: the embedded corpus")

@@ -103,8 +103,8 @@ def bar_postfix(m: Mapping[str, Any]) -> str:
   parts = [f"loss {m['loss']:.4f}"]
   if "tokens_per_s" in m:
     parts.append(f"{m['tokens_per_s']:,.0f} tok/s")
-  if m.get("loss_scale", 1.0) != 1.0:
-    parts.append(f"scale {m['loss_scale']:.0f}")
+  if "loss_scale" in m:
+    parts.append(f"scale {m['loss_scale']:g}")
   if m.get("skipped_steps"):
     parts.append(f"skipped {m['skipped_steps']}")
   return ", ".join(parts)

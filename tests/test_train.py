@@ -139,6 +139,7 @@ def test_cli_train_generate_eval(corpus, tmp_path, capsys):
     (["model.no_such_key=1"], "model.no_such_key"),
     (["--precision", "fp8"], "fp8"),
     (["--mesh", "data=3"], "data"),
+    (["--preset", "gpt5"], "gpt5"),
 ])
 def test_cli_bad_input_is_one_line_and_exit_2(args, needle, tmp_path, capsys):
   workdir = str(tmp_path / "bad")
