@@ -68,8 +68,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
   from llm_mp.generate import generate_text  # pylint: disable=import-outside-toplevel
   loaded = _load(args.workdir)
+  n = args.max_new_tokens
+  if n is None:  # fill the context: +1 for the bos token generate_text prepends
+    n = min(200, loaded.config.model.max_len - len(loaded.tokenizer.encode(args.prompt)) - 1)
   text = generate_text(loaded.config.model, loaded.precision, loaded.params, loaded.tokenizer,
-                       args.prompt, max_new_tokens=args.max_new_tokens, seed=args.seed,
+                       args.prompt, max_new_tokens=n, seed=args.seed,
                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
   print(args.prompt + text)
   return 0
@@ -109,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
   p = sub.add_parser("generate", help="continue a prompt with a trained run")
   p.add_argument("--workdir", required=True)
   p.add_argument("--prompt", required=True)
-  p.add_argument("--max-new-tokens", type=int, default=200)
+  p.add_argument("--max-new-tokens", type=int, default=None,
+                 help="tokens to add (default: up to the model's context, at most 200)")
   p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
   p.add_argument("--top-k", type=int, default=None)
   p.add_argument("--top-p", type=float, default=None)
