@@ -64,6 +64,12 @@ def _split_micro(batch: Batch, k: int) -> Batch:
   return jax.tree.map(lambda x: x.reshape((k, x.shape[0] // k) + x.shape[1:]), batch)
 
 
+def _zero_fraction(tree: Any) -> jax.Array:
+  leaves = jax.tree.leaves(tree)
+  zeros = sum(jnp.sum(x == 0, dtype=jnp.float32) for x in leaves)
+  return zeros / sum(x.size for x in leaves)
+
+
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, config: Config
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
@@ -71,7 +77,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
 
   ``batch``: int32 ``inputs, targets, segment_ids, positions`` of ``[B, T]``
   (``segment_ids``/``positions`` optional). ``metrics``: fp32/int scalars
-  ``loss, grad_norm, lr, loss_scale, grads_finite, skipped_steps, tokens``.
+  ``loss, grad_norm, lr, loss_scale, grads_finite, grad_zero_fraction,
+  skipped_steps, tokens``.
   Jit it once with ``donate_argnums=0``.
   """
   k = config.optim.grad_accum_steps
@@ -122,6 +129,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
         "lr": schedule(state.step - state.skipped_steps),
         "loss_scale": state.loss_scale.loss_scale,
         "grads_finite": finite,
+        # Fraction of gradient entries exactly zero: fp16 underflow shows up here.
+        "grad_zero_fraction": _zero_fraction(grads),
         "skipped_steps": skipped,
         "tokens": n_tokens,
     }

@@ -128,6 +128,7 @@ def test_fp16_with_tiny_static_scale_underflows():
   # Adam moves every parameter whose gradient is non-zero; fp32 moves ~all.
   assert unchanged32 < 0.01
   assert unchanged > 0.5, unchanged
+  assert float(m["grad_zero_fraction"]) > 0.5  # the step reports the underflow itself
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16", "pure_bf16"])
