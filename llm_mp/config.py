@@ -340,7 +340,8 @@ def apply_overrides(config: Config, overrides: Sequence[str]) -> Config:
                        f"known: {sorted(d)}")
     if field not in d[section]:
       raise ValueError(f"unknown key {key!r}; known: {sorted(d[section])}")
-    d[section][field] = _parse_value(value)
+    # A string field takes the text as is ("none" is a loss-scale kind, not None).
+    d[section][field] = value if isinstance(d[section][field], str) else _parse_value(value)
   return Config.from_dict(d)
 
 

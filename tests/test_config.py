@@ -26,10 +26,10 @@ def test_every_preset_builds_and_round_trips_through_json(name):
 def test_overrides_parse_values_and_validate():
   c = apply_overrides(get_preset("tiny"), ["model.n_layers=6", "optim.lr=3e-4",
                                            "optim.clip_norm=none", "model.scan_layers=true",
-                                           "data.paths=a.txt"])
+                                           "data.paths=a.txt", "train.loss_scale=none"])
   assert (c.model.n_layers, c.optim.lr, c.optim.clip_norm, c.model.scan_layers) == (
       6, 3e-4, None, True)
-  assert c.data.paths == ("a.txt",)
+  assert c.data.paths == ("a.txt",) and c.train.loss_scale == "none"
   assert dataclasses.replace(c, model=get_preset("tiny").model).model.n_layers == 4
 
 
