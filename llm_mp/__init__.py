@@ -9,7 +9,7 @@ The supported API, from the bottom layer up::
   optim      make_optimizer; loss scales in llm_mp.loss_scale
   state      TrainState, make_init_fn
   step       make_train_step, make_eval_step, cross_entropy
-  generate   generate, generate_text, sample_logits
+  generate   generate_text, sample_logits (llm_mp.generate.generate for token arrays)
   train      train (the loop); llm_mp.cli is the `llm-mp` command
 
 Data (llm_mp.data), sharding (llm_mp.sharding) and checkpoints
@@ -18,7 +18,7 @@ Data (llm_mp.data), sharding (llm_mp.sharding) and checkpoints
 
 from llm_mp.config import (Config, DataConfig, MeshConfig, ModelConfig, OptimConfig, TrainConfig,
                            apply_overrides, get_preset)
-from llm_mp.generate import generate, generate_text, sample_logits
+from llm_mp.generate import generate_text, sample_logits
 from llm_mp.loss_scale import DynamicLossScale, NoOpLossScale, StaticLossScale, make_loss_scale
 from llm_mp.models import TransformerLM
 from llm_mp.optim import make_optimizer
@@ -31,7 +31,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Config", "DataConfig", "DynamicLossScale", "MeshConfig", "ModelConfig", "NoOpLossScale",
     "OptimConfig", "Precision", "StaticLossScale", "TrainConfig", "TrainState", "TransformerLM",
-    "apply_overrides", "cross_entropy", "generate", "generate_text", "get_preset",
+    "apply_overrides", "cross_entropy", "generate_text", "get_preset",
     "make_eval_step", "make_init_fn", "make_loss_scale", "make_optimizer", "make_precision",
     "make_train_step", "precision_report", "sample_logits",
 ]

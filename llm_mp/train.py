@@ -35,6 +35,8 @@ from llm_mp.step import make_eval_step, make_train_step
 RESUMABLE_FIELDS = {
     "train.steps", "train.log_every", "train.eval_every", "train.eval_batches",
     "train.ckpt_every", "train.keep_checkpoints", "train.sample_prompt", "train.sample_tokens",
+    # Checkpoints restore onto any mesh (orbax reshards); only reduction order changes.
+    "mesh.data", "mesh.fsdp", "mesh.tensor", "mesh.rules",
 }
 
 

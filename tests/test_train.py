@@ -1,5 +1,6 @@
 """The training loop and the CLI: exact resume, interruption, bad input."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -10,7 +11,8 @@ import numpy as np
 import pytest
 
 from llm_mp import cli
-from llm_mp.config import Config, DataConfig, ModelConfig, OptimConfig, TrainConfig
+from llm_mp.config import (Config, DataConfig, MeshConfig, ModelConfig, OptimConfig,
+                            TrainConfig)
 from llm_mp.metrics import read_metrics
 from llm_mp.train import ConfigConflictError, train
 
@@ -82,6 +84,19 @@ def test_sigint_saves_a_checkpoint_that_resumes_exactly(corpus, tmp_path):
   train(_config(corpus, 10), stopped, verbose=False)
   a, b = _losses(straight), _losses(stopped)
   assert [a[s] for s in range(1, 11)] == [b[s] for s in range(1, 11)]
+
+
+def test_resume_on_a_different_mesh(corpus, tmp_path):
+  straight, moved = str(tmp_path / "straight"), str(tmp_path / "moved")
+  train(_config(corpus, 8), straight, verbose=False)  # data=8
+  train(_config(corpus, 8), moved, verbose=False, until=4)
+  fsdp = dataclasses.replace(_config(corpus, 8), mesh=MeshConfig(data=2, fsdp=4))
+  train(fsdp, moved, verbose=False)
+  a, b = _losses(straight), _losses(moved)
+  assert [a[s] for s in range(1, 5)] == [b[s] for s in range(1, 5)]
+  # Another mesh sums gradients in another order: fp32 rounding, not a different run.
+  np.testing.assert_allclose([b[s] for s in range(5, 9)], [a[s] for s in range(5, 9)],
+                             rtol=1e-4)
 
 
 def test_corrupt_latest_checkpoint_falls_back_to_previous(corpus, tmp_path):
