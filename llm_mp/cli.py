@@ -135,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
   args = build_parser().parse_args(argv)
+  # orbax logs routine notes (e.g. opening checkpoints read-only) as absl warnings.
+  from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
+  absl_logging.set_verbosity(absl_logging.ERROR)
   try:
     return args.fn(args)
   except (ValueError, FileNotFoundError, NotADirectoryError) as e:
