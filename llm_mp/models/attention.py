@@ -38,18 +38,24 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   """
   b, t, n, h = q.shape
   s, kh = k.shape[1], k.shape[2]
-  q = q.reshape(b, t, kh, n // kh, h)  # (B, T, K, G, H)
+  g = n // kh
+  # The G query heads sharing a KV head are stacked as G*T query rows, so both
+  # matmuls (and their gradients) are 4-D batched matmuls over (B, K): XLA:CPU
+  # runs these about twice as fast as 5-D einsums with a G axis (size 1 in MHA).
+  q = q.reshape(b, t, kh, g, h).transpose(0, 2, 3, 1, 4).reshape(b, kh, g * t, h)  # (B, K, G*T, H)
+  k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # (B, K, S, H)
   acc = jnp.promote_types(q.dtype, jnp.float32)  # fp32, or fp64 for references
-  logits = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=acc)
-  logits = logits * (h ** -0.5)  # (B, K, G, T, S)
+  logits = jnp.einsum("bkqh,bksh->bkqs", q, k, preferred_element_type=acc)
+  logits = logits * (h ** -0.5)  # (B, K, G*T, S)
   if causal:
     tril = jnp.arange(s)[None, :] <= jnp.arange(t)[:, None]  # (T, S)
     mask = tril[None, None] if mask is None else mask & tril
   if mask is not None:
-    logits = jnp.where(mask[:, :, None], logits, jnp.finfo(acc).min)
+    logits = logits.reshape(b, kh, g, t, s)
+    logits = jnp.where(mask[:, :, None], logits, jnp.finfo(acc).min).reshape(b, kh, g * t, s)
   probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
-  return out.reshape(b, t, n, h)
+  out = jnp.einsum("bkqs,bksh->bkqh", probs, v)  # (B, K, G*T, H)
+  return out.reshape(b, kh, g, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
 
 class Attention(nn.Module):
