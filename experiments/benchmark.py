@@ -10,14 +10,25 @@ attention implementation, device and jax version.
   python -m experiments.benchmark --preset nanogpt_cpu --precision fp32   # CPU reference
   python -m experiments.benchmark --preset llama_1b --precision bf16 model.remat=dots
 
-Expected: on an H100, bf16 >= 1.15x the torch.compile reference tokens/s
-(see docs/benchmarks.md for measured figures, dates and commands).
+Expected: on an H100, bf16 >= 1.15x the torch.compile reference tokens/s;
+on 2 CPU cores, nanogpt_cpu fp32 at least as fast as torch eager (see
+docs/benchmarks.md for measured figures, dates and commands).
+
+On CPU, XLA allocates a step's temporaries as one block per call (44 MiB for
+nanogpt_cpu). glibc hands blocks above its mmap threshold (at most 32 MiB
+unless set) back to the kernel on free, so every step page-faults the whole
+block in again: ~11k faults and ~20 ms of system time per nanogpt_cpu step.
+Raising the thresholds keeps the block in the heap; the JSON records them:
+
+  MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=1073741824 \
+      python -m experiments.benchmark --preset nanogpt_cpu --precision fp32
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -36,6 +47,7 @@ from llm_mp.state import make_init_fn, param_count
 from llm_mp.step import make_train_step
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 spec
+MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")  # glibc, see the docstring
 
 
 def peak_flops(device) -> float | None:
@@ -92,6 +104,7 @@ def run(preset: str, precision: str, overrides: Sequence[str], steps: int, warmu
       "loss": round(float(metrics["loss"]), 5), "params": param_count(state.params),
       "device": getattr(device, "device_kind", str(device)), "platform": device.platform,
       "jax": jax.__version__, "python": platform.python_version(),
+      "malloc_env": {k: os.environ[k] for k in MALLOC_ENV if k in os.environ},
   }
 
 
