@@ -23,6 +23,9 @@ REMAT_POLICIES = ("none", "dots", "full")
 OPTIMIZERS = ("adamw", "adam", "sgd", "rmsprop", "adagrad")
 SCHEDULES = ("cosine", "linear", "constant")
 TOKENIZERS = ("byte", "bpe")
+FAMILIES = ("decoder", "encoder")  # llm_mp.models.FAMILIES builds each
+TASKS = ("auto", "lm", "mlm", "classify")  # llm_mp.tasks.TASKS; auto = the family's default
+POOLS = ("first", "mean")
 
 
 def _check_choice(section: str, field: str, value: Any, choices: Sequence[Any]) -> None:
@@ -45,6 +48,7 @@ class ModelConfig:
   give the two families' switches.
   """
 
+  family: str = "decoder"  # "decoder" (causal LM) or "encoder" (bidirectional, BERT-style)
   vocab_size: int = 259  # 256 bytes + 3 specials (the byte tokenizer's size)
   d_model: int = 64  # width of the residual stream
   n_layers: int = 2
@@ -64,7 +68,12 @@ class ModelConfig:
   remat: str = "none"  # rematerialisation per block: "none", "dots" (save matmuls), "full"
   scan_layers: bool = False  # nn.scan over blocks: one compiled block, faster compiles
   n_experts: int = 0  # >0 replaces the MLP by a mixture of experts
-  expert_top_k: int = 2
+  expert_top_k: int = 2  # experts per token (1: Switch, 2: GShard)
+  expert_capacity_factor: float = 1.25  # slots per expert = factor * top_k * tokens / n_experts
+  moe_aux_weight: float = 0.01  # weight of the load-balancing loss E * sum_e f_e * p_e
+  moe_z_weight: float = 1e-3  # weight of the router z-loss mean(logsumexp(router logits)^2)
+  n_classes: int = 2  # outputs of the classification head (task "classify")
+  pool: str = "first"  # classification input: "first" token or "mean" over real tokens
   init_std: float = 0.02
 
   def __post_init__(self):
@@ -76,6 +85,12 @@ class ModelConfig:
     _check_choice(s, "mlp", self.mlp, MLPS)
     _check_choice(s, "attention_impl", self.attention_impl, ATTENTION_IMPLS)
     _check_choice(s, "remat", self.remat, REMAT_POLICIES)
+    _check_choice(s, "family", self.family, FAMILIES)
+    _check_choice(s, "pool", self.pool, POOLS)
+    _check_positive(s, "n_classes", self.n_classes)
+    _check_positive(s, "expert_capacity_factor", self.expert_capacity_factor)
+    _check_positive(s, "moe_aux_weight", self.moe_aux_weight, allow_zero=True)
+    _check_positive(s, "moe_z_weight", self.moe_z_weight, allow_zero=True)
     if self.d_model % self.n_heads:
       raise ValueError(
           f"model.n_heads={self.n_heads} does not divide model.d_model={self.d_model}")
@@ -170,12 +185,17 @@ class DataConfig:
   min_doc_chars: int = 16  # shorter documents are dropped during cleaning
   skip_bad_files: bool = False  # skip non-UTF-8 files with a warning instead of failing
   max_docs: int | None = None  # keep only the first N documents (quick runs)
+  # Labelled data (task "classify"): .tsv/.csv with a header, or .jsonl.
+  text_field: str = "text"  # column / key holding the text ("sentence" for SST-2)
+  label_field: str = "label"  # column / key holding the class (0..n_classes-1 or a name)
+  bad_rows: str = "error"  # a row without text or with an unknown label: "error" or "skip"
 
   def __post_init__(self):
     s = "data"
     _check_choice(s, "tokenizer", self.tokenizer, TOKENIZERS)
     _check_positive(s, "seq_len", self.seq_len)
     _check_positive(s, "bpe_vocab_size", self.bpe_vocab_size)
+    _check_choice(s, "bad_rows", self.bad_rows, ("error", "skip"))
     if not 0.0 <= self.val_fraction < 1.0:
       raise ValueError(f"data.val_fraction={self.val_fraction!r} must be in [0, 1)")
     if isinstance(self.paths, str):
@@ -235,6 +255,7 @@ class MeshConfig:
 class TrainConfig:
   """The training loop: length, batch, precision, logging and checkpoints."""
 
+  task: str = "auto"  # "lm", "mlm", "classify"; "auto": lm for decoders, mlm for encoders
   steps: int = 300
   batch_size: int = 16  # rows per optimizer update (split into grad_accum_steps micro-batches)
   precision: str = "fp32"  # a preset of llm_mp.precision: fp32, bf16, fp16, pure_bf16
@@ -242,6 +263,7 @@ class TrainConfig:
   init_loss_scale: float = 2.0**15
   loss_scale_period: int = 2000  # finite steps before a dynamic scale grows
   z_loss: float = 0.0  # weight of log(Z)^2, keeps logits from drifting
+  mlm_probability: float = 0.15  # masked LM: fraction of real tokens selected (80/10/10)
   seed: int = 0
   log_every: int = 10
   eval_every: int = 100
@@ -250,6 +272,13 @@ class TrainConfig:
   keep_checkpoints: int = 3
   sample_prompt: str = "The "
   sample_tokens: int = 200
+  # Fine-tuning: start from another run's latest checkpoint (its backbone
+  # parameters and tokenizer; heads it lacks are initialised fresh).
+  init_from: str | None = None
+  # fnmatch patterns on '/'-joined parameter paths (e.g. "embed/*,encoder/blocks_0/*")
+  # whose parameters stay fixed; "" trains everything.
+  freeze: str = ""
+  backbone_lr_scale: float = 1.0  # lr multiplier for non-head parameters when fine-tuning
 
   def __post_init__(self):
     s = "train"
@@ -257,8 +286,12 @@ class TrainConfig:
               "keep_checkpoints", "eval_batches", "loss_scale_period"):
       _check_positive(s, f, getattr(self, f))
     _check_choice(s, "loss_scale", self.loss_scale, ("auto", "none", "static", "dynamic"))
+    _check_choice(s, "task", self.task, TASKS)
+    _check_positive(s, "backbone_lr_scale", self.backbone_lr_scale, allow_zero=True)
     _check_positive(s, "init_loss_scale", self.init_loss_scale)
     _check_positive(s, "z_loss", self.z_loss, allow_zero=True)
+    if not 0.0 < self.mlm_probability < 1.0:
+      raise ValueError(f"train.mlm_probability={self.mlm_probability!r} must be in (0, 1)")
 
 
 @dataclasses.dataclass(frozen=True)
