@@ -23,6 +23,9 @@ API:
   :func:`default_corpus`: documents and a :class:`CorpusSummary`.
 * :class:`Tokenizer`, :class:`ByteTokenizer`, :class:`BpeTokenizer`,
   :func:`build_tokenizer`, :func:`load_tokenizer`.
+* :func:`read_labelled`, :func:`encode_labelled`, :class:`LabelledRows`,
+  :func:`make_labelled_train_iterator`, :func:`make_labelled_eval_iterator`,
+  :func:`builtin_labelled`: labelled text for classification (:mod:`llm_mp.data.labelled`).
 * :func:`split_documents`, :func:`build_token_shards`, :class:`TokenSplit`,
   :class:`PackedRows`: the steps :func:`prepare_data` composes.
 
@@ -32,6 +35,9 @@ one-line message naming the file.
 
 from llm_mp.data.corpus import CorpusSummary, clean_documents, load_corpus, read_documents
 from llm_mp.data.files import DataError
+from llm_mp.data.labelled import (LabelledRows, builtin_labelled, encode_labelled,
+                                  make_labelled_eval_iterator, make_labelled_train_iterator,
+                                  read_labelled)
 from llm_mp.data.packing import PackedRows
 from llm_mp.data.pipeline import (PreparedData, make_eval_iterator, make_train_iterator,
                                   prepare_data)
@@ -41,9 +47,10 @@ from llm_mp.data.tokenizer import (BpeTokenizer, ByteTokenizer, Tokenizer, build
                                    load_tokenizer)
 
 __all__ = [
-    "BpeTokenizer", "ByteTokenizer", "CorpusSummary", "DataError", "PackedRows",
-    "PreparedData", "TokenShards", "TokenSplit", "Tokenizer", "build_token_shards",
-    "build_tokenizer", "clean_documents", "default_corpus", "load_corpus", "load_tokenizer",
-    "make_eval_iterator", "make_train_iterator", "prepare_data", "read_documents",
-    "split_documents",
+    "BpeTokenizer", "ByteTokenizer", "CorpusSummary", "DataError", "LabelledRows",
+    "PackedRows", "PreparedData", "TokenShards", "TokenSplit", "Tokenizer", "build_token_shards",
+    "build_tokenizer", "builtin_labelled", "clean_documents", "default_corpus",
+    "encode_labelled", "load_corpus", "load_tokenizer", "make_eval_iterator",
+    "make_labelled_eval_iterator", "make_labelled_train_iterator", "make_train_iterator",
+    "prepare_data", "read_documents", "read_labelled", "split_documents",
 ]
