@@ -162,8 +162,9 @@ def test_encode_labelled_adds_bos_eos_truncates_and_pads():
                                                     [0, 1, 2, 3, 4], [0, 1, 0, 0, 0]])
   np.testing.assert_array_equal(rows["labels"], [1, 0, 1, 0])
   assert n_truncated == rows.truncated == 1
-  assert len(rows) == 4 and rows.seq_len == 5 and set(rows.keys()) == set(dict(rows))
-  assert all(rows[k].dtype == np.int32 for k in rows.keys())
+  assert len(rows) == 4 and rows.seq_len == 5
+  assert list(rows) == list(rows.keys()) == list(dict(rows)) == list(labelled_lib.FIELDS)
+  assert all(rows[k].dtype == np.int32 for k in rows)
   with pytest.raises(ValueError, match="seq_len=1 must be >= 2"):
     encode_labelled(["a"], [0], BYTE, 1)
   with pytest.raises(ValueError, match="2 texts but label_ids has shape"):

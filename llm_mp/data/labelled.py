@@ -216,9 +216,10 @@ def read_labelled(paths: str | Sequence[str], text_field: str, label_field: str,
 class LabelledRows:
   """Tokenised examples as fixed-length rows, indexed like a dict of arrays.
 
-  ``rows["inputs"]``, ``rows.keys()``, ``dict(rows)`` give the arrays (also the
-  batch keys): ``inputs``, ``segment_ids``, ``positions``: ``np.int32[N, T]``;
-  ``labels``: ``np.int32[N]``. ``len(rows)`` is ``N``. Attributes: ``pad_id``
+  ``rows["inputs"]``, ``rows.keys()``, ``for key in rows``, ``dict(rows)`` give
+  the arrays (also the batch keys): ``inputs``, ``segment_ids``, ``positions``:
+  ``np.int32[N, T]``; ``labels``: ``np.int32[N]``. But ``len(rows)`` is ``N``,
+  the number of examples, as for a grain data source. Attributes: ``pad_id``
   and ``truncated`` (how many texts lost tokens to fit ``T``).
   """
 
@@ -234,6 +235,9 @@ class LabelledRows:
 
   def __getitem__(self, key: str) -> np.ndarray:
     return self._arrays[key]
+
+  def __iter__(self) -> Iterator[str]:
+    return iter(self._arrays)
 
   def __len__(self) -> int:
     return len(self._arrays["labels"])
