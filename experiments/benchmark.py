@@ -27,6 +27,7 @@ Raising the thresholds keeps the block in the heap; the JSON records them:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -38,11 +39,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from llm_mp.builder import build_recipe
 from llm_mp.config import PRESETS, apply_overrides, get_preset
 from llm_mp.metrics import flops_per_token, params_without_positions
-from llm_mp.models import TransformerLM
-from llm_mp.optim import make_optimizer
-from llm_mp.precision import make_precision
 from llm_mp.state import make_init_fn, param_count
 from llm_mp.step import make_train_step
 
@@ -59,21 +58,24 @@ def peak_flops(device) -> float | None:
 
 
 def fixed_batch(batch: int, seq: int, vocab: int) -> dict[str, jax.Array]:
-  """One batch of random tokens, numpy seed 0 (the reference's data)."""
+  """One batch of random tokens, numpy seed 0 (the reference's data), one
+  document per row."""
   tokens = np.random.default_rng(0).integers(0, vocab, (batch, seq + 1))
   return {"inputs": jnp.asarray(tokens[:, :-1], jnp.int32),
-          "targets": jnp.asarray(tokens[:, 1:], jnp.int32)}
+          "targets": jnp.asarray(tokens[:, 1:], jnp.int32),
+          "segment_ids": jnp.ones((batch, seq), jnp.int32),
+          "positions": jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))}
 
 
 def run(preset: str, precision: str, overrides: Sequence[str], steps: int, warmup: int,
         repeats: int = 1) -> dict:
   """Builds the preset, times ``steps`` train steps ``repeats`` times; returns the JSON dict."""
   config = apply_overrides(get_preset(preset), list(overrides))
-  prec = make_precision(precision)
-  model = TransformerLM(config.model, prec)
-  tx, schedule = make_optimizer(config.optim, config.train.steps)
-  state = jax.jit(make_init_fn(model, tx, prec, config))(jax.random.key(0))
-  step = jax.jit(make_train_step(model, tx, schedule, config), donate_argnums=0)
+  config = dataclasses.replace(config, train=dataclasses.replace(config.train,
+                                                                 precision=precision))
+  r = build_recipe(config)
+  state = jax.jit(make_init_fn(r.model, r.tx, r.precision, config))(jax.random.key(0))
+  step = jax.jit(make_train_step(r.model, r.tx, r.schedule, config, r.task), donate_argnums=0)
   b, t = config.train.batch_size, config.data.seq_len
   batch = fixed_batch(b, t, config.model.vocab_size)
   for _ in range(warmup):

@@ -161,3 +161,51 @@ def _restore_newest(manager: ocp.CheckpointManager, target: Any) -> tuple[Any, A
     raise CheckpointError(f"no readable checkpoint in {manager.directory}: "
                           + "; ".join(failures))
   return None
+
+
+def _restore_params_at(manager: ocp.CheckpointManager, step: int, abstract_params: Any) -> Any:
+  item = {"params": abstract_params}
+  out = manager.restore(step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.PyTreeRestore(
+      item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+      partial_restore=True)}))
+  return out[STATE_ITEM]["params"]
+
+
+def restore_params(directory: str, abstract_params: Any) -> tuple[Any, int]:
+  """Reads only the parameters of the newest readable checkpoint in ``directory``.
+
+  For evaluation, generation and fine-tuning: the optimizer state (twice the
+  parameters' size for Adam) is neither read nor allocated, and the directory
+  is opened read-only. The bit fingerprint covers the whole state, so it is
+  not checked here; a checkpoint orbax cannot read falls back to the previous
+  one, as in :func:`restore_latest`.
+
+  Args:
+    directory: a run's ``checkpoints/`` directory.
+    abstract_params: the params tree of ``jax.ShapeDtypeStruct`` with the
+      target shardings.
+
+  Returns:
+    ``(params, step)``.
+
+  Raises:
+    CheckpointError: there is no checkpoint, or none is readable.
+  """
+  path = epath.Path(directory).absolute()
+  if not path.exists():
+    raise CheckpointError(f"{directory} has no checkpoint yet: train first")
+  options = ocp.CheckpointManagerOptions(read_only=True)
+  failures = []
+  with ocp.CheckpointManager(path, options=options) as manager:
+    _warn_unfinished(manager.directory)
+    for step in sorted(manager.all_steps(), reverse=True):
+      try:
+        return _restore_params_at(manager, step, abstract_params), step
+      except Exception as e:  # pylint: disable=broad-except  # orbax/tensorstore raise many types
+        reason = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+        failures.append(f"step {step}: {reason}")
+        warnings.warn(f"checkpoint step {step} in {path} is unreadable ({reason}); "
+                      "falling back to the previous checkpoint", stacklevel=2)
+  if failures:
+    raise CheckpointError(f"no readable checkpoint in {path}: " + "; ".join(failures))
+  raise CheckpointError(f"{directory} has no checkpoint yet: train first")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import re
 import sys
 from typing import Sequence
@@ -44,6 +45,10 @@ def resolve_config(args: argparse.Namespace) -> Config:
     overrides.append(f"train.precision={args.precision}")
   if args.steps:
     overrides.append(f"train.steps={args.steps}")
+  if args.task:
+    overrides.append(f"train.task={args.task}")
+  if args.init_from:
+    overrides.append(f"train.init_from={os.path.abspath(args.init_from)}")
   config = apply_overrides(config, overrides)
   if paths:
     config = dataclasses.replace(config, data=dataclasses.replace(config.data, paths=tuple(paths)))
@@ -105,6 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
                  help="text files or directories (.txt/.jsonl); default: the embedded corpus")
   p.add_argument("--mesh", help="device mesh, e.g. data=2,fsdp=2,tensor=2")
   p.add_argument("--steps", type=int, help="shorthand for train.steps=N")
+  p.add_argument("--task", choices=("lm", "mlm", "classify"),
+                 help="training objective (default: lm for decoders, mlm for encoders); "
+                      "classify reads labelled .tsv/.csv/.jsonl (data.text_field, "
+                      "data.label_field, data.val_paths)")
+  p.add_argument("--init-from", metavar="RUN",
+                 help="fine-tune: start from RUN's latest parameters (backbone) and tokenizer")
   p.add_argument("overrides", nargs="*", metavar="section.field=value",
                  help="config overrides, e.g. model.n_layers=6 optim.lr=3e-4")
   p.set_defaults(fn=cmd_train)

@@ -178,6 +178,8 @@ class DataConfig:
   """Where text comes from and how it becomes token rows."""
 
   paths: tuple[str, ...] = ()  # files or directories of .txt/.jsonl; () = the embedded corpus
+  # Labelled data only: validation files (e.g. SST-2 dev.tsv); () = hold out val_fraction.
+  val_paths: tuple[str, ...] = ()
   tokenizer: str = "byte"  # "byte" (256 + specials) or "bpe" (trained with `tokenizers`)
   bpe_vocab_size: int = 1024
   seq_len: int = 128  # tokens per packed row
@@ -198,10 +200,9 @@ class DataConfig:
     _check_choice(s, "bad_rows", self.bad_rows, ("error", "skip"))
     if not 0.0 <= self.val_fraction < 1.0:
       raise ValueError(f"data.val_fraction={self.val_fraction!r} must be in [0, 1)")
-    if isinstance(self.paths, str):
-      object.__setattr__(self, "paths", (self.paths,))
-    else:
-      object.__setattr__(self, "paths", tuple(self.paths))
+    for name in ("paths", "val_paths"):
+      value = getattr(self, name)
+      object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(value))
 
 
 MESH_AXES = ("data", "fsdp", "tensor")

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from llm_mp.config import ModelConfig
-from llm_mp.models import TransformerLM
+from llm_mp.models import TransformerLM, build_model
 from llm_mp.precision import Precision
 
 if TYPE_CHECKING:
@@ -137,7 +137,7 @@ def generate(model_config: ModelConfig, precision: Precision, params: Any, promp
 def _generate(params, prompt, rng, *, config, precision, max_new_tokens, temperature, top_k,
               top_p, eos_id):
   """:func:`generate` after validation; traced once per shapes and settings."""
-  model = TransformerLM(config, precision, decode=True)
+  model = build_model(config, precision, decode=True)
   b, p = prompt.shape
   sample = functools.partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p)
 

@@ -13,28 +13,35 @@ from typing import Any, Sequence
 
 import jax
 
-from llm_mp import checkpoint, data, sharding
+from llm_mp import data, sharding
+from llm_mp.builder import Recipe, build_recipe, restore_run_params
 from llm_mp.config import Config
-from llm_mp.models import TransformerLM
-from llm_mp.optim import make_optimizer
-from llm_mp.precision import Precision, make_precision
+from llm_mp.precision import Precision
 from llm_mp.step import make_eval_step
 from llm_mp.train import evaluate, stored_config
 
 
 @dataclasses.dataclass
 class LoadedRun:
-  """A trained run: its config, policy, model, restored params and tokenizer."""
+  """A trained run: its config, recipe (policy, task, model), restored params
+  and tokenizer."""
 
   config: Config
-  precision: Precision
-  model: TransformerLM
+  recipe: Recipe
   params: Any
   tokenizer: data.Tokenizer
   mesh: Any
   rules: Any
   shardings: Any
   step: int
+
+  @property
+  def precision(self) -> Precision:
+    return self.recipe.precision
+
+  @property
+  def model(self):
+    return self.recipe.model
 
 
 def load_run(workdir: str) -> LoadedRun:
@@ -48,18 +55,11 @@ def load_run(workdir: str) -> LoadedRun:
     raise ValueError(f"{workdir} has no config.json: not a run directory (train first)")
   tokenizer = data.load_tokenizer(workdir)
   mesh = sharding.make_mesh(config.mesh)
-  precision = make_precision(config.train.precision, loss_scale=config.train.loss_scale)
-  model = TransformerLM(config.model, precision)
-  tx, _ = make_optimizer(config.optim, config.train.steps)
-  abstract = sharding.abstract_train_state(model, tx, precision, config, mesh,
-                                           jax.random.key(config.train.seed))
-  restored = checkpoint.restore_latest(os.path.join(workdir, "checkpoints"), abstract)
-  if restored is None:
-    raise ValueError(f"{workdir} has no checkpoint yet: train first")
-  state, _, step = restored
-  shardings = jax.tree.map(lambda x: x.sharding, abstract)
-  return LoadedRun(config, precision, model, state.params, tokenizer, mesh,
-                   sharding.logical_rules(config.mesh), shardings, step)
+  recipe = build_recipe(config, tokenizer)
+  params, step = restore_run_params(workdir, config, mesh, tokenizer)
+  shardings = jax.tree.map(lambda x: x.sharding, params)
+  return LoadedRun(config, recipe, params, tokenizer, mesh, sharding.logical_rules(config.mesh),
+                   shardings, step)
 
 
 def evaluate_run(workdir: str, paths: Sequence[str] | None = None) -> dict[str, Any]:
@@ -71,20 +71,30 @@ def evaluate_run(workdir: str, paths: Sequence[str] | None = None) -> dict[str, 
       (then every document of them counts, tokenised with the run's tokenizer).
 
   Returns:
-    ``{"step", "val_loss", "val_ppl", "val_tokens"}``.
+    ``{"step", "val_loss", "val_ppl", "val_tokens"}``; for a classification
+    run ``{"step", "val_loss", "val_accuracy", "val_examples"}`` on its
+    validation files (or ``paths``).
   """
   run = load_run(workdir)
   cfg = run.config.data
+  task = run.recipe.task
+  eval_fn = jax.jit(sharding.with_rules(make_eval_step(run.model, task), run.mesh, run.rules))
+  batch = run.config.train.batch_size
+  if task.name == "classify":  # labelled files: ``paths`` replace the validation files
+    if paths:
+      cfg = dataclasses.replace(cfg, val_paths=tuple(paths))
+    prepared = data.prepare_labelled(cfg, workdir, tokenizer=run.tokenizer)
+    batches = data.make_labelled_eval_iterator(prepared.val, batch)
+    return {"step": run.step,
+            **evaluate(eval_fn, {"params": run.params}, batches, run.mesh, run.rules, task)}
   if paths:
     cfg = dataclasses.replace(cfg, paths=tuple(paths))
   prepared = data.prepare_data(cfg, workdir, tokenizer=run.tokenizer)
   splits = [prepared.train, prepared.val] if paths else [prepared.val]
-  eval_fn = sharding.jit_eval_step(make_eval_step(run.model), run.shardings, run.mesh, run.rules)
-  batch = run.config.train.batch_size
   totals = {"loss_sum": 0.0, "tokens": 0.0}
   for split in splits:
     batches = data.make_eval_iterator(dataclasses.replace(prepared, val=split), batch)
-    r = evaluate(eval_fn, run.params, batches, run.mesh, run.rules)
+    r = evaluate(eval_fn, {"params": run.params}, batches, run.mesh, run.rules, task)
     totals["loss_sum"] += r["val_loss"] * r["val_tokens"]
     totals["tokens"] += r["val_tokens"]
   loss = totals["loss_sum"] / max(totals["tokens"], 1.0)

@@ -10,7 +10,10 @@ The chain, in order:
    ``adamw`` (``-lr * wd * p``, Loshchilov & Hutter); for the other optimizers
    an L2 term ``wd * p`` added to the gradient before them, as the
    ``weight_decay`` of ``torch.optim``'s Adam/SGD/RMSprop/Adagrad does;
-4. the optimizer, with the learning rate from :func:`make_schedule`.
+4. the optimizer, with the learning rate from :func:`make_schedule`;
+   for fine-tuning, parameters matching ``train.freeze`` get zero updates and
+   the backbone's updates are scaled by ``train.backbone_lr_scale``
+   (``optax.multi_transform`` over :func:`param_groups`).
 
 Gradient accumulation is done by the train step (a scan over micro-batches),
 so one ``update`` is one optimizer step. optax counts only the updates the
@@ -19,7 +22,8 @@ train step keeps, so the lr of a step is ``schedule(step - skipped_steps)``.
 
 from __future__ import annotations
 
-from typing import Any
+import fnmatch
+from typing import Any, Sequence
 
 import jax
 import optax
@@ -100,24 +104,63 @@ def _optimizer(cfg: OptimConfig, schedule: optax.Schedule) -> optax.GradientTran
   return optax.adagrad(schedule, eps=cfg.eps)
 
 
-def make_optimizer(cfg: OptimConfig, total_steps: int
+def param_path(path: tuple) -> str:
+  """A ``tree_flatten_with_path`` key path as ``"decoder/blocks_0/attn/query/kernel"``."""
+  return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+
+
+def param_groups(params: Any, freeze: Sequence[str], head_names: Sequence[str],
+                 split_backbone: bool) -> Any:
+  """Labels each parameter "frozen" (its path matches a ``freeze`` fnmatch
+  pattern), "backbone" (not under a top-level ``head_names`` module, when
+  ``split_backbone``) or "head"."""
+
+  def label(path, _):
+    name = param_path(path)
+    if any(fnmatch.fnmatchcase(name, pat) for pat in freeze):
+      return "frozen"
+    if split_backbone and name.split("/", 1)[0] not in head_names:
+      return "backbone"
+    return "head"
+
+  return jax.tree_util.tree_map_with_path(label, params)
+
+
+def make_optimizer(cfg: OptimConfig, total_steps: int, *, freeze: Sequence[str] = (),
+                   backbone_lr_scale: float = 1.0, head_names: Sequence[str] = ()
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """The optax chain described in the module docstring, and its schedule.
 
   Args:
     cfg: the optimizer section of the config.
     total_steps: optimizer updates in the run (where the decay ends).
+    freeze: fnmatch patterns on '/'-joined parameter paths: those parameters
+      get zero updates (and no optimizer state).
+    backbone_lr_scale: learning-rate multiplier of every parameter not under
+      a top-level module named in ``head_names`` (fine-tuning).
+    head_names: the task-head modules (``llm_mp.models.HEAD_PARAMS``).
 
   Returns:
     ``(tx, schedule)``. ``tx.update(grads, opt_state, params)`` needs
     ``params``; ``schedule(count)`` is the lr of the ``count``-th applied update.
+    Clipping uses the global norm of all (also frozen) gradients.
   """
   schedule = make_schedule(cfg, total_steps)
   links = []
   if cfg.clip_norm is not None:
     links.append(optax.clip_by_global_norm(cfg.clip_norm))
   links.append(cast_to_params())
+  update = [_optimizer(cfg, schedule)]
   if cfg.name != "adamw" and cfg.weight_decay > 0:
-    links.append(optax.add_decayed_weights(cfg.weight_decay, lambda p: decay_mask(p, cfg)))
-  links.append(_optimizer(cfg, schedule))
+    update.insert(0, optax.add_decayed_weights(cfg.weight_decay, lambda p: decay_mask(p, cfg)))
+  if freeze or backbone_lr_scale != 1.0:
+    # Only then: a plain chain keeps the optimizer state of existing runs unchanged.
+    head = optax.chain(*update)
+    groups = {"head": head, "frozen": optax.set_to_zero(),
+              "backbone": optax.chain(head, optax.scale(backbone_lr_scale))}
+    links.append(optax.multi_transform(
+        groups, lambda p: param_groups(p, tuple(freeze), tuple(head_names),
+                                       backbone_lr_scale != 1.0)))
+  else:
+    links.extend(update)
   return optax.chain(*links), schedule

@@ -28,9 +28,11 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from llm_mp.config import MESH_AXES, Config, MeshConfig
 from llm_mp.precision import Precision
-from llm_mp.state import TrainState, init_params_fn, make_init_fn
+from llm_mp.state import TrainState, init_variables_fn, make_init_fn
+from llm_mp.tasks import LM_BATCH_AXES
 
 Rules = tuple[tuple[str, Any], ...]
+BatchAxes = Mapping[str, tuple]  # batch key -> logical axes (a Task's batch_axes)
 
 # flax semantics: for each array, rules are tried in order and a mesh axis is
 # used at most once, so order matters. "batch" comes first: an activation
@@ -100,7 +102,7 @@ def check_divisible(boxed_params: Any, mesh: Mesh, rules: Rules) -> None:
 
   Args:
     boxed_params: params (or their ``jax.eval_shape``) with
-      ``nn.LogicallyPartitioned`` boxes, as from ``state.init_params_fn``.
+      ``nn.LogicallyPartitioned`` boxes, as from ``state.init_variables_fn``.
     mesh, rules: where the names are mapped.
 
   The message names every offending config field, e.g. "mesh tensor=4 does
@@ -111,6 +113,8 @@ def check_divisible(boxed_params: Any, mesh: Mesh, rules: Rules) -> None:
   bad = {}
   boxes = jax.tree.leaves(boxed_params, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
   for box in boxes:
+    if not isinstance(box, nn.LogicallyPartitioned):
+      continue  # a leaf without logical names (replicated)
     names = box.get_partition_spec()
     for name, axes, dim in zip(names, nn.logical_to_mesh_axes(names, rules), box.value.shape):
       mesh_axes = _axis_names(axes)
@@ -131,17 +135,19 @@ def abstract_train_state(model: nn.Module, tx: optax.GradientTransformation,
   No FLOPs and no device memory: the target for :func:`create_sharded_state`
   and for ``checkpoint.restore_latest``. Parameters follow the rules (validated
   with :func:`check_divisible`); optimizer-state leaves that mirror a parameter
-  (moments, traces) take that parameter's sharding; everything else (counts,
-  step, loss scale, rng) is replicated.
+  (moments, traces) take that parameter's sharding; the model's non-parameter
+  collections follow their logical names where they have them; everything
+  else (counts, step, loss scale, rng) is replicated.
   """
   rules = logical_rules(config.mesh)
-  boxed = jax.eval_shape(init_params_fn(model, config.data.seq_len), rng)
+  boxed = jax.eval_shape(init_variables_fn(model, config), rng)
   check_divisible(boxed, mesh, rules)
-  param_shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)
+  variable_shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)
+  param_shardings = variable_shardings.pop("params")
   shapes = jax.eval_shape(make_init_fn(model, tx, precision, config), rng)
   replicated = NamedSharding(mesh, PartitionSpec())
   shardings = jax.tree.map(lambda _: replicated, shapes).replace(
-      params=param_shardings,
+      params=param_shardings, model_state=variable_shardings,
       opt_state=optax.tree_map_params(tx, lambda _, s: s, shapes.opt_state, param_shardings,
                                       transform_non_params=lambda _: replicated))
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
@@ -189,57 +195,104 @@ def create_sharded_state(model: nn.Module, tx: optax.GradientTransformation,
   return jax.jit(init, out_shardings=shardings)(rng), shardings
 
 
-def batch_sharding(mesh: Mesh, rules: Rules = DEFAULT_RULES) -> NamedSharding:
-  """Sharding of a ``[B, T]`` batch array: rows over the "batch" rule's axes."""
-  return NamedSharding(mesh, nn.logical_to_mesh_axes(("batch", "length"), rules))
+def batch_sharding(mesh: Mesh, rules: Rules = DEFAULT_RULES,
+                   axes: tuple = ("batch", "length")) -> NamedSharding:
+  """Sharding of one batch array with logical ``axes`` (default ``[B, T]``:
+  rows over the "batch" rule's mesh axes)."""
+  return NamedSharding(mesh, nn.logical_to_mesh_axes(axes, rules))
+
+
+def batch_shardings(keys: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES,
+                    batch_axes: BatchAxes = LM_BATCH_AXES) -> dict[str, NamedSharding]:
+  """``{key: NamedSharding}`` for the batch ``keys``, from the task's ``batch_axes``.
+
+  Raises:
+    ValueError: a key has no declared axes (the message lists the declared ones).
+  """
+  unknown = sorted(set(keys) - set(batch_axes))
+  if unknown:
+    raise ValueError(f"batch key(s) {unknown} have no declared sharding; the task "
+                     f"declares {sorted(batch_axes)}")
+  return {k: batch_sharding(mesh, rules, tuple(batch_axes[k])) for k in keys}
+
+
+class _JitPerBatchKeys:
+  """A step jitted once per set of batch keys, each key with its declared sharding."""
+
+  def __init__(self, fn: Callable, mesh: Mesh, rules: Rules, batch_axes: BatchAxes,
+               first_sharding: Any, **jit_kwargs):
+    self._fn, self._mesh, self._rules, self._axes = fn, mesh, rules, batch_axes
+    self._first, self._kwargs = first_sharding, jit_kwargs
+    self.jitted: dict[frozenset, Callable] = {}
+
+  def _get(self, batch: Mapping[str, Any]) -> Callable:
+    keys = frozenset(batch)
+    if keys not in self.jitted:
+      in_shardings = (self._first, batch_shardings(keys, self._mesh, self._rules, self._axes))
+      self.jitted[keys] = jax.jit(with_rules(self._fn, self._mesh, self._rules),
+                                  in_shardings=in_shardings, **self._kwargs)
+    return self.jitted[keys]
+
+  def __call__(self, first: Any, batch: Mapping[str, Any]):
+    return self._get(batch)(first, batch)
+
+  def lower(self, first: Any, batch: Mapping[str, Any]):
+    """``jax.jit(...).lower`` for these arguments (shapes suffice)."""
+    return self._get(batch).lower(first, batch)
 
 
 def jit_train_step(train_step: Callable, state_shardings: TrainState, mesh: Mesh,
-                   rules: Rules = DEFAULT_RULES) -> Callable:
+                   rules: Rules = DEFAULT_RULES, batch_axes: BatchAxes = LM_BATCH_AXES
+                   ) -> Callable:
   """``train_step(state, batch) -> (state, metrics)`` jitted with explicit shardings.
 
   The state keeps ``state_shardings`` in and out and is donated (its buffers
-  are reused for the new state; do not touch the old one after the call); the
-  batch is split over the batch axes; metrics come back replicated. Pass the
-  same ``rules`` as the state was built with (``logical_rules(config.mesh)``).
+  are reused for the new state; do not touch the old one after the call);
+  each batch array is split as ``batch_axes`` (the task's) declares; metrics
+  come back replicated. Pass the same ``rules`` as the state was built with
+  (``logical_rules(config.mesh)``). The step is compiled once per set of
+  batch keys (a training run has one); ``.lower(state, batch)`` lowers it.
   """
   replicated = NamedSharding(mesh, PartitionSpec())
-  return jax.jit(with_rules(train_step, mesh, rules),
-                 in_shardings=(state_shardings, batch_sharding(mesh, rules)),
-                 out_shardings=(state_shardings, replicated), donate_argnums=0)
+  return _JitPerBatchKeys(train_step, mesh, rules, batch_axes, state_shardings,
+                          out_shardings=(state_shardings, replicated), donate_argnums=0)
 
 
 def jit_eval_step(eval_step: Callable, state_shardings: TrainState, mesh: Mesh,
-                  rules: Rules = DEFAULT_RULES) -> Callable:
-  """``eval_step(params, batch) -> metrics`` jitted like :func:`jit_train_step`,
-  without donation (the params are used again)."""
-  return jax.jit(with_rules(eval_step, mesh, rules),
-                 in_shardings=(state_shardings.params, batch_sharding(mesh, rules)),
-                 out_shardings=NamedSharding(mesh, PartitionSpec()))
+                  rules: Rules = DEFAULT_RULES, batch_axes: BatchAxes = LM_BATCH_AXES
+                  ) -> Callable:
+  """``eval_step(variables, batch) -> sums`` jitted like :func:`jit_train_step`,
+  without donation; ``variables`` is ``state.variables``."""
+  return _JitPerBatchKeys(eval_step, mesh, rules, batch_axes, state_shardings.variables,
+                          out_shardings=NamedSharding(mesh, PartitionSpec()))
 
 
-def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh,
-                rules: Rules = DEFAULT_RULES) -> dict[str, jax.Array]:
+def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh, rules: Rules = DEFAULT_RULES,
+                batch_axes: BatchAxes = LM_BATCH_AXES) -> dict[str, jax.Array]:
   """This process's rows -> global arrays split over the batch axes.
 
   Args:
-    batch: ``[B_local, T]`` NumPy arrays, this process's own rows; they stay
-      on its devices (no copy between hosts). With several processes each
-      must own whole batch shards (``data * fsdp`` a multiple of the process count).
+    batch: NumPy arrays with this process's own rows on their leading axis
+      (``[B_local, ...]``); they stay on its devices (no copy between hosts).
+      With several processes each must own whole batch shards (``data *
+      fsdp`` a multiple of the process count).
     mesh, rules: as for :func:`jit_train_step`.
+    batch_axes: the task's logical axes of each key.
 
   Returns:
-    ``[B_local * process_count, T]`` global ``jax.Array``s: every process's
+    ``[B_local * process_count, ...]`` global ``jax.Array``s: every process's
     rows, in the mesh's process order (the loss, a mean over rows, does not
     depend on that order).
 
   Raises:
-    ValueError: the global batch does not split evenly over the batch axes.
+    ValueError: the global batch does not split evenly over the batch axes,
+      or a key has no declared axes.
   """
-  sharding = batch_sharding(mesh, rules)
-  rows = math.prod(mesh.shape[a] for a in _axis_names(sharding.spec[0]))
+  shardings = batch_shardings(batch.keys(), mesh, rules, batch_axes)
   out = {}
   for key, local in batch.items():
+    sharding = shardings[key]
+    rows = math.prod(mesh.shape[a] for a in _axis_names(sharding.spec[0]))
     global_rows = local.shape[0] * jax.process_count()
     if global_rows % rows:
       raise ValueError(f"a batch of {global_rows} rows does not split over the mesh's "

@@ -16,7 +16,9 @@ from flax import struct
 
 from llm_mp.config import Config
 from llm_mp.loss_scale import LossScale, make_loss_scale
+from llm_mp.models import FAMILIES
 from llm_mp.precision import Precision
+from llm_mp.tasks import TRANSIENT_COLLECTIONS
 
 
 @struct.dataclass
@@ -30,6 +32,9 @@ class TrainState:
     loss_scale: a loss-scale pytree (``llm_mp.loss_scale``).
     rng: PRNG key; step ``s`` uses ``fold_in(rng, s)`` for dropout.
     skipped_steps: int32 ``[]``, steps whose gradients were non-finite.
+    model_state: the model's non-parameter collections that steps update
+      (e.g. fp8 scales and amax histories), ``{collection: tree}``; ``{}``
+      for models without any.
   """
 
   step: jax.Array
@@ -38,12 +43,35 @@ class TrainState:
   loss_scale: LossScale
   rng: jax.Array
   skipped_steps: jax.Array
+  model_state: Any = struct.field(default_factory=dict)
+
+  @property
+  def variables(self) -> dict[str, Any]:
+    """``{"params": params, **model_state}``: what ``model.apply`` takes."""
+    return {"params": self.params, **self.model_state}
 
 
-def init_params_fn(model: nn.Module, seq_len: int) -> Callable[[jax.Array], Any]:
+def init_variables_fn(model: nn.Module, config: Config) -> Callable[[jax.Array], dict]:
+  """``rng -> {"params": ..., **state collections}``, leaves in ``nn.LogicallyPartitioned``
+  boxes where the model named their axes.
+
+  The model is initialised on its family's example inputs of
+  ``data.seq_len`` tokens; what a forward pass only records (the
+  ``TRANSIENT_COLLECTIONS``: sown losses and metrics, caches) is dropped.
+  """
+  args = FAMILIES[config.model.family].example_inputs(config.data.seq_len)
+
+  def init(rng: jax.Array) -> dict:
+    variables = model.init({"params": rng}, *args)
+    return {k: v for k, v in variables.items() if k not in TRANSIENT_COLLECTIONS}
+
+  return init
+
+
+def init_params_fn(model: nn.Module, config: Config) -> Callable[[jax.Array], Any]:
   """``rng -> params`` with ``nn.LogicallyPartitioned`` boxes (logical axis names)."""
-  tokens = jnp.zeros((1, seq_len), jnp.int32)
-  return lambda rng: model.init({"params": rng}, tokens)["params"]
+  init = init_variables_fn(model, config)
+  return lambda rng: init(rng)["params"]
 
 
 def make_init_fn(model: nn.Module, tx: optax.GradientTransformation, precision: Precision,
@@ -52,11 +80,12 @@ def make_init_fn(model: nn.Module, tx: optax.GradientTransformation, precision: 
 
   Call ``jax.eval_shape`` on it to get the state's shapes without FLOPs.
   """
-  init_params = init_params_fn(model, config.data.seq_len)
+  init_variables = init_variables_fn(model, config)
 
   def init(rng: jax.Array) -> TrainState:
     param_rng, state_rng = jax.random.split(rng)
-    params = nn.unbox(init_params(param_rng))
+    variables = dict(nn.unbox(init_variables(param_rng)))
+    params = variables.pop("params")
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
@@ -65,6 +94,7 @@ def make_init_fn(model: nn.Module, tx: optax.GradientTransformation, precision: 
                                    config.train.loss_scale_period),
         rng=state_rng,
         skipped_steps=jnp.zeros((), jnp.int32),
+        model_state=variables,
     )
 
   return init

@@ -1,10 +1,11 @@
-"""Loss, ``train_step`` and ``eval_step``: pure functions, jitted by the caller.
+"""``train_step`` and ``eval_step`` for any task: pure functions, jitted by the caller.
 
-The train step follows jmp's recipe: scale the loss, take gradients (summed
-over micro-batches), unscale, check finiteness, clip (first link of the optax
-chain), update; when any gradient is non-finite the parameters and optimizer
-state are kept bit for bit, the dynamic scale shrinks and ``skipped_steps``
-counts it.
+The loss is the task's (:mod:`llm_mp.tasks`: LM, masked LM, classification,
+...), so one step serves every model family. The train step follows jmp's
+recipe: scale the loss, take gradients (combined over micro-batches), unscale,
+check finiteness, clip (first link of the optax chain), update; when any
+gradient is non-finite the parameters, optimizer state and model state are
+kept bit for bit, the dynamic scale shrinks and ``skipped_steps`` counts it.
 """
 
 from __future__ import annotations
@@ -19,44 +20,9 @@ import optax
 from llm_mp.config import Config
 from llm_mp.loss_scale import all_finite, select_tree
 from llm_mp.state import TrainState
+from llm_mp.tasks import Batch, Task, cross_entropy, loss_mask, make_task
 
-Batch = dict[str, jax.Array]
-
-
-def cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array):
-  """Token cross-entropy, always in fp32.
-
-  Args:
-    logits: ``[B, T, V]`` any float dtype (cast to fp32 here: the loss is kept
-      in fp32 under every policy).
-    targets: int ``[B, T]``; negative entries are ignored.
-    mask: ``[B, T]`` bool or 0/1, extra loss mask (e.g. padding).
-
-  Returns:
-    ``(nll_sum, z_sum, count)`` fp32 scalars: summed ``-log p(target)``, summed
-    ``log(Z)^2`` (for z-loss) and the number of counted tokens.
-  """
-  logits = logits.astype(jnp.float32)
-  weights = (mask.astype(bool) & (targets >= 0)).astype(jnp.float32)
-  log_z = jax.nn.logsumexp(logits, axis=-1)  # (B, T)
-  target_logit = jnp.take_along_axis(logits, jnp.maximum(targets, 0)[..., None], axis=-1)[..., 0]
-  nll = (log_z - target_logit) * weights
-  return nll.sum(), (jnp.square(log_z) * weights).sum(), weights.sum()
-
-
-def loss_mask(batch: Batch) -> jax.Array:
-  """Tokens that count: targets >= 0 and not padding (segment id 0)."""
-  mask = batch["targets"] >= 0
-  if "segment_ids" in batch:
-    mask &= batch["segment_ids"] > 0
-  return mask
-
-
-def _forward(model: nn.Module, params: Any, batch: Batch, rng: jax.Array | None) -> jax.Array:
-  deterministic = rng is None
-  return model.apply({"params": params}, batch["inputs"], segment_ids=batch.get("segment_ids"),
-                     positions=batch.get("positions"), deterministic=deterministic,
-                     rngs=None if deterministic else {"dropout": rng})
+__all__ = ["cross_entropy", "loss_mask", "make_eval_step", "make_train_step"]
 
 
 def _split_micro(batch: Batch, k: int) -> Batch:
@@ -70,45 +36,65 @@ def _zero_fraction(tree: Any) -> jax.Array:
   return zeros / sum(x.size for x in leaves)
 
 
+def _weighted(aux: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  """Metrics times the micro-batch's weight, so sums over micro-batches / the
+  total weight are exact batch means."""
+  w = aux["weight"]
+  return {k: v * w for k, v in aux.items() if k not in ("weight", "model_state")}
+
+
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule, config: Config
+                    schedule: optax.Schedule, config: Config, task: Task | None = None
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
   """Builds ``train_step(state, batch) -> (state, metrics)``.
 
-  ``batch``: int32 ``inputs, targets, segment_ids, positions`` of ``[B, T]``
-  (``segment_ids``/``positions`` optional). ``metrics``: fp32/int scalars
-  ``loss, grad_norm, lr, loss_scale, grads_finite, grad_zero_fraction,
-  skipped_steps, tokens``.
-  Jit it once with ``donate_argnums=0``.
+  Args:
+    model, tx, schedule: the model, the optax chain and its schedule.
+    config: the run's config (micro-batches, dropout).
+    task: the loss; default ``make_task(config)`` (the LM task for decoders).
+
+  ``batch``: the task's arrays (``task.batch_axes``), leading axis ``B``.
+  ``metrics``: fp32/int scalars ``loss`` (the task loss, without auxiliary
+  terms), ``grad_norm, lr, loss_scale, grads_finite, grad_zero_fraction,
+  skipped_steps``, the count of ``task.unit`` (``tokens`` or ``examples``),
+  task metrics (``accuracy``) and what modules recorded (``moe_*``).
+  With ``optim.grad_accum_steps = k`` the batch is split into k micro-batches
+  whose gradients and metrics are combined weighted by their counts, which is
+  exactly the full batch's mean. Jit it once with ``donate_argnums=0``.
   """
+  task = task or make_task(config)
   k = config.optim.grad_accum_steps
-  z_weight = config.train.z_loss
-  use_dropout = config.model.dropout > 0
 
   def train_step(state: TrainState, batch: Batch):
-    rng = jax.random.fold_in(state.rng, state.step) if use_dropout else None
-    n_tokens = jnp.maximum(loss_mask(batch).sum(), 1).astype(jnp.float32)
+    rng = jax.random.fold_in(state.rng, state.step)
 
-    def scaled_loss(params, micro, micro_rng):
-      logits = _forward(model, params, micro, micro_rng)
-      nll, z, _ = cross_entropy(logits, micro["targets"], loss_mask(micro))
-      # Dividing by the whole batch's token count makes micro-batch gradients sum
-      # to exactly the gradient of the full-batch mean.
-      loss = (nll + z_weight * z) / n_tokens
-      return state.loss_scale.scale(loss), nll
+    def scaled_loss(params, model_state, micro, micro_rng):
+      loss, aux = task.loss_fn(model, {"params": params, **model_state}, micro, micro_rng)
+      return state.loss_scale.scale(loss), aux
 
     grad_fn = jax.grad(scaled_loss, has_aux=True)
     if k == 1:
-      grads, nll = grad_fn(state.params, batch, rng)
+      grads, aux = grad_fn(state.params, state.model_state, batch, rng)
+      weight, sums, model_state = aux["weight"], _weighted(aux), aux["model_state"]
     else:
       def accumulate(carry, xs):
+        g_sum, w_sum, m_sum, model_state = carry
         micro, i = xs
-        micro_rng = None if rng is None else jax.random.fold_in(rng, i)
-        g, nll = grad_fn(state.params, micro, micro_rng)
-        return jax.tree.map(jnp.add, carry, (g, nll)), None
+        g, aux = grad_fn(state.params, model_state, micro, jax.random.fold_in(rng, i))
+        w = aux["weight"]
+        g_sum = jax.tree.map(lambda a, b: a + b * w.astype(b.dtype), g_sum, g)
+        m_sum = jax.tree.map(jnp.add, m_sum, _weighted(aux))
+        return (g_sum, w_sum + w, m_sum, aux["model_state"]), None
 
-      zeros = (jax.tree.map(jnp.zeros_like, state.params), jnp.zeros((), jnp.float32))
-      (grads, nll), _ = jax.lax.scan(accumulate, zeros, (_split_micro(batch, k), jnp.arange(k)))
+      micro = _split_micro(batch, k)
+      first = jax.tree.map(lambda x: x[0], micro)
+      m_shapes = jax.eval_shape(
+          lambda: _weighted(grad_fn(state.params, state.model_state, first, rng)[1]))
+      zeros = (jax.tree.map(jnp.zeros_like, state.params), jnp.zeros((), jnp.float32),
+               jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), m_shapes), state.model_state)
+      (grads, weight, sums, model_state), _ = jax.lax.scan(accumulate, zeros,
+                                                           (micro, jnp.arange(k)))
+      grads = jax.tree.map(lambda g: g / jnp.maximum(weight, 1.0).astype(g.dtype), grads)
 
     grads = state.loss_scale.unscale(grads)
     finite = all_finite(grads)
@@ -121,9 +107,11 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
         opt_state=select_tree(finite, new_opt_state, state.opt_state),
         loss_scale=state.loss_scale.adjust(finite),
         skipped_steps=skipped,
+        model_state=select_tree(finite, model_state, state.model_state),
     )
-    metrics = {
-        "loss": nll / n_tokens,
+    n = jnp.maximum(weight, 1.0)
+    metrics = {name: v / n for name, v in sums.items()}
+    metrics.update({
         "grad_norm": optax.tree.norm(grads),
         # optax counts applied updates only, so the lr follows step - skipped.
         "lr": schedule(state.step - state.skipped_steps),
@@ -132,23 +120,37 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
         # Fraction of gradient entries exactly zero: fp16 underflow shows up here.
         "grad_zero_fraction": _zero_fraction(grads),
         "skipped_steps": skipped,
-        "tokens": n_tokens,
-    }
+        task.unit: weight,
+    })
     return new_state, metrics
 
   return train_step
 
 
-def make_eval_step(model: nn.Module) -> Callable[[Any, Batch], dict[str, jax.Array]]:
-  """Builds ``eval_step(params, batch) -> {"loss_sum", "tokens"}`` (fp32 sums).
+def make_eval_step(model: nn.Module, task: Task | None = None, config: Config | None = None
+                   ) -> Callable[[Any, Batch], dict[str, jax.Array]]:
+  """Builds ``eval_step(variables, batch) -> sums`` (fp32 scalars).
 
-  Summing over batches and dividing once gives the exact corpus perplexity
-  ``exp(loss_sum / tokens)``.
+  Args:
+    model: the model.
+    task: the loss (default: the LM task).
+    config: used only to build the default task (its z-loss weight is not
+      part of the reported loss anyway).
+
+  ``variables`` is ``state.variables`` (or a bare params tree). The result has
+  ``loss_sum`` (the task loss summed over counted units), the count under
+  ``task.unit`` and ``<metric>_sum`` for each task metric (e.g.
+  ``accuracy_sum``): summing over batches and dividing once by the count gives
+  exact corpus means (``exp(loss_sum / tokens)`` is the perplexity).
   """
+  task = task or make_task(config or Config())
 
-  def eval_step(params: Any, batch: Batch) -> dict[str, jax.Array]:
-    logits = _forward(model, params, batch, None)
-    nll, _, count = cross_entropy(logits, batch["targets"], loss_mask(batch))
-    return {"loss_sum": nll, "tokens": count}
+  def eval_step(variables: Any, batch: Batch) -> dict[str, jax.Array]:
+    if "params" not in variables:
+      variables = {"params": variables}
+    _, aux = task.loss_fn(model, variables, batch, None)
+    sums = {k: v for k, v in _weighted(aux).items() if jnp.ndim(v) == 0}
+    out = {f"{k}_sum": v for k, v in sums.items() if k != "loss"}
+    return {"loss_sum": sums["loss"], task.unit: aux["weight"], **out}
 
   return eval_step

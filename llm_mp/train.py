@@ -25,11 +25,12 @@ from llm_mp import checkpoint, data, sharding
 from llm_mp.config import Config
 from llm_mp.metrics import (MetricsWriter, bar_postfix, flops_per_token,
                             params_without_positions, progress_bar, to_python)
-from llm_mp.models import TransformerLM
-from llm_mp.optim import make_optimizer
+from llm_mp.builder import (Recipe, build_recipe, check_init_from, load_backbone,
+                            restore_run_params)
 from llm_mp.precision import make_precision
 from llm_mp.state import param_count
 from llm_mp.step import make_eval_step, make_train_step
+from llm_mp.tasks import LM_BATCH_AXES, Task, task_name
 
 # Fields that may change between runs on the same workdir (the run stays the same run).
 RESUMABLE_FIELDS = {
@@ -92,51 +93,79 @@ class Run:
   """Everything built from a config that is not training state."""
 
   config: Config
+  recipe: Recipe
   mesh: Any
   rules: Any
-  model: TransformerLM
-  tx: Any
-  schedule: Any
   state: Any
   shardings: Any
   data_state: Any
   step: int
 
+  @property
+  def model(self):
+    return self.recipe.model
 
-def build(config: Config, ckpt, say=print) -> Run:
-  """Mesh, model, optimizer and state: restored from the checkpoint manager
-  ``ckpt`` if it has a checkpoint (onto this config's mesh, whatever mesh saved
-  it), else created directly sharded."""
+
+def build(config: Config, ckpt, say=print, tokenizer: Any = None) -> Run:
+  """Mesh, recipe (model, task, optimizer) and state: restored from the
+  checkpoint manager ``ckpt`` if it has a checkpoint (onto this config's
+  mesh, whatever mesh saved it), else created directly sharded, with the
+  backbone of ``train.init_from`` when set."""
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.logical_rules(config.mesh)
-  precision = make_precision(config.train.precision, loss_scale=config.train.loss_scale)
-  model = TransformerLM(config.model, precision)
-  tx, schedule = make_optimizer(config.optim, config.train.steps)
+  recipe = build_recipe(config, tokenizer)
   rng = jax.random.key(config.train.seed)
-  abstract = sharding.abstract_train_state(model, tx, precision, config, mesh, rng)
+  abstract = sharding.abstract_train_state(recipe.model, recipe.tx, recipe.precision, config,
+                                           mesh, rng)
   shardings = jax.tree.map(lambda x: x.sharding, abstract)
-  say(f"model: {param_count(abstract.params):,} parameters; {precision.describe()}")
+  say(f"model: {config.model.family}, task {recipe.task.name}, "
+      f"{param_count(abstract.params):,} parameters; {recipe.precision.describe()}")
   mem = sharding.state_memory_report(abstract)
   say(f"mesh: {dict(mesh.shape)}; per device: params {mem['params_bytes'] / 2**20:.1f} MiB, "
       f"optimizer state {mem['opt_state_bytes'] / 2**20:.1f} MiB")
   restored = checkpoint.restore_latest(ckpt, abstract)
   if restored is None:
-    state, _ = sharding.create_sharded_state(model, tx, precision, config, mesh, rng)
-    return Run(config, mesh, rules, model, tx, schedule, state, shardings, None, 0)
+    state, _ = sharding.create_sharded_state(recipe.model, recipe.tx, recipe.precision, config,
+                                             mesh, rng)
+    source = config.train.init_from
+    if source:
+      source_config = stored_config(source)
+      if source_config is None:
+        raise ValueError(f"train.init_from={source} has no config.json: not a run directory")
+      check_init_from(config, source_config, source)
+      params, step = restore_run_params(source, source_config, mesh, tokenizer)
+      state = state.replace(params=load_backbone(state.params, params, source))
+      say(f"backbone from {source} (step {step}); fresh heads")
+    return Run(config, recipe, mesh, rules, state, shardings, None, 0)
   state, data_state, step = restored
   say(f"resumed from step {step}")
-  return Run(config, mesh, rules, model, tx, schedule, state, shardings, data_state, step)
+  return Run(config, recipe, mesh, rules, state, shardings, data_state, step)
 
 
-def evaluate(eval_fn, params: Any, batches: Iterator[dict], mesh, rules) -> dict[str, float]:
-  """Exact token-weighted loss and perplexity of ``params`` over ``batches``."""
-  loss_sum, tokens = 0.0, 0.0
+def evaluate(eval_fn, variables: Any, batches: Iterator[dict], mesh, rules,
+             task: Task | None = None) -> dict[str, float]:
+  """Exact means of the task loss and metrics of ``variables`` over ``batches``.
+
+  Returns ``val_loss``, ``val_<unit>`` (tokens or examples counted),
+  ``val_ppl`` for token-level tasks and ``val_<metric>`` for task metrics
+  (``val_accuracy``).
+  """
+  axes = task.batch_axes if task else LM_BATCH_AXES
+  unit = task.unit if task else "tokens"
+  sums: dict[str, float] = {}
   for batch in batches:
-    out = eval_fn(params, sharding.shard_batch(batch, mesh, rules))
-    loss_sum += float(out["loss_sum"])
-    tokens += float(out["tokens"])
-  loss = loss_sum / max(tokens, 1.0)
-  return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_tokens": tokens}
+    out = eval_fn(variables, sharding.shard_batch(batch, mesh, rules, axes))
+    for k, v in out.items():
+      sums[k] = sums.get(k, 0.0) + float(v)
+  n = max(sums.get(unit, 0.0), 1.0)
+  loss = sums.get("loss_sum", 0.0) / n
+  result = {"val_loss": loss, f"val_{unit}": sums.get(unit, 0.0)}
+  if task is None or task.perplexity:
+    result["val_ppl"] = math.exp(min(loss, 50.0))
+  for k, v in sums.items():
+    if k.endswith("_sum") and k != "loss_sum":
+      result[f"val_{k[:-4]}"] = v / n
+  return result
 
 
 def validate(config: Config) -> None:
@@ -148,6 +177,32 @@ def validate(config: Config) -> None:
   if config.train.batch_size % rows:
     raise ValueError(f"train.batch_size={config.train.batch_size} does not split over the "
                      f"mesh's {rows} batch shards (data*fsdp)")
+
+
+def prepare_task_data(config: Config, workdir: str):
+  """The task's data: ``(prepared, make_train_iter, make_eval_iter)``.
+
+  Token-level tasks (lm, mlm) read the corpus as packed rows; ``classify``
+  reads labelled examples (``llm_mp.data.labelled``). A fine-tuning run
+  (``train.init_from``) uses its source run's tokenizer. The iterator
+  factories take no arguments: batch size, seed and eval length come from
+  ``config.train``.
+  """
+  t = config.train
+  tokenizer = data.load_tokenizer(t.init_from) if t.init_from else None
+  if task_name(config) == "classify":
+    prepared = data.prepare_labelled(config.data, workdir, tokenizer)
+    if len(prepared.label_names) > config.model.n_classes:
+      raise ValueError(f"model.n_classes={config.model.n_classes} is smaller than the "
+                       f"{len(prepared.label_names)} classes of the data "
+                       f"{list(prepared.label_names)}")
+    return (prepared,
+            lambda: data.make_labelled_train_iterator(prepared.train, t.batch_size, t.seed),
+            lambda: data.make_labelled_eval_iterator(prepared.val, t.batch_size,
+                                                     t.eval_batches))
+  prepared = data.prepare_data(config.data, workdir, tokenizer)
+  return (prepared, lambda: data.make_train_iterator(prepared, t.batch_size, t.seed),
+          lambda: data.make_eval_iterator(prepared, t.batch_size, t.eval_batches))
 
 
 @contextlib.contextmanager
@@ -186,22 +241,24 @@ def train(config: Config, workdir: str, verbose: bool = True,
   validate(config)
   is_main = jax.process_index() == 0
   say = print if verbose and is_main else (lambda *a, **k: None)
-  prepared = data.prepare_data(config.data, workdir)
+  prepared, make_train_iter, make_eval_iter = prepare_task_data(config, workdir)
   say(prepared)
   if config.model.vocab_size < prepared.tokenizer.vocab_size:
     raise ValueError(f"model.vocab_size={config.model.vocab_size} is smaller than the "
                      f"tokenizer's vocabulary ({prepared.tokenizer.vocab_size})")
   t = config.train
   ckpt = checkpoint.make_manager(os.path.join(workdir, "checkpoints"), t.keep_checkpoints)
-  run = build(config, ckpt, say)
+  run = build(config, ckpt, say, prepared.tokenizer)
   if is_main:
     write_config(workdir, config)
-  train_iter = data.make_train_iterator(prepared, t.batch_size, t.seed)
+  train_iter = make_train_iter()
   if run.data_state is not None:
     train_iter.set_state(run.data_state)
-  step_fn = sharding.jit_train_step(make_train_step(run.model, run.tx, run.schedule, config),
-                                    run.shardings, run.mesh, run.rules)
-  eval_fn = sharding.jit_eval_step(make_eval_step(run.model), run.shardings, run.mesh, run.rules)
+  r = run.recipe
+  step_fn = sharding.jit_train_step(make_train_step(r.model, r.tx, r.schedule, config, r.task),
+                                    run.shardings, run.mesh, run.rules, r.task.batch_axes)
+  eval_fn = sharding.jit_eval_step(make_eval_step(r.model, r.task), run.shardings, run.mesh,
+                                   run.rules, r.task.batch_axes)
   tokens_per_step = t.batch_size * config.data.seq_len
   flops = flops_per_token(config.model, config.data.seq_len,
                           params_without_positions(run.state.params))
@@ -215,7 +272,7 @@ def train(config: Config, workdir: str, verbose: bool = True,
   t0, step0 = time.perf_counter(), start
   with _stop_on_signal() as stop:
     for step in range(start + 1, min(t.steps, until or t.steps) + 1):
-      batch = sharding.shard_batch(next(train_iter), run.mesh, run.rules)
+      batch = sharding.shard_batch(next(train_iter), run.mesh, run.rules, r.task.batch_axes)
       state, metrics = step_fn(state, batch)
       bar.update(1)
       if step % t.log_every == 0 or step == t.steps:
@@ -225,8 +282,8 @@ def train(config: Config, workdir: str, verbose: bool = True,
         last["flops_per_s"] = last["tokens_per_s"] * flops
         t0, step0 = time.perf_counter(), step
         if step % t.eval_every == 0 or step == t.steps:
-          batches = data.make_eval_iterator(prepared, t.batch_size, t.eval_batches)
-          last.update(evaluate(eval_fn, state.params, batches, run.mesh, run.rules))
+          batches = make_eval_iter()
+          last.update(evaluate(eval_fn, state.variables, batches, run.mesh, run.rules, r.task))
         writer.write(step, last)
         bar.set_postfix_str(bar_postfix(last))
       if step % t.ckpt_every == 0 or step in (t.steps, until) or stop["stop"]:

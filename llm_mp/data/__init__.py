@@ -25,7 +25,8 @@ API:
   :func:`build_tokenizer`, :func:`load_tokenizer`.
 * :func:`read_labelled`, :func:`encode_labelled`, :class:`LabelledRows`,
   :func:`make_labelled_train_iterator`, :func:`make_labelled_eval_iterator`,
-  :func:`builtin_labelled`: labelled text for classification (:mod:`llm_mp.data.labelled`).
+  :func:`builtin_labelled`, :func:`prepare_labelled`: labelled text for classification
+  (:mod:`llm_mp.data.labelled`).
 * :func:`split_documents`, :func:`build_token_shards`, :class:`TokenSplit`,
   :class:`PackedRows`: the steps :func:`prepare_data` composes.
 
@@ -35,9 +36,9 @@ one-line message naming the file.
 
 from llm_mp.data.corpus import CorpusSummary, clean_documents, load_corpus, read_documents
 from llm_mp.data.files import DataError
-from llm_mp.data.labelled import (LabelledRows, builtin_labelled, encode_labelled,
-                                  make_labelled_eval_iterator, make_labelled_train_iterator,
-                                  read_labelled)
+from llm_mp.data.labelled import (LabelledRows, PreparedLabelled, builtin_labelled,
+                                  encode_labelled, make_labelled_eval_iterator,
+                                  make_labelled_train_iterator, prepare_labelled, read_labelled)
 from llm_mp.data.packing import PackedRows
 from llm_mp.data.pipeline import (PreparedData, make_eval_iterator, make_train_iterator,
                                   prepare_data)
@@ -48,9 +49,9 @@ from llm_mp.data.tokenizer import (BpeTokenizer, ByteTokenizer, Tokenizer, build
 
 __all__ = [
     "BpeTokenizer", "ByteTokenizer", "CorpusSummary", "DataError", "LabelledRows",
-    "PackedRows", "PreparedData", "TokenShards", "TokenSplit", "Tokenizer", "build_token_shards",
+    "PackedRows", "PreparedData", "PreparedLabelled", "TokenShards", "TokenSplit", "Tokenizer", "build_token_shards",
     "build_tokenizer", "builtin_labelled", "clean_documents", "default_corpus",
     "encode_labelled", "load_corpus", "load_tokenizer", "make_eval_iterator",
     "make_labelled_eval_iterator", "make_labelled_train_iterator", "make_train_iterator",
-    "prepare_data", "read_documents", "read_labelled", "split_documents",
+    "prepare_data", "prepare_labelled", "read_documents", "read_labelled", "split_documents",
 ]

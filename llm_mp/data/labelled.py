@@ -35,6 +35,7 @@ download, for tests and as the default when no labelled files are given.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import functools
 import hashlib
 import io
@@ -49,7 +50,8 @@ import numpy as np
 
 from llm_mp.data.corpus import _decode, clean_text
 from llm_mp.data.files import DataError
-from llm_mp.data.pipeline import _batches, _local_slice
+from llm_mp.config import DataConfig
+from llm_mp.data.pipeline import _batches, _local_slice, _run_tokenizer
 from llm_mp.data.tokenizer import Tokenizer
 
 SUFFIXES = (".tsv", ".csv", ".jsonl")
@@ -426,3 +428,81 @@ def _builtin_examples() -> dict[str, tuple[tuple[str, ...], tuple[int, ...]]]:
     examples.sort(key=lambda p: _digest(p[0]))
     out[split] = (tuple(t for t, _ in examples), tuple(y for _, y in examples))
   return out
+
+
+# ---------------------------------------------------------------- a run's labelled data
+
+
+@dataclasses.dataclass(frozen=True)
+class PreparedLabelled:
+  """A run's labelled training and validation rows.
+
+  Attributes:
+    tokenizer: the run's tokenizer (saved as ``<workdir>/tokenizer.json``).
+    train, val: the rows.
+    label_names: class names in class order (from the training files).
+    source: where the examples came from, for the log.
+    skipped: bad rows skipped (``data.bad_rows="skip"``).
+  """
+
+  tokenizer: Tokenizer
+  train: LabelledRows
+  val: LabelledRows
+  label_names: tuple[str, ...]
+  source: str
+  skipped: int
+
+  def __str__(self) -> str:
+    return (f"labelled data: {self.source}; train {len(self.train):,} / val {len(self.val):,} "
+            f"examples, classes {list(self.label_names)}, {self.skipped} bad row(s) skipped, "
+            f"truncated to {self.train.seq_len} tokens: {self.train.truncated + self.val.truncated}")
+
+
+def _holdout(n: int, fraction: float) -> np.ndarray:
+  """bool[n]: a deterministic ``fraction`` of examples (every k-th) held out."""
+  if fraction <= 0:
+    return np.zeros(n, bool)
+  step = max(int(round(1 / fraction)), 2)
+  return np.arange(n) % step == step - 1
+
+
+def prepare_labelled(cfg: DataConfig, workdir: str, tokenizer: Tokenizer | None = None
+                     ) -> PreparedLabelled:
+  """Reads, tokenises and splits the labelled data of ``cfg`` for a run in ``workdir``.
+
+  ``cfg.paths`` are the training files (none: :func:`builtin_labelled`);
+  ``cfg.val_paths`` the validation files, else every ``1/val_fraction``-th
+  training example is held out. The tokenizer is ``tokenizer`` (e.g. the
+  source run's, when fine-tuning), else the workdir's (resuming), else a new
+  one of ``cfg.tokenizer`` built on the training texts.
+
+  Raises:
+    DataError: as :func:`read_labelled`, or an empty validation split.
+  """
+  if cfg.paths:
+    texts, labels, names, skipped = read_labelled(cfg.paths, cfg.text_field, cfg.label_field,
+                                                  cfg.bad_rows)
+    source = ", ".join(cfg.paths)
+  else:
+    texts, labels, names = builtin_labelled("train")
+    skipped, source = 0, "the built-in sentiment set"
+  if cfg.val_paths:
+    val_texts, val_labels, _, val_skipped = read_labelled(
+        cfg.val_paths, cfg.text_field, cfg.label_field, cfg.bad_rows, labels=names)
+    skipped += val_skipped
+  elif not cfg.paths:
+    val_texts, val_labels, _ = builtin_labelled("dev")
+  else:
+    held = _holdout(len(texts), cfg.val_fraction)
+    val_texts = [t for t, h in zip(texts, held) if h]
+    val_labels = labels[held]
+    texts, labels = [t for t, h in zip(texts, held) if not h], labels[~held]
+  if not val_texts:
+    raise DataError(f"no validation examples: set data.val_paths or data.val_fraction > 0 "
+                    f"(data.val_fraction={cfg.val_fraction})")
+  if tokenizer is None:
+    tokenizer = _run_tokenizer(cfg, workdir, list(texts))
+  tokenizer.save(workdir)
+  train, _ = encode_labelled(texts, labels, tokenizer, cfg.seq_len)
+  val, _ = encode_labelled(val_texts, val_labels, tokenizer, cfg.seq_len)
+  return PreparedLabelled(tokenizer, train, val, names, source, skipped)

@@ -1,11 +1,82 @@
-"""Transformer building blocks and model families."""
+"""Transformer building blocks and the model families, built by name.
 
+:data:`FAMILIES` maps ``model.family`` to a :class:`Family`; :func:`build_model`
+is the one place a model is made from a config. Adding a family is one entry.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from llm_mp.config import ModelConfig
 from llm_mp.models.attention import Attention, dot_product_attention, segment_mask
 from llm_mp.models.layers import MLP, Dense, Embed, LearnedPositions, Norm, apply_rope
 from llm_mp.models.moe import MoE
 from llm_mp.models.transformer import Block, Stack, TransformerLM
+from llm_mp.precision import Precision
+
+# Parameters that belong to a task head rather than the shared backbone: a
+# fine-tuning run loads everything else from its source run, and
+# ``train.backbone_lr_scale`` applies to everything else.
+HEAD_PARAMS = ("lm_head", "pooler", "classifier")
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+  """How to build one model family.
+
+  Attributes:
+    build: ``(config, precision, head, decode) -> flax module``.
+    heads: the heads it supports ("lm", "classify").
+    example_inputs: ``seq_len -> args`` for ``model.init`` (shapes only matter).
+  """
+
+  build: Callable[[ModelConfig, Precision, str, bool], nn.Module]
+  heads: tuple[str, ...]
+  example_inputs: Callable[[int], tuple]
+
+
+def _tokens(seq_len: int) -> tuple:
+  return (jnp.zeros((1, seq_len), jnp.int32),)
+
+
+def _decoder(config: ModelConfig, precision: Precision, head: str, decode: bool) -> nn.Module:
+  return TransformerLM(config, precision, decode=decode)
+
+
+def _encoder(config: ModelConfig, precision: Precision, head: str, decode: bool) -> nn.Module:
+  from llm_mp.models.encoder import TransformerEncoder  # pylint: disable=import-outside-toplevel
+  if decode:
+    raise ValueError("model.family='encoder' has no decoding mode (it is bidirectional)")
+  return TransformerEncoder(config, precision, head=head)
+
+
+FAMILIES: dict[str, Family] = {
+    "decoder": Family(_decoder, heads=("lm",), example_inputs=_tokens),
+    "encoder": Family(_encoder, heads=("lm", "classify"), example_inputs=_tokens),
+}
+
+
+def build_model(config: ModelConfig, precision: Precision, head: str = "lm",
+                decode: bool = False) -> nn.Module:
+  """The model of ``config.family`` with ``head`` ("lm" or "classify").
+
+  Raises:
+    ValueError: the family does not have that head.
+  """
+  family = FAMILIES[config.family]
+  if head not in family.heads:
+    raise ValueError(f"model.family={config.family!r} has no {head!r} head; "
+                     f"it has {list(family.heads)}")
+  return family.build(config, precision, head, decode)
+
 
 __all__ = [
-    "Attention", "Block", "Dense", "Embed", "LearnedPositions", "MLP", "MoE", "Norm", "Stack",
-    "TransformerLM", "apply_rope", "dot_product_attention", "segment_mask",
+    "Attention", "Block", "Dense", "Embed", "FAMILIES", "Family", "HEAD_PARAMS",
+    "LearnedPositions", "MLP", "MoE", "Norm", "Stack", "TransformerLM", "apply_rope",
+    "build_model", "dot_product_attention", "segment_mask",
 ]

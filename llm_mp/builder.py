@@ -1,0 +1,152 @@
+"""The one place a run is built from a config.
+
+:func:`build_recipe` turns a :class:`~llm_mp.config.Config` into the static
+pieces of a run: precision policy, task (loss and batch layout), model (by
+``model.family``, with the head the task reads), optimizer and schedule. The
+training loop, evaluation, generation, the benchmark and the tests all build
+through it, so a new family, task or optimizer option reaches every caller.
+
+:func:`load_backbone` is fine-tuning's start: the parameters of another run's
+latest checkpoint, minus its task heads, placed into a fresh state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import optax
+
+from llm_mp import checkpoint, sharding
+from llm_mp.config import Config
+from llm_mp.models import HEAD_PARAMS, build_model
+from llm_mp.optim import make_optimizer, param_path
+from llm_mp.precision import Precision, make_precision
+from llm_mp.tasks import Task, make_task
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+  """Everything static a step needs; the mutable part is the TrainState.
+
+  Attributes:
+    config: the run's config.
+    precision: the dtype policy (``train.precision`` + ``train.loss_scale``).
+    task: loss function and batch layout (``train.task``).
+    model: the flax module of ``model.family`` with the task's head.
+    tx, schedule: the optax chain (freezing and backbone lr included) and
+      its learning-rate schedule.
+  """
+
+  config: Config
+  precision: Precision
+  task: Task
+  model: nn.Module
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+
+
+def freeze_patterns(config: Config) -> tuple[str, ...]:
+  """``train.freeze`` split into fnmatch patterns (comma-separated)."""
+  return tuple(p.strip() for p in config.train.freeze.split(",") if p.strip())
+
+
+def build_recipe(config: Config, tokenizer: Any = None, decode: bool = False) -> Recipe:
+  """The static pieces of a run of ``config``.
+
+  Args:
+    config: the run's config.
+    tokenizer: the run's tokenizer (needed by the ``mlm`` task for its
+      special ids; others ignore it).
+    decode: build the model in KV-cache decoding mode (generation).
+
+  Raises:
+    ValueError: an invalid precision spec, or a task the family cannot run.
+  """
+  precision = make_precision(config.train.precision, loss_scale=config.train.loss_scale)
+  task = make_task(config, tokenizer)
+  model = build_model(config.model, precision, head=task.head, decode=decode)
+  tx, schedule = make_optimizer(config.optim, config.train.steps,
+                                freeze=freeze_patterns(config),
+                                backbone_lr_scale=config.train.backbone_lr_scale,
+                                head_names=HEAD_PARAMS)
+  return Recipe(config, precision, task, model, tx, schedule)
+
+
+def _is_head(path: str) -> bool:
+  return path.split("/", 1)[0] in HEAD_PARAMS
+
+
+def load_backbone(params: Any, source_params: Any, source: str) -> Any:
+  """``params`` with every backbone (non-head) leaf replaced by ``source_params``'.
+
+  Args:
+    params: the fresh parameters of the fine-tuning run.
+    source_params: parameters restored from the source run (its own heads
+      are ignored).
+    source: the source run's directory (for errors).
+
+  Returns:
+    The new parameters: backbone from the source (same shardings as
+    ``params``), heads as initialised in ``params``.
+
+  Raises:
+    ValueError: a backbone parameter is missing from the source or has
+      another shape or dtype (the message names the path and both shapes).
+  """
+  flat_src = {param_path(p): x for p, x in jax.tree_util.tree_flatten_with_path(source_params)[0]}
+
+  def pick(path, fresh):
+    name = param_path(path)
+    if _is_head(name):
+      return fresh
+    if name not in flat_src:
+      raise ValueError(f"train.init_from={source}: the source run has no parameter {name!r} "
+                       "(a different model family or architecture)")
+    src = flat_src[name]
+    if src.shape != fresh.shape or src.dtype != fresh.dtype:
+      raise ValueError(f"train.init_from={source}: parameter {name!r} is "
+                       f"{src.dtype}{list(src.shape)} there but {fresh.dtype}"
+                       f"{list(fresh.shape)} here")
+    return jax.device_put(src, fresh.sharding)
+
+  return jax.tree_util.tree_map_with_path(pick, params)
+
+
+def check_init_from(config: Config, source_config: Config, source: str) -> None:
+  """Raises ValueError unless ``source_config``'s model can seed ``config``'s.
+
+  The family and every architecture field must agree; the head fields
+  (``n_classes``, ``pool``) and training-only fields (dropout) may differ.
+  """
+  if source_config.model.family != config.model.family:
+    raise ValueError(f"train.init_from={source}: its model.family="
+                     f"{source_config.model.family!r} differs from "
+                     f"model.family={config.model.family!r}")
+  free = {"n_classes", "pool", "dropout", "remat", "scan_layers", "attention_impl"}
+  a, b = dataclasses.asdict(source_config.model), dataclasses.asdict(config.model)
+  diff = [k for k in a if k not in free and a[k] != b[k]]
+  if diff:
+    k = diff[0]
+    raise ValueError(f"train.init_from={source}: its model.{k}={a[k]!r} differs from "
+                     f"model.{k}={b[k]!r} ({len(diff)} differing field(s))")
+
+
+def restore_run_params(workdir: str, config: Config, mesh: Any, tokenizer: Any = None
+                       ) -> tuple[Any, int]:
+  """The parameters of run ``workdir`` (whose config is ``config``), read
+  from its newest checkpoint onto ``mesh`` without its optimizer state.
+
+  Returns:
+    ``(params, step)``.
+
+  Raises:
+    CheckpointError: the run has no readable checkpoint.
+    ValueError: a config the builder rejects.
+  """
+  recipe = build_recipe(config, tokenizer)
+  abstract = sharding.abstract_train_state(recipe.model, recipe.tx, recipe.precision, config,
+                                           mesh, jax.random.key(config.train.seed))
+  return checkpoint.restore_params(f"{workdir}/checkpoints", abstract.params)
