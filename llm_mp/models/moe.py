@@ -132,7 +132,9 @@ class MoE(nn.Module):
     mean_prob = jnp.sum(probs * real[:, None], axis=0) / n_real  # p_e
     aux = e * jnp.sum(first * mean_prob)
     z = jnp.sum(jnp.square(jax.nn.logsumexp(logits, axis=-1)) * real) / n_real
-    dropped = 1.0 - jnp.sum(kept) / (k * n_real)
+    # Counts are exact integers in fp32; the difference is taken before dividing,
+    # so nothing dropped reads exactly 0.
+    dropped = (k * jnp.sum(real, dtype=acc) - jnp.sum(kept)) / (k * n_real)
     load = jnp.sum(chosen, axis=(0, 1)) / (k * n_real)  # (E,) before the capacity cut
     # The weighted losses are differentiated (p_e and the logits carry the
     # gradient; f_e, an argmax count, does not). Nothing is sown by init, so
