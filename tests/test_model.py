@@ -19,7 +19,9 @@ GPT2 = ModelConfig.gpt2(vocab_size=61, d_model=32, n_layers=2, n_heads=4, max_le
 LLAMA = ModelConfig.llama(vocab_size=61, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
                           max_len=24)
 SINUSOIDAL = dataclasses.replace(GPT2, position="sinusoidal", mlp="relu")
-MOE = dataclasses.replace(GPT2, n_experts=4, expert_top_k=2)
+# Capacity factor E / top_k: room for every token, so no drops and the layer is
+# per-token (exactly causal); capacity routing itself is tested in test_moe.py.
+MOE = dataclasses.replace(GPT2, n_experts=4, expert_top_k=2, expert_capacity_factor=2.0)
 CONFIGS = {"gpt2": GPT2, "llama": LLAMA, "sinusoidal": SINUSOIDAL, "moe": MOE}
 
 

@@ -102,7 +102,8 @@ class Stack(nn.Module):
                   deterministic=self.deterministic)
     args = (mask, positions, context, context_mask)
     if c.scan_layers:
-      scanned = nn.scan(_ScanBlock, variable_axes={"params": 0, "cache": 0, "intermediates": 0},
+      scanned = nn.scan(_ScanBlock, variable_axes={"params": 0, "cache": 0, "intermediates": 0,
+                                                    "losses": 0, "metrics": 0},
                         split_rngs={"params": True, "dropout": True},
                         in_axes=(nn.broadcast,) * len(args), length=c.n_layers,
                         metadata_params={nn.PARTITION_NAME: "layers"})
