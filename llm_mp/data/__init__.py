@@ -23,6 +23,8 @@ API:
   :func:`default_corpus`: documents and a :class:`CorpusSummary`.
 * :class:`Tokenizer`, :class:`ByteTokenizer`, :class:`BpeTokenizer`,
   :func:`build_tokenizer`, :func:`load_tokenizer`.
+* :func:`mlm_mask`, :func:`maskable_tokens`: BERT's masked-LM corruption
+  (80% [MASK] = the pad id, 10% random, 10% kept), on device in the step.
 * :func:`split_documents`, :func:`build_token_shards`, :class:`TokenSplit`,
   :class:`PackedRows`: the steps :func:`prepare_data` composes.
 
@@ -32,6 +34,7 @@ one-line message naming the file.
 
 from llm_mp.data.corpus import CorpusSummary, clean_documents, load_corpus, read_documents
 from llm_mp.data.files import DataError
+from llm_mp.data.masking import maskable_tokens, mlm_mask
 from llm_mp.data.packing import PackedRows
 from llm_mp.data.pipeline import (PreparedData, make_eval_iterator, make_train_iterator,
                                   prepare_data)
@@ -44,6 +47,6 @@ __all__ = [
     "BpeTokenizer", "ByteTokenizer", "CorpusSummary", "DataError", "PackedRows",
     "PreparedData", "TokenShards", "TokenSplit", "Tokenizer", "build_token_shards",
     "build_tokenizer", "clean_documents", "default_corpus", "load_corpus", "load_tokenizer",
-    "make_eval_iterator", "make_train_iterator", "prepare_data", "read_documents",
-    "split_documents",
+    "make_eval_iterator", "make_train_iterator", "maskable_tokens", "mlm_mask", "prepare_data",
+    "read_documents", "split_documents",
 ]
