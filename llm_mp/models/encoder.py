@@ -44,17 +44,18 @@ def pool(hidden: jax.Array, segment_ids: jax.Array | None, kind: str) -> jax.Arr
       (mean over positions with ``segment_ids > 0``).
 
   Returns:
-    ``[B, d]`` float32. The mean sums in fp32: a bf16 running sum over
+    ``[B, d]`` float32 (float64 for a float64 input). The mean sums in fp32: a bf16 running sum over
     hundreds of positions would lose the low bits of every term.
   """
+  acc = jnp.promote_types(hidden.dtype, jnp.float32)  # fp32, or fp64 for references
   if kind == "first":
-    return hidden[:, 0].astype(jnp.float32)
+    return hidden[:, 0].astype(acc)
   if kind != "mean":
     raise ValueError(f"model.pool={kind!r} is not one of ['first', 'mean']")
-  h = hidden.astype(jnp.float32)
+  h = hidden.astype(acc)
   if segment_ids is None:
     return h.mean(axis=1)
-  real = (segment_ids > 0).astype(jnp.float32)[..., None]  # (B, T, 1)
+  real = (segment_ids > 0).astype(acc)[..., None]  # (B, T, 1)
   # An all-padding row pools to zeros rather than 0/0.
   return (h * real).sum(axis=1) / jnp.maximum(real.sum(axis=1), 1.0)
 
