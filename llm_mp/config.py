@@ -432,11 +432,13 @@ def _nanogpt_cpu() -> Config:
 
 
 def _encoder_tiny() -> Config:
-  # The CPU encoder: tiny's size, bidirectional, with bert_base's architecture
-  # (LayerNorm with bias, learned positions, GELU, tied MLM head) and dropout.
+  # The CPU encoder: tiny's size, bidirectional, bert_base's blocks (LayerNorm with
+  # bias, GELU, tied MLM head, dropout 0.1) but rotary positions: on the default corpus,
+  # 300 fp32 MLM steps reach eval loss 2.33 / accuracy 38% on selected tokens with RoPE,
+  # 2.97 / 22% with learned positions (unigram entropy 3.31) (measured 2026-11-27, seed 0).
   return Config(
       model=ModelConfig.gpt2(family="encoder", vocab_size=259, d_model=128, n_layers=4,
-                             n_heads=4, max_len=128, dropout=0.1),
+                             n_heads=4, max_len=128, dropout=0.1, position="rope"),
       optim=OptimConfig(lr=1e-3, warmup_steps=50, weight_decay=0.01),
       data=DataConfig(seq_len=128),
       train=TrainConfig(task="mlm", steps=600, batch_size=16, log_every=20, eval_every=200,

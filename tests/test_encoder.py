@@ -215,7 +215,8 @@ def test_presets_build_both_heads_on_one_backbone(preset):
   c = config.model
   d, f = c.d_model, c.ff_dim
   layer = 4 * (d * d + d) + (d * f + f) + (f * d + d) + 2 * 2 * d  # attn, MLP, 2 LayerNorms
-  n_backbone = c.vocab_size * d + c.max_len * d + c.n_layers * layer + 2 * d
+  positions = c.max_len * d if c.position == "learned" else 0  # RoPE has no table
+  n_backbone = c.vocab_size * d + positions + c.n_layers * layer + 2 * d
   assert sum(math.prod(s) for s in backbone.values()) == n_backbone
   if preset == "bert_base":  # BERT-base's 110M, less its token-type table and MLM transform
     assert 108e6 < n_backbone < 110e6, n_backbone
