@@ -208,7 +208,10 @@ def test_presets_build_both_heads_on_one_backbone(preset):
   shapes = {head: _param_paths(nn.unbox(jax.eval_shape(
       TransformerEncoder(config.model, prec, head=head).init, jax.random.key(0), tokens)
       ["params"])) for head in ("lm", "classify")}
-  is_head = lambda path: path.split("/")[0] in HEAD_PARAMS
+
+  def is_head(path):
+    return path.split("/")[0] in HEAD_PARAMS
+
   backbone = {k: v for k, v in shapes["lm"].items() if not is_head(k)}
   assert backbone == {k: v for k, v in shapes["classify"].items() if not is_head(k)}
   assert not any(is_head(k) for k in shapes["lm"])  # tied MLM head: no parameters of its own
