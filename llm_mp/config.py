@@ -432,6 +432,38 @@ def _nanogpt_cpu() -> Config:
   )
 
 
+def _encoder_tiny() -> Config:
+  # The CPU encoder: tiny's size, bidirectional, bert_base's blocks (LayerNorm with
+  # bias, GELU, tied MLM head, dropout 0.1) but rotary positions: on the default corpus,
+  # 300 fp32 MLM steps reach eval loss 2.33 / accuracy 38% on selected tokens with RoPE,
+  # 2.97 / 22% with learned positions (unigram entropy 3.31) (measured 2026-11-27, seed 0).
+  return Config(
+      model=ModelConfig.gpt2(family="encoder", vocab_size=259, d_model=128, n_layers=4,
+                             n_heads=4, max_len=128, dropout=0.1, position="rope"),
+      optim=OptimConfig(lr=1e-3, warmup_steps=50, weight_decay=0.01),
+      data=DataConfig(seq_len=128),
+      train=TrainConfig(task="mlm", steps=600, batch_size=16, log_every=20, eval_every=200,
+                        ckpt_every=200),
+  )
+
+
+def _bert_base() -> Config:
+  # BERT-base's shape (Devlin et al. 2018, 110M parameters) with llm_mp's pre-norm
+  # blocks; optimizer as BERT's pre-training (Adam b2 0.999, weight decay 0.01, 10k
+  # warm-up steps, linear decay to 0, batch 256). seq_len 128 is BERT's first phase
+  # (90% of its steps); data.seq_len=512 is the second. norm_eps 1e-12 is BERT's; it
+  # relies on norm statistics staying fp32 (the *norm* override): it is 0 in fp16.
+  return Config(
+      model=ModelConfig.gpt2(family="encoder", vocab_size=30522, d_model=768, n_layers=12,
+                             n_heads=12, d_ff=3072, max_len=512, dropout=0.1, norm_eps=1e-12),
+      optim=OptimConfig(lr=1e-4, warmup_steps=10_000, schedule="linear", end_lr_ratio=0.0,
+                        b2=0.999, eps=1e-6, weight_decay=0.01),
+      data=DataConfig(tokenizer="bpe", bpe_vocab_size=30522, seq_len=128),
+      train=TrainConfig(task="mlm", steps=1_000_000, batch_size=256, precision="bf16",
+                        eval_every=10_000, ckpt_every=10_000),
+  )
+
+
 PRESETS = {
     "tiny": _tiny,
     "nanogpt_cpu": _nanogpt_cpu,
@@ -439,6 +471,8 @@ PRESETS = {
     "gpt2_124m": _gpt2_124m,
     "gpt2_350m": _gpt2_350m,
     "llama_1b": _llama_1b,
+    "encoder_tiny": _encoder_tiny,
+    "bert_base": _bert_base,
 }
 
 

@@ -11,6 +11,8 @@ Kept in float32 whatever the preset (each is tested in tests/test_precision.py):
   * the MoE router (``*router*`` override),
   * the attention softmax (``jax.nn.dot_product_attention`` always does it),
   * logits returned by the LM head (``lm_head`` override: output fp32),
+  * class logits returned by the encoder's classifier (``classifier``
+    override: output fp32; the mean pooling before it also sums in fp32),
   * the loss (``llm_mp.step`` casts logits to fp32 before the cross-entropy).
 """
 
@@ -75,6 +77,7 @@ DEFAULT_OVERRIDES: tuple[tuple[str, str], ...] = (
     ("*norm*", "c=f32"),  # mean/variance in fp32; output back to the stream's dtype
     ("*router*", "c=f32,o=f32"),  # MoE routing probabilities in fp32
     ("lm_head", "o=f32"),  # logits leave the model in fp32 for the loss
+    ("classifier", "o=f32"),  # so do the encoder's class logits
 )
 
 # preset -> (base policy string, loss scaling)

@@ -27,6 +27,8 @@ API:
   :func:`make_labelled_train_iterator`, :func:`make_labelled_eval_iterator`,
   :func:`builtin_labelled`, :func:`prepare_labelled`: labelled text for classification
   (:mod:`llm_mp.data.labelled`).
+* :func:`mlm_mask`, :func:`maskable_tokens`: BERT's masked-LM corruption
+  (80% [MASK] = the pad id, 10% random, 10% kept), on device in the step.
 * :func:`split_documents`, :func:`build_token_shards`, :class:`TokenSplit`,
   :class:`PackedRows`: the steps :func:`prepare_data` composes.
 
@@ -39,6 +41,7 @@ from llm_mp.data.files import DataError
 from llm_mp.data.labelled import (LabelledRows, PreparedLabelled, builtin_labelled,
                                   encode_labelled, make_labelled_eval_iterator,
                                   make_labelled_train_iterator, prepare_labelled, read_labelled)
+from llm_mp.data.masking import maskable_tokens, mlm_mask
 from llm_mp.data.packing import PackedRows
 from llm_mp.data.pipeline import (PreparedData, make_eval_iterator, make_train_iterator,
                                   prepare_data)
@@ -49,9 +52,10 @@ from llm_mp.data.tokenizer import (BpeTokenizer, ByteTokenizer, Tokenizer, build
 
 __all__ = [
     "BpeTokenizer", "ByteTokenizer", "CorpusSummary", "DataError", "LabelledRows",
-    "PackedRows", "PreparedData", "PreparedLabelled", "TokenShards", "TokenSplit", "Tokenizer", "build_token_shards",
-    "build_tokenizer", "builtin_labelled", "clean_documents", "default_corpus",
-    "encode_labelled", "load_corpus", "load_tokenizer", "make_eval_iterator",
+    "PackedRows", "PreparedData", "PreparedLabelled", "TokenShards", "TokenSplit", "Tokenizer",
+    "build_token_shards", "build_tokenizer", "builtin_labelled", "clean_documents",
+    "default_corpus", "encode_labelled", "load_corpus", "load_tokenizer", "make_eval_iterator",
     "make_labelled_eval_iterator", "make_labelled_train_iterator", "make_train_iterator",
-    "prepare_data", "prepare_labelled", "read_documents", "read_labelled", "split_documents",
+    "maskable_tokens", "mlm_mask", "prepare_data", "prepare_labelled", "read_documents",
+    "read_labelled", "split_documents",
 ]

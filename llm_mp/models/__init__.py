@@ -14,15 +14,15 @@ import jax.numpy as jnp
 
 from llm_mp.config import ModelConfig
 from llm_mp.models.attention import Attention, dot_product_attention, segment_mask
+from llm_mp.models.encoder import HEAD_PARAMS, TransformerEncoder, pool
 from llm_mp.models.layers import MLP, Dense, Embed, LearnedPositions, Norm, apply_rope
 from llm_mp.models.moe import MoE
 from llm_mp.models.transformer import Block, Stack, TransformerLM
 from llm_mp.precision import Precision
 
-# Parameters that belong to a task head rather than the shared backbone: a
-# fine-tuning run loads everything else from its source run, and
+# HEAD_PARAMS: the top-level modules of a task head rather than the shared
+# backbone: a fine-tuning run loads everything else from its source run, and
 # ``train.backbone_lr_scale`` applies to everything else.
-HEAD_PARAMS = ("lm_head", "pooler", "classifier")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +49,6 @@ def _decoder(config: ModelConfig, precision: Precision, head: str, decode: bool)
 
 
 def _encoder(config: ModelConfig, precision: Precision, head: str, decode: bool) -> nn.Module:
-  from llm_mp.models.encoder import TransformerEncoder  # pylint: disable=import-outside-toplevel
   if decode:
     raise ValueError("model.family='encoder' has no decoding mode (it is bidirectional)")
   return TransformerEncoder(config, precision, head=head)
@@ -57,7 +56,7 @@ def _encoder(config: ModelConfig, precision: Precision, head: str, decode: bool)
 
 FAMILIES: dict[str, Family] = {
     "decoder": Family(_decoder, heads=("lm",), example_inputs=_tokens),
-    "encoder": Family(_encoder, heads=("lm", "classify"), example_inputs=_tokens),
+    "encoder": Family(_encoder, heads=("lm", "classify", "hidden"), example_inputs=_tokens),
 }
 
 
@@ -77,6 +76,6 @@ def build_model(config: ModelConfig, precision: Precision, head: str = "lm",
 
 __all__ = [
     "Attention", "Block", "Dense", "Embed", "FAMILIES", "Family", "HEAD_PARAMS",
-    "LearnedPositions", "MLP", "MoE", "Norm", "Stack", "TransformerLM", "apply_rope",
-    "build_model", "dot_product_attention", "segment_mask",
+    "LearnedPositions", "MLP", "MoE", "Norm", "Stack", "TransformerEncoder", "TransformerLM",
+    "apply_rope", "build_model", "dot_product_attention", "pool", "segment_mask",
 ]
