@@ -127,6 +127,35 @@ def check_divisible(boxed_params: Any, mesh: Mesh, rules: Rules) -> None:
         for field, (axes, n, dim) in bad.items()))
 
 
+def _dict_keys(path: tuple) -> tuple[str, ...]:
+  return tuple(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
+
+
+def _follow_params(opt_shapes: Any, param_shapes: Any, param_shardings: Any,
+                   default: NamedSharding) -> Any:
+  """Shardings of optimizer-state leaves: a leaf whose dict-key path ends with a
+  parameter's path and has its shape (a moment, a trace) takes that
+  parameter's sharding; anything else (counts, masked-out groups) ``default``.
+
+  Matching by path rather than by tree structure works for every optax
+  combinator (``chain``, ``masked``, ``multi_transform``'s per-group states).
+  """
+  by_path = {
+      _dict_keys(path): (leaf.shape, sharding)
+      for (path, leaf), sharding in zip(jax.tree_util.tree_flatten_with_path(param_shapes)[0],
+                                        jax.tree.leaves(param_shardings))}
+
+  def pick(path, leaf):
+    keys = _dict_keys(path)
+    for i in range(len(keys)):
+      shape, sharding = by_path.get(keys[i:], (None, None))
+      if shape == leaf.shape:
+        return sharding
+    return default
+
+  return jax.tree_util.tree_map_with_path(pick, opt_shapes)
+
+
 def abstract_train_state(model: nn.Module, tx: optax.GradientTransformation,
                          precision: Precision, config: Config, mesh: Mesh,
                          rng: jax.Array) -> TrainState:
@@ -148,8 +177,7 @@ def abstract_train_state(model: nn.Module, tx: optax.GradientTransformation,
   replicated = NamedSharding(mesh, PartitionSpec())
   shardings = jax.tree.map(lambda _: replicated, shapes).replace(
       params=param_shardings, model_state=variable_shardings,
-      opt_state=optax.tree_map_params(tx, lambda _, s: s, shapes.opt_state, param_shardings,
-                                      transform_non_params=lambda _: replicated))
+      opt_state=_follow_params(shapes.opt_state, shapes.params, param_shardings, replicated))
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                       shapes, shardings)
 
