@@ -32,11 +32,14 @@ def params_without_positions(params: Any) -> int:
 
 
 def to_python(metrics: Mapping[str, Any]) -> dict[str, Any]:
-  """Device scalars -> plain floats/ints/bools for JSON."""
+  """Device scalars -> plain floats/ints/bools for JSON; vectors (e.g. the MoE
+  per-expert load) -> lists of floats."""
   out = {}
   for k, v in metrics.items():
     v = np.asarray(v)
-    if v.dtype == np.bool_:
+    if v.ndim:
+      out[k] = [float(x) for x in v.reshape(-1)]
+    elif v.dtype == np.bool_:
       out[k] = bool(v)
     elif np.issubdtype(v.dtype, np.integer):
       out[k] = int(v)
@@ -72,8 +75,10 @@ class MetricsWriter:
     self._jsonl.flush()
     if self._tb is not None:
       for k, v in record.items():
-        if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
-          self._tb.add_scalar(k, v, int(step))
+        values = enumerate(v) if isinstance(v, list) else [(None, v)]
+        for i, x in values:  # a vector becomes scalars "name/0", "name/1", ...
+          if k != "step" and isinstance(x, (int, float)) and math.isfinite(x):
+            self._tb.add_scalar(k if i is None else f"{k}/{i}", x, int(step))
 
   def close(self) -> None:
     if self._jsonl is not None:

@@ -13,10 +13,8 @@ import numpy as np
 import pytest
 
 from llm_mp import checkpoint, sharding
-from llm_mp.config import Config, DataConfig, MeshConfig, ModelConfig, OptimConfig
-from llm_mp.models import TransformerLM
-from llm_mp.optim import make_optimizer
-from llm_mp.precision import make_precision
+from llm_mp.builder import build_recipe
+from llm_mp.config import Config, DataConfig, MeshConfig, ModelConfig, OptimConfig, TrainConfig
 
 # After a failed read, tensorstore's cancelled reads call back into orbax's closed event
 # loop ("Event loop is closed"); pytest reports those as unraisable exceptions.
@@ -27,12 +25,11 @@ DATA_STATE = {"epoch": 2, "position": 1234, "files": ["a.txt", "b.jsonl"], "rng"
 def _abstract(mesh_cfg, devices):
   config = Config(model=ModelConfig.llama(vocab_size=64, d_model=32, n_layers=2, n_heads=4,
                                           n_kv_heads=2, d_ff=64, max_len=16),
-                  optim=OptimConfig(), data=DataConfig(seq_len=16), mesh=mesh_cfg)
-  precision = make_precision("pure_bf16", loss_scale="dynamic")
-  tx, _ = make_optimizer(config.optim, 10)
-  return sharding.abstract_train_state(TransformerLM(config.model, precision), tx, precision,
-                                       config, sharding.make_mesh(mesh_cfg, devices),
-                                       jax.random.key(0))
+                  optim=OptimConfig(), data=DataConfig(seq_len=16), mesh=mesh_cfg,
+                  train=TrainConfig(steps=10, precision="pure_bf16", loss_scale="dynamic"))
+  r = build_recipe(config)
+  return sharding.abstract_train_state(r.model, r.tx, r.precision, config,
+                                       sharding.make_mesh(mesh_cfg, devices), jax.random.key(0))
 
 
 def _random_state(abstract, seed):

@@ -7,16 +7,21 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from llm_mp.builder import build_recipe
 from llm_mp.config import PRESETS, Config, apply_overrides, get_preset
-from llm_mp.models import TransformerLM
-from llm_mp.precision import make_precision
+from llm_mp.data import ByteTokenizer
+from llm_mp.models import TransformerEncoder, TransformerLM
+
+FAMILY_CLASSES = {"decoder": TransformerLM, "encoder": TransformerEncoder}
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_every_preset_builds_and_round_trips_through_json(name):
   config = get_preset(name)
   assert Config.from_dict(json.loads(config.to_json())) == config
-  model = TransformerLM(config.model, make_precision(config.train.precision))
+  # The builder makes each preset's model (its family, its task's head) by shape.
+  model = build_recipe(config, ByteTokenizer()).model
+  assert isinstance(model, FAMILY_CLASSES[config.model.family])
   shapes = jax.eval_shape(model.init, jax.random.key(0),
                           jnp.zeros((1, config.data.seq_len), jnp.int32))
   assert shapes["params"]["embed"]["embedding"].value.shape == (config.model.vocab_size,

@@ -45,10 +45,11 @@ class _Recording(nn.Module):
 
   config: ModelConfig
   aux_weight: float = 0.0
+  precision: str = "fp32"
 
   @nn.compact
   def __call__(self, tokens, segment_ids=None, positions=None, deterministic=True):
-    logits = TransformerLM(self.config, make_precision("fp32"), name="lm")(
+    logits = TransformerLM(self.config, make_precision(self.precision), name="lm")(
         tokens, segment_ids, positions, deterministic)
     w = self.param("w", nn.initializers.ones, ())
     calls = self.variable("stats", "calls", lambda: jnp.zeros((), jnp.int32))
@@ -123,7 +124,7 @@ def test_train_step_updates_and_checkpoints_model_state(tmp_path):
 def test_non_finite_step_keeps_the_model_state():
   config = _config(train={"precision": "fp16", "loss_scale": "static",
                           "init_loss_scale": 2.0**40})  # overflows fp16 gradients
-  model = _Recording(config.model)
+  model = _Recording(config.model, precision="fp16")
   _, state, step, mesh, rules = _setup(model, config)
   before = jax.device_get(state.model_state)
   state, metrics = step(state, sharding.shard_batch(_batch(), mesh, rules))

@@ -36,10 +36,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from llm_mp import checkpoint, sharding
+from llm_mp.builder import build_recipe
 from llm_mp.config import Config, DataConfig, MeshConfig, ModelConfig, OptimConfig, TrainConfig
-from llm_mp.models import TransformerLM
-from llm_mp.optim import make_optimizer
-from llm_mp.precision import make_precision
 from llm_mp.step import make_eval_step, make_train_step
 
 T, B, VOCAB, STEPS = 16, 16, 64, 3
@@ -73,9 +71,8 @@ def _mesh(cfg):
 
 
 def _model(config):
-  precision = make_precision("fp32")
-  tx, schedule = make_optimizer(config.optim, config.train.steps)
-  return TransformerLM(config.model, precision), tx, schedule, precision
+  r = build_recipe(config)
+  return r.model, r.tx, r.schedule, r.precision
 
 
 def _abstract(config):

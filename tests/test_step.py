@@ -8,10 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from llm_mp.builder import build_recipe
 from llm_mp.config import Config, DataConfig, ModelConfig, OptimConfig, TrainConfig
-from llm_mp.models import TransformerLM
-from llm_mp.optim import make_optimizer
-from llm_mp.precision import make_precision
 from llm_mp.state import make_init_fn
 from llm_mp.step import cross_entropy, make_eval_step, make_train_step
 
@@ -36,12 +34,13 @@ def _batch(b=8, seed=0, vocab=64):
 
 
 def _setup(config, precision="fp32", loss_scale=None):
-  prec = make_precision(precision, loss_scale=loss_scale)
-  model = TransformerLM(config.model, prec)
-  tx, schedule = make_optimizer(config.optim, config.train.steps)
-  state = jax.jit(make_init_fn(model, tx, prec, config))(jax.random.key(0))
-  step = jax.jit(make_train_step(model, tx, schedule, config), donate_argnums=0)
-  return model, state, step
+  train = dataclasses.replace(config.train, precision=precision,
+                              loss_scale=loss_scale or config.train.loss_scale)
+  config = dataclasses.replace(config, train=train)
+  r = build_recipe(config)
+  state = jax.jit(make_init_fn(r.model, r.tx, r.precision, config))(jax.random.key(0))
+  step = jax.jit(make_train_step(r.model, r.tx, r.schedule, config, r.task), donate_argnums=0)
+  return r.model, state, step
 
 
 def _copy(tree):
