@@ -27,7 +27,10 @@ def parse_mesh(text: str) -> MeshConfig:
     axis, size = part.split("=", 1)
     if axis not in ("data", "fsdp", "tensor"):
       raise ValueError(f"--mesh axis {axis!r} is not one of data, fsdp, tensor")
-    sizes[axis] = int(size)
+    try:
+      sizes[axis] = int(size)
+    except ValueError:
+      raise ValueError(f"--mesh {axis}={size!r}: the size is not an integer") from None
   if "data" not in sizes:
     sizes["data"] = 1 if -1 in sizes.values() else -1
   return MeshConfig(**sizes)
@@ -42,7 +45,7 @@ def resolve_config(args: argparse.Namespace) -> Config:
   overrides = [p for p in (args.data or []) if _OVERRIDE.match(p)] + list(args.overrides)
   if args.precision:
     overrides.append(f"train.precision={args.precision}")
-  if args.steps:
+  if args.steps is not None:  # --steps 0 is an error, not "the preset's steps"
     overrides.append(f"train.steps={args.steps}")
   config = apply_overrides(config, overrides)
   if paths:
@@ -70,7 +73,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
   loaded = _load(args.workdir)
   n = args.max_new_tokens
   if n is None:  # fill the context: +1 for the bos token generate_text prepends
-    n = min(200, loaded.config.model.max_len - len(loaded.tokenizer.encode(args.prompt)) - 1)
+    prompt_len = len(loaded.tokenizer.encode(args.prompt)) + 1
+    n = min(200, loaded.config.model.max_len - prompt_len)
+    if n < 1:
+      raise ValueError(f"the prompt is {prompt_len} tokens (with bos), which leaves no room in "
+                       f"the model's context of model.max_len={loaded.config.model.max_len}; "
+                       "shorten it")
   text = generate_text(loaded.config.model, loaded.precision, loaded.params, loaded.tokenizer,
                        args.prompt, max_new_tokens=n, seed=args.seed,
                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
@@ -140,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   absl_logging.set_verbosity(absl_logging.ERROR)
   try:
     return args.fn(args)
-  except (ValueError, FileNotFoundError, NotADirectoryError) as e:
+  except (ValueError, OSError) as e:  # OSError: e.g. a permission or a full disk
     print(f"llm-mp {args.command}: error: {e}", file=sys.stderr)
     return 2
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 import ast
 import dataclasses
 import json
+import types
+import typing
 from typing import Any, Mapping, Sequence
 
 NORMS = ("layernorm", "rmsnorm")
@@ -50,6 +52,9 @@ class ModelConfig:
 
   family: str = "decoder"  # "decoder" (causal LM) or "encoder" (bidirectional, BERT-style)
   vocab_size: int = 259  # 256 bytes + 3 specials (the byte tokenizer's size)
+  # The embedding and head are padded to a multiple of this (e.g. 64, so a tensor
+  # axis divides them); the padded logits are masked, so loss and samples are unchanged.
+  vocab_multiple: int = 1
   d_model: int = 64  # width of the residual stream
   n_layers: int = 2
   n_heads: int = 4
@@ -78,7 +83,7 @@ class ModelConfig:
 
   def __post_init__(self):
     s = "model"
-    for f in ("vocab_size", "d_model", "n_layers", "n_heads", "max_len"):
+    for f in ("vocab_size", "vocab_multiple", "d_model", "n_layers", "n_heads", "max_len"):
       _check_positive(s, f, getattr(self, f))
     _check_choice(s, "norm", self.norm, NORMS)
     _check_choice(s, "position", self.position, POSITIONS)
@@ -119,11 +124,19 @@ class ModelConfig:
     return self.n_kv_heads or self.n_heads
 
   @property
+  def padded_vocab(self) -> int:
+    """Rows of the embedding / columns of the logits: vocab_size rounded up to vocab_multiple."""
+    return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
+
+  @property
   def ff_dim(self) -> int:
     if self.d_ff is not None:
       return self.d_ff
     if self.mlp in ("swiglu", "geglu"):
-      return 256 * ((8 * self.d_model // 3 + 255) // 256) if self.d_model >= 256 else 8 * self.d_model // 3
+      # 8/3 d_model keeps the parameter count of a 4 d_model MLP; rounded up to a
+      # multiple that tensor axes of 2, 4, ... divide (d_model=128: 341 -> 384).
+      m = 256 if self.d_model >= 256 else 64
+      return m * -(-(8 * self.d_model // 3) // m)
     return 4 * self.d_model
 
   @classmethod
@@ -160,6 +173,10 @@ class OptimConfig:
   decay_embeddings: bool = False
   clip_norm: float | None = 1.0  # global-norm clipping of unscaled gradients; None = off
   grad_accum_steps: int = 1  # micro-batches per optimizer update
+  # Length of the lr schedule. None = train.steps when the run is created; the
+  # trainer then stores it, so changing train.steps on resume (extending or
+  # stopping a run early) leaves the learning-rate curve as it was.
+  schedule_steps: int | None = None
 
   def __post_init__(self):
     s = "optim"
@@ -171,6 +188,8 @@ class OptimConfig:
     _check_positive(s, "grad_accum_steps", self.grad_accum_steps)
     if self.clip_norm is not None:
       _check_positive(s, "clip_norm", self.clip_norm)
+    if self.schedule_steps is not None:
+      _check_positive(s, "schedule_steps", self.schedule_steps)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -270,8 +289,8 @@ class TrainConfig:
   eval_batches: int = 8
   ckpt_every: int = 100
   keep_checkpoints: int = 3
-  sample_prompt: str = "The "
-  sample_tokens: int = 200
+  sample_prompt: str = "The "  # at each evaluation a sample continues it (log, TensorBoard)
+  sample_tokens: int = 200  # its length (clipped to the context); 0 = no sample
   # Fine-tuning: start from another run's latest checkpoint (its backbone
   # parameters and tokenizer; heads it lacks are initialised fresh).
   init_from: str | None = None
@@ -290,6 +309,7 @@ class TrainConfig:
     _check_positive(s, "backbone_lr_scale", self.backbone_lr_scale, allow_zero=True)
     _check_positive(s, "init_loss_scale", self.init_loss_scale)
     _check_positive(s, "z_loss", self.z_loss, allow_zero=True)
+    _check_positive(s, "sample_tokens", self.sample_tokens, allow_zero=True)
     if not 0.0 < self.mlm_probability < 1.0:
       raise ValueError(f"train.mlm_probability={self.mlm_probability!r} must be in (0, 1)")
 
@@ -320,6 +340,11 @@ class Config:
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> "Config":
+    """The Config of a ``to_dict()`` (e.g. a loaded config.json); missing keys take
+    defaults. Raises ValueError naming ``section.field`` for an unknown key or a
+    value of the wrong type (``"steps": 10.0`` for an int field)."""
+    if not isinstance(d, Mapping):
+      raise ValueError(f"expected an object of config sections, got {type(d).__name__}")
     sections = {f.name: f.type for f in dataclasses.fields(cls)}
     unknown = set(d) - set(sections)
     if unknown:
@@ -328,8 +353,13 @@ class Config:
     for f in dataclasses.fields(cls):
       if f.name in d:
         section_cls = type(getattr(cls(), f.name))
-        _check_keys(f.name, section_cls, d[f.name])
-        kwargs[f.name] = section_cls(**d[f.name])
+        values = d[f.name]
+        if not isinstance(values, Mapping):
+          raise ValueError(f"config section {f.name!r} must be an object, got {values!r}")
+        _check_keys(f.name, section_cls, values)
+        hints = typing.get_type_hints(section_cls)
+        kwargs[f.name] = section_cls(**{k: _check_type(f"{f.name}.{k}", hints[k], v)
+                                        for k, v in values.items()})
     return cls(**kwargs)
 
 
@@ -341,17 +371,100 @@ def _check_keys(section: str, section_cls: type, values: Mapping[str, Any]) -> N
                      f"known: {sorted(known)}")
 
 
-def _parse_value(text: str) -> Any:
-  """'3' -> 3, '1e-3' -> 0.001, 'true' -> True, 'none' -> None, 'a,b' -> ('a', 'b')."""
-  low = text.lower()
-  if low in ("true", "false"):
-    return low == "true"
-  if low in ("none", "null"):
+def _type_name(tp: Any) -> str:
+  return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _optional(tp: Any) -> tuple[Any, bool]:
+  """``int | None`` -> (int, True); ``int`` -> (int, False)."""
+  if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if len(args) == 1:
+      return args[0], len(args) < len(typing.get_args(tp))
+  return tp, False
+
+
+def _check_type(key: str, tp: Any, value: Any) -> Any:
+  """``value`` (from JSON or a preset) as field ``key``'s declared type ``tp``.
+
+  Ints are accepted for float fields (and become floats); lists for tuple
+  fields. Raises ValueError naming the field, its type and the value.
+  """
+  base, optional = _optional(tp)
+  if value is None and optional:
     return None
-  try:
-    return ast.literal_eval(text)
-  except (ValueError, SyntaxError):
+  bad = ValueError(f"{key}={value!r} is not of type {_type_name(tp)}")
+  if base is bool:
+    if not isinstance(value, bool):
+      raise bad
+  elif base is int:
+    if isinstance(value, bool) or not isinstance(value, int):
+      raise bad
+  elif base is float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+      raise bad
+    value = float(value)
+  elif base is str:
+    if not isinstance(value, str):
+      raise bad
+  elif typing.get_origin(base) is tuple:
+    if not isinstance(value, (list, tuple)):
+      raise bad
+    item = typing.get_args(base)[0]
+    if item is str and not all(isinstance(v, str) for v in value):
+      raise bad
+    value = tuple(value)
+  return value
+
+
+_TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
+
+
+def _parse_value(key: str, tp: Any, text: str) -> Any:
+  """Override text as field ``key``'s declared type ``tp``.
+
+  ``int``: '3', or an integral float such as '1e4'; ``float``: '1e-3';
+  ``bool``: true/false/1/0/yes/no; ``X | None``: also 'none'/'null'; ``str``:
+  the text as is ('none' is a loss-scale kind, not None); ``tuple[str, ...]``:
+  comma-separated ('' = empty); ``mesh.rules``: a Python literal.
+
+  Raises ValueError naming the field, its type and the text.
+  """
+  base, optional = _optional(tp)
+  if optional and text.strip().lower() in ("none", "null"):
+    return None
+  bad = ValueError(f"{key}={text!r} is not of type {_type_name(tp)}")
+  if base is bool:
+    low = text.strip().lower()
+    if low not in _TRUE + _FALSE:
+      raise bad
+    return low in _TRUE
+  if base is int:
+    try:
+      return int(text)
+    except ValueError:
+      pass
+    try:
+      x = float(text)
+    except ValueError:
+      raise bad from None
+    if not x.is_integer():
+      raise bad
+    return int(x)
+  if base is float:
+    try:
+      return float(text)
+    except ValueError:
+      raise bad from None
+  if base is str:
     return text
+  if typing.get_origin(base) is tuple and typing.get_args(base)[0] is str:
+    return tuple(p.strip() for p in text.split(",") if p.strip())
+  try:  # mesh.rules: (('mlp', 'tensor'),)
+    value = ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    raise bad from None
+  return _check_type(key, tp, value)
 
 
 def apply_overrides(config: Config, overrides: Sequence[str]) -> Config:
@@ -373,8 +486,8 @@ def apply_overrides(config: Config, overrides: Sequence[str]) -> Config:
                        f"known: {sorted(d)}")
     if field not in d[section]:
       raise ValueError(f"unknown key {key!r}; known: {sorted(d[section])}")
-    # A string field takes the text as is ("none" is a loss-scale kind, not None).
-    d[section][field] = value if isinstance(d[section][field], str) else _parse_value(value)
+    section_cls = type(getattr(config, section))
+    d[section][field] = _parse_value(key, typing.get_type_hints(section_cls)[field], value)
   return Config.from_dict(d)
 
 
@@ -383,8 +496,8 @@ def _tiny() -> Config:
   # unigram plateau in ~100 steps on the default corpus, where learned positions
   # (gpt2_tiny) take ~400 (measured 2026-11-23: loss 1.89 vs 2.53 at step 300).
   return Config(
-      model=ModelConfig.llama(vocab_size=259, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2,
-                              max_len=128),
+      model=ModelConfig.llama(vocab_size=259, vocab_multiple=64, d_model=128, n_layers=4,
+                              n_heads=4, n_kv_heads=2, max_len=128),
       optim=OptimConfig(lr=2e-3, warmup_steps=50),
       data=DataConfig(seq_len=128),
       train=TrainConfig(steps=600, batch_size=16, log_every=20, eval_every=200, ckpt_every=200),
@@ -394,7 +507,8 @@ def _tiny() -> Config:
 def _gpt2_tiny() -> Config:
   c = _tiny()
   return dataclasses.replace(
-      c, model=ModelConfig.gpt2(vocab_size=259, d_model=128, n_layers=4, n_heads=4, max_len=128))
+      c, model=ModelConfig.gpt2(vocab_size=259, vocab_multiple=64, d_model=128, n_layers=4,
+                                n_heads=4, max_len=128))
 
 
 def _gpt2_124m() -> Config:
@@ -422,9 +536,10 @@ def _llama_1b() -> Config:
 
 
 def _nanogpt_cpu() -> Config:
-  # nanoGPT's small CPU configuration, the CPU speed reference in shared/bench.
+  # nanoGPT's small CPU configuration, the CPU speed reference in shared/bench, with
+  # the default byte tokenizer's vocabulary (nanoGPT's 65 characters need its own).
   return Config(
-      model=ModelConfig.gpt2(vocab_size=65, d_model=128, n_layers=4, n_heads=4, max_len=64),
+      model=ModelConfig.gpt2(vocab_size=259, d_model=128, n_layers=4, n_heads=4, max_len=64),
       optim=OptimConfig(lr=6e-4, warmup_steps=0, schedule="constant", clip_norm=None),
       data=DataConfig(seq_len=64),
       train=TrainConfig(steps=2000, batch_size=12),

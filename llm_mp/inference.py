@@ -75,10 +75,11 @@ def evaluate_run(workdir: str, paths: Sequence[str] | None = None) -> dict[str, 
   """
   run = load_run(workdir)
   cfg = run.config.data
-  if paths:
-    cfg = dataclasses.replace(cfg, paths=tuple(paths))
-  prepared = data.prepare_data(cfg, workdir, tokenizer=run.tokenizer)
-  splits = [prepared.train, prepared.val] if paths else [prepared.val]
+  if paths:  # all of the given text counts: no validation split is held out of it
+    cfg = dataclasses.replace(cfg, paths=tuple(paths), val_fraction=0.0)
+  # write=False: an evaluator never writes into the run (it may be read-only or training).
+  prepared = data.prepare_data(cfg, workdir, tokenizer=run.tokenizer, write=False)
+  splits = [prepared.train] if paths else [prepared.val]
   eval_fn = sharding.jit_eval_step(make_eval_step(run.model), run.shardings, run.mesh, run.rules)
   batch = run.config.train.batch_size
   totals = {"loss_sum": 0.0, "tokens": 0.0}

@@ -19,7 +19,7 @@ def test_every_preset_builds_and_round_trips_through_json(name):
   model = TransformerLM(config.model, make_precision(config.train.precision))
   shapes = jax.eval_shape(model.init, jax.random.key(0),
                           jnp.zeros((1, config.data.seq_len), jnp.int32))
-  assert shapes["params"]["embed"]["embedding"].value.shape == (config.model.vocab_size,
+  assert shapes["params"]["embed"]["embedding"].value.shape == (config.model.padded_vocab,
                                                                config.model.d_model)
 
 

@@ -90,6 +90,16 @@ def split_documents(docs: Sequence[str], val_fraction: float
   return train, val
 
 
+def corpus_sha256(docs: Sequence[str]) -> str:
+  """SHA-256 hex digest of documents (their texts and boundaries, in order)."""
+  h = hashlib.sha256()
+  for doc in docs:
+    data = doc.encode("utf-8")
+    h.update(len(data).to_bytes(8, "little"))
+    h.update(data)
+  return h.hexdigest()
+
+
 def cache_key(splits: dict[str, Sequence[str]], tokenizer: Tokenizer) -> str:
   """SHA-256 hex digest of the split documents, the tokenizer and the format."""
   h = hashlib.sha256(f"llm_mp.data.shards v{FORMAT_VERSION}\n".encode())
@@ -134,7 +144,7 @@ def _load(directory: str, reused: bool) -> TokenShards:
 
 
 def build_token_shards(train_docs: Sequence[str], val_docs: Sequence[str],
-                       tokenizer: Tokenizer, cache_dir: str) -> TokenShards:
+                       tokenizer: Tokenizer, cache_dir: str, write: bool = True) -> TokenShards:
   """Tokenises both splits into ``cache_dir/<key>/``, or reuses what is there.
 
   Args:
@@ -142,6 +152,8 @@ def build_token_shards(train_docs: Sequence[str], val_docs: Sequence[str],
     val_docs: cleaned validation documents (may be empty).
     tokenizer: any :class:`~llm_mp.data.tokenizer.Tokenizer`.
     cache_dir: parent of the cache entries, typically ``<run dir>/data``.
+    write: False tokenises in memory when the entry is missing and writes
+      nothing (an evaluator on a read-only run directory).
 
   Returns:
     :class:`TokenShards` with memory-mapped tokens; ``reused`` says whether
@@ -155,6 +167,10 @@ def build_token_shards(train_docs: Sequence[str], val_docs: Sequence[str],
     with open(meta_path, encoding="utf-8") as f:
       if json.load(f).get("key") == key:
         return _load(directory, reused=True)
+  if not write:
+    splits = {name: TokenSplit(*tokenize(docs, tokenizer, desc=f"tokenizing {name}"))
+              for name, docs in splits.items()}
+    return TokenShards(splits["train"], splits["val"], directory, reused=False)
   meta = {"key": key, "format": FORMAT_VERSION, "vocab_size": tokenizer.vocab_size}
   for name, docs in splits.items():
     tokens, starts = tokenize(docs, tokenizer, desc=f"tokenizing {name}")
