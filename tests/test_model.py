@@ -238,3 +238,53 @@ def test_precision_report_lists_params_and_module_dtypes():
   assert mods["decoder/blocks_0/attn_norm"] == "compute=float32, output=bfloat16"
   assert mods["decoder/blocks_1/mlp/up"] == "compute=bfloat16, output=bfloat16"
   assert mods[""] == "compute=bfloat16, output=float32"  # the model: logits in fp32
+
+
+def _pad_rows(params, path, n_rows, axis, seed):
+  """``params`` with the array at ``path`` padded to ``n_rows`` along ``axis`` by random
+  values (not zeros, so only the mask can make them harmless)."""
+  params = jax.tree.map(lambda x: x, params)  # a copy to edit
+  node = params
+  for key in path[:-1]:
+    node = node[key]
+  x = node[path[-1]]
+  shape = list(x.shape)
+  shape[axis] = n_rows - x.shape[axis]
+  pad = jax.random.normal(jax.random.key(seed), shape, x.dtype)
+  node[path[-1]] = jnp.concatenate([x, pad], axis=axis)
+  return params
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])  # tied and untied heads
+def test_padded_vocabulary_leaves_loss_and_samples_unchanged(name):
+  from llm_mp.generate import generate  # pylint: disable=import-outside-toplevel
+  cfg = CONFIGS[name]
+  padded = dataclasses.replace(cfg, vocab_multiple=64)
+  assert padded.padded_vocab == 64
+  tokens = _tokens()
+  model, params = _init(cfg)
+  big = _pad_rows(params, ("embed", "embedding"), 64, 0, seed=1)
+  if not cfg.tie_embeddings:
+    big = _pad_rows(big, ("lm_head", "kernel"), 64, 1, seed=2)
+  logits = model.apply({"params": params}, tokens)
+  padded_logits = TransformerLM(padded, make_precision("fp32")).apply({"params": big}, tokens)
+  chex.assert_shape(padded_logits, (2, 16, 64))
+  # Same real weights, same arithmetic for the real columns: exactly equal.
+  np.testing.assert_array_equal(padded_logits[..., :61], logits)
+  assert float(padded_logits[..., 61:].max()) <= -1e8
+  targets = jnp.roll(tokens, -1, axis=1)
+  nll = lambda z: -jnp.take_along_axis(jax.nn.log_softmax(z), targets[..., None], -1).mean()
+  np.testing.assert_allclose(nll(padded_logits), nll(logits), rtol=1e-6)  # fp32 sum order
+  prompt = tokens[:, :4]
+  out = generate(cfg, make_precision("fp32"), params, prompt, 8, jax.random.key(3))
+  out_padded = generate(padded, make_precision("fp32"), big, prompt, 8, jax.random.key(3))
+  np.testing.assert_array_equal(out_padded, out)
+
+
+def test_mask_padded_vocab_is_finite_in_fp16():
+  from llm_mp.models.layers import mask_padded_vocab  # pylint: disable=import-outside-toplevel
+  z = mask_padded_vocab(jnp.full((2, 8), 3.0, jnp.float16), 5)
+  assert z.dtype == jnp.float16 and bool(jnp.isfinite(z).all())
+  p = jax.nn.softmax(z.astype(jnp.float32))
+  np.testing.assert_array_equal(p[:, 5:], 0.0)
+  np.testing.assert_allclose(p[:, :5], 0.2, rtol=1e-6)

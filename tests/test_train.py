@@ -35,7 +35,7 @@ def _config(corpus, steps=12):
       optim=OptimConfig(lr=3e-3, warmup_steps=2),
       data=DataConfig(paths=(corpus,), seq_len=32, val_fraction=0.2),
       train=TrainConfig(steps=steps, batch_size=8, log_every=1, eval_every=6, eval_batches=2,
-                        ckpt_every=4, keep_checkpoints=2),
+                        ckpt_every=4, keep_checkpoints=2, sample_tokens=0),
   )
 
 
