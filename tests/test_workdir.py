@@ -4,11 +4,15 @@ metrics, the checks made before step 1, and the errors for unusable workdirs."""
 import dataclasses
 import json
 import os
+import re
+import subprocess
 
+import numpy as np
 import pytest
 
 from llm_mp import cli, data
 from llm_mp.config import Config, DataConfig, ModelConfig, OptimConfig, TrainConfig
+from llm_mp.data import TokenSplit
 from llm_mp.metrics import read_metrics, truncate_metrics
 from llm_mp.optim import make_schedule
 from llm_mp.train import (ConfigConflictError, WorkdirBusyError, check_config, check_data,
@@ -68,23 +72,45 @@ def test_resume_from_another_directory_and_a_changed_corpus_conflicts(corpus, tm
           workdir, verbose=False)
 
 
-def test_nothing_to_evaluate_fails_before_step_1_or_turns_evaluation_off(tmp_path):
+def test_one_document_trains_and_nothing_to_evaluate_fails_before_step_1(tmp_path):
   one = tmp_path / "one.txt"
   one.write_text("A single document of text. " * 20, encoding="utf-8")
   workdir = str(tmp_path / "run")
   config = _config(str(one))
   prepared = data.prepare_data(config.data, str(tmp_path / "prep"))
+  # 20% of the document's characters (+ bos/eos) are held out, not 0 documents.
+  assert prepared.val.num_tokens == round(0.2 * len(one.read_text().strip())) + 2
+  assert "% of tokens" in str(prepared)
+  assert check_data(config, prepared) is True
+  last = train(config, workdir, verbose=False)  # evaluates at step 3, the last
+  assert last["val_loss"] > 0
+  empty = dataclasses.replace(prepared, val=TokenSplit(np.zeros(0, np.uint16),
+                                                       np.zeros(0, np.int64)))
   with pytest.raises(ValueError, match="data.val_fraction=0.2 leaves no validation text"):
-    check_data(config, prepared)
-  with pytest.raises(ValueError, match="data.val_fraction"):
-    train(config, workdir, verbose=False)
-  assert not os.path.exists(os.path.join(workdir, "checkpoints"))
+    check_data(config, empty)
   off = dataclasses.replace(config, data=dataclasses.replace(config.data, val_fraction=0.0))
+  assert check_data(off, empty) is False  # evaluation is off
   last = train(off, workdir + "_off", verbose=False)  # step 3 is the last: no eval, no crash
   assert "loss" in last and "val_loss" not in last
   small = dataclasses.replace(config, model=dataclasses.replace(config.model, vocab_size=100))
   with pytest.raises(ValueError, match="model.vocab_size=100"):
     check_data(small, prepared)
+  with pytest.raises(ValueError, match="model.vocab_size=100"):
+    train(small, workdir + "_small", verbose=False)
+  assert not os.path.exists(os.path.join(workdir + "_small", "checkpoints"))
+
+
+def test_notebook_runs_are_ignored_by_git():
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  notebook = json.load(open(os.path.join(root, "notebooks", "quickstart.ipynb"),
+                            encoding="utf-8"))
+  source = "".join("".join(c["source"]) for c in notebook["cells"])
+  workdirs = set(re.findall(r"[\"'](runs/[\w./-]+)[\"']", source))
+  assert workdirs  # the notebook's run directories, relative to notebooks/
+  for w in workdirs:
+    path = os.path.join("notebooks", w, "config.json")
+    r = subprocess.run(["git", "check-ignore", "-q", path], cwd=root, check=False)
+    assert r.returncode == 0, f"{path} is not ignored by .gitignore"
 
 
 def test_evaluation_runs_at_eval_steps_that_are_not_log_steps_with_a_sample(corpus, tmp_path):

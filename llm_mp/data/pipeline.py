@@ -72,9 +72,11 @@ class PreparedData:
   def __str__(self) -> str:
     """Two lines for a log: the corpus summary, then tokens and cache."""
     kind = "byte" if isinstance(self.tokenizer, ByteTokenizer) else "bpe"
+    total = self.train.num_tokens + self.val.num_tokens
     return (f"{self.summary}\n"
             f"tokens: train {self.train.num_tokens:,} ({self.train.num_docs} docs), "
-            f"val {self.val.num_tokens:,} ({self.val.num_docs} docs); "
+            f"val {self.val.num_tokens:,} ({self.val.num_docs} docs, "
+            f"{100 * self.val.num_tokens / max(total, 1):.1f}% of tokens); "
             f"tokenizer {kind}, vocab {self.tokenizer.vocab_size}; "
             f"{'reused' if self.reused else 'wrote'} {self.cache_dir}")
 

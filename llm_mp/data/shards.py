@@ -74,19 +74,42 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 def split_documents(docs: Sequence[str], val_fraction: float
                     ) -> tuple[list[str], list[str]]:
-  """Splits documents into ``(train, val)``, deterministically and by content.
+  """Splits documents into ``(train, val)`` holding out about ``val_fraction`` of the text.
 
-  ``round(len(docs) * val_fraction)`` documents, but at least 1 when
-  ``val_fraction > 0`` and at least 1 is left for training, go to validation:
-  those whose SHA-256 is smallest, so the choice depends on the texts and not
-  on their order. Both lists keep the input order.
+  Whole documents where that works: ``round(len(docs) * val_fraction)`` of
+  them (at least 1 when ``val_fraction > 0`` and at least 1 is left for
+  training), those whose SHA-256 is smallest, so the choice depends on the
+  texts and not on their order. When those hold less than half or more than
+  twice ``val_fraction`` of the characters (a few large documents:
+  tinyshakespeare's 3 gave 40%) or there is a single document, the
+  validation split is instead the last ``val_fraction`` of the characters,
+  cut out of the last document(s) (as nanoGPT does). Deterministic; both
+  lists keep the input order, and their concatenation is the input's text.
   """
   n = len(docs)
-  n_val = min(max(round(n * val_fraction), 1 if val_fraction > 0 else 0), max(n - 1, 0))
+  if val_fraction <= 0 or n == 0:
+    return list(docs), []
+  n_val = min(max(round(n * val_fraction), 1), n - 1)
+  total = sum(map(len, docs))
   digests = [hashlib.sha256(d.encode("utf-8")).digest() for d in docs]
   val_ids = set(sorted(range(n), key=lambda i: (digests[i], i))[:n_val])
-  train = [d for i, d in enumerate(docs) if i not in val_ids]
-  val = [d for i, d in enumerate(docs) if i in val_ids]
+  held = sum(len(docs[i]) for i in val_ids)
+  if n_val and 0.5 <= held / (total * val_fraction) <= 2.0:
+    train = [d for i, d in enumerate(docs) if i not in val_ids]
+    val = [d for i, d in enumerate(docs) if i in val_ids]
+    return train, val
+  want = min(max(round(total * val_fraction), 1), total - 1)  # characters to hold out
+  train, val = list(docs), []
+  while want > 0 and train:
+    last = train.pop()
+    if len(last) <= want and train:
+      val.insert(0, last)
+      want -= len(last)
+    else:
+      cut = max(len(last) - want, 1)
+      train.append(last[:cut])
+      val.insert(0, last[cut:])
+      want = 0
   return train, val
 
 
