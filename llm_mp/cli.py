@@ -1,4 +1,4 @@
-"""``llm-mp`` / ``python -m llm_mp``: train, generate, eval, bench.
+"""``llm-mp`` / ``python -m llm_mp``: train, generate, eval, config, bench.
 
 Every user error (bad path, unknown preset or key, conflicting workdir, a
 prompt too long) is one line on stderr and exit code 2.
@@ -92,6 +92,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
   return 0
 
 
+def cmd_config(args: argparse.Namespace) -> int:
+  from llm_mp.config import describe  # pylint: disable=import-outside-toplevel
+  print(describe(get_preset(args.preset) if args.preset else Config()))
+  return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
   from experiments import benchmark  # pylint: disable=import-outside-toplevel
   return benchmark.main(args.bench_args)
@@ -103,7 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
   sub = parser.add_subparsers(dest="command", required=True)
 
   p = sub.add_parser("train", help="train (or resume) a run in --workdir",
-                     description="Train a model; re-running on the same --workdir resumes.")
+                     description="Train a model; re-running on the same --workdir resumes.",
+                     epilog="`llm-mp config [--preset NAME]` lists every config field with its "
+                            "type, value and meaning.")
   p.add_argument("--workdir", required=True, help="run directory (config, checkpoints, metrics)")
   p.add_argument("--preset", metavar="NAME",
                  help=f"named config: {', '.join(sorted(PRESETS))} (default: the workdir's, "
@@ -133,6 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--data", nargs="+", metavar="PATH",
                  help="evaluate on these files instead of the run's validation split")
   p.set_defaults(fn=cmd_eval)
+
+  p = sub.add_parser("config", help="list every config field: type, value, meaning (Markdown)")
+  p.add_argument("--preset", metavar="NAME",
+                 help=f"show this preset's values: {', '.join(sorted(PRESETS))} (default: the "
+                      "field defaults)")
+  p.set_defaults(fn=cmd_config)
 
   p = sub.add_parser("bench", help="time the train step; prints JSON (see experiments/benchmark)",
                      add_help=False)

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import inspect
 import json
+import re
 import types
 import typing
 from typing import Any, Mapping, Sequence
@@ -56,16 +58,16 @@ class ModelConfig:
   # axis divides them); the padded logits are masked, so loss and samples are unchanged.
   vocab_multiple: int = 1
   d_model: int = 64  # width of the residual stream
-  n_layers: int = 2
-  n_heads: int = 4
+  n_layers: int = 2  # Transformer blocks
+  n_heads: int = 4  # attention (query) heads; must divide d_model
   n_kv_heads: int | None = None  # < n_heads gives grouped-query attention; None = n_heads
   d_ff: int | None = None  # hidden width of the MLP; None = 4*d_model (8/3*d_model for GLU MLPs)
   max_len: int = 128  # longest sequence the positions support
   dropout: float = 0.0  # on attention output, MLP output and embeddings
   norm: str = "layernorm"  # "layernorm" (GPT-2) or "rmsnorm" (LLaMA)
-  norm_eps: float = 1e-5
+  norm_eps: float = 1e-5  # added to the variance in the norms
   position: str = "learned"  # "learned" (GPT-2), "rope" (LLaMA), "sinusoidal" (Vaswani et al.)
-  rope_theta: float = 10_000.0
+  rope_theta: float = 10_000.0  # RoPE base frequency
   mlp: str = "gelu"  # "gelu"/"relu" two-layer MLP, or "swiglu"/"geglu" gated
   use_bias: bool = True  # biases in dense layers and LayerNorm (GPT-2: yes, LLaMA: no)
   tie_embeddings: bool = True  # logits use the transposed token embedding
@@ -79,7 +81,7 @@ class ModelConfig:
   moe_z_weight: float = 1e-3  # weight of the router z-loss mean(logsumexp(router logits)^2)
   n_classes: int = 2  # outputs of the classification head (task "classify")
   pool: str = "first"  # classification input: "first" token or "mean" over real tokens
-  init_std: float = 0.02
+  init_std: float = 0.02  # std of the normal initialisation of weights
 
   def __post_init__(self):
     s = "model"
@@ -158,19 +160,19 @@ class ModelConfig:
 class OptimConfig:
   """Optimizer, schedule, clipping, weight decay and gradient accumulation."""
 
-  name: str = "adamw"
+  name: str = "adamw"  # "adamw", "adam", "sgd", "rmsprop" or "adagrad"
   lr: float = 1e-3  # peak learning rate
-  warmup_steps: int = 100
+  warmup_steps: int = 100  # linear warm-up from 0 to lr
   schedule: str = "cosine"  # decay after warm-up: "cosine", "linear" (to end_lr) or "constant"
   end_lr_ratio: float = 0.1  # final lr as a fraction of the peak
-  b1: float = 0.9
+  b1: float = 0.9  # gradient decay of adam(w)
   b2: float = 0.95  # squared-gradient decay of adam(w) and rmsprop
-  eps: float = 1e-8
+  eps: float = 1e-8  # added to the denominator of adaptive optimizers
   momentum: float = 0.9  # sgd and rmsprop
-  weight_decay: float = 0.1
+  weight_decay: float = 0.1  # decoupled (adamw) or L2 decay of matrices
   decay_norms: bool = False  # whether weight decay also applies to norm scales
-  decay_biases: bool = False
-  decay_embeddings: bool = False
+  decay_biases: bool = False  # whether weight decay also applies to biases
+  decay_embeddings: bool = False  # ... and to embedding tables
   clip_norm: float | None = 1.0  # global-norm clipping of unscaled gradients; None = off
   grad_accum_steps: int = 1  # micro-batches per optimizer update
   # Length of the lr schedule. None = train.steps when the run is created; the
@@ -198,9 +200,9 @@ class DataConfig:
 
   paths: tuple[str, ...] = ()  # files or directories of .txt/.jsonl; () = the embedded corpus
   tokenizer: str = "byte"  # "byte" (256 + specials) or "bpe" (trained with `tokenizers`)
-  bpe_vocab_size: int = 1024
+  bpe_vocab_size: int = 1024  # size of the trained BPE vocabulary (specials included)
   seq_len: int = 128  # tokens per packed row
-  val_fraction: float = 0.05  # fraction of documents held out for validation
+  val_fraction: float = 0.05  # fraction of the text held out for validation; 0 = no evaluation
   min_doc_chars: int = 16  # shorter documents are dropped during cleaning
   skip_bad_files: bool = False  # skip non-UTF-8 files with a warning instead of failing
   max_docs: int | None = None  # keep only the first N documents (quick runs)
@@ -275,20 +277,20 @@ class TrainConfig:
   """The training loop: length, batch, precision, logging and checkpoints."""
 
   task: str = "auto"  # "lm", "mlm", "classify"; "auto": lm for decoders, mlm for encoders
-  steps: int = 300
+  steps: int = 300  # optimizer updates; may change on resume (see optim.schedule_steps)
   batch_size: int = 16  # rows per optimizer update (split into grad_accum_steps micro-batches)
   precision: str = "fp32"  # a preset of llm_mp.precision: fp32, bf16, fp16, pure_bf16
   loss_scale: str = "auto"  # "auto" (the preset's), "none", "static", "dynamic"
-  init_loss_scale: float = 2.0**15
+  init_loss_scale: float = 2.0**15  # first loss scale (static or dynamic scaling)
   loss_scale_period: int = 2000  # finite steps before a dynamic scale grows
   z_loss: float = 0.0  # weight of log(Z)^2, keeps logits from drifting
   mlm_probability: float = 0.15  # masked LM: fraction of real tokens selected (80/10/10)
-  seed: int = 0
-  log_every: int = 10
-  eval_every: int = 100
-  eval_batches: int = 8
-  ckpt_every: int = 100
-  keep_checkpoints: int = 3
+  seed: int = 0  # parameter init, dropout and data shuffling
+  log_every: int = 10  # steps between metrics.jsonl records
+  eval_every: int = 100  # steps between evaluations (and samples)
+  eval_batches: int = 8  # validation batches per evaluation
+  ckpt_every: int = 100  # steps between checkpoints
+  keep_checkpoints: int = 3  # newest checkpoints kept on disk
   sample_prompt: str = "The "  # at each evaluation a sample continues it (log, TensorBoard)
   sample_tokens: int = 200  # its length (clipped to the context); 0 = no sample
   # Fine-tuning: start from another run's latest checkpoint (its backbone
@@ -372,7 +374,9 @@ def _check_keys(section: str, section_cls: type, values: Mapping[str, Any]) -> N
 
 
 def _type_name(tp: Any) -> str:
-  return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+  if typing.get_origin(tp) is not None or isinstance(tp, types.UnionType):
+    return str(tp).replace("typing.", "")
+  return getattr(tp, "__name__", str(tp))
 
 
 def _optional(tp: Any) -> tuple[Any, bool]:
@@ -554,6 +558,50 @@ PRESETS = {
     "gpt2_350m": _gpt2_350m,
     "llama_1b": _llama_1b,
 }
+
+
+_FIELD_LINE = re.compile(r"^  (\w+): [^=]+?(?: = .*?)?(?:  # (.*))?$")
+
+
+def field_docs(section_cls: type) -> dict[str, str]:
+  """``{field: meaning}`` from the comments in ``section_cls``'s source: the
+  field line's trailing comment, after any comment lines just above it."""
+  docs, above = {}, []
+  for line in inspect.getsource(section_cls).splitlines():
+    stripped = line.strip()
+    if line.startswith("  #"):
+      above.append(stripped.lstrip("# "))
+      continue
+    m = _FIELD_LINE.match(line)
+    if m and not stripped.startswith(("def ", "@", "return")):
+      docs[m.group(1)] = " ".join(above + ([m.group(2)] if m.group(2) else []))
+    above = []
+  return docs
+
+
+def describe(config: Config | None = None) -> str:
+  """Every config field as a Markdown table per section: ``section.field``, its
+  type, its value in ``config`` (default: ``Config()``) and its meaning.
+  ``llm-mp config`` prints it; docs/configuration.md is its output."""
+  config = Config() if config is None else config
+  lines = []
+  for f in dataclasses.fields(Config):
+    section = getattr(config, f.name)
+    cls = type(section)
+    lines += [f"## {f.name}", "", (cls.__doc__ or "").strip().splitlines()[0], "",
+              "| field | type | value | meaning |", "|---|---|---|---|"]
+    hints, docs = typing.get_type_hints(cls), field_docs(cls)
+    for g in dataclasses.fields(cls):
+      value = json.dumps(_flat_value(getattr(section, g.name)))
+      kind = _type_name(hints[g.name]).replace(" | ", " or ")  # "|" would end the cell
+      lines.append(f"| `{f.name}.{g.name}` | `{kind}` | `{value}` | "
+                   f"{docs.get(g.name, '').replace('|', '/')} |")
+    lines.append("")
+  return "\n".join(lines)
+
+
+def _flat_value(v: Any) -> Any:
+  return [_flat_value(x) for x in v] if isinstance(v, tuple) else v
 
 
 def get_preset(name: str) -> Config:

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from llm_mp.config import PRESETS, Config, apply_overrides, get_preset
+from llm_mp.config import PRESETS, Config, apply_overrides, describe, get_preset
 from llm_mp.models import TransformerLM
 from llm_mp.precision import make_precision
 
@@ -112,3 +112,26 @@ def test_bad_overrides_name_the_field_and_value(override, message):
 def test_unknown_preset_lists_known_names():
   with pytest.raises(ValueError, match="tiny"):
     get_preset("gpt5")
+
+
+def test_config_reference_lists_every_field_with_type_value_and_meaning():
+  text = describe(get_preset("tiny"))
+  for section in dataclasses.fields(Config):
+    for f in dataclasses.fields(type(getattr(Config(), section.name))):
+      row = next(line for line in text.splitlines() if line.startswith(f"| `{section.name}."
+                                                                           f"{f.name}` |"))
+      assert len(row.split(" | ")) == 4 and not row.endswith("|  |"), row  # a meaning
+  assert "| `model.vocab_multiple` | `int` | `64` |" in text  # the preset's value
+  assert "| `optim.clip_norm` | `float or None` | `1.0` |" in text
+
+
+def test_docs_configuration_md_is_the_generated_reference():
+  import os  # pylint: disable=import-outside-toplevel
+  path = os.path.join(os.path.dirname(__file__), "..", "docs", "configuration.md")
+  assert describe() in open(path, encoding="utf-8").read(), "regenerate with `llm-mp config`"
+
+
+def test_cli_config_prints_the_reference(capsys):
+  from llm_mp import cli  # pylint: disable=import-outside-toplevel
+  assert cli.main(["config", "--preset", "nanogpt_cpu"]) == 0
+  assert capsys.readouterr().out.strip() == describe(get_preset("nanogpt_cpu")).strip()
