@@ -142,14 +142,14 @@ class ModelConfig:
     return 4 * self.d_model
 
   @classmethod
-  def gpt2(cls, **kw) -> "ModelConfig":
+  def gpt2(cls, **kw) -> ModelConfig:
     """GPT-2: LayerNorm with bias, learned positions, GELU MLP, tied embeddings."""
     base = dict(norm="layernorm", position="learned", mlp="gelu", use_bias=True,
                 tie_embeddings=True)
     return cls(**{**base, **kw})
 
   @classmethod
-  def llama(cls, **kw) -> "ModelConfig":
+  def llama(cls, **kw) -> ModelConfig:
     """LLaMA: RMSNorm, rotary positions, SwiGLU MLP, no biases, untied head."""
     base = dict(norm="rmsnorm", position="rope", mlp="swiglu", use_bias=False,
                 tie_embeddings=False, norm_eps=1e-6)
@@ -341,7 +341,7 @@ class Config:
     return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
   @classmethod
-  def from_dict(cls, d: Mapping[str, Any]) -> "Config":
+  def from_dict(cls, d: Mapping[str, Any]) -> Config:
     """The Config of a ``to_dict()`` (e.g. a loaded config.json); missing keys take
     defaults. Raises ValueError naming ``section.field`` for an unknown key or a
     value of the wrong type (``"steps": 10.0`` for an int field)."""

@@ -20,13 +20,19 @@ import time
 from typing import Any, Iterator
 
 import jax
-import numpy as np
 
 from llm_mp import checkpoint, data, sharding
 from llm_mp.config import Config
 from llm_mp.generate import generate_text
-from llm_mp.metrics import (MetricsWriter, bar_postfix, flops_per_token,
-                            params_without_positions, progress_bar, to_python, truncate_metrics)
+from llm_mp.metrics import (
+  MetricsWriter,
+  bar_postfix,
+  flops_per_token,
+  params_without_positions,
+  progress_bar,
+  to_python,
+  truncate_metrics,
+)
 from llm_mp.models import TransformerLM
 from llm_mp.optim import make_optimizer
 from llm_mp.precision import make_precision

@@ -10,10 +10,24 @@ import numpy as np
 import pytest
 
 from llm_mp.config import DataConfig
-from llm_mp.data import (BpeTokenizer, ByteTokenizer, DataError, PackedRows, TokenSplit,
-                         build_token_shards, build_tokenizer, clean_documents, load_corpus,
-                         load_tokenizer, make_eval_iterator, make_train_iterator, prepare_data,
-                         read_documents, split_documents, stdlib_corpus)
+from llm_mp.data import (
+  BpeTokenizer,
+  ByteTokenizer,
+  DataError,
+  PackedRows,
+  TokenSplit,
+  build_token_shards,
+  build_tokenizer,
+  clean_documents,
+  load_corpus,
+  load_tokenizer,
+  make_eval_iterator,
+  make_train_iterator,
+  prepare_data,
+  read_documents,
+  split_documents,
+  stdlib_corpus,
+)
 from llm_mp.data.shards import token_dtype, tokenize
 
 UNICODE_SAMPLES = [

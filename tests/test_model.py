@@ -6,10 +6,10 @@ import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax.flatten_util import ravel_pytree
 import jmp
 import numpy as np
 import pytest
+from jax.flatten_util import ravel_pytree
 
 from llm_mp.config import ModelConfig
 from llm_mp.models import TransformerLM, dot_product_attention
@@ -29,7 +29,8 @@ def _tokens(b=2, t=16, vocab=61, seed=0):
 
 def _init(cfg, precision="fp32", tokens=None):
   model = TransformerLM(cfg, make_precision(precision))
-  params = nn.unbox(model.init(jax.random.key(0), _tokens() if tokens is None else tokens)["params"])
+  tokens = _tokens() if tokens is None else tokens
+  params = nn.unbox(model.init(jax.random.key(0), tokens)["params"])
   return model, params
 
 

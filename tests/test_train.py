@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 
 from llm_mp import cli
-from llm_mp.config import (Config, DataConfig, MeshConfig, ModelConfig, OptimConfig,
-                            TrainConfig)
+from llm_mp.config import Config, DataConfig, MeshConfig, ModelConfig, OptimConfig, TrainConfig
 from llm_mp.metrics import read_metrics
 from llm_mp.train import ConfigConflictError, train
 

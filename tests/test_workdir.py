@@ -15,9 +15,18 @@ from llm_mp.config import Config, DataConfig, ModelConfig, OptimConfig, TrainCon
 from llm_mp.data import TokenSplit
 from llm_mp.metrics import read_metrics, truncate_metrics
 from llm_mp.optim import make_schedule
-from llm_mp.train import (ConfigConflictError, WorkdirBusyError, check_config, check_data,
-                          check_workdir, stored_config, train, with_schedule_steps,
-                          workdir_lock, write_config)
+from llm_mp.train import (
+  ConfigConflictError,
+  WorkdirBusyError,
+  check_config,
+  check_data,
+  check_workdir,
+  stored_config,
+  train,
+  with_schedule_steps,
+  workdir_lock,
+  write_config,
+)
 
 TEXT = "\n\n\n".join(f"Document {i}: the quick brown fox jumps over the lazy dog. " * 3
                      for i in range(12))

@@ -35,8 +35,13 @@ from llm_mp.data.corpus import CorpusSummary, load_corpus
 from llm_mp.data.files import DataError
 from llm_mp.data.packing import PackedRows
 from llm_mp.data.shards import TokenSplit, build_token_shards, corpus_sha256, split_documents
-from llm_mp.data.tokenizer import (TOKENIZER_FILE, ByteTokenizer, Tokenizer, build_tokenizer,
-                                   load_tokenizer)
+from llm_mp.data.tokenizer import (
+  TOKENIZER_FILE,
+  ByteTokenizer,
+  Tokenizer,
+  build_tokenizer,
+  load_tokenizer,
+)
 
 # One background thread assembling a few batches ahead: rows are cheap numpy
 # slices of a memmap, and more threads would only contend for the GIL.

@@ -15,8 +15,15 @@ import jax.numpy as jnp
 
 from llm_mp.config import ModelConfig
 from llm_mp.models.attention import Attention, segment_mask
-from llm_mp.models.layers import (MLP, Dense, Embed, LearnedPositions, Norm, mask_padded_vocab,
-                                  sinusoidal_positions)
+from llm_mp.models.layers import (
+  MLP,
+  Dense,
+  Embed,
+  LearnedPositions,
+  Norm,
+  mask_padded_vocab,
+  sinusoidal_positions,
+)
 from llm_mp.precision import Precision, module_path
 
 REMAT_POLICIES = {
