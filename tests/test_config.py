@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from llm_mp.config import PRESETS, Config, apply_overrides, describe, get_preset
+from llm_mp.config import PRESETS, Config, MeshConfig, apply_overrides, describe, get_preset
 from llm_mp.models import TransformerLM
 from llm_mp.precision import make_precision
 
@@ -135,3 +135,17 @@ def test_cli_config_prints_the_reference(capsys):
   from llm_mp import cli  # pylint: disable=import-outside-toplevel
   assert cli.main(["config", "--preset", "nanogpt_cpu"]) == 0
   assert capsys.readouterr().out.strip() == describe(get_preset("nanogpt_cpu")).strip()
+
+
+def test_tiny_preset_shards_over_data_fsdp_and_tensor_axes_of_2():
+  from llm_mp import sharding  # pylint: disable=import-outside-toplevel
+  from llm_mp.optim import make_optimizer  # pylint: disable=import-outside-toplevel
+  config = get_preset("tiny")
+  config = dataclasses.replace(config, mesh=MeshConfig(data=2, fsdp=2, tensor=2))
+  precision = make_precision(config.train.precision)
+  model = TransformerLM(config.model, precision)
+  tx, _ = make_optimizer(config.optim, config.train.steps)
+  mesh = sharding.make_mesh(config.mesh)
+  # Before: model.d_ff=341 and vocab_size=259 do not split over tensor=2.
+  state = sharding.abstract_train_state(model, tx, precision, config, mesh, jax.random.key(0))
+  assert state.params["embed"]["embedding"].shape == (320, 128)

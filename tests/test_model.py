@@ -55,10 +55,12 @@ def test_fp32_forward_matches_float64_reference(name):
                                rtol=1e-5)
 
 
-@pytest.mark.parametrize("precision,tol", [("bf16", 0.05), ("fp16", 0.01), ("pure_bf16", 0.1)])
+@pytest.mark.parametrize("precision,tol", [("bf16", 0.06), ("fp16", 0.008), ("pure_bf16", 0.06)])
 def test_low_precision_forward_close_to_fp32(precision, tol):
-  # bf16 keeps 8 mantissa bits (relative error 2^-9 per rounding), fp16 11 bits;
-  # logits of size ~1 after a few layers stay within these absolute bounds.
+  # The error is measured against the logits' own spread at init (std ~0.13):
+  # an absolute bound like 0.05 would pass logits that are 40% wrong. Measured
+  # max error / std: 0.019 (bf16, 8 mantissa bits), 0.0024 (fp16, 11 bits);
+  # the bounds are ~3x those.
   model32, params = _init(GPT2)
   model, params_lp = _init(GPT2, precision)
   params_lp = jax.tree.map(lambda a, b: a.astype(b.dtype), params, params_lp)
@@ -66,7 +68,9 @@ def test_low_precision_forward_close_to_fp32(precision, tol):
   ref = model32.apply({"params": params}, tokens)
   out = model.apply({"params": params_lp}, tokens)
   chex.assert_type(out, jnp.float32)  # logits leave the model in fp32 under every preset
-  chex.assert_trees_all_close(out, ref, atol=tol)
+  spread = float(jnp.std(ref))
+  assert spread > 0.05  # the logits are not all alike (then any bound would be loose)
+  chex.assert_trees_all_close(out, ref, atol=tol * spread, rtol=0)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16", "pure_bf16"])
