@@ -75,6 +75,9 @@ def test_resume_from_another_directory_and_a_changed_corpus_conflicts(corpus, tm
   train(dataclasses.replace(stored, train=dataclasses.replace(stored.train, steps=3)),
         workdir, verbose=False)
   assert read_metrics(workdir)[-1]["step"] == 3
+  before = open(os.path.join(workdir, "config.json"), encoding="utf-8").read()
+  assert train(stored, workdir, verbose=False) == {}  # steps=2 < 3: nothing to do...
+  assert open(os.path.join(workdir, "config.json"), encoding="utf-8").read() == before  # ...kept
   corpus.write_text(TEXT.replace("fox", "cat"), encoding="utf-8")
   with pytest.raises(ConfigConflictError, match="sha256"):
     train(dataclasses.replace(stored, train=dataclasses.replace(stored.train, steps=4)),
