@@ -196,10 +196,13 @@ def _docs(n=60, seed=0):
   return [f"doc {i}: " + " ".join(rng.choice(words, rng.integers(5, 60))) for i in range(n)]
 
 
-def test_split_is_deterministic_by_content_and_keeps_one_val_doc():
+def test_split_is_deterministic_by_content_and_holds_out_the_fraction_of_text():
   docs = _docs(40)
   train, val = split_documents(docs, 0.1)
-  assert len(val) == 4 and sorted(train + val) == sorted(docs)
+  assert sorted(train + val) == sorted(docs)  # whole documents
+  # At least 10% of the characters, overshooting by less than one document (<= 60 words).
+  share = sum(map(len, val)) / sum(map(len, docs))
+  assert 0.1 <= share < 0.1 + max(map(len, docs)) / sum(map(len, docs)), share
   assert split_documents(docs, 0.1) == (train, val)
   assert sorted(split_documents(docs[::-1], 0.1)[1]) == sorted(val)  # order-independent
   assert len(split_documents(docs[:3], 0.01)[1]) == 1

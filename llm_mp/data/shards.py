@@ -74,31 +74,35 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 def split_documents(docs: Sequence[str], val_fraction: float
                     ) -> tuple[list[str], list[str]]:
-  """Splits documents into ``(train, val)`` holding out about ``val_fraction`` of the text.
+  """Splits documents into ``(train, val)`` holding out ``val_fraction`` of the text.
 
-  Whole documents where that works: ``round(len(docs) * val_fraction)`` of
-  them (at least 1 when ``val_fraction > 0`` and at least 1 is left for
-  training), those whose SHA-256 is smallest, so the choice depends on the
-  texts and not on their order. When those hold less than half or more than
-  twice ``val_fraction`` of the characters (a few large documents:
-  tinyshakespeare's 3 gave 40%) or there is a single document, the
-  validation split is instead the last ``val_fraction`` of the characters,
-  cut out of the last document(s) (as nanoGPT does). Deterministic; both
-  lists keep the input order, and their concatenation is the input's text.
+  Whole documents where there are enough of them: in order of their SHA-256
+  (so the choice depends on the texts, not on their order), until they hold
+  ``val_fraction`` of the characters, if that overshoots by at most half and
+  leaves training text. Otherwise (a few large documents, e.g.
+  tinyshakespeare's 3, where one would be 40% of the text; a single
+  document) the validation split is the last ``val_fraction`` of the
+  characters, cut out of the last document(s), as nanoGPT does.
+  Deterministic; both lists keep the input order; ``val_fraction == 0``
+  gives ``(docs, [])``.
   """
   n = len(docs)
   if val_fraction <= 0 or n == 0:
     return list(docs), []
-  n_val = min(max(round(n * val_fraction), 1), n - 1)
   total = sum(map(len, docs))
+  target = total * val_fraction
   digests = [hashlib.sha256(d.encode("utf-8")).digest() for d in docs]
-  val_ids = set(sorted(range(n), key=lambda i: (digests[i], i))[:n_val])
-  held = sum(len(docs[i]) for i in val_ids)
-  if n_val and 0.5 <= held / (total * val_fraction) <= 2.0:
+  val_ids, held = set(), 0
+  for i in sorted(range(n), key=lambda i: (digests[i], i)):
+    if held >= target:
+      break
+    val_ids.add(i)
+    held += len(docs[i])
+  if held <= 1.5 * target and len(val_ids) < n:
     train = [d for i, d in enumerate(docs) if i not in val_ids]
     val = [d for i, d in enumerate(docs) if i in val_ids]
     return train, val
-  want = min(max(round(total * val_fraction), 1), total - 1)  # characters to hold out
+  want = min(max(round(target), 1), total - 1)  # characters to hold out
   train, val = list(docs), []
   while want > 0 and train:
     last = train.pop()
