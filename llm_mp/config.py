@@ -430,7 +430,7 @@ def _parse_value(key: str, tp: Any, text: str) -> Any:
   ``int``: '3', or an integral float such as '1e4'; ``float``: '1e-3';
   ``bool``: true/false/1/0/yes/no; ``X | None``: also 'none'/'null'; ``str``:
   the text as is ('none' is a loss-scale kind, not None); ``tuple[str, ...]``:
-  comma-separated ('' = empty); ``mesh.rules``: a Python literal.
+  comma-separated ('' = empty) or a Python literal; ``mesh.rules``: a Python literal.
 
   Raises ValueError naming the field, its type and the text.
   """
@@ -462,7 +462,8 @@ def _parse_value(key: str, tp: Any, text: str) -> Any:
       raise bad from None
   if base is str:
     return text
-  if typing.get_origin(base) is tuple and typing.get_args(base)[0] is str:
+  if typing.get_origin(base) is tuple and typing.get_args(base)[0] is str \
+      and not text.lstrip().startswith(("(", "[")):  # a literal: ('a.txt', 'b,c.txt')
     return tuple(p.strip() for p in text.split(",") if p.strip())
   try:  # mesh.rules: (('mlp', 'tensor'),)
     value = ast.literal_eval(text)

@@ -42,6 +42,8 @@ def test_overrides_are_parsed_to_the_fields_declared_type():
   assert c.model.use_bias is True and c.model.tie_embeddings is False
   assert c.model.d_ff is None and c.train.init_from is None and c.data.max_docs == 7
   assert c.data.paths == ("a.txt", "b.txt") and c.mesh.rules == (("mlp", "tensor"),)
+  c = apply_overrides(c, ["data.paths=('a.txt', 'b,c.txt')"])  # experiments/precision_study
+  assert c.data.paths == ("a.txt", "b,c.txt")
   assert c.train.sample_prompt == "1e1"  # a str field keeps the text
   assert json.loads(c.to_json())["train"]["steps"] == 10
 
