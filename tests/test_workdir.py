@@ -165,8 +165,9 @@ def test_resume_truncates_metrics_to_the_restored_step_and_whole_lines(tmp_path)
 def test_read_metrics_skips_a_broken_line_with_a_warning(tmp_path):
   (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2, "lo{"step": 3}\n[4]\n'
                                           '{"step": 5}\n', encoding="utf-8")
-  with pytest.warns(UserWarning, match="metrics.jsonl:2"):
+  with pytest.warns(UserWarning) as caught:
     records = read_metrics(str(tmp_path))
+  assert [str(w.message).split(": ")[0].rsplit(":", 1)[1] for w in caught] == ["2", "3"]
   assert [r["step"] for r in records] == [1, 5]
 
 
