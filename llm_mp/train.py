@@ -313,8 +313,9 @@ def check_data(config: Config, prepared: data.PreparedData) -> bool:
 
 
 def _sample(config: Config, model: Any, params: Any, tokenizer: Any) -> str | None:
-  """``train.sample_tokens`` tokens after ``train.sample_prompt`` (greedy-free,
-  seed ``train.seed``), or None when sampling is off or the prompt fills the context."""
+  """Text of up to ``train.sample_tokens`` tokens after ``train.sample_prompt``
+  (temperature 0.8, seed ``train.seed``, clipped to the context), or None when
+  ``sample_tokens == 0`` or the prompt fills the context."""
   t = config.train
   room = config.model.max_len - len(tokenizer.encode(t.sample_prompt)) - 1  # -1: bos
   n = min(t.sample_tokens, room)
