@@ -158,8 +158,10 @@ def _restore_newest(manager: ocp.CheckpointManager, target: Any) -> tuple[Any, A
       warnings.warn(f"checkpoint step {step} in {manager.directory} is unreadable ({reason}); "
                     "falling back to the previous checkpoint", stacklevel=3)
   if failures:
-    raise CheckpointError(f"no readable checkpoint in {manager.directory}: "
-                          + "; ".join(failures))
+    raise CheckpointError(f"no readable checkpoint in {manager.directory} ("
+                          + "; ".join(failures) + "); if the run's config or code changed, "
+                          "use the matching version; otherwise move that directory away to "
+                          "restart from step 0")
   return None
 
 

@@ -1,4 +1,4 @@
-"""``llm-mp`` / ``python -m llm_mp``: train, generate, eval, bench.
+"""``llm-mp`` / ``python -m llm_mp``: train, generate, eval, config, bench.
 
 Every user error (bad path, unknown preset or key, conflicting workdir, a
 prompt too long) is one line on stderr and exit code 2.
@@ -28,7 +28,10 @@ def parse_mesh(text: str) -> MeshConfig:
     axis, size = part.split("=", 1)
     if axis not in ("data", "fsdp", "tensor"):
       raise ValueError(f"--mesh axis {axis!r} is not one of data, fsdp, tensor")
-    sizes[axis] = int(size)
+    try:
+      sizes[axis] = int(size)
+    except ValueError:
+      raise ValueError(f"--mesh {axis}={size!r}: the size is not an integer") from None
   if "data" not in sizes:
     sizes["data"] = 1 if -1 in sizes.values() else -1
   return MeshConfig(**sizes)
@@ -43,7 +46,7 @@ def resolve_config(args: argparse.Namespace) -> Config:
   overrides = [p for p in (args.data or []) if _OVERRIDE.match(p)] + list(args.overrides)
   if args.precision:
     overrides.append(f"train.precision={args.precision}")
-  if args.steps:
+  if args.steps is not None:  # --steps 0 is an error, not "the preset's steps"
     overrides.append(f"train.steps={args.steps}")
   if args.task:
     overrides.append(f"train.task={args.task}")
@@ -75,7 +78,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
   loaded = _load(args.workdir)
   n = args.max_new_tokens
   if n is None:  # fill the context: +1 for the bos token generate_text prepends
-    n = min(200, loaded.config.model.max_len - len(loaded.tokenizer.encode(args.prompt)) - 1)
+    prompt_len = len(loaded.tokenizer.encode(args.prompt)) + 1
+    n = min(200, loaded.config.model.max_len - prompt_len)
+    if n < 1:
+      raise ValueError(f"the prompt is {prompt_len} tokens (with bos), which leaves no room in "
+                       f"the model's context of model.max_len={loaded.config.model.max_len}; "
+                       "shorten it")
   text = generate_text(loaded.config.model, loaded.precision, loaded.params, loaded.tokenizer,
                        args.prompt, max_new_tokens=n, seed=args.seed,
                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
@@ -86,6 +94,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
   from llm_mp import inference  # pylint: disable=import-outside-toplevel
   print(json.dumps(inference.evaluate_run(args.workdir, args.data or None), sort_keys=True))
+  return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+  from llm_mp.config import describe  # pylint: disable=import-outside-toplevel
+  print(describe(get_preset(args.preset) if args.preset else Config()))
   return 0
 
 
@@ -100,7 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
   sub = parser.add_subparsers(dest="command", required=True)
 
   p = sub.add_parser("train", help="train (or resume) a run in --workdir",
-                     description="Train a model; re-running on the same --workdir resumes.")
+                     description="Train a model; re-running on the same --workdir resumes.",
+                     epilog="`llm-mp config [--preset NAME]` lists every config field with its "
+                            "type, value and meaning.")
   p.add_argument("--workdir", required=True, help="run directory (config, checkpoints, metrics)")
   p.add_argument("--preset", metavar="NAME",
                  help=f"named config: {', '.join(sorted(PRESETS))} (default: the workdir's, "
@@ -137,6 +153,12 @@ def build_parser() -> argparse.ArgumentParser:
                  help="evaluate on these files instead of the run's validation split")
   p.set_defaults(fn=cmd_eval)
 
+  p = sub.add_parser("config", help="list every config field: type, value, meaning (Markdown)")
+  p.add_argument("--preset", metavar="NAME",
+                 help=f"show this preset's values: {', '.join(sorted(PRESETS))} (default: the "
+                      "field defaults)")
+  p.set_defaults(fn=cmd_config)
+
   p = sub.add_parser("bench", help="time the train step; prints JSON (see experiments/benchmark)",
                      add_help=False)
   p.add_argument("bench_args", nargs=argparse.REMAINDER)
@@ -151,7 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   absl_logging.set_verbosity(absl_logging.ERROR)
   try:
     return args.fn(args)
-  except (ValueError, FileNotFoundError, NotADirectoryError) as e:
+  except (ValueError, OSError) as e:  # OSError: e.g. a permission or a full disk
     print(f"llm-mp {args.command}: error: {e}", file=sys.stderr)
     return 2
 

@@ -12,7 +12,11 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import inspect
 import json
+import re
+import types
+import typing
 from typing import Any, Mapping, Sequence
 
 NORMS = ("layernorm", "rmsnorm")
@@ -50,17 +54,20 @@ class ModelConfig:
 
   family: str = "decoder"  # "decoder" (causal LM) or "encoder" (bidirectional, BERT-style)
   vocab_size: int = 259  # 256 bytes + 3 specials (the byte tokenizer's size)
+  # The embedding and head are padded to a multiple of this (e.g. 64, so a tensor
+  # axis divides them); the padded logits are masked, so loss and samples are unchanged.
+  vocab_multiple: int = 1
   d_model: int = 64  # width of the residual stream
-  n_layers: int = 2
-  n_heads: int = 4
+  n_layers: int = 2  # Transformer blocks
+  n_heads: int = 4  # attention (query) heads; must divide d_model
   n_kv_heads: int | None = None  # < n_heads gives grouped-query attention; None = n_heads
   d_ff: int | None = None  # hidden width of the MLP; None = 4*d_model (8/3*d_model for GLU MLPs)
   max_len: int = 128  # longest sequence the positions support
   dropout: float = 0.0  # on attention output, MLP output and embeddings
   norm: str = "layernorm"  # "layernorm" (GPT-2) or "rmsnorm" (LLaMA)
-  norm_eps: float = 1e-5
+  norm_eps: float = 1e-5  # added to the variance in the norms
   position: str = "learned"  # "learned" (GPT-2), "rope" (LLaMA), "sinusoidal" (Vaswani et al.)
-  rope_theta: float = 10_000.0
+  rope_theta: float = 10_000.0  # RoPE base frequency
   mlp: str = "gelu"  # "gelu"/"relu" two-layer MLP, or "swiglu"/"geglu" gated
   use_bias: bool = True  # biases in dense layers and LayerNorm (GPT-2: yes, LLaMA: no)
   tie_embeddings: bool = True  # logits use the transposed token embedding
@@ -74,11 +81,11 @@ class ModelConfig:
   moe_z_weight: float = 1e-3  # weight of the router z-loss mean(logsumexp(router logits)^2)
   n_classes: int = 2  # outputs of the classification head (task "classify")
   pool: str = "first"  # classification input: "first" token or "mean" over real tokens
-  init_std: float = 0.02
+  init_std: float = 0.02  # std of the normal initialisation of weights
 
   def __post_init__(self):
     s = "model"
-    for f in ("vocab_size", "d_model", "n_layers", "n_heads", "max_len"):
+    for f in ("vocab_size", "vocab_multiple", "d_model", "n_layers", "n_heads", "max_len"):
       _check_positive(s, f, getattr(self, f))
     _check_choice(s, "norm", self.norm, NORMS)
     _check_choice(s, "position", self.position, POSITIONS)
@@ -119,22 +126,30 @@ class ModelConfig:
     return self.n_kv_heads or self.n_heads
 
   @property
+  def padded_vocab(self) -> int:
+    """Rows of the embedding / columns of the logits: vocab_size rounded up to vocab_multiple."""
+    return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
+
+  @property
   def ff_dim(self) -> int:
     if self.d_ff is not None:
       return self.d_ff
     if self.mlp in ("swiglu", "geglu"):
-      return 256 * ((8 * self.d_model // 3 + 255) // 256) if self.d_model >= 256 else 8 * self.d_model // 3
+      # 8/3 d_model keeps the parameter count of a 4 d_model MLP; rounded up to a
+      # multiple that tensor axes of 2, 4, ... divide (d_model=128: 341 -> 384).
+      m = 256 if self.d_model >= 256 else 64
+      return m * -(-(8 * self.d_model // 3) // m)
     return 4 * self.d_model
 
   @classmethod
-  def gpt2(cls, **kw) -> "ModelConfig":
+  def gpt2(cls, **kw) -> ModelConfig:
     """GPT-2: LayerNorm with bias, learned positions, GELU MLP, tied embeddings."""
     base = dict(norm="layernorm", position="learned", mlp="gelu", use_bias=True,
                 tie_embeddings=True)
     return cls(**{**base, **kw})
 
   @classmethod
-  def llama(cls, **kw) -> "ModelConfig":
+  def llama(cls, **kw) -> ModelConfig:
     """LLaMA: RMSNorm, rotary positions, SwiGLU MLP, no biases, untied head."""
     base = dict(norm="rmsnorm", position="rope", mlp="swiglu", use_bias=False,
                 tie_embeddings=False, norm_eps=1e-6)
@@ -145,21 +160,25 @@ class ModelConfig:
 class OptimConfig:
   """Optimizer, schedule, clipping, weight decay and gradient accumulation."""
 
-  name: str = "adamw"
+  name: str = "adamw"  # "adamw", "adam", "sgd", "rmsprop" or "adagrad"
   lr: float = 1e-3  # peak learning rate
-  warmup_steps: int = 100
+  warmup_steps: int = 100  # linear warm-up from 0 to lr
   schedule: str = "cosine"  # decay after warm-up: "cosine", "linear" (to end_lr) or "constant"
   end_lr_ratio: float = 0.1  # final lr as a fraction of the peak
-  b1: float = 0.9
+  b1: float = 0.9  # gradient decay of adam(w)
   b2: float = 0.95  # squared-gradient decay of adam(w) and rmsprop
-  eps: float = 1e-8
+  eps: float = 1e-8  # added to the denominator of adaptive optimizers
   momentum: float = 0.9  # sgd and rmsprop
-  weight_decay: float = 0.1
+  weight_decay: float = 0.1  # decoupled (adamw) or L2 decay of matrices
   decay_norms: bool = False  # whether weight decay also applies to norm scales
-  decay_biases: bool = False
-  decay_embeddings: bool = False
+  decay_biases: bool = False  # whether weight decay also applies to biases
+  decay_embeddings: bool = False  # ... and to embedding tables
   clip_norm: float | None = 1.0  # global-norm clipping of unscaled gradients; None = off
   grad_accum_steps: int = 1  # micro-batches per optimizer update
+  # Length of the lr schedule. None = train.steps when the run is created; the
+  # trainer then stores it, so changing train.steps on resume (extending or
+  # stopping a run early) leaves the learning-rate curve as it was.
+  schedule_steps: int | None = None
 
   def __post_init__(self):
     s = "optim"
@@ -171,6 +190,8 @@ class OptimConfig:
     _check_positive(s, "grad_accum_steps", self.grad_accum_steps)
     if self.clip_norm is not None:
       _check_positive(s, "clip_norm", self.clip_norm)
+    if self.schedule_steps is not None:
+      _check_positive(s, "schedule_steps", self.schedule_steps)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,9 +202,9 @@ class DataConfig:
   # Labelled data only: validation files (e.g. SST-2 dev.tsv); () = hold out val_fraction.
   val_paths: tuple[str, ...] = ()
   tokenizer: str = "byte"  # "byte" (256 + specials) or "bpe" (trained with `tokenizers`)
-  bpe_vocab_size: int = 1024
+  bpe_vocab_size: int = 1024  # size of the trained BPE vocabulary (specials included)
   seq_len: int = 128  # tokens per packed row
-  val_fraction: float = 0.05  # fraction of documents held out for validation
+  val_fraction: float = 0.05  # fraction of the text held out for validation; 0 = no evaluation
   min_doc_chars: int = 16  # shorter documents are dropped during cleaning
   skip_bad_files: bool = False  # skip non-UTF-8 files with a warning instead of failing
   max_docs: int | None = None  # keep only the first N documents (quick runs)
@@ -257,22 +278,22 @@ class TrainConfig:
   """The training loop: length, batch, precision, logging and checkpoints."""
 
   task: str = "auto"  # "lm", "mlm", "classify"; "auto": lm for decoders, mlm for encoders
-  steps: int = 300
+  steps: int = 300  # optimizer updates; may change on resume (see optim.schedule_steps)
   batch_size: int = 16  # rows per optimizer update (split into grad_accum_steps micro-batches)
   precision: str = "fp32"  # a preset of llm_mp.precision: fp32, bf16, fp16, pure_bf16
   loss_scale: str = "auto"  # "auto" (the preset's), "none", "static", "dynamic"
-  init_loss_scale: float = 2.0**15
+  init_loss_scale: float = 2.0**15  # first loss scale (static or dynamic scaling)
   loss_scale_period: int = 2000  # finite steps before a dynamic scale grows
   z_loss: float = 0.0  # weight of log(Z)^2, keeps logits from drifting
   mlm_probability: float = 0.15  # masked LM: fraction of real tokens selected (80/10/10)
-  seed: int = 0
-  log_every: int = 10
-  eval_every: int = 100
-  eval_batches: int = 8
-  ckpt_every: int = 100
-  keep_checkpoints: int = 3
-  sample_prompt: str = "The "
-  sample_tokens: int = 200
+  seed: int = 0  # parameter init, dropout and data shuffling
+  log_every: int = 10  # steps between metrics.jsonl records
+  eval_every: int = 100  # steps between evaluations (and samples)
+  eval_batches: int = 8  # validation batches per evaluation
+  ckpt_every: int = 100  # steps between checkpoints
+  keep_checkpoints: int = 3  # newest checkpoints kept on disk
+  sample_prompt: str = "The "  # at each evaluation a sample continues it (log, TensorBoard)
+  sample_tokens: int = 200  # its length (clipped to the context); 0 = no sample
   # Fine-tuning: start from another run's latest checkpoint (its backbone
   # parameters and tokenizer; heads it lacks are initialised fresh).
   init_from: str | None = None
@@ -291,6 +312,7 @@ class TrainConfig:
     _check_positive(s, "backbone_lr_scale", self.backbone_lr_scale, allow_zero=True)
     _check_positive(s, "init_loss_scale", self.init_loss_scale)
     _check_positive(s, "z_loss", self.z_loss, allow_zero=True)
+    _check_positive(s, "sample_tokens", self.sample_tokens, allow_zero=True)
     if not 0.0 < self.mlm_probability < 1.0:
       raise ValueError(f"train.mlm_probability={self.mlm_probability!r} must be in (0, 1)")
 
@@ -320,7 +342,12 @@ class Config:
     return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
   @classmethod
-  def from_dict(cls, d: Mapping[str, Any]) -> "Config":
+  def from_dict(cls, d: Mapping[str, Any]) -> Config:
+    """The Config of a ``to_dict()`` (e.g. a loaded config.json); missing keys take
+    defaults. Raises ValueError naming ``section.field`` for an unknown key or a
+    value of the wrong type (``"steps": 10.0`` for an int field)."""
+    if not isinstance(d, Mapping):
+      raise ValueError(f"expected an object of config sections, got {type(d).__name__}")
     sections = {f.name: f.type for f in dataclasses.fields(cls)}
     unknown = set(d) - set(sections)
     if unknown:
@@ -329,8 +356,13 @@ class Config:
     for f in dataclasses.fields(cls):
       if f.name in d:
         section_cls = type(getattr(cls(), f.name))
-        _check_keys(f.name, section_cls, d[f.name])
-        kwargs[f.name] = section_cls(**d[f.name])
+        values = d[f.name]
+        if not isinstance(values, Mapping):
+          raise ValueError(f"config section {f.name!r} must be an object, got {values!r}")
+        _check_keys(f.name, section_cls, values)
+        hints = typing.get_type_hints(section_cls)
+        kwargs[f.name] = section_cls(**{k: _check_type(f"{f.name}.{k}", hints[k], v)
+                                        for k, v in values.items()})
     return cls(**kwargs)
 
 
@@ -342,17 +374,103 @@ def _check_keys(section: str, section_cls: type, values: Mapping[str, Any]) -> N
                      f"known: {sorted(known)}")
 
 
-def _parse_value(text: str) -> Any:
-  """'3' -> 3, '1e-3' -> 0.001, 'true' -> True, 'none' -> None, 'a,b' -> ('a', 'b')."""
-  low = text.lower()
-  if low in ("true", "false"):
-    return low == "true"
-  if low in ("none", "null"):
+def _type_name(tp: Any) -> str:
+  if typing.get_origin(tp) is not None or isinstance(tp, types.UnionType):
+    return str(tp).replace("typing.", "")
+  return getattr(tp, "__name__", str(tp))
+
+
+def _optional(tp: Any) -> tuple[Any, bool]:
+  """``int | None`` -> (int, True); ``int`` -> (int, False)."""
+  if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if len(args) == 1:
+      return args[0], len(args) < len(typing.get_args(tp))
+  return tp, False
+
+
+def _check_type(key: str, tp: Any, value: Any) -> Any:
+  """``value`` (from JSON or a preset) as field ``key``'s declared type ``tp``.
+
+  Ints are accepted for float fields (and become floats); lists for tuple
+  fields. Raises ValueError naming the field, its type and the value.
+  """
+  base, optional = _optional(tp)
+  if value is None and optional:
     return None
-  try:
-    return ast.literal_eval(text)
-  except (ValueError, SyntaxError):
+  bad = ValueError(f"{key}={value!r} is not of type {_type_name(tp)}")
+  if base is bool:
+    if not isinstance(value, bool):
+      raise bad
+  elif base is int:
+    if isinstance(value, bool) or not isinstance(value, int):
+      raise bad
+  elif base is float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+      raise bad
+    value = float(value)
+  elif base is str:
+    if not isinstance(value, str):
+      raise bad
+  elif typing.get_origin(base) is tuple:
+    if not isinstance(value, (list, tuple)):
+      raise bad
+    item = typing.get_args(base)[0]
+    if item is str and not all(isinstance(v, str) for v in value):
+      raise bad
+    value = tuple(value)
+  return value
+
+
+_TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
+
+
+def _parse_value(key: str, tp: Any, text: str) -> Any:
+  """Override text as field ``key``'s declared type ``tp``.
+
+  ``int``: '3', or an integral float such as '1e4'; ``float``: '1e-3';
+  ``bool``: true/false/1/0/yes/no; ``X | None``: also 'none'/'null'; ``str``:
+  the text as is ('none' is a loss-scale kind, not None); ``tuple[str, ...]``:
+  comma-separated ('' = empty) or a Python literal; ``mesh.rules``: a Python literal.
+
+  Raises ValueError naming the field, its type and the text.
+  """
+  base, optional = _optional(tp)
+  if optional and text.strip().lower() in ("none", "null"):
+    return None
+  bad = ValueError(f"{key}={text!r} is not of type {_type_name(tp)}")
+  if base is bool:
+    low = text.strip().lower()
+    if low not in _TRUE + _FALSE:
+      raise bad
+    return low in _TRUE
+  if base is int:
+    try:
+      return int(text)
+    except ValueError:
+      pass
+    try:
+      x = float(text)
+    except ValueError:
+      raise bad from None
+    if not x.is_integer():
+      raise bad
+    return int(x)
+  if base is float:
+    try:
+      return float(text)
+    except ValueError:
+      raise bad from None
+  if base is str:
     return text
+  if typing.get_origin(base) is tuple and typing.get_args(base)[0] is str \
+      and not text.lstrip().startswith(("(", "[")):  # a literal: ('a.txt', 'b,c.txt')
+    return tuple(p.strip() for p in text.split(",") if p.strip())
+  try:  # mesh.rules: (('mlp', 'tensor'),)
+    value = ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    raise bad from None
+  return _check_type(key, tp, value)
 
 
 def apply_overrides(config: Config, overrides: Sequence[str]) -> Config:
@@ -374,8 +492,8 @@ def apply_overrides(config: Config, overrides: Sequence[str]) -> Config:
                        f"known: {sorted(d)}")
     if field not in d[section]:
       raise ValueError(f"unknown key {key!r}; known: {sorted(d[section])}")
-    # A string field takes the text as is ("none" is a loss-scale kind, not None).
-    d[section][field] = value if isinstance(d[section][field], str) else _parse_value(value)
+    section_cls = type(getattr(config, section))
+    d[section][field] = _parse_value(key, typing.get_type_hints(section_cls)[field], value)
   return Config.from_dict(d)
 
 
@@ -384,8 +502,8 @@ def _tiny() -> Config:
   # unigram plateau in ~100 steps on the default corpus, where learned positions
   # (gpt2_tiny) take ~400 (measured 2026-11-23: loss 1.89 vs 2.53 at step 300).
   return Config(
-      model=ModelConfig.llama(vocab_size=259, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2,
-                              max_len=128),
+      model=ModelConfig.llama(vocab_size=259, vocab_multiple=64, d_model=128, n_layers=4,
+                              n_heads=4, n_kv_heads=2, max_len=128),
       optim=OptimConfig(lr=2e-3, warmup_steps=50),
       data=DataConfig(seq_len=128),
       train=TrainConfig(steps=600, batch_size=16, log_every=20, eval_every=200, ckpt_every=200),
@@ -395,7 +513,8 @@ def _tiny() -> Config:
 def _gpt2_tiny() -> Config:
   c = _tiny()
   return dataclasses.replace(
-      c, model=ModelConfig.gpt2(vocab_size=259, d_model=128, n_layers=4, n_heads=4, max_len=128))
+      c, model=ModelConfig.gpt2(vocab_size=259, vocab_multiple=64, d_model=128, n_layers=4,
+                                n_heads=4, max_len=128))
 
 
 def _gpt2_124m() -> Config:
@@ -423,9 +542,10 @@ def _llama_1b() -> Config:
 
 
 def _nanogpt_cpu() -> Config:
-  # nanoGPT's small CPU configuration, the CPU speed reference in shared/bench.
+  # nanoGPT's small CPU configuration, the CPU speed reference in shared/bench, with
+  # the default byte tokenizer's vocabulary (nanoGPT's 65 characters need its own).
   return Config(
-      model=ModelConfig.gpt2(vocab_size=65, d_model=128, n_layers=4, n_heads=4, max_len=64),
+      model=ModelConfig.gpt2(vocab_size=259, d_model=128, n_layers=4, n_heads=4, max_len=64),
       optim=OptimConfig(lr=6e-4, warmup_steps=0, schedule="constant", clip_norm=None),
       data=DataConfig(seq_len=64),
       train=TrainConfig(steps=2000, batch_size=12),
@@ -474,6 +594,50 @@ PRESETS = {
     "encoder_tiny": _encoder_tiny,
     "bert_base": _bert_base,
 }
+
+
+_FIELD_LINE = re.compile(r"^  (\w+): [^=]+?(?: = .*?)?(?:  # (.*))?$")
+
+
+def field_docs(section_cls: type) -> dict[str, str]:
+  """``{field: meaning}`` from the comments in ``section_cls``'s source: the
+  field line's trailing comment, after any comment lines just above it."""
+  docs, above = {}, []
+  for line in inspect.getsource(section_cls).splitlines():
+    stripped = line.strip()
+    if line.startswith("  #"):
+      above.append(stripped.lstrip("# "))
+      continue
+    m = _FIELD_LINE.match(line)
+    if m and not stripped.startswith(("def ", "@", "return")):
+      docs[m.group(1)] = " ".join(above + ([m.group(2)] if m.group(2) else []))
+    above = []
+  return docs
+
+
+def describe(config: Config | None = None) -> str:
+  """Every config field as a Markdown table per section: ``section.field``, its
+  type, its value in ``config`` (default: ``Config()``) and its meaning.
+  ``llm-mp config`` prints it; docs/configuration.md is its output."""
+  config = Config() if config is None else config
+  lines = []
+  for f in dataclasses.fields(Config):
+    section = getattr(config, f.name)
+    cls = type(section)
+    lines += [f"## {f.name}", "", (cls.__doc__ or "").strip().splitlines()[0], "",
+              "| field | type | value | meaning |", "|---|---|---|---|"]
+    hints, docs = typing.get_type_hints(cls), field_docs(cls)
+    for g in dataclasses.fields(cls):
+      value = json.dumps(_flat_value(getattr(section, g.name)))
+      kind = _type_name(hints[g.name]).replace(" | ", " or ")  # "|" would end the cell
+      lines.append(f"| `{f.name}.{g.name}` | `{kind}` | `{value}` | "
+                   f"{docs.get(g.name, '').replace('|', '/')} |")
+    lines.append("")
+  return "\n".join(lines)
+
+
+def _flat_value(v: Any) -> Any:
+  return [_flat_value(x) for x in v] if isinstance(v, tuple) else v
 
 
 def get_preset(name: str) -> Config:

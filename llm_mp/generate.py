@@ -145,7 +145,9 @@ def _generate(params, prompt, rng, *, config, precision, max_new_tokens, tempera
     positions = start + jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     logits, mutated = model.apply({"params": params, "cache": cache}, tokens,
                                   positions=positions, mutable=["cache"])
-    return logits[:, -1], mutated["cache"]
+    # Padded vocabulary columns (model.vocab_multiple) are dropped, not just masked,
+    # so the random draws, hence the samples, are those of the unpadded model.
+    return logits[:, -1, :config.vocab_size], mutated["cache"]
 
   def emit(i, logits, out, done):  # samples new token i, writes it at P + i
     token = sample(logits, jax.random.fold_in(rng, i))

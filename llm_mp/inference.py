@@ -83,14 +83,15 @@ def evaluate_run(workdir: str, paths: Sequence[str] | None = None) -> dict[str, 
   if task.name == "classify":  # labelled files: ``paths`` replace the validation files
     if paths:
       cfg = dataclasses.replace(cfg, val_paths=tuple(paths))
-    prepared = data.prepare_labelled(cfg, workdir, tokenizer=run.tokenizer)
+    prepared = data.prepare_labelled(cfg, workdir, tokenizer=run.tokenizer, write=False)
     batches = data.make_labelled_eval_iterator(prepared.val, batch)
     return {"step": run.step,
             **evaluate(eval_fn, {"params": run.params}, batches, run.mesh, run.rules, task)}
-  if paths:
-    cfg = dataclasses.replace(cfg, paths=tuple(paths))
-  prepared = data.prepare_data(cfg, workdir, tokenizer=run.tokenizer)
-  splits = [prepared.train, prepared.val] if paths else [prepared.val]
+  if paths:  # all of the given text counts: no validation split is held out of it
+    cfg = dataclasses.replace(cfg, paths=tuple(paths), val_fraction=0.0)
+  # write=False: an evaluator never writes into the run (it may be read-only or training).
+  prepared = data.prepare_data(cfg, workdir, tokenizer=run.tokenizer, write=False)
+  splits = [prepared.train] if paths else [prepared.val]
   totals = {"loss_sum": 0.0, "tokens": 0.0}
   for split in splits:
     batches = data.make_eval_iterator(dataclasses.replace(prepared, val=split), batch)

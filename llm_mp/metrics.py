@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from typing import Any, Mapping
 
 import numpy as np
@@ -32,10 +33,13 @@ def params_without_positions(params: Any) -> int:
 
 
 def to_python(metrics: Mapping[str, Any]) -> dict[str, Any]:
-  """Device scalars -> plain floats/ints/bools for JSON; vectors (e.g. the MoE
+  """Device scalars -> plain floats/ints/bools for JSON; strings pass through; vectors (e.g. the MoE
   per-expert load) -> lists of floats."""
   out = {}
   for k, v in metrics.items():
+    if isinstance(v, str):
+      out[k] = v
+      continue
     v = np.asarray(v)
     if v.ndim:
       out[k] = [float(x) for x in v.reshape(-1)]
@@ -50,12 +54,16 @@ def to_python(metrics: Mapping[str, Any]) -> dict[str, Any]:
 
 class MetricsWriter:
   """Appends one JSON object per call to ``workdir/metrics.jsonl`` and mirrors
-  scalars to TensorBoard event files under ``workdir/tensorboard``.
+  scalars (and strings, as text) to TensorBoard event files under
+  ``workdir/tensorboard``.
 
-  Only process 0 writes (pass ``enabled=False`` elsewhere).
+  Only process 0 writes (pass ``enabled=False`` elsewhere). ``purge_step``:
+  TensorBoard drops events at and after it that an earlier, interrupted run
+  wrote (a resumed run writes them again).
   """
 
-  def __init__(self, workdir: str, enabled: bool = True, tensorboard: bool = True):
+  def __init__(self, workdir: str, enabled: bool = True, tensorboard: bool = True,
+               purge_step: int | None = None):
     self.enabled = enabled
     self._jsonl = None
     self._tb = None
@@ -65,7 +73,7 @@ class MetricsWriter:
     self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
     if tensorboard:
       from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=purge_step)
 
   def write(self, step: int, metrics: Mapping[str, Any]) -> None:
     if not self.enabled:
@@ -75,6 +83,9 @@ class MetricsWriter:
     self._jsonl.flush()
     if self._tb is not None:
       for k, v in record.items():
+        if isinstance(v, str):
+          self._tb.add_text(k, v, int(step))
+          continue
         values = enumerate(v) if isinstance(v, list) else [(None, v)]
         for i, x in values:  # a vector becomes scalars "name/0", "name/1", ...
           if k != "step" and isinstance(x, (int, float)) and math.isfinite(x):
@@ -88,12 +99,55 @@ class MetricsWriter:
 
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
-  """All records of ``workdir/metrics.jsonl`` (for plots and tests)."""
+  """All records of ``workdir/metrics.jsonl`` (for plots and tests).
+
+  A line that is not a JSON object (e.g. cut short by a kill mid-write) is
+  skipped with a ``UserWarning`` naming the file and line.
+  """
   path = os.path.join(workdir, "metrics.jsonl")
   if not os.path.exists(path):
     return []
-  with open(path, encoding="utf-8") as f:
-    return [json.loads(line) for line in f if line.strip()]
+  records = []
+  with open(path, encoding="utf-8", errors="replace") as f:
+    for lineno, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError:
+        record = None
+      if not isinstance(record, dict):
+        warnings.warn(f"{path}:{lineno}: not a JSON object, skipped", stacklevel=2)
+        continue
+      records.append(record)
+  return records
+
+
+def truncate_metrics(workdir: str, step: int) -> None:
+  """Keeps only the whole, valid records of ``workdir/metrics.jsonl`` with
+  ``"step" <= step`` (the step a resumed run restarts after), so each step
+  appears once and a line cut short by a kill cannot swallow the next one."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return
+  with open(path, "rb") as f:
+    raw = f.read()
+  kept = []
+  for line in raw.split(b"\n")[:-1]:  # the part after the last newline is a partial line
+    try:
+      record = json.loads(line)
+    except ValueError:  # JSONDecodeError and UnicodeDecodeError
+      continue
+    if isinstance(record, dict) and isinstance(record.get("step"), int) \
+        and record["step"] <= step:
+      kept.append(line + b"\n")
+  text = b"".join(kept)
+  if text == raw:
+    return
+  tmp = path + ".tmp"
+  with open(tmp, "wb") as f:
+    f.write(text)
+  os.replace(tmp, path)
 
 
 def progress_bar(total: int, initial: int, enabled: bool = True):

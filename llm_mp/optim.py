@@ -38,8 +38,11 @@ def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
 
   Linear warm-up from 0 to ``cfg.lr`` over ``warmup_steps``, then cosine or
   linear decay reaching ``lr * end_lr_ratio`` at ``total_steps`` (and staying
-  there), or constant ``lr``.
+  there), or constant ``lr``. ``cfg.schedule_steps``, when set, replaces
+  ``total_steps`` (a run's schedule is fixed when it is created).
   """
+  if cfg.schedule_steps is not None:
+    total_steps = cfg.schedule_steps
   decay_steps = max(total_steps - cfg.warmup_steps, 1)
   if cfg.schedule == "cosine":
     decay = optax.cosine_decay_schedule(cfg.lr, decay_steps, alpha=cfg.end_lr_ratio)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import json
 import math
 import os
@@ -19,14 +20,26 @@ import time
 from typing import Any, Iterator
 
 import jax
-import numpy as np
 
 from llm_mp import checkpoint, data, sharding
 from llm_mp.config import Config
-from llm_mp.metrics import (MetricsWriter, bar_postfix, flops_per_token,
-                            params_without_positions, progress_bar, to_python)
-from llm_mp.builder import (Recipe, build_recipe, check_init_from, load_backbone,
-                            restore_run_params)
+from llm_mp.builder import (
+  Recipe,
+  build_recipe,
+  check_init_from,
+  load_backbone,
+  restore_run_params,
+)
+from llm_mp.generate import generate_text
+from llm_mp.metrics import (
+  MetricsWriter,
+  bar_postfix,
+  flops_per_token,
+  params_without_positions,
+  progress_bar,
+  to_python,
+  truncate_metrics,
+)
 from llm_mp.precision import make_precision
 from llm_mp.state import param_count
 from llm_mp.step import make_eval_step, make_train_step
@@ -36,13 +49,114 @@ from llm_mp.tasks import LM_BATCH_AXES, Task, task_name
 RESUMABLE_FIELDS = {
     "train.steps", "train.log_every", "train.eval_every", "train.eval_batches",
     "train.ckpt_every", "train.keep_checkpoints", "train.sample_prompt", "train.sample_tokens",
+    # The corpus may move: data.paths are stored absolute, and CORPUS_FILE's hash of
+    # the cleaned text is what must not change.
+    "data.paths",
     # Checkpoints restore onto any mesh (orbax reshards); only reduction order changes.
     "mesh.data", "mesh.fsdp", "mesh.tensor", "mesh.rules",
 }
 
 
+LOCK_FILE = "train.lock"  # flock'ed by the trainer for its life; holds its pid
+CORPUS_FILE = "corpus.json"  # the data paths and the SHA-256 of the cleaned corpus
+
+
 class ConfigConflictError(ValueError):
   """The requested config differs from the one the workdir was created with."""
+
+
+class WorkdirBusyError(ValueError):
+  """Another trainer holds the workdir's lock."""
+
+
+def check_workdir(workdir: str) -> None:
+  """Raises ValueError (one line) for a workdir that cannot be a run directory:
+  empty, an existing file, or one that is not writable. Writes nothing."""
+  if not workdir:
+    raise ValueError("--workdir is empty: name a run directory")
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ValueError(f"workdir {workdir} is a file, not a directory")
+  existing = workdir
+  while not os.path.exists(existing):  # the nearest existing parent must be writable
+    existing = os.path.dirname(os.path.abspath(existing))
+  if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+    raise ValueError(f"workdir {workdir} is not writable ({existing} is read-only or a file)")
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str):
+  """Holds an exclusive OS lock on ``workdir/train.lock`` for the ``with`` block.
+
+  The lock is released on any exit, a crash or SIGKILL included (the kernel
+  drops it with the file descriptor), so it is never stale. Readers (eval,
+  generate) do not take it.
+
+  Raises:
+    WorkdirBusyError: another process holds it; the message names its pid.
+  """
+  os.makedirs(workdir, exist_ok=True)
+  fd = os.open(os.path.join(workdir, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+  try:
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+      raise WorkdirBusyError(f"workdir {workdir} is in use by another trainer (pid {holder}); "
+                             "wait for it to finish or use another --workdir") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+    yield
+  finally:
+    os.close(fd)
+
+
+def with_absolute_paths(config: Config) -> Config:
+  """``config`` with ``data.paths``, ``data.val_paths`` and ``train.init_from``
+  made absolute, so a run resumes from any directory."""
+  d, t = config.data, config.train
+  absolute = lambda paths: tuple(os.path.abspath(p) for p in paths)
+  init_from = os.path.abspath(t.init_from) if t.init_from else t.init_from
+  return dataclasses.replace(
+      config, data=dataclasses.replace(d, paths=absolute(d.paths), val_paths=absolute(d.val_paths)),
+      train=dataclasses.replace(t, init_from=init_from))
+
+
+def with_schedule_steps(config: Config, old: Config | None) -> Config:
+  """Fixes ``optim.schedule_steps`` (the lr schedule's length) when it is None:
+  the workdir's value if it has one (an older workdir: its ``train.steps``),
+  else ``train.steps`` of this new run."""
+  if config.optim.schedule_steps is not None:
+    return config
+  if old is None:
+    n = config.train.steps
+  else:
+    n = old.optim.schedule_steps or old.train.steps
+  return dataclasses.replace(config, optim=dataclasses.replace(config.optim, schedule_steps=n))
+
+
+def check_corpus(workdir: str, paths: tuple[str, ...], sha256: str, write: bool) -> None:
+  """Raises ConfigConflictError if ``workdir`` was trained on another corpus text;
+  else records ``paths`` and ``sha256`` in ``workdir/corpus.json`` (when ``write``)."""
+  path = os.path.join(workdir, CORPUS_FILE)
+  if os.path.isfile(path):
+    try:
+      with open(path, encoding="utf-8") as f:
+        old = json.load(f)
+      old_sha = old["sha256"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+      raise ValueError(f"{path} is unreadable ({e}); delete it to accept the current "
+                       "corpus") from None
+    if old_sha != sha256:
+      where = ", ".join(old.get("paths") or ["the embedded corpus"])
+      raise ConfigConflictError(
+          f"workdir {workdir} was trained on a corpus ({where}) with sha256 {old_sha[:12]}, "
+          f"but the data now has sha256 {sha256[:12]}: its text changed; use a new --workdir "
+          "or the original data")
+  if write:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+      json.dump({"paths": list(paths), "sha256": sha256}, f, indent=2)
+    os.replace(tmp, path)
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -57,12 +171,25 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def stored_config(workdir: str) -> Config | None:
-  """The config a workdir was created with, or None for a new workdir."""
+  """The config a workdir was created with, or None for a new workdir.
+
+  Raises:
+    ValueError: config.json is unreadable, not JSON or not a valid config; the
+      message starts with its path.
+  """
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     return None
-  with open(path, encoding="utf-8") as f:
-    return Config.from_dict(json.load(f))
+  try:
+    with open(path, encoding="utf-8") as f:
+      text = f.read()
+    if not text.strip():
+      raise ValueError("the file is empty")
+    return Config.from_dict(json.loads(text))
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path}: invalid JSON at line {e.lineno} ({e.msg})") from None
+  except (OSError, UnicodeDecodeError, ValueError, TypeError) as e:
+    raise ValueError(f"{path}: {e}") from None
 
 
 def check_config(workdir: str, config: Config) -> None:
@@ -70,6 +197,7 @@ def check_config(workdir: str, config: Config) -> None:
   old = stored_config(workdir)
   if old is None:
     return
+  old, config = with_schedule_steps(old, old), with_schedule_steps(config, old)
   a, b = _flatten(old.to_dict()), _flatten(config.to_dict())
   diff = sorted(k for k in a if a[k] != b.get(k) and k not in RESUMABLE_FIELDS)
   if diff:
@@ -226,31 +354,89 @@ def _stop_on_signal():
       signal.signal(sig, old)
 
 
+def check_data(config: Config, prepared: data.PreparedData | data.PreparedLabelled) -> bool:
+  """Checks before step 1 what would otherwise fail later: the tokenizer fits
+  the model, the training split packs into rows, and evaluation has rows.
+
+  Returns whether evaluation is on (``data.val_fraction > 0``; labelled data
+  always has validation rows, ``prepare_labelled`` checks that).
+
+  Raises:
+    ValueError: naming the field (and the split) at fault.
+  """
+  if config.model.vocab_size < prepared.tokenizer.vocab_size:
+    raise ValueError(f"model.vocab_size={config.model.vocab_size} is smaller than the "
+                     f"tokenizer's vocabulary ({prepared.tokenizer.vocab_size})")
+  if isinstance(prepared, data.PreparedLabelled):
+    return True
+  seq_len, pad = config.data.seq_len, prepared.tokenizer.pad_id
+  data.PackedRows(prepared.train, seq_len, pad)  # raises on an empty training split
+  if config.data.val_fraction == 0:
+    return False
+  if prepared.val.num_tokens < 2:
+    raise ValueError(f"data.val_fraction={config.data.val_fraction} leaves no validation text "
+                     f"({prepared.summary.documents} document(s)); add data, or set "
+                     "data.val_fraction=0 to train without evaluation")
+  return True
+
+
+def _sample(config: Config, model: Any, params: Any, tokenizer: Any) -> str | None:
+  """Text of up to ``train.sample_tokens`` tokens after ``train.sample_prompt``
+  (temperature 0.8, seed ``train.seed``, clipped to the context), or None when
+  ``sample_tokens == 0`` or the prompt fills the context."""
+  t = config.train
+  if config.model.family != "decoder":  # only decoders continue a prompt
+    return None
+  room = config.model.max_len - len(tokenizer.encode(t.sample_prompt)) - 1  # -1: bos
+  n = min(t.sample_tokens, room)
+  if n < 1:
+    return None
+  return generate_text(config.model, model.precision, params, tokenizer, t.sample_prompt,
+                       max_new_tokens=n, seed=t.seed, temperature=0.8)
+
+
 def train(config: Config, workdir: str, verbose: bool = True,
           until: int | None = None) -> dict[str, Any]:
   """Trains (or resumes) a run in ``workdir``; returns the last logged metrics.
 
-  Writes ``config.json``, the tokenizer, ``metrics.jsonl``, TensorBoard events
-  and checkpoints under ``workdir``. On SIGINT/SIGTERM it saves a checkpoint
-  and returns with ``{"interrupted": signal name}``. ``until`` stops (with a
-  checkpoint) after that step, as a preempted job would; the schedule still
-  runs to ``train.steps``.
+  Writes ``config.json``, ``corpus.json``, the tokenizer, ``metrics.jsonl``,
+  TensorBoard events and checkpoints under ``workdir``, holding its lock
+  (:func:`workdir_lock`) throughout. Everything that can be checked before
+  step 1 is (config, workdir, data, vocabulary); nothing is written before the
+  config validates. On SIGINT/SIGTERM it saves a checkpoint and returns with
+  ``{"interrupted": signal name}``. ``until`` stops (with a checkpoint) after
+  that step, as a preempted job would; the schedule still runs to
+  ``optim.schedule_steps``.
   """
   sharding.maybe_initialize_distributed()
+  check_workdir(workdir)
+  config = with_schedule_steps(with_absolute_paths(config), stored_config(workdir))
   check_config(workdir, config)
   validate(config)
   is_main = jax.process_index() == 0
+  lock = workdir_lock(workdir) if is_main else contextlib.nullcontext()
+  with lock:
+    return _train_locked(config, workdir, verbose, until, is_main)
+
+
+def _train_locked(config: Config, workdir: str, verbose: bool, until: int | None,
+                  is_main: bool) -> dict[str, Any]:
   say = print if verbose and is_main else (lambda *a, **k: None)
   prepared, make_train_iter, make_eval_iter = prepare_task_data(config, workdir)
   say(prepared)
-  if config.model.vocab_size < prepared.tokenizer.vocab_size:
-    raise ValueError(f"model.vocab_size={config.model.vocab_size} is smaller than the "
-                     f"tokenizer's vocabulary ({prepared.tokenizer.vocab_size})")
+  eval_on = check_data(config, prepared)
+  check_corpus(workdir, config.data.paths, prepared.sha256, write=is_main)
   t = config.train
   ckpt = checkpoint.make_manager(os.path.join(workdir, "checkpoints"), t.keep_checkpoints)
   run = build(config, ckpt, say, prepared.tokenizer)
+  state = run.state
+  start = int(state.step)
+  if start >= t.steps:
+    say(f"{workdir} already trained to step {start} (train.steps={t.steps}); nothing to do")
+    return {}
   if is_main:
     write_config(workdir, config)
+    truncate_metrics(workdir, start)  # a resumed run repeats the steps after its checkpoint
   train_iter = make_train_iter()
   if run.data_state is not None:
     train_iter.set_state(run.data_state)
@@ -262,12 +448,8 @@ def train(config: Config, workdir: str, verbose: bool = True,
   tokens_per_step = t.batch_size * config.data.seq_len
   flops = flops_per_token(config.model, config.data.seq_len,
                           params_without_positions(run.state.params))
-  writer = MetricsWriter(workdir, enabled=is_main)
-  state = run.state
-  start = int(state.step)
+  writer = MetricsWriter(workdir, enabled=is_main, purge_step=start + 1)
   last: dict[str, Any] = {}
-  if start >= t.steps:
-    say(f"{workdir} already trained to step {start} (train.steps={t.steps}); nothing to do")
   bar = progress_bar(t.steps, start, enabled=is_main and verbose)
   t0, step0 = time.perf_counter(), start
   with _stop_on_signal() as stop:
@@ -275,17 +457,24 @@ def train(config: Config, workdir: str, verbose: bool = True,
       batch = sharding.shard_batch(next(train_iter), run.mesh, run.rules, r.task.batch_axes)
       state, metrics = step_fn(state, batch)
       bar.update(1)
-      if step % t.log_every == 0 or step == t.steps:
-        last = to_python(metrics)  # the only host sync: once per log interval
+      is_log = step % t.log_every == 0 or step == t.steps
+      is_eval = eval_on and (step % t.eval_every == 0 or step == t.steps)
+      if is_log or is_eval:
+        last = to_python(metrics)  # the only host sync: once per log or eval interval
         dt = time.perf_counter() - t0
         last["tokens_per_s"] = (step - step0) * tokens_per_step / dt
         last["flops_per_s"] = last["tokens_per_s"] * flops
-        t0, step0 = time.perf_counter(), step
-        if step % t.eval_every == 0 or step == t.steps:
+        if is_eval:
           batches = make_eval_iter()
           last.update(evaluate(eval_fn, state.variables, batches, run.mesh, run.rules, r.task))
+          sample = _sample(config, run.model, state.params, prepared.tokenizer)
+          if sample is not None:
+            last["sample"] = sample
+            if is_main and verbose:
+              bar.write(f"step {step} sample: {t.sample_prompt}{sample}")
         writer.write(step, last)
         bar.set_postfix_str(bar_postfix(last))
+        t0, step0 = time.perf_counter(), step  # evaluation time does not count as training
       if step % t.ckpt_every == 0 or step in (t.steps, until) or stop["stop"]:
         checkpoint.save(ckpt, step, state, train_iter.get_state(), force=True)
       if stop["stop"]:

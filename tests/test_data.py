@@ -10,10 +10,24 @@ import numpy as np
 import pytest
 
 from llm_mp.config import DataConfig
-from llm_mp.data import (BpeTokenizer, ByteTokenizer, DataError, PackedRows, TokenSplit,
-                         build_token_shards, build_tokenizer, clean_documents, load_corpus,
-                         load_tokenizer, make_eval_iterator, make_train_iterator, prepare_data,
-                         read_documents, split_documents, stdlib_corpus)
+from llm_mp.data import (
+  BpeTokenizer,
+  ByteTokenizer,
+  DataError,
+  PackedRows,
+  TokenSplit,
+  build_token_shards,
+  build_tokenizer,
+  clean_documents,
+  load_corpus,
+  load_tokenizer,
+  make_eval_iterator,
+  make_train_iterator,
+  prepare_data,
+  read_documents,
+  split_documents,
+  stdlib_corpus,
+)
 from llm_mp.data.shards import token_dtype, tokenize
 
 UNICODE_SAMPLES = [
@@ -182,15 +196,29 @@ def _docs(n=60, seed=0):
   return [f"doc {i}: " + " ".join(rng.choice(words, rng.integers(5, 60))) for i in range(n)]
 
 
-def test_split_is_deterministic_by_content_and_keeps_one_val_doc():
+def test_split_is_deterministic_by_content_and_holds_out_the_fraction_of_text():
   docs = _docs(40)
   train, val = split_documents(docs, 0.1)
-  assert len(val) == 4 and sorted(train + val) == sorted(docs)
+  assert sorted(train + val) == sorted(docs)  # whole documents
+  # At least 10% of the characters, overshooting by less than one document (<= 60 words).
+  share = sum(map(len, val)) / sum(map(len, docs))
+  assert 0.1 <= share < 0.1 + max(map(len, docs)) / sum(map(len, docs)), share
   assert split_documents(docs, 0.1) == (train, val)
   assert sorted(split_documents(docs[::-1], 0.1)[1]) == sorted(val)  # order-independent
   assert len(split_documents(docs[:3], 0.01)[1]) == 1
-  assert split_documents(docs[:1], 0.5) == (docs[:1], [])
   assert split_documents(docs, 0.0) == (docs, [])
+
+
+def test_few_large_documents_are_split_by_characters_at_the_tail():
+  one = ["abcdefghij" * 10]
+  assert split_documents(one, 0.1) == (["abcdefghij" * 9], ["abcdefghij"])
+  # Whichever whole document is held out, it is 5x or 45x the 2% asked for.
+  train, val = split_documents(["x" * 900, "y" * 100], 0.02)
+  assert (train, val) == (["x" * 900, "y" * 80], ["y" * 20])
+  docs = ["x" * 900, "y" * 50, "z" * 50]  # 15%: 6x or 1/3 as whole documents
+  train, val = split_documents(docs, 0.15)  # the tail spans whole documents and a part
+  assert (train, val) == (["x" * 850], ["x" * 50, "y" * 50, "z" * 50])
+  assert split_documents(docs, 0.15) == (train, val)
 
 
 def test_token_files_are_cached_by_content(tmp_path):

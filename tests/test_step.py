@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.flatten_util import ravel_pytree
 
 from llm_mp.builder import build_recipe
 from llm_mp.config import Config, DataConfig, ModelConfig, OptimConfig, TrainConfig
@@ -101,14 +102,25 @@ def _train(config, precision, steps, loss_scale=None):
   return state, losses
 
 
-def test_fp16_with_dynamic_scaling_matches_fp32_training():
-  config = _config(loss_scale="dynamic")
-  _, l32 = _train(config, "fp32", 40)
-  _, l16 = _train(config, "fp16", 40)
-  assert l32[-1] < 0.6 * l32[0]  # it does learn
-  # fp16 rounding (2^-11) perturbs each step slightly; after 40 steps the
-  # losses agree to a few percent.
-  np.testing.assert_allclose(l16[-1], l32[-1], rtol=0.05)
+def test_fp16_with_dynamic_scaling_matches_fp32_where_no_scaling_does_not():
+  # With init_std=0.002 the backward pass's small activation gradients underflow
+  # in fp16 (15% of the parameter gradients are exactly 0 without scaling, 0.04%
+  # with it), and Adam then leaves those parameters where they were. Comparing
+  # losses cannot tell (Adam's normalised steps give close curves either way);
+  # the parameters' movement can.
+  config = _config()
+  config = dataclasses.replace(config, model=dataclasses.replace(config.model, init_std=0.002))
+  _, state0, _ = _setup(config, "fp32")
+  p0 = np.asarray(ravel_pytree(state0.params)[0], np.float64)
+  moved = {}
+  for precision, scale in (("fp32", None), ("fp16", "dynamic"), ("fp16", "none")):
+    state, _ = _train(config, precision, 5, loss_scale=scale)
+    moved[scale] = np.asarray(ravel_pytree(state.params)[0], np.float64)
+  dist = lambda scale: np.linalg.norm(moved[scale] - moved[None]) / np.linalg.norm(
+      moved[None] - p0)
+  # Measured: 0.03 with dynamic scaling (fp16 rounding), 0.29 without.
+  assert dist("dynamic") < 0.1
+  assert dist("none") > 0.2  # the setting does tell scaling from no scaling
 
 
 def test_fp16_with_tiny_static_scale_underflows():

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import threading
 import time
@@ -11,8 +12,7 @@ import numpy as np
 import pytest
 
 from llm_mp import cli
-from llm_mp.config import (Config, DataConfig, MeshConfig, ModelConfig, OptimConfig,
-                            TrainConfig)
+from llm_mp.config import Config, DataConfig, MeshConfig, ModelConfig, OptimConfig, TrainConfig
 from llm_mp.metrics import read_metrics
 from llm_mp.train import ConfigConflictError, train
 
@@ -35,7 +35,7 @@ def _config(corpus, steps=12):
       optim=OptimConfig(lr=3e-3, warmup_steps=2),
       data=DataConfig(paths=(corpus,), seq_len=32, val_fraction=0.2),
       train=TrainConfig(steps=steps, batch_size=8, log_every=1, eval_every=6, eval_batches=2,
-                        ckpt_every=4, keep_checkpoints=2),
+                        ckpt_every=4, keep_checkpoints=2, sample_tokens=0),
   )
 
 
@@ -149,6 +149,60 @@ def test_cli_train_generate_eval(corpus, tmp_path, capsys):
   code, _, err = _cli(["generate", "--workdir", workdir, "--prompt", "x" * 40,
                        "--max-new-tokens", "8"], capsys)
   assert code == 2 and "max_len" in err and len(err.strip().splitlines()) == 1
+  code, _, err = _cli(["generate", "--workdir", workdir, "--prompt", "x" * 40], capsys)
+  assert code == 2 and "prompt is 41 tokens" in err and "model.max_len=32" in err
+
+
+def _tree(directory):
+  """{path: (size, mtime_ns)} of every file and directory under ``directory``."""
+  out = {}
+  for root, dirs, files in os.walk(directory):
+    for name in dirs + files:
+      st = os.stat(os.path.join(root, name))
+      out[os.path.join(root, name)] = (st.st_size, st.st_mtime_ns)
+  return out
+
+
+def test_eval_and_generate_write_nothing_into_the_run(corpus, tmp_path, capsys):
+  workdir = str(tmp_path / "run")
+  train(_config(corpus, 2), workdir, verbose=False)
+  for name in os.listdir(os.path.join(workdir, "data")):  # no token cache to reuse either
+    shutil.rmtree(os.path.join(workdir, "data", name))
+  before = _tree(workdir)
+  one = tmp_path / "one.txt"
+  one.write_text("A single document, all of which counts. " * 4, encoding="utf-8")
+  code, out, _ = _cli(["eval", "--workdir", workdir], capsys)
+  assert code == 0 and json.loads(out)["val_tokens"] > 0
+  code, out, _ = _cli(["eval", "--workdir", workdir, "--data", str(one)], capsys)
+  # All of the one document counts: its bytes plus eos are targets (bos is not).
+  assert code == 0 and json.loads(out)["val_tokens"] == len(one.read_text().strip()) + 1
+  code, _, _ = _cli(["generate", "--workdir", workdir, "--prompt", "The", "--max-new-tokens",
+                     "2"], capsys)
+  assert code == 0 and _tree(workdir) == before
+
+
+def test_every_checkpoint_unreadable_is_one_line_saying_what_to_do(corpus, tmp_path, capsys):
+  workdir = str(tmp_path / "run")
+  train(_config(corpus, 4), workdir, verbose=False)  # one checkpoint, at step 4
+  for root, _, files in os.walk(os.path.join(workdir, "checkpoints")):
+    for name in files:
+      with open(os.path.join(root, name), "wb") as f:
+        f.write(b"garbage")
+  with pytest.warns(UserWarning):
+    code, _, err = _cli(["generate", "--workdir", workdir, "--prompt", "T", "--max-new-tokens",
+                         "2"], capsys)
+  assert code == 2 and "step 4" in err and "move that directory away" in err
+  assert len(err.strip().splitlines()) == 1
+
+
+def test_nanogpt_cpu_preset_trains_on_the_default_data(tmp_path, capsys):
+  # batch_size=8: the 8 fake devices do not split 12 rows; the vocabulary is what failed.
+  code, out, err = _cli(["train", "--workdir", str(tmp_path / "run"), "--preset", "nanogpt_cpu",
+                         "--steps", "1", "train.batch_size=8", "train.eval_batches=1",
+                         "train.sample_tokens=0"],
+                        capsys)
+  assert code == 0, err
+  assert json.loads(out.strip().splitlines()[-1])["val_loss"] > 0
 
 
 @pytest.mark.parametrize("args,needle", [

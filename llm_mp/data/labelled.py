@@ -443,6 +443,8 @@ class PreparedLabelled:
     label_names: class names in class order (from the training files).
     source: where the examples came from, for the log.
     skipped: bad rows skipped (``data.bad_rows="skip"``).
+    sha256: hex SHA-256 of every example (texts and labels, both splits): a
+      resumed run checks its data did not change.
   """
 
   tokenizer: Tokenizer
@@ -451,6 +453,7 @@ class PreparedLabelled:
   label_names: tuple[str, ...]
   source: str
   skipped: int
+  sha256: str = ""
 
   def __str__(self) -> str:
     return (f"labelled data: {self.source}; train {len(self.train):,} / val {len(self.val):,} "
@@ -466,15 +469,25 @@ def _holdout(n: int, fraction: float) -> np.ndarray:
   return np.arange(n) % step == step - 1
 
 
-def prepare_labelled(cfg: DataConfig, workdir: str, tokenizer: Tokenizer | None = None
-                     ) -> PreparedLabelled:
+def _examples_sha256(*splits: tuple[Sequence[str], np.ndarray]) -> str:
+  h = hashlib.sha256()
+  for texts, labels in splits:
+    for text, label in zip(texts, labels):
+      h.update(f"{int(label)}\t{text}\n".encode("utf-8"))
+    h.update(b"\0")
+  return h.hexdigest()
+
+
+def prepare_labelled(cfg: DataConfig, workdir: str, tokenizer: Tokenizer | None = None,
+                     write: bool = True) -> PreparedLabelled:
   """Reads, tokenises and splits the labelled data of ``cfg`` for a run in ``workdir``.
 
   ``cfg.paths`` are the training files (none: :func:`builtin_labelled`);
   ``cfg.val_paths`` the validation files, else every ``1/val_fraction``-th
   training example is held out. The tokenizer is ``tokenizer`` (e.g. the
   source run's, when fine-tuning), else the workdir's (resuming), else a new
-  one of ``cfg.tokenizer`` built on the training texts.
+  one of ``cfg.tokenizer`` built on the training texts; it is saved to the
+  workdir unless ``write`` is False (evaluation never writes into a run).
 
   Raises:
     DataError: as :func:`read_labelled`, or an empty validation split.
@@ -502,7 +515,9 @@ def prepare_labelled(cfg: DataConfig, workdir: str, tokenizer: Tokenizer | None 
                     f"(data.val_fraction={cfg.val_fraction})")
   if tokenizer is None:
     tokenizer = _run_tokenizer(cfg, workdir, list(texts))
-  tokenizer.save(workdir)
+  if write:
+    tokenizer.save(workdir)
   train, _ = encode_labelled(texts, labels, tokenizer, cfg.seq_len)
   val, _ = encode_labelled(val_texts, val_labels, tokenizer, cfg.seq_len)
-  return PreparedLabelled(tokenizer, train, val, names, source, skipped)
+  sha = _examples_sha256((texts, labels), (val_texts, val_labels))
+  return PreparedLabelled(tokenizer, train, val, names, source, skipped, sha)

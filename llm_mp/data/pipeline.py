@@ -34,9 +34,14 @@ from llm_mp.config import DataConfig
 from llm_mp.data.corpus import CorpusSummary, load_corpus
 from llm_mp.data.files import DataError
 from llm_mp.data.packing import PackedRows
-from llm_mp.data.shards import TokenSplit, build_token_shards, split_documents
-from llm_mp.data.tokenizer import (TOKENIZER_FILE, ByteTokenizer, Tokenizer, build_tokenizer,
-                                   load_tokenizer)
+from llm_mp.data.shards import TokenSplit, build_token_shards, corpus_sha256, split_documents
+from llm_mp.data.tokenizer import (
+  TOKENIZER_FILE,
+  ByteTokenizer,
+  Tokenizer,
+  build_tokenizer,
+  load_tokenizer,
+)
 
 # One background thread assembling a few batches ahead: rows are cheap numpy
 # slices of a memmap, and more threads would only contend for the GIL.
@@ -56,6 +61,8 @@ class PreparedData:
     summary: what corpus cleaning kept and removed.
     cache_dir: the directory holding the token files.
     reused: True if the token files came from the cache untouched.
+    sha256: hex SHA-256 of the cleaned corpus (all documents, before the split):
+      a resumed run checks that its text did not change.
   """
 
   config: DataConfig
@@ -65,13 +72,16 @@ class PreparedData:
   summary: CorpusSummary
   cache_dir: str
   reused: bool
+  sha256: str = ""
 
   def __str__(self) -> str:
     """Two lines for a log: the corpus summary, then tokens and cache."""
     kind = "byte" if isinstance(self.tokenizer, ByteTokenizer) else "bpe"
+    total = self.train.num_tokens + self.val.num_tokens
     return (f"{self.summary}\n"
             f"tokens: train {self.train.num_tokens:,} ({self.train.num_docs} docs), "
-            f"val {self.val.num_tokens:,} ({self.val.num_docs} docs); "
+            f"val {self.val.num_tokens:,} ({self.val.num_docs} docs, "
+            f"{100 * self.val.num_tokens / max(total, 1):.1f}% of tokens); "
             f"tokenizer {kind}, vocab {self.tokenizer.vocab_size}; "
             f"{'reused' if self.reused else 'wrote'} {self.cache_dir}")
 
@@ -88,8 +98,8 @@ def _run_tokenizer(cfg: DataConfig, workdir: str, train_docs: list[str]) -> Toke
   return tokenizer
 
 
-def prepare_data(cfg: DataConfig, workdir: str, tokenizer: Tokenizer | None = None
-                 ) -> PreparedData:
+def prepare_data(cfg: DataConfig, workdir: str, tokenizer: Tokenizer | None = None,
+                 write: bool = True) -> PreparedData:
   """Reads, cleans, splits and tokenises the corpus of ``cfg``, caching under ``workdir``.
 
   Args:
@@ -99,6 +109,9 @@ def prepare_data(cfg: DataConfig, workdir: str, tokenizer: Tokenizer | None = No
     tokenizer: use this tokenizer instead. Without it, the one already in
       ``workdir`` is reused (a resumed run), else one is built from ``cfg``
       (BPE is trained on the training documents only).
+    write: False writes nothing under ``workdir`` (no tokenizer.json, no token
+      files; a cached entry is still read): for evaluators of a finished,
+      possibly read-only, run directory.
 
   Returns:
     A :class:`PreparedData`; ``print(prepared)`` shows a two-line summary.
@@ -111,10 +124,12 @@ def prepare_data(cfg: DataConfig, workdir: str, tokenizer: Tokenizer | None = No
   train_docs, val_docs = split_documents(docs, cfg.val_fraction)
   if tokenizer is None:
     tokenizer = _run_tokenizer(cfg, workdir, train_docs)
-  tokenizer.save(workdir)
-  shards = build_token_shards(train_docs, val_docs, tokenizer, os.path.join(workdir, "data"))
+  if write:
+    tokenizer.save(workdir)
+  shards = build_token_shards(train_docs, val_docs, tokenizer, os.path.join(workdir, "data"),
+                              write=write)
   return PreparedData(cfg, tokenizer, shards.train, shards.val, summary, shards.directory,
-                      shards.reused)
+                      shards.reused, corpus_sha256(docs))
 
 
 def _local_slice(batch_size: int, process_index: int | None, process_count: int | None

@@ -74,20 +74,57 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 def split_documents(docs: Sequence[str], val_fraction: float
                     ) -> tuple[list[str], list[str]]:
-  """Splits documents into ``(train, val)``, deterministically and by content.
+  """Splits documents into ``(train, val)`` holding out ``val_fraction`` of the text.
 
-  ``round(len(docs) * val_fraction)`` documents, but at least 1 when
-  ``val_fraction > 0`` and at least 1 is left for training, go to validation:
-  those whose SHA-256 is smallest, so the choice depends on the texts and not
-  on their order. Both lists keep the input order.
+  Whole documents where there are enough of them: in order of their SHA-256
+  (so the choice depends on the texts, not on their order), until they hold
+  ``val_fraction`` of the characters, if that overshoots by at most half and
+  leaves training text. Otherwise (a few large documents, e.g.
+  tinyshakespeare's 3, where one would be 40% of the text; a single
+  document) the validation split is the last ``val_fraction`` of the
+  characters, cut out of the last document(s), as nanoGPT does.
+  Deterministic; both lists keep the input order; ``val_fraction == 0``
+  gives ``(docs, [])``.
   """
   n = len(docs)
-  n_val = min(max(round(n * val_fraction), 1 if val_fraction > 0 else 0), max(n - 1, 0))
+  if val_fraction <= 0 or n == 0:
+    return list(docs), []
+  total = sum(map(len, docs))
+  target = total * val_fraction
   digests = [hashlib.sha256(d.encode("utf-8")).digest() for d in docs]
-  val_ids = set(sorted(range(n), key=lambda i: (digests[i], i))[:n_val])
-  train = [d for i, d in enumerate(docs) if i not in val_ids]
-  val = [d for i, d in enumerate(docs) if i in val_ids]
+  val_ids, held = set(), 0
+  for i in sorted(range(n), key=lambda i: (digests[i], i)):
+    if held >= target:
+      break
+    val_ids.add(i)
+    held += len(docs[i])
+  if held <= 1.5 * target and len(val_ids) < n:
+    train = [d for i, d in enumerate(docs) if i not in val_ids]
+    val = [d for i, d in enumerate(docs) if i in val_ids]
+    return train, val
+  want = min(max(round(target), 1), total - 1)  # characters to hold out
+  train, val = list(docs), []
+  while want > 0 and train:
+    last = train.pop()
+    if len(last) <= want and train:
+      val.insert(0, last)
+      want -= len(last)
+    else:
+      cut = max(len(last) - want, 1)
+      train.append(last[:cut])
+      val.insert(0, last[cut:])
+      want = 0
   return train, val
+
+
+def corpus_sha256(docs: Sequence[str]) -> str:
+  """SHA-256 hex digest of documents (their texts and boundaries, in order)."""
+  h = hashlib.sha256()
+  for doc in docs:
+    data = doc.encode("utf-8")
+    h.update(len(data).to_bytes(8, "little"))
+    h.update(data)
+  return h.hexdigest()
 
 
 def cache_key(splits: dict[str, Sequence[str]], tokenizer: Tokenizer) -> str:
@@ -134,7 +171,7 @@ def _load(directory: str, reused: bool) -> TokenShards:
 
 
 def build_token_shards(train_docs: Sequence[str], val_docs: Sequence[str],
-                       tokenizer: Tokenizer, cache_dir: str) -> TokenShards:
+                       tokenizer: Tokenizer, cache_dir: str, write: bool = True) -> TokenShards:
   """Tokenises both splits into ``cache_dir/<key>/``, or reuses what is there.
 
   Args:
@@ -142,6 +179,8 @@ def build_token_shards(train_docs: Sequence[str], val_docs: Sequence[str],
     val_docs: cleaned validation documents (may be empty).
     tokenizer: any :class:`~llm_mp.data.tokenizer.Tokenizer`.
     cache_dir: parent of the cache entries, typically ``<run dir>/data``.
+    write: False tokenises in memory when the entry is missing and writes
+      nothing (an evaluator on a read-only run directory).
 
   Returns:
     :class:`TokenShards` with memory-mapped tokens; ``reused`` says whether
@@ -155,6 +194,10 @@ def build_token_shards(train_docs: Sequence[str], val_docs: Sequence[str],
     with open(meta_path, encoding="utf-8") as f:
       if json.load(f).get("key") == key:
         return _load(directory, reused=True)
+  if not write:
+    splits = {name: TokenSplit(*tokenize(docs, tokenizer, desc=f"tokenizing {name}"))
+              for name, docs in splits.items()}
+    return TokenShards(splits["train"], splits["val"], directory, reused=False)
   meta = {"key": key, "format": FORMAT_VERSION, "vocab_size": tokenizer.vocab_size}
   for name, docs in splits.items():
     tokens, starts = tokenize(docs, tokenizer, desc=f"tokenizing {name}")

@@ -178,6 +178,22 @@ def normalize(x: jax.Array, scale: jax.Array, bias: jax.Array | None, kind: str,
   return x * jax.lax.rsqrt(ms + eps) * scale
 
 
+def mask_padded_vocab(logits: jax.Array, vocab_size: int) -> jax.Array:
+  """Logits ``[..., V_padded]`` with columns ``>= vocab_size`` set to a large negative.
+
+  Those columns come from padding the vocabulary (``model.vocab_multiple``);
+  masked, their softmax probability is exactly 0, so the loss and samples are
+  those of the unpadded model. The value is finite and far from the dtype's
+  limit (fp16: -32752), so ``logits - max`` cannot overflow to -inf and make
+  ``0 * -inf`` NaNs. Same dtype and shape out; no-op when nothing is padded.
+  """
+  if logits.shape[-1] == vocab_size:
+    return logits
+  neg = max(-1e9, float(jnp.finfo(logits.dtype).min) / 2)
+  real = jnp.arange(logits.shape[-1]) < vocab_size
+  return jnp.where(real, logits, jnp.asarray(neg, logits.dtype))
+
+
 class Embed(nn.Module):
   """Token embedding ``[vocab, d]``; ``attend`` gives tied-head logits.
 

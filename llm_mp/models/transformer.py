@@ -15,7 +15,15 @@ import jax.numpy as jnp
 
 from llm_mp.config import ModelConfig
 from llm_mp.models.attention import Attention, segment_mask
-from llm_mp.models.layers import MLP, Dense, Embed, LearnedPositions, Norm, sinusoidal_positions
+from llm_mp.models.layers import (
+  MLP,
+  Dense,
+  Embed,
+  LearnedPositions,
+  Norm,
+  mask_padded_vocab,
+  sinusoidal_positions,
+)
 from llm_mp.precision import Precision, module_path
 
 REMAT_POLICIES = {
@@ -123,7 +131,7 @@ def embed_tokens(module: nn.Module, config: ModelConfig, precision: Precision,
   of the pseudo-path ``residual`` (override it with ``residual=f32``).
   """
   c = config
-  embed = Embed(c.vocab_size, c.d_model, precision, c.init_std, name="embed")
+  embed = Embed(c.padded_vocab, c.d_model, precision, c.init_std, name="embed")
   x = embed(tokens)
   if c.position == "learned":
     x = x + LearnedPositions(c.max_len, c.d_model, precision, name="pos_embed")(positions)
@@ -174,6 +182,8 @@ class TransformerLM(nn.Module):
               name="decoder")(x, mask, positions)
     x = make_norm(c, self.precision, "final_norm")(x)
     if c.tie_embeddings:
-      return embed.attend(x, self.precision.for_path(_child(self, "lm_head")))
-    return Dense(c.vocab_size, ("embed", "vocab"), self.precision, use_bias=False,
-                 init_std=c.init_std, name="lm_head")(x)
+      logits = embed.attend(x, self.precision.for_path(_child(self, "lm_head")))
+    else:
+      logits = Dense(c.padded_vocab, ("embed", "vocab"), self.precision, use_bias=False,
+                     init_std=c.init_std, name="lm_head")(x)
+    return mask_padded_vocab(logits, c.vocab_size)
