@@ -14,6 +14,7 @@ import re
 import sys
 from typing import Sequence
 
+from llm_mp.allocator import tune_malloc
 from llm_mp.config import PRESETS, Config, MeshConfig, apply_overrides, get_preset
 
 _OVERRIDE = re.compile(r"^(model|optim|data|train|mesh)\.\w+=")
@@ -104,7 +105,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-  from experiments import benchmark  # pylint: disable=import-outside-toplevel
+  from llm_mp import benchmark  # pylint: disable=import-outside-toplevel
   return benchmark.main(args.bench_args)
 
 
@@ -159,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
                       "field defaults)")
   p.set_defaults(fn=cmd_config)
 
-  p = sub.add_parser("bench", help="time the train step; prints JSON (see experiments/benchmark)",
+  p = sub.add_parser("bench", help="time the train step; prints JSON (llm-mp bench --help)",
                      add_help=False)
   p.add_argument("bench_args", nargs=argparse.REMAINDER)
   p.set_defaults(fn=cmd_bench)
@@ -167,6 +168,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+  tune_malloc()  # before XLA allocates anything; see llm_mp.allocator
+  argv = sys.argv[1:] if argv is None else list(argv)
+  if argv[:1] == ["bench"]:  # its own parser: argparse's REMAINDER would reject its options
+    from llm_mp import benchmark  # pylint: disable=import-outside-toplevel
+    return benchmark.main(argv[1:])
   args = build_parser().parse_args(argv)
   # orbax logs routine notes (e.g. opening checkpoints read-only) as absl warnings.
   from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel

@@ -1,18 +1,55 @@
-"""The benchmark module's CPU path: builds a preset, times llm_mp's train_step, prints JSON."""
+"""The benchmark: builds a preset through the builder, times llm_mp's own
+train_step, streams a line per phase, prints JSON; ``llm-mp bench`` runs it."""
 
 import json
 
-from experiments import benchmark
+import jax
+import numpy as np
+
+from llm_mp import allocator, benchmark, cli
+from llm_mp.builder import build_recipe
+from llm_mp.config import apply_overrides, get_preset
+from llm_mp.state import make_init_fn
+from llm_mp.step import make_train_step
+
+ARGS = ["--preset", "nanogpt_cpu", "--precision", "fp32", "--steps", "2", "--warmup", "1",
+        "model.n_layers=1", "train.batch_size=2"]
 
 
-def test_benchmark_prints_json_with_the_reported_fields(capsys):
-  code = benchmark.main(["--preset", "nanogpt_cpu", "--precision", "fp32", "--steps", "2",
-                         "--warmup", "1", "model.n_layers=1", "train.batch_size=2"])
-  result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-  assert code == 0
-  for key in ("tokens_per_s", "ms_per_step", "ms_per_step_min", "tflops_per_s", "mfu_spec",
-              "peak_mem_gb", "precision", "attention", "device", "jax", "loss"):
-    assert key in result
-  assert result["tokens_per_s"] > 0 and result["batch"] == 2 and result["seq_len"] == 64
-  # tokens/s and ms/step describe the same median step.
-  assert abs(result["tokens_per_s"] * result["ms_per_step"] / 1e3 - 2 * 64) < 1
+def test_bench_streams_phases_then_json_and_times_the_real_step(capsys):
+  assert cli.main(["bench", *ARGS]) == 0  # through the installed command's parser
+  lines = capsys.readouterr().out.strip().splitlines()
+  assert [line.split(": ")[1].split(" ")[0] for line in lines[:3]] == ["state", "step", "2"]
+  result = json.loads(lines[-1])
+  assert result["batch"] == 2 and result["seq_len"] == 64 and result["precision"] == "fp32"
+  assert result["init_s"] > 0 and result["compile_s"] > 0
+  # The reported loss is that of the train step users train with, after 1 + 2
+  # steps on the fixed batch (numpy seed 0), computed here independently.
+  config = apply_overrides(get_preset("nanogpt_cpu"), ["model.n_layers=1", "train.batch_size=2"])
+  r = build_recipe(config)
+  state = jax.jit(make_init_fn(r.model, r.tx, r.precision, config))(jax.random.key(0))
+  step = jax.jit(make_train_step(r.model, r.tx, r.schedule, config, r.task))
+  batch = benchmark.fixed_batch(2, 64, config.model.vocab_size)
+  for _ in range(3):
+    state, metrics = step(state, batch)
+  np.testing.assert_allclose(result["loss"], float(metrics["loss"]), atol=1e-5)
+
+
+def test_tune_malloc_applies_once_unless_the_user_set_the_variables(monkeypatch):
+  monkeypatch.setattr(allocator, "_malloc_tuned", False)
+  monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+  assert allocator.tune_malloc() is False  # the user's own setting wins
+  monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
+  assert allocator.tune_malloc() is True  # glibc's mallopt accepted both thresholds
+  assert allocator.tune_malloc() is True
+
+
+def test_suite_table_lists_every_run(monkeypatch):
+  fake = dict(ms_per_step=10.0, tokens_per_s=1000.0, mfu_spec=None, init_s=1.0, compile_s=2.0,
+              device="cpu")
+  monkeypatch.setitem(benchmark.SUITES, "test", [("tiny", "fp32", ()), ("tiny", "bf16", ())])
+  monkeypatch.setattr(benchmark, "run", lambda *a, **k: dict(fake))
+  table = benchmark.suite_table("test", 1, 0, reference="/nonexistent/torch_gpt.py")
+  rows = [line for line in table.splitlines() if line.startswith("| llm_mp")]
+  assert rows == ["| llm_mp tiny fp32  | 10.0 | 1,000 | - | - | 1.0 | 2.0 |",
+                  "| llm_mp tiny bf16  | 10.0 | 1,000 | - | - | 1.0 | 2.0 |"]

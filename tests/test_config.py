@@ -135,7 +135,8 @@ def test_config_reference_lists_every_field_with_type_value_and_meaning():
 def test_docs_configuration_md_is_the_generated_reference():
   import os  # pylint: disable=import-outside-toplevel
   path = os.path.join(os.path.dirname(__file__), "..", "docs", "configuration.md")
-  assert describe() in open(path, encoding="utf-8").read(), "regenerate with `llm-mp config`"
+  with open(path, encoding="utf-8") as f:
+    assert describe() in f.read(), "regenerate with `llm-mp config`"
 
 
 def test_cli_config_prints_the_reference(capsys):
