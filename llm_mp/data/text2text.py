@@ -36,7 +36,8 @@ same on every machine and Python version; ``SPLIT_SIZES`` pins the sizes:
   ``validation`` = ``val.*`` (1,014), ``test`` = ``test_2016_flickr.*`` (1,000),
   the splits on which published Multi30k BLEU is reported.
 * ``"summarize"``: BBC News Summary, article -> summary. No official split:
-  an example's split is ``int(sha256(article)[:8 bytes]) % 10``: 0 -> ``test``,
+  an example's split is the first 8 bytes of the SHA-256 of its article (the
+  UTF-8 text as in the file), a big-endian integer, mod 10: 0 -> ``test``,
   1 -> ``validation``, otherwise ``train`` (about 10/10/80%). Hashing the
   article rather than the id keeps the 98 pairs of duplicate articles on the
   same side. Sizes: train 1,765, validation 244, test 216. Examples keep the
@@ -48,7 +49,9 @@ same on every machine and Python version; ``SPLIT_SIZES`` pins the sizes:
   so no paragraph is in two splits: the 48 articles sorted by the SHA-256 of
   their title, the first 10 -> ``test``, the next 4 -> ``validation``, the
   other 34 -> ``train``. Sizes (questions): train 8,391, validation 601, test
-  1,578 (gold answers: 27,453 / 1,797 / 5,476). Input ``"question: <q> context: <paragraph>"``, target the first gold
+  1,578 (gold answers: 27,453 / 1,797 / 5,476). The small validation split
+  serves in-training evaluation, so ``test`` is scored only at the end.
+  Input ``"question: <q> context: <paragraph>"``, target the first gold
   answer, references all gold answers (duplicates kept, as the official
   script keeps them; its max over golds makes them harmless).
 """
@@ -237,7 +240,7 @@ def read_text2text_jsonl(paths: str | Sequence[str], input_field: str = "input",
 
 
 def _bucket(text: str, buckets: int) -> int:
-  """A platform-independent bucket of ``text``: the first 8 bytes of its SHA-256, mod ``buckets``."""
+  """A platform-independent bucket: the first 8 bytes of ``text``'s SHA-256, mod ``buckets``."""
   return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big") % buckets
 
 
