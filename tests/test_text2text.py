@@ -262,14 +262,14 @@ def test_eval_iterator_is_ordered_and_padded():
 def test_squad_normalisation_and_em_f1_by_hand():
   assert normalize_answer("  The U.S.-led   Alliance!") == "usled alliance"
   assert normalize_answer("Theatre of an era") == "theatre of era"  # whole words only
-  preds = ["The Denver Broncos!", "in the year 1990", "Paris", "a b b"]
-  golds = [["Denver Broncos", "Broncos"], ["1990", "year 1990"], ["London"], ["b c"]]
+  preds = ["The Denver Broncos!", "in the year 1990", "Paris", "a b b b c"]
+  golds = [["Denver Broncos", "Broncos"], ["1990", "year 1990"], ["London"], ["the b b"]]
   # 1: exact after normalisation. 2: "in year 1990" vs "year 1990": P 2/3, R 1, F1 0.8 (better
-  # than vs "1990": 0.5). 3: nothing shared. 4: "a" is an article, so "b b" vs "b c": one
-  # common token (counts clipped), P 1/2, R 1/2, F1 0.5.
+  # than vs "1990": 0.5). 3: nothing shared. 4: articles go, so "b b b c" vs "b b": counts
+  # clipped to 2 common tokens, P 2/4, R 2/2, F1 2/3.
   got = squad_em_f1(preds, golds)
   assert got["exact_match"] == pytest.approx(100 * 1 / 4, abs=1e-12)  # float sums of 4 terms
-  assert got["f1"] == pytest.approx(100 * (1 + 0.8 + 0 + 0.5) / 4, abs=1e-12)
+  assert got["f1"] == pytest.approx(100 * (1 + 0.8 + 0 + 2 / 3) / 4, abs=1e-12)
   with pytest.raises(ValueError, match=r"golds_list\[0\]='x' must be a non-empty list"):
     squad_em_f1(["x"], ["x"])
   with pytest.raises(ValueError, match=r"squad_em_f1: 1 predictions but 2 references"):
