@@ -27,6 +27,10 @@ API:
   :func:`make_labelled_train_iterator`, :func:`make_labelled_eval_iterator`,
   :func:`builtin_labelled`, :func:`prepare_labelled`: labelled text for classification
   (:mod:`llm_mp.data.labelled`).
+* :func:`load_task_data`, :func:`read_parallel`, :func:`read_text2text_jsonl`,
+  :func:`build_text2text_tokenizers`, :func:`encode_text2text`, :class:`Text2TextRows`,
+  :func:`make_text2text_train_iterator`, :func:`make_text2text_eval_iterator`,
+  :class:`TaskSplit`: text-to-text pairs for encoder-decoder runs (:mod:`llm_mp.data.text2text`).
 * :func:`mlm_mask`, :func:`maskable_tokens`: BERT's masked-LM corruption
   (80% [MASK] = the pad id, 10% random, 10% kept), on device in the step.
 * :func:`split_documents`, :func:`build_token_shards`, :class:`TokenSplit`,
@@ -47,15 +51,23 @@ from llm_mp.data.pipeline import (PreparedData, make_eval_iterator, make_train_i
                                   prepare_data)
 from llm_mp.data.shards import TokenShards, TokenSplit, build_token_shards, split_documents
 from llm_mp.data.stdlib_corpus import default_corpus
+from llm_mp.data.text2text import (TaskSplit, Text2TextRows, build_text2text_tokenizers,
+                                   encode_text2text, load_task_data,
+                                   load_text2text_tokenizers, make_text2text_eval_iterator,
+                                   make_text2text_train_iterator, read_parallel,
+                                   read_text2text_jsonl, save_text2text_tokenizers)
 from llm_mp.data.tokenizer import (BpeTokenizer, ByteTokenizer, Tokenizer, build_tokenizer,
                                    load_tokenizer)
 
 __all__ = [
-    "BpeTokenizer", "ByteTokenizer", "CorpusSummary", "DataError", "LabelledRows",
-    "PackedRows", "PreparedData", "PreparedLabelled", "TokenShards", "TokenSplit", "Tokenizer",
-    "build_token_shards", "build_tokenizer", "builtin_labelled", "clean_documents",
-    "default_corpus", "encode_labelled", "load_corpus", "load_tokenizer", "make_eval_iterator",
-    "make_labelled_eval_iterator", "make_labelled_train_iterator", "make_train_iterator",
+    "BpeTokenizer", "ByteTokenizer", "CorpusSummary", "DataError", "LabelledRows", "PackedRows",
+    "PreparedData", "PreparedLabelled", "TaskSplit", "Text2TextRows", "TokenShards", "TokenSplit",
+    "Tokenizer", "build_text2text_tokenizers", "build_token_shards", "build_tokenizer",
+    "builtin_labelled", "clean_documents", "default_corpus", "encode_labelled", "encode_text2text",
+    "load_corpus", "load_task_data", "load_text2text_tokenizers", "load_tokenizer",
+    "make_eval_iterator", "make_labelled_eval_iterator", "make_labelled_train_iterator",
+    "make_text2text_eval_iterator", "make_text2text_train_iterator", "make_train_iterator",
     "maskable_tokens", "mlm_mask", "prepare_data", "prepare_labelled", "read_documents",
-    "read_labelled", "split_documents",
+    "read_labelled", "read_parallel", "read_text2text_jsonl", "save_text2text_tokenizers",
+    "split_documents",
 ]
