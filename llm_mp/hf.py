@@ -235,7 +235,7 @@ def hf_config_from_model(c: ModelConfig, tokenizer: Any = None) -> dict[str, Any
   if arch == "GPT2LMHeadModel":
     act = {v: k for k, v in GPT2_ACTS.items() if k != "gelu_pytorch_tanh"}[c.mlp]
     return dict(architectures=[arch], model_type="gpt2", vocab_size=c.vocab_size,
-                n_embd=c.d_model, n_layer=c.n_layers, n_head=c.n_heads, n_inner=c.ff_dim,
+                n_embd=c.d_model, n_layer=c.n_layers, n_head=c.n_heads, n_inner=c.d_ff,
                 n_positions=c.max_len, layer_norm_epsilon=c.norm_eps, activation_function=act,
                 tie_word_embeddings=c.tie_embeddings, resid_pdrop=0.0, embd_pdrop=0.0,
                 attn_pdrop=0.0, torch_dtype="float32", **ids)
