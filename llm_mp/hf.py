@@ -29,14 +29,20 @@ import json
 import os
 import shutil
 import struct
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import ml_dtypes
 import numpy as np
 
 from llm_mp.config import Config, DataConfig, ModelConfig, OptimConfig, TrainConfig
-from llm_mp.data.tokenizer import (TOKENIZER_FILE, BpeTokenizer, ByteTokenizer, HFTokenizer,
-                                   read_specials)
+from llm_mp.data.tokenizer import (
+  TOKENIZER_FILE,
+  BpeTokenizer,
+  ByteTokenizer,
+  HFTokenizer,
+  read_specials,
+)
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -559,6 +565,7 @@ def write_run(workdir: str, config: Config, params: Any, tokenizer: Any) -> None
       written then.
   """
   import jax  # pylint: disable=import-outside-toplevel
+
   from llm_mp import checkpoint, sharding  # pylint: disable=import-outside-toplevel
   from llm_mp.builder import build_recipe  # pylint: disable=import-outside-toplevel
   from llm_mp.train import write_config  # pylint: disable=import-outside-toplevel

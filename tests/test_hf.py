@@ -132,8 +132,9 @@ def test_defaults_keep_todays_models():
 
 
 def test_gelu_exact_is_erf_gelu():
-  from llm_mp.models.layers import ACTIVATIONS  # pylint: disable=import-outside-toplevel
   from math import erf  # pylint: disable=import-outside-toplevel
+
+  from llm_mp.models.layers import ACTIVATIONS  # pylint: disable=import-outside-toplevel
   x = np.array([-3.0, -0.5, 0.0, 0.7, 2.5])
   want = [v * 0.5 * (1 + erf(v / np.sqrt(2))) for v in x]
   np.testing.assert_allclose(ACTIVATIONS["gelu_exact"](jnp.asarray(x)), want, rtol=1e-6)
