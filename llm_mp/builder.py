@@ -94,7 +94,8 @@ def load_backbone(params: Any, source_params: Any, source: str) -> Any:
 
   Raises:
     ValueError: a backbone parameter is missing from the source or has
-      another shape or dtype (the message names the path and both shapes).
+      another shape (the message names the path and both shapes). Another
+      dtype is cast to this run's parameter dtype.
   """
   flat_src = {param_path(p): x for p, x in jax.tree_util.tree_flatten_with_path(source_params)[0]}
 
@@ -106,11 +107,12 @@ def load_backbone(params: Any, source_params: Any, source: str) -> Any:
       raise ValueError(f"train.init_from={source}: the source run has no parameter {name!r} "
                        "(a different model family or architecture)")
     src = flat_src[name]
-    if src.shape != fresh.shape or src.dtype != fresh.dtype:
+    if src.shape != fresh.shape:
       raise ValueError(f"train.init_from={source}: parameter {name!r} is "
                        f"{src.dtype}{list(src.shape)} there but {fresh.dtype}"
                        f"{list(fresh.shape)} here")
-    return jax.device_put(src, fresh.sharding)
+    # Another param dtype (fp32 source, pure_bf16 fine-tuning) is cast, as the policy says.
+    return jax.device_put(src.astype(fresh.dtype), fresh.sharding)
 
   return jax.tree_util.tree_map_with_path(pick, params)
 

@@ -1,4 +1,4 @@
-"""``llm-mp`` / ``python -m llm_mp``: train, generate, eval, config, bench.
+"""``llm-mp`` / ``python -m llm_mp``: train, generate, eval, config, bench, import-hf, export-hf.
 
 Every user error (bad path, unknown preset or key, conflicting workdir, a
 prompt too long) is one line on stderr and exit code 2.
@@ -42,6 +42,7 @@ def resolve_config(args: argparse.Namespace) -> Config:
   """Preset (or the workdir's stored config) + --precision/--data/--mesh + overrides."""
   from llm_mp.train import stored_config  # pylint: disable=import-outside-toplevel
   config = get_preset(args.preset) if args.preset else (stored_config(args.workdir)
+                                                        or _init_from_config(args)
                                                         or get_preset("tiny"))
   paths = [p for p in (args.data or []) if not _OVERRIDE.match(p)]
   overrides = [p for p in (args.data or []) if _OVERRIDE.match(p)] + list(args.overrides)
@@ -59,6 +60,13 @@ def resolve_config(args: argparse.Namespace) -> Config:
   if args.mesh:
     config = dataclasses.replace(config, mesh=parse_mesh(args.mesh))
   return config
+
+
+def _init_from_config(args: argparse.Namespace) -> Config | None:
+  """A new fine-tuning run without --preset starts from its --init-from run's config
+  (an imported checkpoint's architecture), with train.init_from set below."""
+  from llm_mp.train import stored_config  # pylint: disable=import-outside-toplevel
+  return stored_config(args.init_from) if args.init_from else None
 
 
 def _load(workdir: str):
@@ -101,6 +109,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_config(args: argparse.Namespace) -> int:
   from llm_mp.config import describe  # pylint: disable=import-outside-toplevel
   print(describe(get_preset(args.preset) if args.preset else Config()))
+  return 0
+
+
+def cmd_import_hf(args: argparse.Namespace) -> int:
+  from llm_mp import hf  # pylint: disable=import-outside-toplevel
+  config, params, tokenizer = hf.import_hf(args.src)
+  hf.write_run(args.workdir, config, params, tokenizer)
+  print(f"{hf.describe(config)}; wrote {args.workdir} (checkpoint at step 0)")
+  return 0
+
+
+def cmd_export_hf(args: argparse.Namespace) -> int:
+  from llm_mp import hf  # pylint: disable=import-outside-toplevel
+  hf.export_hf(args.workdir, args.out)
+  print(f"wrote {args.out}")
   return 0
 
 
@@ -159,6 +182,18 @@ def build_parser() -> argparse.ArgumentParser:
                  help=f"show this preset's values: {', '.join(sorted(PRESETS))} (default: the "
                       "field defaults)")
   p.set_defaults(fn=cmd_config)
+
+  p = sub.add_parser("import-hf", help="a Hugging Face GPT-2/LLaMA-family checkpoint -> a run",
+                     description="Write a run directory (config, tokenizer, step-0 checkpoint) "
+                                 "from a Hugging Face checkpoint directory (or hub name).")
+  p.add_argument("src", help="directory with config.json, *.safetensors, tokenizer.json")
+  p.add_argument("--workdir", required=True, help="new run directory to write")
+  p.set_defaults(fn=cmd_import_hf)
+
+  p = sub.add_parser("export-hf", help="a run's latest checkpoint -> a Hugging Face directory")
+  p.add_argument("--workdir", required=True, help="run directory (GPT-2 or LLaMA shaped)")
+  p.add_argument("out", help="new directory for config.json, model.safetensors, tokenizer.json")
+  p.set_defaults(fn=cmd_export_hf)
 
   p = sub.add_parser("bench", help="time the train step; prints JSON (llm-mp bench --help)",
                      add_help=False)

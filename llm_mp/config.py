@@ -21,7 +21,9 @@ from typing import Any, Mapping, Sequence
 
 NORMS = ("layernorm", "rmsnorm")
 POSITIONS = ("learned", "rope", "sinusoidal", "none")
-MLPS = ("gelu", "relu", "swiglu", "geglu")
+# "gelu" is GPT-2's tanh approximation (HF "gelu_new"); "gelu_exact" is the erf form (HF "gelu").
+MLPS = ("gelu", "gelu_exact", "relu", "swiglu", "geglu")
+ROPE_SCALINGS = ("none", "linear", "llama3")  # HF rope_scaling "rope_type"s
 ATTENTION_IMPLS = ("xla", "cudnn")
 REMAT_POLICIES = ("none", "dots", "full")
 OPTIMIZERS = ("adamw", "adam", "sgd", "rmsprop", "adagrad")
@@ -68,8 +70,21 @@ class ModelConfig:
   norm_eps: float = 1e-5  # added to the variance in the norms
   position: str = "learned"  # "learned" (GPT-2), "rope" (LLaMA), "sinusoidal" (Vaswani et al.)
   rope_theta: float = 10_000.0  # RoPE base frequency
+  # RoPE frequency scaling for longer contexts, as HF's rope_scaling: "linear" divides every
+  # frequency by rope_factor; "llama3" divides only the low frequencies (wavelengths above
+  # rope_original_max_len / rope_low_freq_factor), interpolating up to rope_high_freq_factor.
+  rope_scaling: str = "none"
+  rope_factor: float = 1.0
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_len: int = 8192
+  d_head: int | None = None  # width of one attention head; None = d_model // n_heads
   mlp: str = "gelu"  # "gelu"/"relu" two-layer MLP, or "swiglu"/"geglu" gated
   use_bias: bool = True  # biases in dense layers and LayerNorm (GPT-2: yes, LLaMA: no)
+  # Per-part biases; None = use_bias. Qwen2: qkv_bias=True, attn_out_bias=False.
+  qkv_bias: bool | None = None  # query/key/value projections
+  attn_out_bias: bool | None = None  # attention output projection
+  mlp_bias: bool | None = None  # MLP (or expert) layers
   tie_embeddings: bool = True  # logits use the transposed token embedding
   attention_impl: str = "xla"  # jax.nn.dot_product_attention implementation
   remat: str = "none"  # rematerialisation per block: "none", "dots" (save matmuls), "full"
@@ -98,7 +113,15 @@ class ModelConfig:
     _check_positive(s, "expert_capacity_factor", self.expert_capacity_factor)
     _check_positive(s, "moe_aux_weight", self.moe_aux_weight, allow_zero=True)
     _check_positive(s, "moe_z_weight", self.moe_z_weight, allow_zero=True)
-    if self.d_model % self.n_heads:
+    _check_choice(s, "rope_scaling", self.rope_scaling, ROPE_SCALINGS)
+    _check_positive(s, "rope_factor", self.rope_factor)
+    _check_positive(s, "rope_original_max_len", self.rope_original_max_len)
+    if self.rope_scaling == "llama3" and self.rope_high_freq_factor <= self.rope_low_freq_factor:
+      raise ValueError(f"model.rope_high_freq_factor={self.rope_high_freq_factor} must exceed "
+                       f"model.rope_low_freq_factor={self.rope_low_freq_factor}")
+    if self.d_head is not None:
+      _check_positive(s, "d_head", self.d_head)
+    elif self.d_model % self.n_heads:
       raise ValueError(
           f"model.n_heads={self.n_heads} does not divide model.d_model={self.d_model}")
     if self.n_kv_heads is not None:
@@ -119,7 +142,12 @@ class ModelConfig:
 
   @property
   def head_dim(self) -> int:
-    return self.d_model // self.n_heads
+    return self.d_head or self.d_model // self.n_heads
+
+  def bias(self, part: str) -> bool:
+    """Whether dense layers of ``part`` ("qkv", "attn_out", "mlp") have a bias."""
+    value = {"qkv": self.qkv_bias, "attn_out": self.attn_out_bias, "mlp": self.mlp_bias}[part]
+    return self.use_bias if value is None else value
 
   @property
   def kv_heads(self) -> int:

@@ -6,7 +6,11 @@ the token files add ``bos_id``/``eos_id`` around each document themselves.
 
 A tokenizer lives in a run directory as one file, ``tokenizer.json``: the HF
 serialisation for BPE, or ``{"type": "byte", ...}`` for bytes.
-:func:`load_tokenizer` reads either.
+:func:`load_tokenizer` reads either. A tokenizer imported from Hugging Face
+(GPT-2's, a LLaMA-family one) keeps its own special tokens: they are named,
+as in an HF checkpoint, by ``tokenizer_config.json`` (``bos_token``,
+``eos_token``, ``pad_token``) beside ``tokenizer.json``; without that file the
+specials are llm_mp's own ``<|pad|>``, ``<|bos|>``, ``<|eos|>``.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from llm_mp.config import DataConfig
 from llm_mp.data.files import DataError, write_atomic
 
 TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"  # HF's: names the bos/eos/pad tokens
 SPECIAL_TOKENS = ("<|pad|>", "<|bos|>", "<|eos|>")  # BPE ids 0, 1, 2 in this order
 BYTE_ALPHABET = 256
 
@@ -93,15 +98,21 @@ class BpeTokenizer:
   without a prefix space and a ``ByteLevel`` decoder: encoding is lossless.
   Specials have ids 0 (pad), 1 (bos), 2 (eos); their literal strings in the
   text are encoded as ordinary text.
+
+  ``specials`` (pad, bos, eos token strings) wraps any HF tokenizer with its
+  own special tokens instead (an imported one: GPT-2's ``<|endoftext|>`` is
+  bos, eos and pad at once); it is then saved as ``tokenizer_config.json``.
   """
 
-  def __init__(self, hf: HFTokenizer):
+  def __init__(self, hf: HFTokenizer, specials: Sequence[str] | None = None):
     hf.encode_special_tokens = True  # not serialised by HF, so set on every load
     self.hf = hf
     self.vocab_size = hf.get_vocab_size()
-    self.pad_id, self.bos_id, self.eos_id = (hf.token_to_id(t) for t in SPECIAL_TOKENS)
+    self.specials = tuple(specials) if specials is not None else None
+    names = self.specials or SPECIAL_TOKENS
+    self.pad_id, self.bos_id, self.eos_id = (hf.token_to_id(t) for t in names)
     if None in (self.pad_id, self.bos_id, self.eos_id):
-      raise DataError(f"BPE tokenizer lacks the special tokens {list(SPECIAL_TOKENS)}")
+      raise DataError(f"BPE tokenizer lacks the special tokens {list(names)}")
 
   @classmethod
   def train(cls, docs: Sequence[str], vocab_size: int) -> BpeTokenizer:
@@ -134,10 +145,22 @@ class BpeTokenizer:
     return self.hf.decode([int(i) for i in ids], skip_special_tokens=True)
 
   def to_json(self) -> str:
-    return self.hf.to_str()
+    if self.specials is None:
+      return self.hf.to_str()
+    # The specials decide the bos/eos framing of the token files: part of the identity.
+    return self.hf.to_str() + "\n" + json.dumps(self.tokenizer_config())
+
+  def tokenizer_config(self) -> dict[str, str]:
+    """HF ``tokenizer_config.json`` fields naming the special tokens."""
+    pad, bos, eos = self.specials or SPECIAL_TOKENS
+    return {"bos_token": bos, "eos_token": eos, "pad_token": pad}
 
   def save(self, directory: str) -> str:
-    return _save_json(directory, self.to_json())
+    if self.specials is not None:
+      config = json.dumps(self.tokenizer_config(), indent=2)
+      write_atomic(os.path.join(directory, TOKENIZER_CONFIG_FILE),
+                   lambda f: f.write(config.encode("utf-8")))
+    return _save_json(directory, self.hf.to_str())
 
 
 def build_tokenizer(cfg: DataConfig, docs: Sequence[str]) -> Tokenizer:
@@ -147,8 +170,44 @@ def build_tokenizer(cfg: DataConfig, docs: Sequence[str]) -> Tokenizer:
   return BpeTokenizer.train(docs, cfg.bpe_vocab_size)
 
 
+def _token_name(value) -> str | None:
+  """A tokenizer_config.json token entry: a string or ``{"content": ...}``."""
+  return value.get("content") if isinstance(value, dict) else value
+
+
+def read_specials(directory: str, hf: HFTokenizer) -> tuple[str, str, str] | None:
+  """(pad, bos, eos) token strings named by ``directory/tokenizer_config.json``.
+
+  None when the file is absent. A missing ``pad_token`` is the eos token (GPT-2
+  has none; padded positions never reach the loss); a missing ``bos_token``
+  is the eos token too (documents are then separated by eos alone).
+
+  Raises:
+    DataError: the file is unreadable, names no eos token, or names a token
+      the vocabulary lacks.
+  """
+  path = os.path.join(directory, TOKENIZER_CONFIG_FILE)
+  if not os.path.isfile(path):
+    return None
+  try:
+    with open(path, encoding="utf-8") as f:
+      cfg = json.load(f)
+  except (OSError, ValueError) as e:
+    raise DataError(f"{path}: not readable JSON ({e})") from None
+  eos = _token_name(cfg.get("eos_token"))
+  if not eos:
+    raise DataError(f"{path}: field eos_token is missing")
+  bos = _token_name(cfg.get("bos_token")) or eos
+  pad = _token_name(cfg.get("pad_token")) or eos
+  for field, token in (("pad_token", pad), ("bos_token", bos), ("eos_token", eos)):
+    if hf.token_to_id(token) is None:
+      raise DataError(f"{path}: field {field}={token!r} is not in the vocabulary")
+  return pad, bos, eos
+
+
 def load_tokenizer(directory: str) -> Tokenizer:
-  """Reads ``directory/tokenizer.json`` written by ``save``.
+  """Reads ``directory/tokenizer.json`` written by ``save`` (or an HF checkpoint's,
+  with the specials of its ``tokenizer_config.json``).
 
   Raises:
     DataError: the file is missing or is not a tokenizer.
@@ -164,4 +223,4 @@ def load_tokenizer(directory: str) -> Tokenizer:
     hf = HFTokenizer.from_str(text)
   except Exception as e:  # JSON errors, or HF's plain Exception for a bad tokenizer
     raise DataError(f"{path}: not a tokenizer ({type(e).__name__}: {e})") from None
-  return BpeTokenizer(hf)
+  return BpeTokenizer(hf, read_specials(directory, hf))

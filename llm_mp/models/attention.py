@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from llm_mp.config import ModelConfig
-from llm_mp.models.layers import Dense, apply_rope
+from llm_mp.models.layers import Dense, apply_rope, config_rope_frequencies
 from llm_mp.precision import Precision
 
 
@@ -83,14 +83,15 @@ class Attention(nn.Module):
     (for RoPE) -> ``[B, T, d]``."""
     c = self.config
     kv_in = x if context is None else context
-    dense = lambda feats, axes, name: Dense(feats, axes, self.precision, use_bias=c.use_bias,
+    dense = lambda feats, axes, name: Dense(feats, axes, self.precision, use_bias=c.bias("qkv"),
                                             init_std=c.init_std, name=name)
     q = dense((c.n_heads, c.head_dim), ("embed", "heads", "kv"), "query")(x)  # (B, T, N, H)
     k = dense((c.kv_heads, c.head_dim), ("embed", "kv_heads", "kv"), "key")(kv_in)  # (B, S, K, H)
     v = dense((c.kv_heads, c.head_dim), ("embed", "kv_heads", "kv"), "value")(kv_in)
     if c.position == "rope" and context is None:
-      q = apply_rope(q, positions, c.rope_theta)
-      k = apply_rope(k, positions, c.rope_theta)
+      freqs = config_rope_frequencies(c)  # (H/2,)
+      q = apply_rope(q, positions, c.rope_theta, freqs)
+      k = apply_rope(k, positions, c.rope_theta, freqs)
     causal = self.causal
     if self.decode and context is None:
       k, v, mask = self._update_cache(k, v)
@@ -101,8 +102,8 @@ class Attention(nn.Module):
                                          implementation="cudnn")
     else:
       out = dot_product_attention(q, k, v, mask=mask, causal=causal)  # (B, T, N, H)
-    out = Dense(c.d_model, ("heads", "kv", "embed"), self.precision, use_bias=c.use_bias, n_in=2,
-                init_std=c.init_std / (2 * c.n_layers) ** 0.5, name="out")(out)
+    out = Dense(c.d_model, ("heads", "kv", "embed"), self.precision, use_bias=c.bias("attn_out"),
+                n_in=2, init_std=c.init_std / (2 * c.n_layers) ** 0.5, name="out")(out)
     return nn.Dropout(c.dropout)(out, deterministic=deterministic)
 
   def _update_cache(self, k: jax.Array, v: jax.Array):

@@ -246,15 +246,51 @@ def sinusoidal_positions(positions: jax.Array, d_model: int) -> jax.Array:
   return enc
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+def rope_frequencies(head_dim: int, theta: float, scaling: str = "none", factor: float = 1.0,
+                     low_freq_factor: float = 1.0, high_freq_factor: float = 4.0,
+                     original_max_len: int = 8192) -> np.ndarray:
+  """float32 ``[head_dim / 2]`` rotation frequencies ``theta^(-2i/head_dim)``, scaled.
+
+  ``scaling`` as HF's ``rope_scaling``: "none"; "linear" (all divided by
+  ``factor``); "llama3" (wavelengths longer than ``original_max_len /
+  low_freq_factor`` divided by ``factor``, those shorter than
+  ``original_max_len / high_freq_factor`` kept, a linear blend between).
+  """
+  freqs = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
+  if scaling == "linear":
+    freqs = freqs / factor
+  elif scaling == "llama3":
+    wavelen = 2 * math.pi / freqs
+    low_wavelen = original_max_len / low_freq_factor  # longer: fully scaled
+    high_wavelen = original_max_len / high_freq_factor  # shorter: unchanged
+    scaled = np.where(wavelen > low_wavelen, freqs / factor, freqs)
+    smooth = (original_max_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    freqs = np.where(medium, blended, scaled)
+  return freqs.astype(np.float32)
+
+
+def config_rope_frequencies(c: ModelConfig) -> np.ndarray:
+  """:func:`rope_frequencies` of a model config's head dim, theta and scaling."""
+  return rope_frequencies(c.head_dim, c.rope_theta, c.rope_scaling, c.rope_factor,
+                          c.rope_low_freq_factor, c.rope_high_freq_factor,
+                          c.rope_original_max_len)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, theta: float,
+               freqs: np.ndarray | None = None) -> jax.Array:
   """Rotary embedding (rotate-half form) of ``x [B, T, N, H]`` at int ``positions [B, T]``.
 
-  Angles and rotation are computed in fp32 (at least); the result has ``x``'s dtype.
+  ``freqs`` (float ``[H/2]``, e.g. from :func:`rope_frequencies` with a
+  scaling) replace the plain ``theta^(-2i/H)``. Angles and rotation are
+  computed in fp32 (at least); the result has ``x``'s dtype.
   """
   h = x.shape[-1]
-  freqs = 1.0 / (theta ** (np.arange(0, h, 2, dtype=np.float32) / h))  # (H/2,)
+  if freqs is None:
+    freqs = rope_frequencies(h, theta)  # (H/2,)
   acc = jnp.promote_types(x.dtype, jnp.float32)
-  angles = positions[..., None].astype(acc) * freqs.astype(acc)  # (B, T, H/2)
+  angles = positions[..., None].astype(acc) * jnp.asarray(freqs, acc)  # (B, T, H/2)
   sin = jnp.sin(angles)[:, :, None, :]  # (B, T, 1, H/2)
   cos = jnp.cos(angles)[:, :, None, :]
   x1, x2 = jnp.split(x.astype(acc), 2, axis=-1)
@@ -264,6 +300,7 @@ def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
 
 ACTIVATIONS = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_exact": lambda x: jax.nn.gelu(x, approximate=False),
     "relu": jax.nn.relu,
     "swiglu": jax.nn.silu,
     "geglu": lambda x: jax.nn.gelu(x, approximate=True),
@@ -273,7 +310,7 @@ ACTIVATIONS = {
 class MLP(nn.Module):
   """Position-wise feed-forward: ``[B, T, d]`` -> ``[B, T, d]``.
 
-  ``gelu``/``relu``: ``down(act(up(x)))``; ``swiglu``/``geglu``:
+  ``gelu``/``gelu_exact``/``relu``: ``down(act(up(x)))``; ``swiglu``/``geglu``:
   ``down(act(gate(x)) * up(x))``.
   """
 
@@ -286,7 +323,7 @@ class MLP(nn.Module):
     # The activation runs inside the layer that feeds it, so its derivative is
     # fused into that layer's gradient.
     inner = lambda name, act=None: Dense(c.ff_dim, ("embed", "mlp"), self.precision,
-                                         use_bias=c.use_bias, init_std=c.init_std,
+                                         use_bias=c.bias("mlp"), init_std=c.init_std,
                                          activation=act, name=name)
     act = ACTIVATIONS[c.mlp]
     if c.mlp in ("swiglu", "geglu"):
@@ -295,6 +332,6 @@ class MLP(nn.Module):
       h = inner("up", act)(x)
     h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
     # GPT-2 scales the init of residual-branch outputs by 1/sqrt(2 * n_layers).
-    out = Dense(c.d_model, ("mlp", "embed"), self.precision, use_bias=c.use_bias,
+    out = Dense(c.d_model, ("mlp", "embed"), self.precision, use_bias=c.bias("mlp"),
                 init_std=c.init_std / np.sqrt(2 * c.n_layers), name="down")(h)
     return nn.Dropout(c.dropout)(out, deterministic=deterministic)

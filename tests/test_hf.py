@@ -1,0 +1,244 @@
+"""Hugging Face import/export: logit and greedy parity with transformers, exact round trips.
+
+The references under tests/fixtures/hf/ were written by tests/make_hf_fixtures.py
+with torch + transformers (fp32 CPU); these tests need only numpy and llm_mp.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from llm_mp import cli, hf
+from llm_mp.config import ModelConfig
+from llm_mp.generate import generate, generate_text
+from llm_mp.models import build_model
+from llm_mp.models.layers import rope_frequencies
+from llm_mp.precision import make_precision
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "hf")
+NAMES = ("gpt2", "llama_gqa", "llama_tied", "qwen2")
+FP32 = make_precision("fp32")
+
+
+def _fixture(name):
+  return os.path.join(FIXTURES, name)
+
+
+@pytest.fixture(scope="module", params=NAMES)
+def imported(request):
+  return request.param, hf.import_hf(_fixture(request.param))
+
+
+def test_configs_cover_the_architectures():
+  """What each fixture exercises (so a fixture change cannot silently drop a case)."""
+  c = {n: hf.import_hf(_fixture(n))[0].model for n in NAMES}
+  assert c["gpt2"].norm == "layernorm" and c["gpt2"].position == "learned"
+  assert c["gpt2"].tie_embeddings and c["gpt2"].mlp == "gelu"
+  g = c["llama_gqa"]
+  assert (g.kv_heads, g.n_heads, g.head_dim, g.d_model) == (2, 4, 16, 32)
+  assert not g.tie_embeddings and g.bias("qkv") and g.bias("attn_out") and g.bias("mlp")
+  assert (g.rope_scaling, g.rope_factor, g.rope_original_max_len) == ("llama3", 4.0, 16)
+  t = c["llama_tied"]
+  assert t.tie_embeddings and (t.rope_scaling, t.rope_factor) == ("linear", 2.0)
+  assert os.path.isfile(os.path.join(_fixture("llama_tied"), hf.INDEX_FILE))  # sharded
+  q = c["qwen2"]
+  assert q.bias("qkv") and not q.bias("attn_out") and not q.bias("mlp") and q.kv_heads == 1
+
+
+def test_logits_match_transformers(imported):
+  name, (config, params, _) = imported
+  tokens = np.load(os.path.join(_fixture(name), "tokens.npy"))
+  ref = np.load(os.path.join(_fixture(name), "logits.npy"))
+  logits = np.asarray(build_model(config.model, FP32).apply({"params": params}, tokens))
+  assert logits.dtype == np.float32 and logits.shape == ref.shape
+  # fp32 on both sides; summation order differs (measured max 5e-6 on these fixtures).
+  np.testing.assert_allclose(logits, ref, atol=1e-4, rtol=0)
+  np.testing.assert_array_equal(logits.argmax(-1), ref.argmax(-1))
+
+
+def test_greedy_generation_matches_transformers(imported):
+  name, (config, params, _) = imported
+  prompt = np.load(os.path.join(_fixture(name), "prompt.npy"))
+  ref = np.load(os.path.join(_fixture(name), "greedy.npy"))
+  out = generate(config.model, FP32, params, jnp.asarray(prompt), 32, jax.random.key(0),
+                 temperature=0.0)
+  np.testing.assert_array_equal(np.asarray(out), ref)
+
+
+def test_export_then_import_is_bit_exact(imported, tmp_path):
+  name, (config, params, tokenizer) = imported
+  out = str(tmp_path / "out")
+  hf.export_hf((config, params, tokenizer), out)
+  config2, params2, tokenizer2 = hf.import_hf(out)
+  assert config2.model == config.model
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(a.view(np.uint32), b.view(np.uint32)),
+               params, params2)
+  assert tokenizer2.to_json() == tokenizer.to_json()
+  # The exported tensors equal the fixture's own, name for name (the HF layout is kept).
+  ours, _ = hf.read_weights(out)
+  theirs, _ = hf.read_weights(_fixture(name))
+  theirs.pop("lm_head.weight", None) if config.model.tie_embeddings else None
+  assert sorted(ours) == sorted(theirs)
+  for k in ours:
+    np.testing.assert_array_equal(ours[k], theirs[k])
+
+
+def test_tokenizer_keeps_its_specials_and_round_trips_unicode(imported):
+  _, (_, _, tokenizer) = imported
+  eot = tokenizer.hf.token_to_id("<|endoftext|>")
+  # GPT-2 style: one special is bos and eos; no pad in the file, so pad = eos.
+  assert tokenizer.bos_id == tokenizer.eos_id == tokenizer.pad_id == eot == 0
+  for text in ("Grüße, 東京 🙂 naïve\n\ttabs", "a<|endoftext|>b", ""):
+    ids = tokenizer.encode(text)
+    assert tokenizer.decode(ids) == text
+  assert eot not in tokenizer.encode("a<|endoftext|>b")  # literal text, not the special
+
+
+def test_tokenizer_specials_from_config_ids(tmp_path):
+  """Without tokenizer_config.json the ids come from config.json's bos/eos_token_id."""
+  src = str(tmp_path / "src")
+  shutil.copytree(_fixture("gpt2"), src)
+  os.remove(os.path.join(src, "tokenizer_config.json"))
+  _, _, tok = hf.import_hf(src)
+  assert (tok.pad_id, tok.bos_id, tok.eos_id) == (0, 0, 0)
+
+
+def test_rope_llama3_frequencies_by_hand():
+  """llama3 scaling: long wavelengths / factor, short ones kept, the middle blended."""
+  # head_dim 8, theta 100: freqs 1, 100^-1/4, 100^-1/2, 100^-3/4; wavelengths 2pi/f.
+  base = 100.0 ** -(np.arange(4) / 4)
+  f = rope_frequencies(8, 100.0, "llama3", factor=4.0, low_freq_factor=1.0,
+                       high_freq_factor=4.0, original_max_len=32)
+  wavelen = 2 * np.pi / base  # 6.3, 19.9, 62.8, 198.7: kept below 32/4, scaled above 32/1
+  smooth = (32 / wavelen[1] - 1) / 3
+  want = [base[0], (1 - smooth) * base[1] / 4 + smooth * base[1], base[2] / 4, base[3] / 4]
+  np.testing.assert_allclose(f, want, rtol=1e-6)  # fp32 arithmetic
+  np.testing.assert_allclose(rope_frequencies(8, 100.0, "linear", factor=2.0), base / 2,
+                             rtol=1e-6)
+
+
+def test_defaults_keep_todays_models():
+  c = ModelConfig()
+  assert c.head_dim == c.d_model // c.n_heads and c.rope_scaling == "none"
+  assert all(c.bias(p) for p in ("qkv", "attn_out", "mlp"))
+  assert not any(ModelConfig.llama().bias(p) for p in ("qkv", "attn_out", "mlp"))
+
+
+def test_gelu_exact_is_erf_gelu():
+  from math import erf  # pylint: disable=import-outside-toplevel
+
+  from llm_mp.models.layers import ACTIVATIONS  # pylint: disable=import-outside-toplevel
+  x = np.array([-3.0, -0.5, 0.0, 0.7, 2.5])
+  want = [v * 0.5 * (1 + erf(v / np.sqrt(2))) for v in x]
+  np.testing.assert_allclose(ACTIVATIONS["gelu_exact"](jnp.asarray(x)), want, rtol=1e-6)
+
+
+def _broken(tmp_path, edit):
+  src = str(tmp_path / "src")
+  shutil.copytree(_fixture("gpt2"), src)
+  edit(src)
+  return src
+
+
+def _edit_config(**kw):
+  def edit(src):
+    path = os.path.join(src, "config.json")
+    with open(path, encoding="utf-8") as f:
+      cfg = json.load(f)
+    cfg.update(kw)
+    with open(path, "w", encoding="utf-8") as f:
+      json.dump(cfg, f)
+  return edit
+
+
+@pytest.mark.parametrize("edit, message", [
+    (_edit_config(architectures=["BertForMaskedLM"]), "config.json: field architectures="),
+    (_edit_config(n_embd=64), "transformer.wte.weight has shape [320, 32] but config.json"),
+    (_edit_config(activation_function="swish"), "config.json: field activation_function="),
+    (lambda s: os.remove(os.path.join(s, "model.safetensors")), "model.safetensors: file not"),
+    (lambda s: os.remove(os.path.join(s, "tokenizer.json")), "tokenizer.json: file not found"),
+    (_edit_config(n_layer=3), "tensor transformer.h.2.attn.c_attn.weight is missing"),
+])
+def test_bad_checkpoints_are_one_line_errors(tmp_path, edit, message):
+  src = _broken(tmp_path, edit)
+  with pytest.raises(hf.HFError, match=None) as e:
+    hf.import_hf(src)
+  assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_bad_dtype_names_file_and_tensor(tmp_path):
+  from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
+
+  def edit(src):
+    path = os.path.join(src, "model.safetensors")
+    tensors, _ = hf.read_weights(src)
+    tensors["transformer.ln_f.bias"] = tensors["transformer.ln_f.bias"].astype(np.int32)
+    save_file(tensors, path)
+
+  with pytest.raises(hf.HFError, match=r"model.safetensors: tensor transformer.ln_f.bias has "
+                                       r"dtype I32"):
+    hf.import_hf(_broken(tmp_path, edit))
+
+
+def test_bf16_checkpoint_imports_exactly(tmp_path):
+  """bf16 tensors (read without safetensors.numpy, which lacks bf16) widen exactly."""
+  import ml_dtypes  # pylint: disable=import-outside-toplevel
+  from safetensors import numpy as stnp  # pylint: disable=import-outside-toplevel
+  src = str(tmp_path / "src")
+  shutil.copytree(_fixture("gpt2"), src)
+  tensors, _ = hf.read_weights(src)
+  half = {k: v.astype(ml_dtypes.bfloat16) for k, v in tensors.items()}
+  # Write the bf16 file by hand: safetensors' numpy API rejects ml_dtypes arrays.
+  blob = stnp.save({k: v.view(np.uint16) for k, v in half.items()})
+  n = int.from_bytes(blob[:8], "little")
+  header = json.loads(blob[8:8 + n])
+  for k in half:
+    header[k]["dtype"] = "BF16"
+  text = json.dumps(header).encode()
+  with open(os.path.join(src, "model.safetensors"), "wb") as f:
+    f.write(len(text).to_bytes(8, "little") + text + blob[8 + n:])
+  _, params, _ = hf.import_hf(src)
+  np.testing.assert_array_equal(params["embed"]["embedding"],
+                                half["transformer.wte.weight"].astype(np.float32))
+
+
+def test_export_refuses_what_hf_cannot_load(tmp_path):
+  config, params, tok = hf.import_hf(_fixture("gpt2"))
+  moe = config.model.__class__(**{**config.model.__dict__, "n_experts": 2})
+  with pytest.raises(hf.HFError, match="no Hugging Face architecture matches"):
+    hf.export_hf((moe, params, tok), str(tmp_path / "out"))
+  assert not os.path.exists(tmp_path / "out")
+  (tmp_path / "full").mkdir()
+  (tmp_path / "full" / "x").write_text("x")
+  with pytest.raises(hf.HFError, match="already exists and is not empty"):
+    hf.export_hf((config, params, tok), str(tmp_path / "full"))
+
+
+def test_cli_import_generate_export(tmp_path, capsys):
+  """import-hf writes a run that generate reads; export-hf reproduces the weights."""
+  run, out = str(tmp_path / "run"), str(tmp_path / "out")
+  assert cli.main(["import-hf", _fixture("llama_gqa"), "--workdir", run]) == 0
+  assert sorted(os.listdir(run)) == ["checkpoints", "config.json", "tokenizer.json",
+                                     "tokenizer_config.json"]
+  capsys.readouterr()
+  assert cli.main(["generate", "--workdir", run, "--prompt", "The quick",
+                   "--max-new-tokens", "4", "--temperature", "0"]) == 0
+  # The step-0 checkpoint holds the imported parameters: same greedy text as in memory.
+  config, params, tok = hf.import_hf(_fixture("llama_gqa"))
+  want = generate_text(config.model, FP32, params, tok, "The quick", 4, temperature=0.0)
+  assert capsys.readouterr().out == "The quick" + want + "\n"
+  assert cli.main(["export-hf", "--workdir", run, out]) == 0
+  ours, _ = hf.read_weights(out)
+  theirs, _ = hf.read_weights(_fixture("llama_gqa"))
+  assert sorted(ours) == sorted(theirs)
+  for k in ours:
+    np.testing.assert_array_equal(ours[k], theirs[k])
+  assert cli.main(["import-hf", _fixture("gpt2"), "--workdir", run]) == 2  # not empty
+  assert "already exists and is not empty" in capsys.readouterr().err
