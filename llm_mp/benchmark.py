@@ -112,7 +112,7 @@ def run(preset: str, precision: str, overrides: Sequence[str], steps: int, warmu
   stats = device.memory_stats() or {}
   return {
       "framework": "llm_mp", "preset": preset, "precision": precision,
-      "attention": config.model.attention_impl, "remat": config.model.remat,
+      "attention": r.config.model.attention_impl, "remat": config.model.remat,
       "scan_layers": config.model.scan_layers, "batch": b, "seq_len": t,
       "tokens_per_s": round(tokens_per_s, 1), "ms_per_step": round(ms, 3),
       "ms_per_step_min": round(min(times) * 1e3, 3), "tflops_per_s": round(flops / 1e12, 3),

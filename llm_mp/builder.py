@@ -17,6 +17,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import optax
 
 from llm_mp import checkpoint, sharding
@@ -53,8 +54,29 @@ def freeze_patterns(config: Config) -> tuple[str, ...]:
   return tuple(p.strip() for p in config.train.freeze.split(",") if p.strip())
 
 
+def resolve_backend_choices(config: Config, precision: Precision,
+                            backend: str | None = None) -> Config:
+  """``config`` with its "auto" implementation choices made for ``backend``
+  (default: ``jax.default_backend()``).
+
+  ``model.attention_impl="auto"`` becomes "cudnn" (flash attention, no
+  ``T x T`` scores in memory) on a GPU when the compute dtype is bf16 or fp16,
+  the dtypes that kernel takes, and "xla" otherwise.
+  """
+  m = config.model
+  if m.attention_impl != "auto":
+    return config
+  backend = backend or jax.default_backend()
+  half = jnp.dtype(precision.compute_dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+  impl = "cudnn" if backend == "gpu" and half else "xla"
+  return dataclasses.replace(config, model=dataclasses.replace(m, attention_impl=impl))
+
+
 def build_recipe(config: Config, tokenizer: Any = None, decode: bool = False) -> Recipe:
   """The static pieces of a run of ``config``.
+
+  The recipe's config has the "auto" choices resolved for this backend
+  (:func:`resolve_backend_choices`).
 
   Args:
     config: the run's config.
@@ -66,6 +88,7 @@ def build_recipe(config: Config, tokenizer: Any = None, decode: bool = False) ->
     ValueError: an invalid precision spec, or a task the family cannot run.
   """
   precision = make_precision(config.train.precision, loss_scale=config.train.loss_scale)
+  config = resolve_backend_choices(config, precision)
   task = make_task(config, tokenizer)
   model = build_model(config.model, precision, head=task.head, decode=decode)
   tx, schedule = make_optimizer(config.optim, config.train.steps,

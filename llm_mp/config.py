@@ -24,7 +24,7 @@ POSITIONS = ("learned", "rope", "sinusoidal", "none")
 # "gelu" is GPT-2's tanh approximation (HF "gelu_new"); "gelu_exact" is the erf form (HF "gelu").
 MLPS = ("gelu", "gelu_exact", "relu", "swiglu", "geglu")
 ROPE_SCALINGS = ("none", "linear", "llama3")  # HF rope_scaling "rope_type"s
-ATTENTION_IMPLS = ("xla", "cudnn")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 REMAT_POLICIES = ("none", "dots", "full")
 OPTIMIZERS = ("adamw", "adam", "sgd", "rmsprop", "adagrad")
 SCHEDULES = ("cosine", "linear", "constant")
@@ -86,7 +86,9 @@ class ModelConfig:
   attn_out_bias: bool | None = None  # attention output projection
   mlp_bias: bool | None = None  # MLP (or expert) layers
   tie_embeddings: bool = True  # logits use the transposed token embedding
-  attention_impl: str = "xla"  # jax.nn.dot_product_attention implementation
+  # "xla": llm_mp's attention (fp32 softmax, any backend); "cudnn": the GPU flash-attention
+  # kernel; "auto": cudnn on a GPU with bf16/fp16 compute, else xla (llm_mp.builder decides).
+  attention_impl: str = "auto"
   remat: str = "none"  # rematerialisation per block: "none", "dots" (save matmuls), "full"
   scan_layers: bool = False  # nn.scan over blocks: one compiled block, faster compiles
   n_experts: int = 0  # >0 replaces the MLP by a mixture of experts

@@ -54,6 +54,8 @@ RESUMABLE_FIELDS = {
     "data.paths",
     # Checkpoints restore onto any mesh (orbax reshards); only reduction order changes.
     "mesh.data", "mesh.fsdp", "mesh.tensor", "mesh.rules",
+    # Implementation choices: the same function, computed another way.
+    "model.attention_impl", "model.remat",
 }
 
 
@@ -247,7 +249,9 @@ def build(config: Config, ckpt, say=print, tokenizer: Any = None) -> Run:
                                            mesh, rng)
   shardings = jax.tree.map(lambda x: x.sharding, abstract)
   say(f"model: {config.model.family}, task {recipe.task.name}, "
-      f"{param_count(abstract.params):,} parameters; {recipe.precision.describe()}")
+      f"{param_count(abstract.params):,} parameters, attention "
+      f"{recipe.config.model.attention_impl} ({jax.default_backend()}); "
+      f"{recipe.precision.describe()}")
   mem = sharding.state_memory_report(abstract)
   say(f"mesh: {dict(mesh.shape)}; per device: params {mem['params_bytes'] / 2**20:.1f} MiB, "
       f"optimizer state {mem['opt_state_bytes'] / 2**20:.1f} MiB")

@@ -258,3 +258,18 @@ def test_eval_step_sums_are_the_task_means():
   np.testing.assert_allclose(float(out["loss_sum"]) / float(out["tokens"]), float(aux["loss"]),
                              rtol=1e-6)
   assert set(r.task.batch_axes) == set(LM_BATCH_AXES)
+
+
+def test_auto_attention_is_cudnn_only_on_gpu_with_half_compute():
+  from llm_mp.builder import resolve_backend_choices  # pylint: disable=import-outside-toplevel
+  config = _config()
+  assert config.model.attention_impl == "auto"
+  impl = lambda precision, backend: resolve_backend_choices(
+      config, make_precision(precision), backend).model.attention_impl
+  assert [impl(p, "gpu") for p in ("bf16", "fp16", "pure_bf16", "fp32")] == [
+      "cudnn", "cudnn", "cudnn", "xla"]
+  assert [impl(p, "cpu") for p in ("bf16", "fp32")] == ["xla", "xla"]
+  assert build_recipe(config).config.model.attention_impl == "xla"  # this test runs on CPU
+  explicit = dataclasses.replace(config, model=dataclasses.replace(config.model,
+                                                                   attention_impl="xla"))
+  assert resolve_backend_choices(explicit, make_precision("bf16"), "gpu") is explicit
