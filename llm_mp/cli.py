@@ -114,7 +114,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 def cmd_import_hf(args: argparse.Namespace) -> int:
   from llm_mp import hf  # pylint: disable=import-outside-toplevel
-  config, params, tokenizer = hf.import_hf(args.src)
+  config, params, tokenizer = hf.import_hf(args.src, vocab_multiple=args.vocab_multiple)
   hf.write_run(args.workdir, config, params, tokenizer)
   print(f"{hf.describe(config)}; wrote {args.workdir} (checkpoint at step 0)")
   return 0
@@ -188,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
                                  "from a Hugging Face checkpoint directory (or hub name).")
   p.add_argument("src", help="directory with config.json, *.safetensors, tokenizer.json")
   p.add_argument("--workdir", required=True, help="new run directory to write")
+  p.add_argument("--vocab-multiple", type=int, default=1, metavar="N",
+                 help="pad the vocabulary to a multiple of N (e.g. 128); padded logits are "
+                      "masked, so loss and sampling are unchanged")
   p.set_defaults(fn=cmd_import_hf)
 
   p = sub.add_parser("export-hf", help="a run's latest checkpoint -> a Hugging Face directory")

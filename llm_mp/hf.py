@@ -25,6 +25,7 @@ the file and the field or tensor; nothing is written before all checks pass.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -392,12 +393,21 @@ def params_from_hf(c: ModelConfig, tensors: dict[str, np.ndarray],
   if extra:
     raise HFError(f"{files.get(extra[0], WEIGHTS_FILE)}: unexpected tensor {extra[0]} "
                   f"({len(extra)} unexpected; an architecture llm_mp does not model)")
+  pad = c.padded_vocab - c.vocab_size  # model.vocab_multiple: zero rows, masked in the logits
+  if pad:
+    flat["embed/embedding"] = np.pad(flat["embed/embedding"], ((0, pad), (0, 0)))
+    if "lm_head/kernel" in flat:
+      flat["lm_head/kernel"] = np.pad(flat["lm_head/kernel"], ((0, 0), (0, pad)))
   return _unflatten(flat)
 
 
 def params_to_hf(c: ModelConfig, params: Any) -> dict[str, np.ndarray]:
   """HF tensors (float32 numpy, ``[out, in]`` Linear / ``[in, out]`` Conv1D) of llm_mp params."""
   flat = _flatten(_unscan(c, params))
+  # A padded vocabulary (model.vocab_multiple) leaves its padding rows behind.
+  flat["embed/embedding"] = np.asarray(flat["embed/embedding"])[:c.vocab_size]
+  if "lm_head/kernel" in flat:
+    flat["lm_head/kernel"] = np.asarray(flat["lm_head/kernel"])[:, :c.vocab_size]
   out: dict[str, Any] = {}
   for path, name, _, to_hf, shape in _layout(c):
     x = to_hf(np.asarray(flat[path], np.float32))
@@ -500,12 +510,15 @@ def _resolve_source(src: str) -> str:
   return snapshot_download(src, allow_patterns=["*.json", "*.safetensors"])
 
 
-def import_hf(src: str) -> tuple[Config, dict[str, Any], BpeTokenizer]:
+def import_hf(src: str, vocab_multiple: int = 1) -> tuple[Config, dict[str, Any], BpeTokenizer]:
   """Reads an HF GPT-2 or LLaMA-family checkpoint.
 
   Args:
     src: a directory in the HF layout (or a hub model name, when
       ``huggingface_hub`` is installed and the machine is online).
+    vocab_multiple: pad the vocabulary to a multiple of this (e.g. 50257 ->
+      50304 with 128, for faster matmuls); the padded rows are zero and their
+      logits are masked, so the loss and sampling are unchanged.
 
   Returns:
     ``(config, params, tokenizer)``: a :class:`Config` whose model section is
@@ -522,7 +535,8 @@ def import_hf(src: str) -> tuple[Config, dict[str, Any], BpeTokenizer]:
   src = _resolve_source(src)
   cfg_path = os.path.join(src, CONFIG_FILE)
   hf_config = _read_json(cfg_path)
-  model = model_config_from_hf(hf_config, cfg_path)
+  model = dataclasses.replace(model_config_from_hf(hf_config, cfg_path),
+                              vocab_multiple=vocab_multiple)
   tokenizer = load_hf_tokenizer(src, hf_config)
   if tokenizer.vocab_size > model.vocab_size:
     raise HFError(f"{os.path.join(src, TOKENIZER_FILE)}: vocabulary of {tokenizer.vocab_size} "

@@ -242,3 +242,27 @@ def test_cli_import_generate_export(tmp_path, capsys):
     np.testing.assert_array_equal(ours[k], theirs[k])
   assert cli.main(["import-hf", _fixture("gpt2"), "--workdir", run]) == 2  # not empty
   assert "already exists and is not empty" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama_gqa"])  # tied and untied heads
+def test_padded_vocabulary_keeps_logits_sampling_and_export(name, tmp_path):
+  config, params, tokenizer = hf.import_hf(_fixture(name))
+  padded, pparams, _ = hf.import_hf(_fixture(name), vocab_multiple=128)
+  v = config.model.vocab_size
+  assert padded.model.padded_vocab % 128 == 0 and padded.model.padded_vocab > v
+  assert pparams["embed"]["embedding"].shape[0] == padded.model.padded_vocab
+  tokens = np.load(os.path.join(_fixture(name), "tokens.npy"))
+  ref = np.asarray(build_model(config.model, FP32).apply({"params": params}, tokens))
+  out = np.asarray(build_model(padded.model, FP32).apply({"params": pparams}, tokens))
+  np.testing.assert_array_equal(out[..., :v], ref)  # the real logits are unchanged
+  assert (out[..., v:] <= -1e8).all()  # padded ids are masked: never sampled, no loss mass
+  prompt = jnp.asarray(np.load(os.path.join(_fixture(name), "prompt.npy")))
+  np.testing.assert_array_equal(
+      np.asarray(generate(padded.model, FP32, pparams, prompt, 32, jax.random.key(0),
+                          temperature=0.0)),
+      np.load(os.path.join(_fixture(name), "greedy.npy")))
+  hf.export_hf((padded, pparams, tokenizer), str(tmp_path / "out"))  # padding stripped
+  ours, _ = hf.read_weights(str(tmp_path / "out"))
+  theirs, _ = hf.read_weights(_fixture(name))
+  for k in ours:
+    np.testing.assert_array_equal(ours[k], theirs[k])
