@@ -407,7 +407,9 @@ def summarize(cap: Capture, formats: Sequence[str] = tuple(FORMATS)) -> dict[str
 
   Returns:
     ``{"loss", "loss_scale", "layers": {kind: {path: tensor_stats}},
-    "totals": {kind: tensor_stats}}`` for each kind of :data:`KINDS`, plus
+    "totals": {kind: tensor_stats}}`` for each kind of :data:`KINDS` (a
+    gradient layer also has ``formats_unscaled``: the fractions of its
+    gradients divided by the scale), plus
     ``totals["gradients_unscaled"]`` and ``totals["activation_gradients_unscaled"]``
     (the same gradients divided by the scale, in float64: what the gradients
     of the unscaled loss are).
@@ -416,6 +418,10 @@ def summarize(cap: Capture, formats: Sequence[str] = tuple(FORMATS)) -> dict[str
   for kind in KINDS:
     arrays = cap.kind(kind)
     layers[kind] = {k: tensor_stats(v, formats) for k, v in arrays.items()}
+    if "gradients" in kind:  # what the same layer's gradients of the unscaled loss would do
+      for k, v in arrays.items():
+        layers[kind][k]["formats_unscaled"] = format_fractions(
+            np.asarray(v, np.float64) / cap.loss_scale, formats)
     pooled = np.concatenate([np.asarray(v, np.float64).ravel() for v in arrays.values()])
     totals[kind] = tensor_stats(pooled, formats)
     if "gradients" in kind:
