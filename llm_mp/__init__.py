@@ -12,8 +12,10 @@ The supported API, from the bottom layer up::
   generate   generate_text, sample_logits (llm_mp.generate.generate for token arrays)
   train      train (the loop); llm_mp.cli is the `llm-mp` command
 
-Data (llm_mp.data), sharding (llm_mp.sharding) and checkpoints
-(llm_mp.checkpoint) are imported as modules.
+Data (llm_mp.data), sharding (llm_mp.sharding), checkpoints
+(llm_mp.checkpoint) and numerics diagnostics (llm_mp.numerics: exponent
+histograms, fp16/bf16/fp8 under/overflow, policy errors vs float64) are
+imported as modules.
 """
 
 from llm_mp.config import (Config, DataConfig, MeshConfig, ModelConfig, OptimConfig, TrainConfig,

@@ -1,4 +1,5 @@
-"""``llm-mp`` / ``python -m llm_mp``: train, generate, eval, config, bench, import-hf, export-hf.
+"""``llm-mp`` / ``python -m llm_mp``: train, generate, eval, diagnose, config, bench, import-hf,
+export-hf.
 
 Every user error (bad path, unknown preset or key, conflicting workdir, a
 prompt too long) is one line on stderr and exit code 2.
@@ -127,6 +128,19 @@ def cmd_export_hf(args: argparse.Namespace) -> int:
   return 0
 
 
+def cmd_diagnose(args: argparse.Namespace) -> int:
+  from llm_mp import numerics  # pylint: disable=import-outside-toplevel
+  policies = tuple(p.strip() for p in args.policies.split(",") if p.strip())
+  report = numerics.diagnose_run(args.workdir, loss_scale=args.loss_scale,
+                                 batch_size=args.batch_size, precision=args.precision,
+                                 policies=policies)
+  written = numerics.write_report(report, args.out or args.workdir)
+  if written["note"]:
+    print(f"llm-mp diagnose: {written['note']}; wrote only {written['json']}", file=sys.stderr)
+  print(json.dumps({k: v for k, v in written.items() if k != "note"}, sort_keys=True))
+  return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
   from llm_mp import benchmark  # pylint: disable=import-outside-toplevel
   return benchmark.main(args.bench_args)
@@ -197,6 +211,20 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--workdir", required=True, help="run directory (GPT-2 or LLaMA shaped)")
   p.add_argument("out", help="new directory for config.json, model.safetensors, tokenizer.json")
   p.set_defaults(fn=cmd_export_hf)
+
+  p = sub.add_parser("diagnose", help="numerics of a trained run: exponent histograms, "
+                     "fp16/bf16/fp8 under/overflow, policy errors vs float64 (PNG + JSON)")
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--out", metavar="DIR", help="where diagnose.json/.png go (default: --workdir)")
+  p.add_argument("--loss-scale", type=float, default=None,
+                 help="scale of the loss before differentiation (default: the run's last "
+                      "logged loss scale, else 1)")
+  p.add_argument("--precision", default="fp32",
+                 help="policy the histograms are measured under (default fp32: true values)")
+  p.add_argument("--policies", default="fp32,bf16,fp16,pure_bf16",
+                 help="comma-separated policies compared with float64 ('' to skip)")
+  p.add_argument("--batch-size", type=int, default=4, help="validation rows used")
+  p.set_defaults(fn=cmd_diagnose)
 
   p = sub.add_parser("bench", help="time the train step; prints JSON (llm-mp bench --help)",
                      add_help=False)
