@@ -316,6 +316,8 @@ class TrainConfig:
   loss_scale_period: int = 2000  # finite steps before a dynamic scale grows
   z_loss: float = 0.0  # weight of log(Z)^2, keeps logits from drifting
   mlm_probability: float = 0.15  # masked LM: fraction of real tokens selected (80/10/10)
+  # Also report grad_zero_fraction/<layer> (embed, each block, head): where fp16 underflows.
+  layer_metrics: bool = False
   seed: int = 0  # parameter init, dropout and data shuffling
   log_every: int = 10  # steps between metrics.jsonl records
   eval_every: int = 100  # steps between evaluations (and samples)

@@ -36,6 +36,23 @@ def _zero_fraction(tree: Any) -> jax.Array:
   return zeros / sum(x.size for x in leaves)
 
 
+def _layer_name(path: tuple) -> str:
+  """'decoder/blocks_3' for a block's parameters, else the top-level module ('embed')."""
+  keys = [str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey)]
+  return "/".join(keys[:2]) if len(keys) > 2 and keys[1].startswith("blocks") else keys[0]
+
+
+def zero_fraction_by_layer(grads: Any) -> dict[str, jax.Array]:
+  """``{"grad_zero_fraction/<layer>": fp32 []}``: the fraction of each layer's
+  gradient entries that are exactly zero (fp16 underflow, layer by layer).
+  Blocks are layers ``decoder/blocks_i``; scanned blocks are one ``decoder/blocks``."""
+  counts: dict[str, list] = {}
+  for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]:
+    zeros, size = counts.setdefault(_layer_name(path), [0.0, 0])
+    counts[_layer_name(path)] = [zeros + jnp.sum(g == 0, dtype=jnp.float32), size + g.size]
+  return {f"grad_zero_fraction/{k}": z / n for k, (z, n) in counts.items()}
+
+
 def _weighted(aux: dict[str, jax.Array]) -> dict[str, jax.Array]:
   """Metrics times the micro-batch's weight, so sums over micro-batches / the
   total weight are exact batch means."""
@@ -57,7 +74,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
   ``metrics``: fp32/int scalars ``loss`` (the task loss, without auxiliary
   terms), ``grad_norm, lr, loss_scale, grads_finite, grad_zero_fraction,
   skipped_steps``, the count of ``task.unit`` (``tokens`` or ``examples``),
-  task metrics (``accuracy``) and what modules recorded (``moe_*``).
+  task metrics (``accuracy``) and what modules recorded (``moe_*``); with
+  ``train.layer_metrics``, ``grad_zero_fraction/<layer>`` per layer.
   With ``optim.grad_accum_steps = k`` the batch is split into k micro-batches
   whose gradients and metrics are combined weighted by their counts, which is
   exactly the full batch's mean. Jit it once with ``donate_argnums=0``.
@@ -122,6 +140,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
         "skipped_steps": skipped,
         task.unit: weight,
     })
+    if config.train.layer_metrics:
+      metrics.update(zero_fraction_by_layer(grads))
     return new_state, metrics
 
   return train_step

@@ -185,3 +185,22 @@ def test_eval_step_sums_match_train_loss():
   assert float(out["tokens"]) == 8 * T
   np.testing.assert_allclose(float(out["loss_sum"]) / float(out["tokens"]), float(m["loss"]),
                              rtol=1e-6)
+
+
+def test_layer_metrics_count_zero_gradients_per_layer():
+  from llm_mp.step import zero_fraction_by_layer  # pylint: disable=import-outside-toplevel
+  grads = {"embed": {"embedding": jnp.array([[0.0, 1.0], [0.0, 0.0]])},
+           "decoder": {"blocks_0": {"attn": {"kernel": jnp.zeros((3,))},
+                                    "mlp": {"kernel": jnp.ones((1,))}},
+                       "blocks_1": {"mlp": {"kernel": jnp.array([0.0, 2.0])}}},
+           "lm_head": {"kernel": jnp.ones((2,))}}
+  out = {k: float(v) for k, v in zero_fraction_by_layer(grads).items()}
+  assert out == {"grad_zero_fraction/embed": 0.75, "grad_zero_fraction/decoder/blocks_0": 0.75,
+                 "grad_zero_fraction/decoder/blocks_1": 0.5, "grad_zero_fraction/lm_head": 0.0}
+  config = _config(layer_metrics=True)
+  _, state, step = _setup(config)
+  _, m = step(state, _batch())
+  assert {k for k in m if k.startswith("grad_zero_fraction/")} == {
+      "grad_zero_fraction/embed", "grad_zero_fraction/decoder/blocks_0",
+      "grad_zero_fraction/decoder/blocks_1", "grad_zero_fraction/final_norm",
+      "grad_zero_fraction/pos_embed"}  # GPT-2 style: learned positions, tied head
