@@ -1,6 +1,7 @@
 """The encoder-decoder: masks, relative position bias, cached and beam decoding, training."""
 
 import dataclasses
+import functools
 import itertools
 import math
 
@@ -123,8 +124,9 @@ def test_relative_bias_reads_the_table_by_bucket_and_head():
 
 def _uncached_greedy(model, params, src, seg, steps):
   tgt = jnp.full((src.shape[0], 1), BOS, jnp.int32)
+  apply = jax.jit(model.apply)
   for _ in range(steps):
-    logits = model.apply({"params": params}, src, seg, tgt)
+    logits = apply({"params": params}, src, seg, tgt)
     tgt = jnp.concatenate([tgt, jnp.argmax(logits[:, -1], -1)[:, None].astype(jnp.int32)], 1)
   return tgt
 
@@ -140,12 +142,11 @@ def test_cached_decoding_equals_uncached_step_by_step(name):
   dec = EncoderDecoder(cfg, FP32, decode=True)
   encoded = dec.apply({"params": params}, src, seg, method=dec.encode)
   cache = init_decoder_cache(dec, 3, 7)
+  step = jax.jit(functools.partial(dec.apply, method=dec.decoder_logits, mutable=["cache"]))
   for i in range(tgt.shape[1]):
     # Only the first step sees the encoder output; later ones read the cached K/V.
-    logits, mutated = dec.apply({"params": params, "cache": cache}, tgt[:, i:i + 1],
-                                encoded if i == 0 else None, seg, None,
-                                jnp.full((3, 1), i, jnp.int32), method=dec.decoder_logits,
-                                mutable=["cache"])
+    logits, mutated = step({"params": params, "cache": cache}, tgt[:, i:i + 1],
+                           encoded if i == 0 else None, seg, None, jnp.full((3, 1), i, jnp.int32))
     cache = mutated["cache"]
     # fp32; the cached path sums attention over the masked cache slots too.
     chex.assert_trees_all_close(logits[:, 0], full[:, i], atol=1e-5, rtol=1e-5)
@@ -173,8 +174,9 @@ def test_cross_attention_keys_and_values_are_projected_once_per_generation():
 
   def count(next_fun, args, kwargs, context):
     m = context.module
+    # Concrete inputs only: the cache's shapes come from an abstract (FLOP-free) init.
     if (context.method_name == "__call__" and m.name in ("key", "value")
-        and "cross_attn" in m.scope.path):
+        and "cross_attn" in m.scope.path and not isinstance(args[0], jax.core.Tracer)):
       calls.append("/".join(m.scope.path))
     return next_fun(*args, **kwargs)
 
@@ -189,11 +191,10 @@ def test_cross_attention_keys_and_values_are_projected_once_per_generation():
       for kv in ("key", "value"))
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_beam_size_one_is_greedy(seed):
+def test_beam_size_one_is_greedy():
   cfg = CONFIGS["relative"]
   model, params = _init(cfg)
-  src = _tokens((4, 6), 10 + seed)
+  src = _tokens((12, 6), 10)
   kw = dict(max_new_tokens=8, bos_id=BOS, eos_id=EOS, pad_id=0)
   greedy = generate_seq2seq(cfg, FP32, params, src, **kw)
   beam = generate_seq2seq(cfg, FP32, params, src, beam_size=1, length_penalty=0.0, **kw)
@@ -357,7 +358,9 @@ def test_seq2seq_loss_counts_only_real_target_tokens():
   # Hand reference: mean -log softmax at the real targets.
   logits = r.model.apply(state.variables, batch["inputs"], batch["segment_ids"],
                          batch["decoder_inputs"], batch["decoder_segment_ids"])
-  logp = np.asarray(jax.nn.log_softmax(logits.astype(jnp.float64), -1))
+  logits = np.asarray(logits, np.float64)
+  logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+      - logits.max(-1, keepdims=True)
   real = batch["targets"] >= 0
   want = -np.take_along_axis(logp, np.maximum(batch["targets"], 0)[..., None], -1)[..., 0][real]
   np.testing.assert_allclose(float(loss), want.mean(), rtol=1e-5)
@@ -388,7 +391,7 @@ def test_family_and_task_must_match():
                                        r"\['encoder_decoder'\], got model.family='decoder'"):
     Config(train=TrainConfig(task="seq2seq"))
   with pytest.raises(ValueError, match=r"train.task='lm' needs model.family in \['decoder'\]"):
-    Config(model=_config(), train=TrainConfig(task="lm"))
+    Config(model=_config(), data=DataConfig(seq_len=8), train=TrainConfig(task="lm"))
   assert build_recipe(Config(model=_config(), data=DataConfig(seq_len=8))).task.name == "seq2seq"
 
 
