@@ -90,7 +90,8 @@ def build_model(config: ModelConfig, precision: Precision, head: str = "lm",
 
 __all__ = [
     "Attention", "Block", "Dense", "Embed", "EncoderDecoder", "FAMILIES", "Family", "HEAD_PARAMS",
-    "LearnedPositions", "MLP", "MoE", "Norm", "RelativePositionBias", "Stack", "TransformerEncoder", "TransformerLM",
+    "LearnedPositions", "MLP", "MoE", "Norm", "RelativePositionBias", "Stack",
+    "TransformerEncoder", "TransformerLM",
     "apply_rope", "build_model", "dot_product_attention", "pool", "relative_position_bucket",
     "segment_mask",
 ]
