@@ -20,7 +20,8 @@ import typing
 from typing import Any, Mapping, Sequence
 
 NORMS = ("layernorm", "rmsnorm")
-POSITIONS = ("learned", "rope", "sinusoidal", "none")
+# "relative": T5's bucketed relative position bias, added to self-attention logits.
+POSITIONS = ("learned", "rope", "sinusoidal", "relative", "none")
 # "gelu" is GPT-2's tanh approximation (HF "gelu_new"); "gelu_exact" is the erf form (HF "gelu").
 MLPS = ("gelu", "gelu_exact", "relu", "swiglu", "geglu")
 ROPE_SCALINGS = ("none", "linear", "llama3")  # HF rope_scaling "rope_type"s
@@ -29,8 +30,12 @@ REMAT_POLICIES = ("none", "dots", "full")
 OPTIMIZERS = ("adamw", "adam", "sgd", "rmsprop", "adagrad")
 SCHEDULES = ("cosine", "linear", "constant")
 TOKENIZERS = ("byte", "bpe")
-FAMILIES = ("decoder", "encoder")  # llm_mp.models.FAMILIES builds each
-TASKS = ("auto", "lm", "mlm", "classify")  # llm_mp.tasks.TASKS; auto = the family's default
+FAMILIES = ("decoder", "encoder", "encoder_decoder")  # llm_mp.models.FAMILIES builds each
+# llm_mp.tasks.TASKS; auto = the family's default
+TASKS = ("auto", "lm", "mlm", "classify", "seq2seq")
+# The families each task can train (checked when a Config is built).
+TASK_FAMILIES = {"lm": ("decoder",), "mlm": ("encoder",), "classify": ("encoder",),
+                 "seq2seq": ("encoder_decoder",)}
 POOLS = ("first", "mean")
 
 
@@ -54,13 +59,16 @@ class ModelConfig:
   give the two families' switches.
   """
 
-  family: str = "decoder"  # "decoder" (causal LM) or "encoder" (bidirectional, BERT-style)
+  # "decoder" (causal LM), "encoder" (bidirectional, BERT-style) or "encoder_decoder" (T5-style)
+  family: str = "decoder"
   vocab_size: int = 259  # 256 bytes + 3 specials (the byte tokenizer's size)
   # The embedding and head are padded to a multiple of this (e.g. 64, so a tensor
   # axis divides them); the padded logits are masked, so loss and samples are unchanged.
   vocab_multiple: int = 1
   d_model: int = 64  # width of the residual stream
-  n_layers: int = 2  # Transformer blocks
+  n_layers: int = 2  # Transformer blocks (the encoder's, in an encoder-decoder)
+  n_decoder_layers: int | None = None  # encoder-decoder only: decoder layers; None = n_layers
+  share_embeddings: bool = True  # encoder-decoder: one token table for source and target
   n_heads: int = 4  # attention (query) heads; must divide d_model
   n_kv_heads: int | None = None  # < n_heads gives grouped-query attention; None = n_heads
   d_ff: int | None = None  # hidden width of the MLP; None = 4*d_model (8/3*d_model for GLU MLPs)
@@ -79,6 +87,8 @@ class ModelConfig:
   rope_high_freq_factor: float = 4.0
   rope_original_max_len: int = 8192
   d_head: int | None = None  # width of one attention head; None = d_model // n_heads
+  relative_buckets: int = 32  # position="relative": buckets of T5's relative position bias
+  relative_max_distance: int = 128  # distances >= this share the last (log-spaced) bucket
   mlp: str = "gelu"  # "gelu"/"relu" two-layer MLP, or "swiglu"/"geglu" gated
   use_bias: bool = True  # biases in dense layers and LayerNorm (GPT-2: yes, LLaMA: no)
   # Per-part biases; None = use_bias. Qwen2: qkv_bias=True, attn_out_bias=False.
@@ -112,6 +122,13 @@ class ModelConfig:
     _check_choice(s, "family", self.family, FAMILIES)
     _check_choice(s, "pool", self.pool, POOLS)
     _check_positive(s, "n_classes", self.n_classes)
+    if self.n_decoder_layers is not None:
+      _check_positive(s, "n_decoder_layers", self.n_decoder_layers)
+    if self.position == "relative":
+      # Bidirectional tables split the buckets in two halves, each with exact and log parts.
+      if self.relative_buckets < 4:
+        raise ValueError(f"model.relative_buckets={self.relative_buckets} must be >= 4")
+      _check_positive(s, "relative_max_distance", self.relative_max_distance)
     _check_positive(s, "expert_capacity_factor", self.expert_capacity_factor)
     _check_positive(s, "moe_aux_weight", self.moe_aux_weight, allow_zero=True)
     _check_positive(s, "moe_z_weight", self.moe_z_weight, allow_zero=True)
@@ -170,6 +187,11 @@ class ModelConfig:
       m = 256 if self.d_model >= 256 else 64
       return m * -(-(8 * self.d_model // 3) // m)
     return 4 * self.d_model
+
+  @property
+  def decoder_layers(self) -> int:
+    """Layers of an encoder-decoder's decoder stack (``n_decoder_layers`` or ``n_layers``)."""
+    return self.n_layers if self.n_decoder_layers is None else self.n_decoder_layers
 
   @classmethod
   def gpt2(cls, **kw) -> ModelConfig:
@@ -307,7 +329,9 @@ class MeshConfig:
 class TrainConfig:
   """The training loop: length, batch, precision, logging and checkpoints."""
 
-  task: str = "auto"  # "lm", "mlm", "classify"; "auto": lm for decoders, mlm for encoders
+  # "lm", "mlm", "classify", "seq2seq"; "auto": lm for decoders, mlm for encoders,
+  # seq2seq for encoder-decoders
+  task: str = "auto"
   steps: int = 300  # optimizer updates; may change on resume (see optim.schedule_steps)
   batch_size: int = 16  # rows per optimizer update (split into grad_accum_steps micro-batches)
   precision: str = "fp32"  # a preset of llm_mp.precision: fp32, bf16, fp16, pure_bf16
@@ -363,6 +387,10 @@ class Config:
     if self.data.seq_len > self.model.max_len:
       raise ValueError(
           f"data.seq_len={self.data.seq_len} is longer than model.max_len={self.model.max_len}")
+    task, family = self.train.task, self.model.family
+    if task != "auto" and family not in TASK_FAMILIES[task]:
+      raise ValueError(f"train.task={task!r} needs model.family in {list(TASK_FAMILIES[task])}, "
+                       f"got model.family={family!r}")
     if self.train.batch_size % self.optim.grad_accum_steps:
       raise ValueError(f"optim.grad_accum_steps={self.optim.grad_accum_steps} does not divide "
                        f"train.batch_size={self.train.batch_size}")
@@ -616,6 +644,59 @@ def _bert_base() -> Config:
   )
 
 
+def _seq2seq_tiny() -> Config:
+  # The CPU encoder-decoder: 2+2 pre-norm blocks of width 128, T5's relative position
+  # bias (no position table: source and target lengths are free up to max_len), shared
+  # source/target embedding tied to the output head.
+  return Config(
+      model=ModelConfig.gpt2(family="encoder_decoder", vocab_size=259, d_model=128, n_layers=2,
+                             n_decoder_layers=2, n_heads=4, max_len=128, position="relative",
+                             dropout=0.1),
+      optim=OptimConfig(lr=1e-3, warmup_steps=50, weight_decay=0.01),
+      data=DataConfig(seq_len=128),
+      train=TrainConfig(task="seq2seq", steps=600, batch_size=16, log_every=20, eval_every=200,
+                        ckpt_every=200),
+  )
+
+
+def _transformer_base() -> Config:
+  # "Attention is all you need" (Vaswani et al. 2017) base: 6+6 layers, d=512, 8 heads,
+  # d_ff=2048, ReLU, sinusoidal positions, dropout 0.1, one embedding shared by source,
+  # target and output (their shared BPE vocabulary), Adam b2=0.98 eps=1e-9, 4000 warm-up
+  # steps. Unlike the paper (post-norm) the blocks are pre-norm, as everywhere in llm_mp,
+  # and the schedule is llm_mp's warm-up + cosine rather than inverse square root.
+  return Config(
+      model=ModelConfig(family="encoder_decoder", vocab_size=37000, d_model=512, n_layers=6,
+                        n_decoder_layers=6, n_heads=8, d_ff=2048, max_len=256, dropout=0.1,
+                        norm="layernorm", position="sinusoidal", mlp="relu", use_bias=True,
+                        tie_embeddings=True, share_embeddings=True),
+      optim=OptimConfig(lr=7e-4, warmup_steps=4000, b1=0.9, b2=0.98, eps=1e-9,
+                        weight_decay=0.0),
+      data=DataConfig(tokenizer="bpe", bpe_vocab_size=37000, seq_len=256),
+      train=TrainConfig(task="seq2seq", steps=100_000, batch_size=128, precision="bf16",
+                        eval_every=1000, ckpt_every=1000),
+  )
+
+
+def _t5_small() -> Config:
+  # T5-small's shape (Raffel et al. 2020, v1.0, 60M parameters): 6+6 layers, d=512,
+  # 8 heads (head dim 64), d_ff=2048 ReLU, RMSNorm, no biases, relative position bias
+  # (32 buckets, max distance 128), one embedding for source, target and output,
+  # dropout 0.1. T5 folds 1/sqrt(head_dim) into its init; here attention scales
+  # as everywhere else in llm_mp, and the head is not rescaled by d^-0.5.
+  return Config(
+      model=ModelConfig(family="encoder_decoder", vocab_size=32128, d_model=512, n_layers=6,
+                        n_decoder_layers=6, n_heads=8, d_ff=2048, max_len=512, dropout=0.1,
+                        norm="rmsnorm", norm_eps=1e-6, position="relative", relative_buckets=32,
+                        relative_max_distance=128, mlp="relu", use_bias=False,
+                        tie_embeddings=True, share_embeddings=True),
+      optim=OptimConfig(lr=1e-3, warmup_steps=1000, weight_decay=0.0),
+      data=DataConfig(tokenizer="bpe", bpe_vocab_size=32128, seq_len=512),
+      train=TrainConfig(task="seq2seq", steps=100_000, batch_size=128, precision="bf16",
+                        eval_every=1000, ckpt_every=1000),
+  )
+
+
 PRESETS = {
     "tiny": _tiny,
     "nanogpt_cpu": _nanogpt_cpu,
@@ -625,6 +706,9 @@ PRESETS = {
     "llama_1b": _llama_1b,
     "encoder_tiny": _encoder_tiny,
     "bert_base": _bert_base,
+    "seq2seq_tiny": _seq2seq_tiny,
+    "transformer_base": _transformer_base,
+    "t5_small": _t5_small,
 }
 
 

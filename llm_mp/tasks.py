@@ -24,7 +24,8 @@ Modules record auxiliary terms with ``self.sow("losses", name, value)``
 :func:`apply_model`.
 
 Registered tasks (:data:`TASKS`): ``lm`` (next-token cross-entropy, decoders),
-``mlm`` (masked LM, encoders), ``classify`` (sequence classification).
+``mlm`` (masked LM, encoders), ``classify`` (sequence classification),
+``seq2seq`` (teacher-forced target cross-entropy, encoder-decoders).
 """
 
 from __future__ import annotations
@@ -223,11 +224,41 @@ def classify_loss(model, variables, batch: Batch, rng):
   return nll / n + aux_loss, aux
 
 
+# Source and target lengths may differ; both are ("batch", "length") (length is not sharded).
+SEQ2SEQ_BATCH_AXES: Mapping[str, tuple[str, ...]] = {
+    "inputs": TOKEN_AXES, "segment_ids": TOKEN_AXES, "positions": TOKEN_AXES,
+    "decoder_inputs": TOKEN_AXES, "decoder_segment_ids": TOKEN_AXES,
+    "decoder_positions": TOKEN_AXES, "targets": TOKEN_AXES,
+}
+
+
+def seq2seq_loss(model, variables, batch: Batch, rng, *, z_weight: float = 0.0):
+  """Teacher-forced text-to-text. ``batch``: int32 source ``inputs, segment_ids
+  [B, S]``, target ``decoder_inputs, decoder_segment_ids, targets [B, T]``
+  (``decoder_inputs`` = BOS + targets shifted right; ``targets`` -1 and
+  ``decoder_segment_ids`` 0 on padding, neither counted), optional
+  ``positions [B, S]`` / ``decoder_positions [B, T]``. Mean cross-entropy
+  over the real target tokens; ``accuracy`` (argmax == target) in aux."""
+  logits, aux_loss, metrics, model_state = apply_model(
+      model, variables, batch["inputs"], segment_ids=batch.get("segment_ids"),
+      decoder_inputs=batch["decoder_inputs"],
+      decoder_segment_ids=batch.get("decoder_segment_ids"), positions=batch.get("positions"),
+      decoder_positions=batch.get("decoder_positions"), rng=rng)
+  targets = batch["targets"]
+  mask = targets >= 0
+  if "decoder_segment_ids" in batch:
+    mask &= batch["decoder_segment_ids"] > 0
+  loss, aux = _token_loss(logits, targets, mask, aux_loss, metrics, model_state, z_weight)
+  correct = ((jnp.argmax(logits, -1) == targets) & mask).sum(dtype=jnp.float32)
+  aux["accuracy"] = correct / jnp.maximum(aux["weight"], 1.0)
+  return loss, aux
+
+
 def task_name(config: Config) -> str:
   """``train.task``, with "auto" resolved to the model family's default."""
   if config.train.task != "auto":
     return config.train.task
-  return "mlm" if config.model.family == "encoder" else "lm"
+  return {"encoder": "mlm", "encoder_decoder": "seq2seq"}.get(config.model.family, "lm")
 
 
 def make_task(config: Config, tokenizer: Any = None) -> Task:
@@ -272,7 +303,13 @@ def make_task(config: Config, tokenizer: Any = None) -> Task:
     axes = {"inputs": TOKEN_AXES, "segment_ids": TOKEN_AXES, "positions": TOKEN_AXES,
             "labels": ("batch",)}
     return Task("classify", "classify", axes, classify_loss, unit="examples", perplexity=False)
+  if name == "seq2seq":
+    if config.model.family != "encoder_decoder":
+      raise ValueError(f"train.task='seq2seq' needs model.family='encoder_decoder', got "
+                       f"{config.model.family!r}")
+    return Task("seq2seq", "lm", SEQ2SEQ_BATCH_AXES,
+                functools.partial(seq2seq_loss, z_weight=t.z_loss))
   raise ValueError(f"unknown train.task={name!r}; known: {sorted(TASKS)}")
 
 
-TASKS = ("lm", "mlm", "classify")
+TASKS = ("lm", "mlm", "classify", "seq2seq")

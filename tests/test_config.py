@@ -4,15 +4,15 @@ import dataclasses
 import json
 
 import jax
-import jax.numpy as jnp
 import pytest
 
 from llm_mp.builder import build_recipe
 from llm_mp.config import PRESETS, Config, MeshConfig, apply_overrides, describe, get_preset
 from llm_mp.data import ByteTokenizer
-from llm_mp.models import TransformerEncoder, TransformerLM
+from llm_mp.models import FAMILIES, EncoderDecoder, TransformerEncoder, TransformerLM
 
-FAMILY_CLASSES = {"decoder": TransformerLM, "encoder": TransformerEncoder}
+FAMILY_CLASSES = {"decoder": TransformerLM, "encoder": TransformerEncoder,
+                  "encoder_decoder": EncoderDecoder}
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -22,8 +22,8 @@ def test_every_preset_builds_and_round_trips_through_json(name):
   # The builder makes each preset's model (its family, its task's head) by shape.
   model = build_recipe(config, ByteTokenizer()).model
   assert isinstance(model, FAMILY_CLASSES[config.model.family])
-  shapes = jax.eval_shape(model.init, jax.random.key(0),
-                          jnp.zeros((1, config.data.seq_len), jnp.int32))
+  example = FAMILIES[config.model.family].example_inputs(config.data.seq_len)
+  shapes = jax.eval_shape(model.init, jax.random.key(0), *example)
   assert shapes["params"]["embed"]["embedding"].value.shape == (config.model.padded_vocab,
                                                                config.model.d_model)
 

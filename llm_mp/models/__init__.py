@@ -13,10 +13,12 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from llm_mp.config import ModelConfig
-from llm_mp.models.attention import Attention, dot_product_attention, segment_mask
+from llm_mp.models.attention import (Attention, RelativePositionBias, dot_product_attention,
+                                     relative_position_bucket, segment_mask)
 from llm_mp.models.encoder import HEAD_PARAMS, TransformerEncoder, pool
 from llm_mp.models.layers import MLP, Dense, Embed, LearnedPositions, Norm, apply_rope
 from llm_mp.models.moe import MoE
+from llm_mp.models.seq2seq import EncoderDecoder
 from llm_mp.models.transformer import Block, Stack, TransformerLM
 from llm_mp.precision import Precision
 
@@ -44,6 +46,11 @@ def _tokens(seq_len: int) -> tuple:
   return (jnp.zeros((1, seq_len), jnp.int32),)
 
 
+def _source_and_target(seq_len: int) -> tuple:
+  tokens = jnp.zeros((1, seq_len), jnp.int32)
+  return (tokens, None, tokens)  # inputs, segment_ids, decoder_inputs
+
+
 def _decoder(config: ModelConfig, precision: Precision, head: str, decode: bool) -> nn.Module:
   return TransformerLM(config, precision, decode=decode)
 
@@ -54,9 +61,16 @@ def _encoder(config: ModelConfig, precision: Precision, head: str, decode: bool)
   return TransformerEncoder(config, precision, head=head)
 
 
+def _encoder_decoder(config: ModelConfig, precision: Precision, head: str,
+                     decode: bool) -> nn.Module:
+  return EncoderDecoder(config, precision, decode=decode)
+
+
 FAMILIES: dict[str, Family] = {
     "decoder": Family(_decoder, heads=("lm",), example_inputs=_tokens),
     "encoder": Family(_encoder, heads=("lm", "classify", "hidden"), example_inputs=_tokens),
+    "encoder_decoder": Family(_encoder_decoder, heads=("lm",),
+                              example_inputs=_source_and_target),
 }
 
 
@@ -75,7 +89,9 @@ def build_model(config: ModelConfig, precision: Precision, head: str = "lm",
 
 
 __all__ = [
-    "Attention", "Block", "Dense", "Embed", "FAMILIES", "Family", "HEAD_PARAMS",
-    "LearnedPositions", "MLP", "MoE", "Norm", "Stack", "TransformerEncoder", "TransformerLM",
-    "apply_rope", "build_model", "dot_product_attention", "pool", "segment_mask",
+    "Attention", "Block", "Dense", "Embed", "EncoderDecoder", "FAMILIES", "Family", "HEAD_PARAMS",
+    "LearnedPositions", "MLP", "MoE", "Norm", "RelativePositionBias", "Stack",
+    "TransformerEncoder", "TransformerLM",
+    "apply_rope", "build_model", "dot_product_attention", "pool", "relative_position_bucket",
+    "segment_mask",
 ]

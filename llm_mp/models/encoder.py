@@ -26,7 +26,7 @@ import jax.numpy as jnp
 
 from llm_mp.config import ModelConfig
 from llm_mp.models.attention import segment_mask
-from llm_mp.models.layers import Dense
+from llm_mp.models.layers import Dense, mask_padded_vocab
 from llm_mp.models.transformer import Stack, _child, check_length, embed_tokens, make_norm
 from llm_mp.precision import Precision
 
@@ -100,9 +100,11 @@ class TransformerEncoder(nn.Module):
       return x
     if self.head == "lm":
       if c.tie_embeddings:
-        return embed.attend(x, p.for_path(_child(self, "lm_head")))
-      return Dense(c.vocab_size, ("embed", "vocab"), p, use_bias=False, init_std=c.init_std,
-                   name="lm_head")(x)
+        logits = embed.attend(x, p.for_path(_child(self, "lm_head")))
+      else:
+        logits = Dense(c.padded_vocab, ("embed", "vocab"), p, use_bias=False,
+                       init_std=c.init_std, name="lm_head")(x)
+      return mask_padded_vocab(logits, c.vocab_size)
     pooled = pool(x, segment_ids, c.pool)  # (B, d) fp32
     self.sow("intermediates", "pooled", pooled)
     # Head kernels are small ([d, d], [d, n_classes]): only their input axis is sharded.

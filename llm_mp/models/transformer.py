@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from llm_mp.config import ModelConfig
-from llm_mp.models.attention import Attention, segment_mask
+from llm_mp.models.attention import Attention, RelativePositionBias, segment_mask
 from llm_mp.models.layers import (
   MLP,
   Dense,
@@ -58,15 +58,18 @@ class Block(nn.Module):
   deterministic: bool = True
 
   @nn.compact
-  def __call__(self, x, mask=None, positions=None, context=None, context_mask=None):
+  def __call__(self, x, mask=None, positions=None, context=None, context_mask=None, bias=None):
+    """``bias``: fp32 ``[B, N, T, S]`` added to the self-attention logits (relative
+    positions), or None. Decoding with cross-attention, ``context=None`` reads
+    the cross-attention keys/values cached by an earlier call."""
     c, p = self.config, self.precision
     h = make_norm(c, p, "attn_norm")(x)
     h = Attention(c, p, causal=self.causal, decode=self.decode, name="attn")(
-        h, mask=mask, positions=positions, deterministic=self.deterministic)
+        h, mask=mask, positions=positions, deterministic=self.deterministic, bias=bias)
     x = x + h.astype(x.dtype)
     if self.cross_attention:
       h = make_norm(c, p, "cross_norm")(x)
-      h = Attention(c, p, causal=False, name="cross_attn")(
+      h = Attention(c, p, causal=False, decode=self.decode, cross=True, name="cross_attn")(
           h, context=context, mask=context_mask, deterministic=self.deterministic)
       x = x + h.astype(x.dtype)
     h = make_feed_forward(c, p, "mlp")(make_norm(c, p, "mlp_norm")(x), self.deterministic)
@@ -89,7 +92,10 @@ class Stack(nn.Module):
   """``config.n_layers`` blocks, optionally rematerialised and/or scanned.
 
   Unscanned, block ``i`` is ``blocks_i``; scanned, all blocks are one
-  ``blocks/block`` whose parameters have a leading ``layers`` axis.
+  ``blocks/block`` whose parameters have a leading ``layers`` axis. With
+  ``position="relative"`` the stack owns one T5 relative position bias
+  (``relative_bias``, bidirectional unless causal) shared by all its blocks'
+  self-attention; decoding, keys sit at the cache slots ``0..max_len-1``.
   """
 
   config: ModelConfig
@@ -108,7 +114,14 @@ class Stack(nn.Module):
     kwargs = dict(config=c, precision=self.precision, causal=self.causal,
                   cross_attention=self.cross_attention, decode=self.decode,
                   deterministic=self.deterministic)
-    args = (mask, positions, context, context_mask)
+    bias = None
+    if c.position == "relative":
+      k_positions = positions
+      if self.decode:
+        k_positions = jnp.broadcast_to(jnp.arange(c.max_len), (positions.shape[0], c.max_len))
+      bias = RelativePositionBias(c, self.precision, bidirectional=not self.causal,
+                                  name="relative_bias")(positions, k_positions)
+    args = (mask, positions, context, context_mask, bias)
     if c.scan_layers:
       scanned = nn.scan(_ScanBlock, variable_axes={"params": 0, "cache": 0, "intermediates": 0,
                                                     "losses": 0, "metrics": 0},
