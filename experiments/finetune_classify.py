@@ -91,6 +91,8 @@ def classify_run(out: str, name: str, setting: Setting, precision: str, scale: s
   workdir = os.path.join(out, name)
   ov = _common(setting, precision, scale, seed, setting.finetune_steps) + [
       "train.task=classify", "optim.lr=1e-3", f"model.n_classes={labelled['n_classes']}",
+      # Mean pooling: MLM pre-training (no next-sentence task) does not train a [CLS] summary.
+      "model.pool=mean",
       f"data.text_field={labelled['text_field']}", f"data.label_field={labelled['label_field']}"]
   if init_from:
     ov.append(f"train.init_from={init_from}")

@@ -1,118 +1,181 @@
-"""Mixed precision, measured: fp32 = bf16 = fp16 with loss scaling; fp16 without it underflows.
+"""Mixed precision, measured over seeds: which formats train like fp32, and why fp16 needs scaling.
 
-Trains the same model, on the same data with the same seed, under each
-precision, and reports the final training and validation loss, skipped steps
-and the fraction of gradient entries that were exactly zero (what fp16
-underflow looks like). Writes a table and a plot.
+Trains the same model on the same data under each setting (fp32, bf16,
+pure_bf16, fp16 with dynamic loss scaling, fp16 with a sensible and a too-small
+static scale, fp16 without scaling), for several seeds each, and reports the
+mean and spread of the final training and validation loss, the skipped steps
+and the fraction of gradient entries flushed to zero, overall and per layer
+over time (``train.layer_metrics``). Writes to ``--out``: ``results.json``,
+``results.md`` (the table), ``loss.png`` (loss curves, mean over seeds) and
+``underflow.png`` (flushed gradients per layer over time).
 
-  python -m experiments.precision_study                      # ~10 min on 2 CPU cores
-  python -m experiments.precision_study --steps 100 --out /tmp/ps   # a quick look
-  python -m experiments.precision_study --data ../shared/data/tinyshakespeare.txt
+  python -m experiments.precision_study                       # the tiny preset, 3 seeds
+  python -m experiments.precision_study --setup underflow     # where fp16 without scaling fails
+  python -m experiments.precision_study --data ../shared/data/wikitext2/ ../shared/data/ptb/
+  python -m experiments.precision_study --fast                # seconds: 2 steps, 1 seed
 
-Expected: fp32, bf16, pure_bf16 and fp16 + dynamic scaling end within a few
-hundredths of a nat of each other; fp16 without scaling has most gradient
-entries flushed to zero and learns visibly slower. Measured figures, with date,
-machine and command, are in docs/precision_study.md.
+``--setup`` picks a named model/data setting (:data:`SETUPS`); extra
+``section.field=value`` overrides apply on top. The reading of the measured
+results is in docs/precision.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
-import sys
-from typing import Sequence
-
-import jax
+import statistics
+import time
+from typing import Any, Sequence
 
 from llm_mp.config import apply_overrides, get_preset
 from llm_mp.metrics import read_metrics
 from llm_mp.train import train
 
-RUNS = {  # name -> (precision preset, loss scaling)
-    "fp32": ("fp32", "none"),
-    "bf16": ("bf16", "none"),
-    "pure_bf16": ("pure_bf16", "none"),
-    "fp16 + dynamic scale": ("fp16", "dynamic"),
-    "fp16, no scaling": ("fp16", "none"),
+SETTINGS = {  # name -> overrides
+    "fp32": ("train.precision=fp32", "train.loss_scale=none"),
+    "bf16": ("train.precision=bf16", "train.loss_scale=none"),
+    "pure_bf16": ("train.precision=pure_bf16", "train.loss_scale=none"),
+    "fp16 + dynamic scale": ("train.precision=fp16", "train.loss_scale=dynamic"),
+    "fp16 + static 2^12": ("train.precision=fp16", "train.loss_scale=static",
+                           "train.init_loss_scale=4096"),
+    "fp16 + static 2^-8 (too small)": ("train.precision=fp16", "train.loss_scale=static",
+                                       "train.init_loss_scale=0.00390625"),
+    "fp16, no scaling": ("train.precision=fp16", "train.loss_scale=none"),
+}
+SETUPS = {  # name -> (preset, overrides)
+    # The tiny preset as shipped (0.9M parameters, bytes).
+    "tiny": ("tiny", ()),
+    # Small initial weights (init_std 0.002 instead of 0.02): activations, and with
+    # them the backward pass's gradients, start ~10x smaller per layer, below fp16's
+    # normal range (6.1e-5) in the deeper layers.
+    "underflow": ("tiny", ("model.init_std=0.002", "model.n_layers=6")),
 }
 
 
-def run_all(steps: int, out: str, data: Sequence[str], overrides: Sequence[str]) -> dict:
-  """Trains every entry of :data:`RUNS`; returns ``{name: metrics records}``."""
-  results = {}
-  for name, (precision, scale) in RUNS.items():
-    ov = [f"train.precision={precision}", f"train.loss_scale={scale}", f"train.steps={steps}",
-          "train.log_every=10", f"train.eval_every={steps}", f"train.ckpt_every={steps}",
-          "train.eval_batches=16", *overrides]
-    if data:
-      ov.append(f"data.paths={tuple(data)!r}")
-    config = apply_overrides(get_preset("tiny"), ov)
-    workdir = os.path.join(out, name.replace(" ", "_").replace(",", "").replace("+", "plus"))
-    train(config, workdir, verbose=False)
-    results[name] = read_metrics(workdir)
-    print(f"{name}: {_summary(results[name])}", flush=True)
-  return results
+def run_setting(name: str, setup: str, seed: int, steps: int, out: str, data: Sequence[str],
+                overrides: Sequence[str]) -> list[dict]:
+  """Trains one (setting, seed); returns its metrics records."""
+  preset, setup_overrides = SETUPS[setup]
+  ov = [*setup_overrides, *SETTINGS[name], f"train.steps={steps}", f"train.seed={seed}",
+        f"train.log_every={max(steps // 30, 1)}", f"train.eval_every={steps}",
+        f"train.ckpt_every={steps}", "train.eval_batches=16", "train.sample_tokens=0",
+        "train.layer_metrics=true", *overrides]
+  if data:
+    ov.append(f"data.paths={','.join(os.path.abspath(p) for p in data)}")
+  config = apply_overrides(get_preset(preset), ov)
+  slug = "".join(ch if ch.isalnum() else "_" for ch in name).strip("_")
+  workdir = os.path.join(out, f"{slug}_seed{seed}")
+  train(config, workdir, verbose=False)
+  return read_metrics(workdir)
 
 
-def _summary(records: list[dict]) -> dict:
-  last = records[-1]
-  zeros = [r["grad_zero_fraction"] for r in records]
-  return {"loss": round(last["loss"], 4), "val_loss": round(last["val_loss"], 4),
-          "skipped_steps": last["skipped_steps"],
-          "grad_zero_fraction": round(sum(zeros) / len(zeros), 4),
-          "tokens_per_s": round(last["tokens_per_s"])}
+def _mean_sd(values: list[float]) -> tuple[float, float]:
+  return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def plot(results: dict, path: str) -> None:
+def summarise(runs: dict[str, list[list[dict]]]) -> dict[str, dict[str, Any]]:
+  """Per setting: mean and sd over seeds of the final losses, skipped steps and
+  the run-averaged fraction of zero gradient entries."""
+  table = {}
+  for name, seeds in runs.items():
+    last = [r[-1] for r in seeds]
+    table[name] = {
+        "loss": _mean_sd([x["loss"] for x in last]),
+        "val_loss": _mean_sd([x["val_loss"] for x in last]),
+        "skipped_steps": _mean_sd([float(x["skipped_steps"]) for x in last]),
+        "grad_zero_fraction": _mean_sd(
+            [statistics.mean(x["grad_zero_fraction"] for x in r) for r in seeds]),
+    }
+  return table
+
+
+def markdown(table: dict[str, dict[str, Any]], seeds: int) -> str:
+  """The results table (mean ± sd over ``seeds`` seeds)."""
+  fmt = lambda m, f="{:.4f}": f"{f.format(m[0])} ± {f.format(m[1])}"
+  lines = [f"| setting | train loss | val loss | skipped steps | zero grads (mean over run) |",
+           "|---|---|---|---|---|"]
+  for name, s in table.items():
+    lines.append(f"| {name} | {fmt(s['loss'])} | {fmt(s['val_loss'])} | "
+                 f"{fmt(s['skipped_steps'], '{:.1f}')} | "
+                 f"{s['grad_zero_fraction'][0]:.2%} ± {s['grad_zero_fraction'][1]:.2%} |")
+  lines.append(f"\nmean ± sample standard deviation over {seeds} seed(s)")
+  return "\n".join(lines)
+
+
+def plot(runs: dict[str, list[list[dict]]], out: str) -> None:
+  """``loss.png``: training loss (mean over seeds); ``underflow.png``: zero
+  gradient fraction per layer over time, fp16 without scaling against fp16
+  with dynamic scaling (seed 0)."""
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-  for name, records in results.items():
-    steps = [r["step"] for r in records]
-    ax1.plot(steps, [r["loss"] for r in records], label=name)
-    ax2.plot(steps, [r["grad_zero_fraction"] for r in records], label=name)
-  ax1.set(xlabel="step", ylabel="training loss (nats/byte)", title="Same model, data and seed")
-  ax2.set(xlabel="step", ylabel="fraction of gradient entries == 0", title="Gradient underflow")
-  ax1.legend()
+  fig, ax = plt.subplots(figsize=(7, 4))
+  for name, seeds in runs.items():
+    steps = [x["step"] for x in seeds[0]]
+    mean = [statistics.mean(r[i]["loss"] for r in seeds) for i in range(len(steps))]
+    ax.plot(steps, mean, label=name)
+  ax.set(xlabel="step", ylabel="training loss (nats/token)", title="Mean over seeds")
+  ax.legend(fontsize=8)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  fig.savefig(os.path.join(out, "loss.png"), dpi=110)
+  plt.close(fig)
+  pair = [n for n in ("fp16, no scaling", "fp16 + dynamic scale") if n in runs]
+  if not pair:
+    return
+  fig, axes = plt.subplots(1, len(pair), figsize=(6 * len(pair), 4), sharey=True, squeeze=False)
+  for ax, name in zip(axes[0], pair):
+    records = runs[name][0]
+    layers = sorted(k for k in records[0] if k.startswith("grad_zero_fraction/"))
+    for k in layers:
+      ax.plot([r["step"] for r in records], [r[k] for r in records],
+              label=k.split("/", 1)[1])
+    ax.set(xlabel="step", title=name, ylim=(0, 1))
+  axes[0][0].set_ylabel("fraction of gradient entries exactly 0")
+  axes[0][-1].legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(os.path.join(out, "underflow.png"), dpi=110)
+  plt.close(fig)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="python -m experiments.precision_study",
                                    description=__doc__.split("\n\n")[0])
+  parser.add_argument("--setup", default="tiny", choices=sorted(SETUPS))
+  parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS),
+                      metavar="NAME", help=f"subset of: {', '.join(SETTINGS)}")
   parser.add_argument("--steps", type=int, default=300)
-  parser.add_argument("--out", default="runs/precision_study", help="run directories go here")
+  parser.add_argument("--seeds", type=int, default=3)
   parser.add_argument("--data", nargs="*", default=[], help="text files (default: embedded)")
-  parser.add_argument("--docs", default=None,
-                      help="also write DIR/precision_study.md and .png (e.g. docs)")
+  parser.add_argument("--out", default="runs/precision_study", help="runs, table and figures")
+  parser.add_argument("--fast", action="store_true", help="2 steps, 1 seed, tiny model (CI)")
   parser.add_argument("overrides", nargs="*", metavar="section.field=value")
   args = parser.parse_args(argv)
-  results = run_all(args.steps, args.out, args.data, args.overrides)
-  table = {name: _summary(r) for name, r in results.items()}
-  print(json.dumps(table, indent=1))
-  if args.docs:
-    plot(results, os.path.join(args.docs, "precision_study.png"))
-    device = jax.devices()[0]
-    lines = [
-        "# Precision study", "",
-        f"Measured {datetime.date.today()} on {device.platform} "
-        f"({getattr(device, 'device_kind', device)}, {os.cpu_count()} cores, "
-        f"jax {jax.__version__}, Python {platform.python_version()}), command:", "",
-        "```", "python -m experiments.precision_study "
-        + " ".join(sys.argv[1:] if argv is None else argv), "```", "",
-        "| run | train loss | val loss | skipped steps | mean grad zeros | tokens/s |",
-        "|---|---|---|---|---|---|",
-    ]
-    lines += [f"| {n} | {s['loss']} | {s['val_loss']} | {s['skipped_steps']} | "
-              f"{s['grad_zero_fraction']:.1%} | {s['tokens_per_s']:,} |" for n, s in table.items()]
-    lines += ["", "![loss and gradient underflow](precision_study.png)", ""]
-    with open(os.path.join(args.docs, "precision_study.md"), "w", encoding="utf-8") as f:
-      f.write("\n".join(lines))
+  overrides = list(args.overrides)
+  if args.fast:
+    args.steps, args.seeds = 2, 1
+    overrides += ["model.n_layers=1", "model.d_model=32", "model.n_heads=2",
+                  "model.n_kv_heads=1", "train.batch_size=8", "data.max_docs=200"]
+  os.makedirs(args.out, exist_ok=True)
+  t0 = time.perf_counter()
+  runs = {}
+  for name in args.settings:
+    runs[name] = [run_setting(name, args.setup, seed, args.steps, args.out, args.data, overrides)
+                  for seed in range(args.seeds)]
+    print(f"{name}: {summarise({name: runs[name]})[name]}", flush=True)
+  table = summarise(runs)
+  md = markdown(table, args.seeds)
+  with open(os.path.join(args.out, "results.json"), "w", encoding="utf-8") as f:
+    json.dump({"setup": args.setup, "steps": args.steps, "seeds": args.seeds,
+               "overrides": overrides, "table": table,
+               "seconds": round(time.perf_counter() - t0, 1)}, f, indent=1)
+  with open(os.path.join(args.out, "results.md"), "w", encoding="utf-8") as f:
+    f.write(md + "\n")
+  try:
+    plot(runs, args.out)
+  except ImportError:
+    print("matplotlib not installed (pip install llm_mp[plots]): no figures")
+  print(md)
   return 0
 
 

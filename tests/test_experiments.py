@@ -19,3 +19,18 @@ def test_finetune_classify_fast_writes_table_and_plot(tmp_path):
   table = open(os.path.join(out, "results.md"), encoding="utf-8").read()
   assert "| encoder, fine-tuned | fp32 |" in table
   assert os.path.getsize(os.path.join(out, "results.png")) > 1000
+
+
+def test_precision_study_fast_writes_table_and_figures(tmp_path):
+  from experiments import precision_study  # pylint: disable=import-outside-toplevel
+  out = str(tmp_path / "ps")
+  settings = ["fp32", "fp16 + dynamic scale", "fp16, no scaling"]
+  assert precision_study.main(["--fast", "--out", out, "--settings", *settings]) == 0
+  results = json.load(open(os.path.join(out, "results.json"), encoding="utf-8"))
+  assert list(results["table"]) == settings and results["seeds"] == 1
+  for row in results["table"].values():
+    assert row["loss"][0] > 0 and 0.0 <= row["grad_zero_fraction"][0] <= 1.0
+  table = open(os.path.join(out, "results.md"), encoding="utf-8").read()
+  assert "| fp16, no scaling |" in table
+  for figure in ("loss.png", "underflow.png"):
+    assert os.path.getsize(os.path.join(out, figure)) > 1000
