@@ -93,7 +93,7 @@ def summarise(runs: dict[str, list[list[dict]]]) -> dict[str, dict[str, Any]]:
 def markdown(table: dict[str, dict[str, Any]], seeds: int) -> str:
   """The results table (mean ± sd over ``seeds`` seeds)."""
   fmt = lambda m, f="{:.4f}": f"{f.format(m[0])} ± {f.format(m[1])}"
-  lines = [f"| setting | train loss | val loss | skipped steps | zero grads (mean over run) |",
+  lines = ["| setting | train loss | val loss | skipped steps | zero grads (mean over run) |",
            "|---|---|---|---|---|"]
   for name, s in table.items():
     lines.append(f"| {name} | {fmt(s['loss'])} | {fmt(s['val_loss'])} | "

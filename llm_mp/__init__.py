@@ -18,8 +18,16 @@ histograms, fp16/bf16/fp8 under/overflow, policy errors vs float64) are
 imported as modules.
 """
 
-from llm_mp.config import (Config, DataConfig, MeshConfig, ModelConfig, OptimConfig, TrainConfig,
-                           apply_overrides, get_preset)
+from llm_mp.config import (
+                           Config,
+                           DataConfig,
+                           MeshConfig,
+                           ModelConfig,
+                           OptimConfig,
+                           TrainConfig,
+                           apply_overrides,
+                           get_preset,
+)
 from llm_mp.generate import generate_text, sample_logits
 from llm_mp.loss_scale import DynamicLossScale, NoOpLossScale, StaticLossScale, make_loss_scale
 from llm_mp.models import TransformerLM

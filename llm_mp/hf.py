@@ -409,7 +409,7 @@ def params_to_hf(c: ModelConfig, params: Any) -> dict[str, np.ndarray]:
   if "lm_head/kernel" in flat:
     flat["lm_head/kernel"] = np.asarray(flat["lm_head/kernel"])[:, :c.vocab_size]
   out: dict[str, Any] = {}
-  for path, name, _, to_hf, shape in _layout(c):
+  for path, name, _, to_hf, _shape in _layout(c):
     x = to_hf(np.asarray(flat[path], np.float32))
     key, _, part = name.partition("#")
     if part:  # a slice of GPT-2's fused c_attn along its output axis

@@ -8,7 +8,6 @@ the run's mesh; :func:`evaluate_run` computes the exact validation loss.
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any, Sequence
 
 import jax

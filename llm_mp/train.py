@@ -22,7 +22,6 @@ from typing import Any, Iterator
 import jax
 
 from llm_mp import checkpoint, data, sharding
-from llm_mp.config import Config
 from llm_mp.builder import (
   Recipe,
   build_recipe,
@@ -30,6 +29,7 @@ from llm_mp.builder import (
   load_backbone,
   restore_run_params,
 )
+from llm_mp.config import Config
 from llm_mp.generate import generate_text
 from llm_mp.metrics import (
   MetricsWriter,

@@ -21,7 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from absl.testing import parameterized
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from llm_mp.config import ModelConfig
 from llm_mp.models import TransformerLM, dot_product_attention, layers, segment_mask
@@ -131,9 +132,9 @@ class DenseGradientTest(chex.TestCase):
     # bf16 keeps 8 significant bits, fp16 11: rounded inputs, products and sums of
     # 8-30 terms stay within a few 2^-8 (2^-11) of the largest entry.
     tol = {"bf16": 3e-2, "fp16": 4e-3}[compute]
-    for g, l, r in zip(got, low, ref):
+    for g, lo, r in zip(got, low, ref):
       self.assertLess(_rel_err(g, r), tol)
-      self.assertLess(_rel_err(g, l), tol)  # and as close to autodiff in the same dtype
+      self.assertLess(_rel_err(g, lo), tol)  # and as close to autodiff in the same dtype
 
 
 class _patched_dense:

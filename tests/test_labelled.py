@@ -8,9 +8,15 @@ import numpy as np
 import pytest
 
 from llm_mp.classification import bow_logistic_regression, classification_metrics
-from llm_mp.data import (ByteTokenizer, DataError, builtin_labelled, encode_labelled,
-                         make_labelled_eval_iterator, make_labelled_train_iterator,
-                         read_labelled)
+from llm_mp.data import (
+  ByteTokenizer,
+  DataError,
+  builtin_labelled,
+  encode_labelled,
+  make_labelled_eval_iterator,
+  make_labelled_train_iterator,
+  read_labelled,
+)
 from llm_mp.data import labelled as labelled_lib
 
 SST2 = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "sst2")

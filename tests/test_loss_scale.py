@@ -6,8 +6,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llm_mp.loss_scale import (DynamicLossScale, NoOpLossScale, StaticLossScale, all_finite,
-                               make_loss_scale, select_tree)
+from llm_mp.loss_scale import (
+  DynamicLossScale,
+  NoOpLossScale,
+  StaticLossScale,
+  all_finite,
+  make_loss_scale,
+  select_tree,
+)
 
 
 def _dynamic(scale=2.0**10, period=3, factor=2.0, min_loss_scale=1.0):

@@ -73,8 +73,8 @@ def test_optimizer_follows_its_schedule():
   state = tx.init(params)
   for count in range(3):
     updates, state = tx.update(grads, state, params)
-    chex.assert_trees_all_close(updates, jax.tree.map(lambda g: -sched(count) * g, grads),
-                                rtol=RTOL)
+    lr = sched(count)
+    chex.assert_trees_all_close(updates, jax.tree.map(lambda g, lr=lr: -lr * g, grads), rtol=RTOL)
 
 
 def _decayed(grads, params, wd):

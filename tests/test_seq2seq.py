@@ -16,8 +16,13 @@ from llm_mp.builder import build_recipe
 from llm_mp.config import Config, DataConfig, ModelConfig, OptimConfig, TrainConfig, get_preset
 from llm_mp.models import EncoderDecoder, RelativePositionBias, relative_position_bucket
 from llm_mp.precision import make_precision
-from llm_mp.seq2seq_decode import (beam_search, generate_seq2seq, init_decoder_cache,
-                                   length_penalty_factor, sample_search)
+from llm_mp.seq2seq_decode import (
+  beam_search,
+  generate_seq2seq,
+  init_decoder_cache,
+  length_penalty_factor,
+  sample_search,
+)
 from llm_mp.state import make_init_fn, param_count
 from llm_mp.step import make_eval_step, make_train_step
 

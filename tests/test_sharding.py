@@ -119,7 +119,8 @@ def _run(mesh_cfg, grad_accum_steps=1):
     state, metrics = step(state, sharding.shard_batch(_batch(), mesh, rules))
     losses.append(float(metrics["loss"]))
   eval_fn = sharding.jit_eval_step(make_eval_step(model), shardings, mesh, rules)
-  eval_sum = float(eval_fn(state.variables, sharding.shard_batch(_batch(), mesh, rules))["loss_sum"])
+  batch = sharding.shard_batch(_batch(), mesh, rules)
+  eval_sum = float(eval_fn(state.variables, batch)["loss_sum"])
   return Run(np.array(losses), jax.device_get(state.params), state, len(traces), eval_sum)
 
 

@@ -10,8 +10,7 @@ import pytest
 
 from llm_mp.data import ByteTokenizer, DataError
 from llm_mp.data import text2text as t2t
-from llm_mp.text_metrics import (bleu, lead3, normalize_answer, rouge, sentences,
-                                 squad_em_f1)
+from llm_mp.text_metrics import bleu, lead3, normalize_answer, rouge, sentences, squad_em_f1
 
 DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
 BYTE = ByteTokenizer()

@@ -42,22 +42,41 @@ one-line message naming the file.
 
 from llm_mp.data.corpus import CorpusSummary, clean_documents, load_corpus, read_documents
 from llm_mp.data.files import DataError
-from llm_mp.data.labelled import (LabelledRows, PreparedLabelled, builtin_labelled,
-                                  encode_labelled, make_labelled_eval_iterator,
-                                  make_labelled_train_iterator, prepare_labelled, read_labelled)
+from llm_mp.data.labelled import (
+                                  LabelledRows,
+                                  PreparedLabelled,
+                                  builtin_labelled,
+                                  encode_labelled,
+                                  make_labelled_eval_iterator,
+                                  make_labelled_train_iterator,
+                                  prepare_labelled,
+                                  read_labelled,
+)
 from llm_mp.data.masking import maskable_tokens, mlm_mask
 from llm_mp.data.packing import PackedRows
-from llm_mp.data.pipeline import (PreparedData, make_eval_iterator, make_train_iterator,
-                                  prepare_data)
+from llm_mp.data.pipeline import PreparedData, make_eval_iterator, make_train_iterator, prepare_data
 from llm_mp.data.shards import TokenShards, TokenSplit, build_token_shards, split_documents
 from llm_mp.data.stdlib_corpus import default_corpus
-from llm_mp.data.text2text import (TaskSplit, Text2TextRows, build_text2text_tokenizers,
-                                   encode_text2text, load_task_data,
-                                   load_text2text_tokenizers, make_text2text_eval_iterator,
-                                   make_text2text_train_iterator, read_parallel,
-                                   read_text2text_jsonl, save_text2text_tokenizers)
-from llm_mp.data.tokenizer import (BpeTokenizer, ByteTokenizer, Tokenizer, build_tokenizer,
-                                   load_tokenizer)
+from llm_mp.data.text2text import (
+                                  TaskSplit,
+                                  Text2TextRows,
+                                  build_text2text_tokenizers,
+                                  encode_text2text,
+                                  load_task_data,
+                                  load_text2text_tokenizers,
+                                  make_text2text_eval_iterator,
+                                  make_text2text_train_iterator,
+                                  read_parallel,
+                                  read_text2text_jsonl,
+                                  save_text2text_tokenizers,
+)
+from llm_mp.data.tokenizer import (
+                                  BpeTokenizer,
+                                  ByteTokenizer,
+                                  Tokenizer,
+                                  build_tokenizer,
+                                  load_tokenizer,
+)
 
 __all__ = [
     "BpeTokenizer", "ByteTokenizer", "CorpusSummary", "DataError", "LabelledRows", "PackedRows",

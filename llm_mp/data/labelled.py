@@ -48,9 +48,9 @@ from collections.abc import Iterator, Mapping, Sequence
 import grain
 import numpy as np
 
+from llm_mp.config import DataConfig
 from llm_mp.data.corpus import _decode, clean_text
 from llm_mp.data.files import DataError
-from llm_mp.config import DataConfig
 from llm_mp.data.pipeline import _batches, _local_slice, _run_tokenizer
 from llm_mp.data.tokenizer import Tokenizer
 
@@ -458,7 +458,8 @@ class PreparedLabelled:
   def __str__(self) -> str:
     return (f"labelled data: {self.source}; train {len(self.train):,} / val {len(self.val):,} "
             f"examples, classes {list(self.label_names)}, {self.skipped} bad row(s) skipped, "
-            f"truncated to {self.train.seq_len} tokens: {self.train.truncated + self.val.truncated}")
+            f"truncated to {self.train.seq_len} tokens: "
+            f"{self.train.truncated + self.val.truncated}")
 
 
 def _holdout(n: int, fraction: float) -> np.ndarray:
@@ -473,7 +474,7 @@ def _examples_sha256(*splits: tuple[Sequence[str], np.ndarray]) -> str:
   h = hashlib.sha256()
   for texts, labels in splits:
     for text, label in zip(texts, labels):
-      h.update(f"{int(label)}\t{text}\n".encode("utf-8"))
+      h.update(f"{int(label)}\t{text}\n".encode())
     h.update(b"\0")
   return h.hexdigest()
 

@@ -13,8 +13,13 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from llm_mp.config import ModelConfig
-from llm_mp.models.attention import (Attention, RelativePositionBias, dot_product_attention,
-                                     relative_position_bucket, segment_mask)
+from llm_mp.models.attention import (
+  Attention,
+  RelativePositionBias,
+  dot_product_attention,
+  relative_position_bucket,
+  segment_mask,
+)
 from llm_mp.models.encoder import HEAD_PARAMS, TransformerEncoder, pool
 from llm_mp.models.layers import MLP, Dense, Embed, LearnedPositions, Norm, apply_rope
 from llm_mp.models.moe import MoE

@@ -29,8 +29,13 @@ import jax.numpy as jnp
 
 from llm_mp.config import ModelConfig
 from llm_mp.models.attention import segment_mask
-from llm_mp.models.layers import (Dense, Embed, LearnedPositions, mask_padded_vocab,
-                                  sinusoidal_positions)
+from llm_mp.models.layers import (
+  Dense,
+  Embed,
+  LearnedPositions,
+  mask_padded_vocab,
+  sinusoidal_positions,
+)
 from llm_mp.models.transformer import Stack, _child, check_length, make_norm
 from llm_mp.precision import Precision
 
