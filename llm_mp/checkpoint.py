@@ -209,5 +209,7 @@ def restore_params(directory: str, abstract_params: Any) -> tuple[Any, int]:
         warnings.warn(f"checkpoint step {step} in {path} is unreadable ({reason}); "
                       "falling back to the previous checkpoint", stacklevel=2)
   if failures:
-    raise CheckpointError(f"no readable checkpoint in {path}: " + "; ".join(failures))
+    raise CheckpointError(f"no readable checkpoint in {path} (" + "; ".join(failures)
+                          + "); if the run's config or code changed, use the matching version; "
+                          "otherwise the run has no usable parameters: train it again")
   raise CheckpointError(f"{directory} has no checkpoint yet: train first")

@@ -82,10 +82,10 @@ class ModelConfig:
   # frequency by rope_factor; "llama3" divides only the low frequencies (wavelengths above
   # rope_original_max_len / rope_low_freq_factor), interpolating up to rope_high_freq_factor.
   rope_scaling: str = "none"
-  rope_factor: float = 1.0
-  rope_low_freq_factor: float = 1.0
-  rope_high_freq_factor: float = 4.0
-  rope_original_max_len: int = 8192
+  rope_factor: float = 1.0  # how much longer the context is than in pre-training (scaling)
+  rope_low_freq_factor: float = 1.0  # llama3: wavelengths above original_max_len / this are scaled
+  rope_high_freq_factor: float = 4.0  # llama3: wavelengths below original_max_len / this are kept
+  rope_original_max_len: int = 8192  # llama3: the pre-training context length
   d_head: int | None = None  # width of one attention head; None = d_model // n_heads
   relative_buckets: int = 32  # position="relative": buckets of T5's relative position bias
   relative_max_distance: int = 128  # distances >= this share the last (log-spaced) bucket
