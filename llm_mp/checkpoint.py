@@ -149,14 +149,16 @@ def _restore_newest(manager: ocp.CheckpointManager, target: Any) -> tuple[Any, A
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                           target)
   failures = []
-  for step in sorted(manager.all_steps(), reverse=True):
+  steps = sorted(manager.all_steps(), reverse=True)
+  for i, step in enumerate(steps):
     try:
       return (*_restore(manager, step, abstract), step)
     except Exception as e:  # pylint: disable=broad-except  # orbax/tensorstore raise many types
       reason = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
       failures.append(f"step {step}: {reason}")
-      warnings.warn(f"checkpoint step {step} in {manager.directory} is unreadable ({reason}); "
-                    "falling back to the previous checkpoint", stacklevel=3)
+      if i + 1 < len(steps):  # the last failure is reported by the error below
+        warnings.warn(f"checkpoint step {step} in {manager.directory} is unreadable ({reason}); "
+                      f"falling back to step {steps[i + 1]}", stacklevel=3)
   if failures:
     raise CheckpointError(f"no readable checkpoint in {manager.directory} ("
                           + "; ".join(failures) + "); if the run's config or code changed, "
@@ -200,14 +202,16 @@ def restore_params(directory: str, abstract_params: Any) -> tuple[Any, int]:
   failures = []
   with ocp.CheckpointManager(path, options=options) as manager:
     _warn_unfinished(manager.directory)
-    for step in sorted(manager.all_steps(), reverse=True):
+    steps = sorted(manager.all_steps(), reverse=True)
+    for i, step in enumerate(steps):
       try:
         return _restore_params_at(manager, step, abstract_params), step
       except Exception as e:  # pylint: disable=broad-except  # orbax/tensorstore raise many types
         reason = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
         failures.append(f"step {step}: {reason}")
-        warnings.warn(f"checkpoint step {step} in {path} is unreadable ({reason}); "
-                      "falling back to the previous checkpoint", stacklevel=2)
+        if i + 1 < len(steps):  # the last failure is reported by the error below
+          warnings.warn(f"checkpoint step {step} in {path} is unreadable ({reason}); "
+                        f"falling back to step {steps[i + 1]}", stacklevel=2)
   if failures:
     raise CheckpointError(f"no readable checkpoint in {path} (" + "; ".join(failures)
                           + "); if the run's config or code changed, use the matching version; "

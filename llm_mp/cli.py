@@ -13,6 +13,7 @@ import json
 import os
 import re
 import sys
+import warnings
 from typing import Sequence
 
 from llm_mp.allocator import tune_malloc
@@ -240,9 +241,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from llm_mp import benchmark  # pylint: disable=import-outside-toplevel
     return benchmark.main(argv[1:])
   args = build_parser().parse_args(argv)
-  # orbax logs routine notes (e.g. opening checkpoints read-only) as absl warnings.
+  # orbax logs routine notes (opening checkpoints read-only) as absl warnings and the
+  # files it cannot parse as absl errors; llm_mp reports unreadable checkpoints itself.
   from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
-  absl_logging.set_verbosity(absl_logging.ERROR)
+  absl_logging.set_verbosity(absl_logging.FATAL)
+  warnings.formatwarning = lambda message, *_a, **_k: f"llm-mp {args.command}: warning: {message}\n"
   try:
     return args.fn(args)
   except (ValueError, OSError) as e:  # OSError: e.g. a permission or a full disk
