@@ -389,7 +389,10 @@ def policy_errors(model_config: ModelConfig, params: Any, batch: Mapping[str, An
     grads = {k: np.asarray(v, np.float64) / scale for k, v in cap.gradients.items()}
     out[name] = {
         "loss": abs(cap.loss - ref.loss) / abs(ref.loss),
-        "logits": relative_error(cap.activations[LOGITS], ref.activations[LOGITS]),
+        # Only the real vocabulary: padded columns (model.vocab_multiple) hold the same
+        # large negative constant under every policy and would swamp the norm.
+        "logits": relative_error(cap.activations[LOGITS][..., :model_config.vocab_size],
+                                 ref.activations[LOGITS][..., :model_config.vocab_size]),
         "gradients_total": relative_error(_flat(grads), ref_flat),
         "activations": {k: relative_error(v, ref.activations[k])
                         for k, v in cap.activations.items()},
