@@ -15,6 +15,7 @@ import jax
 from llm_mp import data, sharding
 from llm_mp.builder import Recipe, build_recipe, restore_run_params
 from llm_mp.config import Config
+from llm_mp.data import text2text
 from llm_mp.precision import Precision
 from llm_mp.step import make_eval_step
 from llm_mp.train import evaluate, stored_config
@@ -79,6 +80,13 @@ def evaluate_run(workdir: str, paths: Sequence[str] | None = None) -> dict[str, 
   task = run.recipe.task
   eval_fn = jax.jit(sharding.with_rules(make_eval_step(run.model, task), run.mesh, run.rules))
   batch = run.config.train.batch_size
+  if task.name == "seq2seq":  # text-to-text pairs: ``paths`` replace the validation pairs
+    if paths:
+      cfg = dataclasses.replace(cfg, val_paths=tuple(paths))
+    prepared = text2text.prepare_text2text(cfg, workdir, tokenizer=run.tokenizer, write=False)
+    batches = text2text.make_text2text_eval_iterator(prepared.val, batch)
+    return {"step": run.step,
+            **evaluate(eval_fn, {"params": run.params}, batches, run.mesh, run.rules, task)}
   if task.name == "classify":  # labelled files: ``paths`` replace the validation files
     if paths:
       cfg = dataclasses.replace(cfg, val_paths=tuple(paths))

@@ -30,6 +30,7 @@ from llm_mp.builder import (
   restore_run_params,
 )
 from llm_mp.config import Config
+from llm_mp.data import text2text
 from llm_mp.generate import generate_text
 from llm_mp.metrics import (
   MetricsWriter,
@@ -332,6 +333,12 @@ def prepare_task_data(config: Config, workdir: str):
             lambda: data.make_labelled_train_iterator(prepared.train, t.batch_size, t.seed),
             lambda: data.make_labelled_eval_iterator(prepared.val, t.batch_size,
                                                      t.eval_batches))
+  if task_name(config) == "seq2seq":
+    prepared = text2text.prepare_text2text(config.data, workdir, tokenizer)
+    return (prepared,
+            lambda: text2text.make_text2text_train_iterator(prepared.train, t.batch_size, t.seed),
+            lambda: text2text.make_text2text_eval_iterator(prepared.val, t.batch_size,
+                                                           t.eval_batches))
   prepared = data.prepare_data(config.data, workdir, tokenizer)
   return (prepared, lambda: data.make_train_iterator(prepared, t.batch_size, t.seed),
           lambda: data.make_eval_iterator(prepared, t.batch_size, t.eval_batches))
@@ -371,7 +378,7 @@ def check_data(config: Config, prepared: data.PreparedData | data.PreparedLabell
   if config.model.vocab_size < prepared.tokenizer.vocab_size:
     raise ValueError(f"model.vocab_size={config.model.vocab_size} is smaller than the "
                      f"tokenizer's vocabulary ({prepared.tokenizer.vocab_size})")
-  if isinstance(prepared, data.PreparedLabelled):
+  if isinstance(prepared, (data.PreparedLabelled, text2text.PreparedText2Text)):
     return True
   seq_len, pad = config.data.seq_len, prepared.tokenizer.pad_id
   data.PackedRows(prepared.train, seq_len, pad)  # raises on an empty training split

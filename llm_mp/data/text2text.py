@@ -58,12 +58,13 @@ same on every machine and Python version; ``SPLIT_SIZES`` pins the sizes:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import re
 from collections.abc import Iterator, Mapping, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import grain
 import numpy as np
@@ -71,7 +72,13 @@ import numpy as np
 from llm_mp.data.corpus import _decode, clean_text
 from llm_mp.data.files import DataError
 from llm_mp.data.pipeline import _batches, _local_slice
-from llm_mp.data.tokenizer import BpeTokenizer, ByteTokenizer, Tokenizer, load_tokenizer
+from llm_mp.data.tokenizer import (
+  TOKENIZER_FILE,
+  BpeTokenizer,
+  ByteTokenizer,
+  Tokenizer,
+  load_tokenizer,
+)
 
 DEFAULT_ROOT = os.path.join("..", "shared", "data")
 TASKS = ("translate", "summarize", "qa")
@@ -564,3 +571,100 @@ def make_text2text_eval_iterator(data: Text2TextRows, batch_size: int,
   if max_batches is not None:
     n_batches = min(n_batches, max_batches)
   return _batches(data, grain.MapDataset.range(n_batches * batch_size).batch(batch_size), local)
+
+
+# ---------------------------------------------------------------- a run's text-to-text data
+
+
+@dataclasses.dataclass(frozen=True)
+class PreparedText2Text:
+  """A run's text-to-text training and validation rows (``train.task="seq2seq"``).
+
+  Attributes:
+    tokenizer: the run's tokenizer, shared by source and target (saved as
+      ``<workdir>/tokenizer.json``).
+    train, val: the rows; ``val_split`` the validation examples (for metrics).
+    source: where the examples came from, for the log.
+    skipped: bad rows skipped (``data.bad_rows="skip"``).
+    sha256: hex SHA-256 of every pair (both splits).
+  """
+
+  tokenizer: Tokenizer
+  train: Text2TextRows
+  val: Text2TextRows
+  val_split: TaskSplit
+  source: str
+  skipped: int
+  sha256: str = ""
+
+  def __str__(self) -> str:
+    return (f"text-to-text data: {self.source}; train {len(self.train):,} / val "
+            f"{len(self.val):,} pairs, {self.skipped} bad row(s) skipped, "
+            f"vocab {self.tokenizer.vocab_size}")
+
+
+def read_pairs(paths: Sequence[str], bad_rows: str = "error") -> tuple[TaskSplit, int]:
+  """Pairs from ``paths``: ``.jsonl`` files (``input``/``target`` fields), or
+  exactly two aligned text files (source, target).
+
+  Raises:
+    DataError: any other combination, or what the readers raise.
+  """
+  paths = tuple(paths)
+  if paths and all(p.endswith(".jsonl") for p in paths):
+    return read_text2text_jsonl(paths, bad_rows=bad_rows)
+  if len(paths) == 2 and not any(p.endswith(".jsonl") for p in paths):
+    return read_parallel(paths[0], paths[1], bad_rows=bad_rows)
+  raise DataError(f"text-to-text data {list(paths)}: give .jsonl files with input/target "
+                  "fields, or two aligned text files (source, target)")
+
+
+def prepare_text2text(cfg: Any, workdir: str, tokenizer: Tokenizer | None = None,
+                      write: bool = True) -> PreparedText2Text:
+  """Reads, tokenises and splits the text-to-text data of ``cfg`` (a DataConfig).
+
+  ``cfg.paths``: the training pairs (:func:`read_pairs`); ``cfg.val_paths``
+  the validation pairs, else every ``1/val_fraction``-th pair is held out.
+  The tokenizer is ``tokenizer``, else the workdir's (resuming), else one of
+  ``cfg.tokenizer`` trained on both sides of the training pairs. Rows are
+  ``cfg.seq_len`` tokens on both sides.
+
+  Raises:
+    DataError: no data, unreadable data, or an empty validation split.
+  """
+  if not cfg.paths:
+    raise DataError("train.task='seq2seq' needs data: --data train.jsonl (input/target fields) "
+                    "or two aligned files, and data.val_paths likewise")
+  split, skipped = read_pairs(cfg.paths, cfg.bad_rows)
+  if cfg.val_paths:
+    val, val_skipped = read_pairs(cfg.val_paths, cfg.bad_rows)
+    skipped += val_skipped
+  else:
+    step = max(int(round(1 / cfg.val_fraction)), 2) if cfg.val_fraction > 0 else 0
+    held = [step and i % step == step - 1 for i in range(len(split.inputs))]
+    pick = lambda xs, keep: [x for x, h in zip(xs, held) if h == keep]
+    val = TaskSplit(pick(split.inputs, True), pick(split.targets, True),
+                    pick(split.references, True))
+    split = TaskSplit(pick(split.inputs, False), pick(split.targets, False),
+                      pick(split.references, False))
+  if not val.inputs:
+    raise DataError(f"no validation pairs: set data.val_paths or data.val_fraction > 0 "
+                    f"(data.val_fraction={cfg.val_fraction})")
+  if tokenizer is None:
+    if os.path.isfile(os.path.join(workdir, TOKENIZER_FILE)):
+      tokenizer = load_tokenizer(workdir)
+    else:
+      tokenizer, _ = build_text2text_tokenizers(split.inputs, split.targets, kind=cfg.tokenizer,
+                                                vocab_size=cfg.bpe_vocab_size, shared=True)
+  if write:
+    tokenizer.save(workdir)
+  encode = lambda s: encode_text2text(s.inputs, s.targets, tokenizer, tokenizer, cfg.seq_len,
+                                      cfg.seq_len)
+  h = hashlib.sha256()
+  for s in (split, val):
+    for x, y in zip(s.inputs, s.targets):
+      h.update(f"{x}\t{y}\n".encode())
+    h.update(b"\0")
+  source = ", ".join(cfg.paths)
+  return PreparedText2Text(tokenizer, encode(split), encode(val), val, source, skipped,
+                           h.hexdigest())
