@@ -46,27 +46,45 @@ def run(args) -> dict[str, Any]:
   train_text, eval_text = args.train, args.eval
   if not train_text and os.path.isdir(WIKITEXT):
     train_text, eval_text = [f"{WIKITEXT}/valid.txt"], [f"{WIKITEXT}/test.txt"]
-  results: dict[str, Any] = {"src": args.src, "train": train_text or "embedded corpus",
-                             "eval": eval_text or "embedded corpus (validation split)",
-                             "steps": args.steps, "runs": {}}
+  results: dict[str, Any] = {
+    "src": args.src,
+    "train": train_text or "embedded corpus",
+    "eval": eval_text or "embedded corpus (validation split)",
+    "steps": args.steps,
+    "runs": {},
+  }
   results["before"] = evaluate_run(base, eval_text or None)
   print(f"before fine-tuning: {results['before']}", flush=True)
   source = stored_config(base)
   for precision in args.precisions:
     workdir = os.path.join(args.out, f"finetuned_{precision}")
-    config = apply_overrides(source, [
-        f"train.precision={precision}", f"train.steps={args.steps}",
-        f"train.init_from={os.path.abspath(base)}", "train.sample_tokens=0",
-        f"train.eval_every={args.steps}", f"train.ckpt_every={args.steps}",
-        f"train.log_every={max(args.steps // 10, 1)}", f"optim.lr={args.lr}",
-        f"optim.warmup_steps={max(args.steps // 10, 1)}", f"train.batch_size={args.batch_size}"])
-    config = dataclasses.replace(config, data=dataclasses.replace(
-        config.data, paths=tuple(os.path.abspath(p) for p in train_text)))
+    config = apply_overrides(
+      source,
+      [
+        f"train.precision={precision}",
+        f"train.steps={args.steps}",
+        f"train.init_from={os.path.abspath(base)}",
+        "train.sample_tokens=0",
+        f"train.eval_every={args.steps}",
+        f"train.ckpt_every={args.steps}",
+        f"train.log_every={max(args.steps // 10, 1)}",
+        f"optim.lr={args.lr}",
+        f"optim.warmup_steps={max(args.steps // 10, 1)}",
+        f"train.batch_size={args.batch_size}",
+      ],
+    )
+    config = dataclasses.replace(
+      config,
+      data=dataclasses.replace(config.data, paths=tuple(os.path.abspath(p) for p in train_text)),
+    )
     last = train(config, workdir, verbose=False)
     after = evaluate_run(workdir, eval_text or None)
     hf.export_hf(workdir, os.path.join(args.out, f"export_{precision}"))
-    results["runs"][precision] = {"after": after, "train_loss": last.get("loss"),
-                                  "skipped_steps": last.get("skipped_steps")}
+    results["runs"][precision] = {
+      "after": after,
+      "train_loss": last.get("loss"),
+      "skipped_steps": last.get("skipped_steps"),
+    }
     print(f"{precision}: {results['runs'][precision]}", flush=True)
   results["seconds"] = round(time.perf_counter() - t0, 1)
   return results
@@ -75,24 +93,28 @@ def run(args) -> dict[str, Any]:
 def table(results: dict[str, Any]) -> str:
   """Markdown: evaluation perplexity before and after fine-tuning, per precision."""
   b = results["before"]
-  lines = ["| model | precision | eval loss | eval perplexity | skipped steps |",
-           "|---|---|---|---|---|",
-           f"| imported, not fine-tuned | fp32 | {b['val_loss']:.4f} | {b['val_ppl']:.2f} | - |"]
+  lines = [
+    "| model | precision | eval loss | eval perplexity | skipped steps |",
+    "|---|---|---|---|---|",
+    f"| imported, not fine-tuned | fp32 | {b['val_loss']:.4f} | {b['val_ppl']:.2f} | - |",
+  ]
   for precision, r in results["runs"].items():
     a = r["after"]
-    lines.append(f"| fine-tuned {results['steps']} steps | {precision} | {a['val_loss']:.4f} | "
-                 f"{a['val_ppl']:.2f} | {r['skipped_steps']} |")
+    lines.append(
+      f"| fine-tuned {results['steps']} steps | {precision} | {a['val_loss']:.4f} | "
+      f"{a['val_ppl']:.2f} | {r['skipped_steps']} |"
+    )
   return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m experiments.finetune_pretrained",
-                                   description=__doc__.split("\n\n")[0])
+  parser = argparse.ArgumentParser(
+    prog="python -m experiments.finetune_pretrained", description=__doc__.split("\n\n")[0]
+  )
   parser.add_argument("--src", default=FIXTURE, help="HF checkpoint directory")
   parser.add_argument("--train", nargs="*", default=[], help="fine-tuning text files")
   parser.add_argument("--eval", nargs="*", default=[], help="evaluation text files")
-  parser.add_argument("--precisions", nargs="+", default=list(PRECISIONS),
-                      choices=list(PRECISIONS))
+  parser.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=list(PRECISIONS))
   parser.add_argument("--steps", type=int, default=300)
   parser.add_argument("--batch-size", type=int, default=16)
   parser.add_argument("--lr", type=float, default=1e-3)

@@ -33,34 +33,56 @@ from llm_mp.metrics import read_metrics
 from llm_mp.train import train
 
 SETTINGS = {  # name -> overrides
-    "fp32": ("train.precision=fp32", "train.loss_scale=none"),
-    "bf16": ("train.precision=bf16", "train.loss_scale=none"),
-    "pure_bf16": ("train.precision=pure_bf16", "train.loss_scale=none"),
-    "fp16 + dynamic scale": ("train.precision=fp16", "train.loss_scale=dynamic"),
-    "fp16 + static 2^12": ("train.precision=fp16", "train.loss_scale=static",
-                           "train.init_loss_scale=4096"),
-    "fp16 + static 2^-8 (too small)": ("train.precision=fp16", "train.loss_scale=static",
-                                       "train.init_loss_scale=0.00390625"),
-    "fp16, no scaling": ("train.precision=fp16", "train.loss_scale=none"),
+  "fp32": ("train.precision=fp32", "train.loss_scale=none"),
+  "bf16": ("train.precision=bf16", "train.loss_scale=none"),
+  "pure_bf16": ("train.precision=pure_bf16", "train.loss_scale=none"),
+  "fp16 + dynamic scale": ("train.precision=fp16", "train.loss_scale=dynamic"),
+  "fp16 + static 2^12": (
+    "train.precision=fp16",
+    "train.loss_scale=static",
+    "train.init_loss_scale=4096",
+  ),
+  "fp16 + static 2^-8 (too small)": (
+    "train.precision=fp16",
+    "train.loss_scale=static",
+    "train.init_loss_scale=0.00390625",
+  ),
+  "fp16, no scaling": ("train.precision=fp16", "train.loss_scale=none"),
 }
 SETUPS = {  # name -> (preset, overrides)
-    # The tiny preset as shipped (0.9M parameters, bytes).
-    "tiny": ("tiny", ()),
-    # Small initial weights (init_std 0.002 instead of 0.02): activations, and with
-    # them the backward pass's gradients, start ~10x smaller per layer, below fp16's
-    # normal range (6.1e-5) in the deeper layers.
-    "underflow": ("tiny", ("model.init_std=0.002", "model.n_layers=6")),
+  # The tiny preset as shipped (0.9M parameters, bytes).
+  "tiny": ("tiny", ()),
+  # Small initial weights (init_std 0.002 instead of 0.02): activations, and with
+  # them the backward pass's gradients, start ~10x smaller per layer, below fp16's
+  # normal range (6.1e-5) in the deeper layers.
+  "underflow": ("tiny", ("model.init_std=0.002", "model.n_layers=6")),
 }
 
 
-def run_setting(name: str, setup: str, seed: int, steps: int, out: str, data: Sequence[str],
-                overrides: Sequence[str]) -> list[dict]:
+def run_setting(
+  name: str,
+  setup: str,
+  seed: int,
+  steps: int,
+  out: str,
+  data: Sequence[str],
+  overrides: Sequence[str],
+) -> list[dict]:
   """Trains one (setting, seed); returns its metrics records."""
   preset, setup_overrides = SETUPS[setup]
-  ov = [*setup_overrides, *SETTINGS[name], f"train.steps={steps}", f"train.seed={seed}",
-        f"train.log_every={max(steps // 30, 1)}", f"train.eval_every={steps}",
-        f"train.ckpt_every={steps}", "train.eval_batches=16", "train.sample_tokens=0",
-        "train.layer_metrics=true", *overrides]
+  ov = [
+    *setup_overrides,
+    *SETTINGS[name],
+    f"train.steps={steps}",
+    f"train.seed={seed}",
+    f"train.log_every={max(steps // 30, 1)}",
+    f"train.eval_every={steps}",
+    f"train.ckpt_every={steps}",
+    "train.eval_batches=16",
+    "train.sample_tokens=0",
+    "train.layer_metrics=true",
+    *overrides,
+  ]
   if data:
     ov.append(f"data.paths={','.join(os.path.abspath(p) for p in data)}")
   config = apply_overrides(get_preset(preset), ov)
@@ -81,11 +103,12 @@ def summarise(runs: dict[str, list[list[dict]]]) -> dict[str, dict[str, Any]]:
   for name, seeds in runs.items():
     last = [r[-1] for r in seeds]
     table[name] = {
-        "loss": _mean_sd([x["loss"] for x in last]),
-        "val_loss": _mean_sd([x["val_loss"] for x in last]),
-        "skipped_steps": _mean_sd([float(x["skipped_steps"]) for x in last]),
-        "grad_zero_fraction": _mean_sd(
-            [statistics.mean(x["grad_zero_fraction"] for x in r) for r in seeds]),
+      "loss": _mean_sd([x["loss"] for x in last]),
+      "val_loss": _mean_sd([x["val_loss"] for x in last]),
+      "skipped_steps": _mean_sd([float(x["skipped_steps"]) for x in last]),
+      "grad_zero_fraction": _mean_sd(
+        [statistics.mean(x["grad_zero_fraction"] for x in r) for r in seeds]
+      ),
     }
   return table
 
@@ -93,12 +116,16 @@ def summarise(runs: dict[str, list[list[dict]]]) -> dict[str, dict[str, Any]]:
 def markdown(table: dict[str, dict[str, Any]], seeds: int) -> str:
   """The results table (mean ± sd over ``seeds`` seeds)."""
   fmt = lambda m, f="{:.4f}": f"{f.format(m[0])} ± {f.format(m[1])}"
-  lines = ["| setting | train loss | val loss | skipped steps | zero grads (mean over run) |",
-           "|---|---|---|---|---|"]
+  lines = [
+    "| setting | train loss | val loss | skipped steps | zero grads (mean over run) |",
+    "|---|---|---|---|---|",
+  ]
   for name, s in table.items():
-    lines.append(f"| {name} | {fmt(s['loss'])} | {fmt(s['val_loss'])} | "
-                 f"{fmt(s['skipped_steps'], '{:.1f}')} | "
-                 f"{s['grad_zero_fraction'][0]:.2%} ± {s['grad_zero_fraction'][1]:.2%} |")
+    lines.append(
+      f"| {name} | {fmt(s['loss'])} | {fmt(s['val_loss'])} | "
+      f"{fmt(s['skipped_steps'], '{:.1f}')} | "
+      f"{s['grad_zero_fraction'][0]:.2%} ± {s['grad_zero_fraction'][1]:.2%} |"
+    )
   lines.append(f"\nmean ± sample standard deviation over {seeds} seed(s)")
   return "\n".join(lines)
 
@@ -108,8 +135,10 @@ def plot(runs: dict[str, list[list[dict]]], out: str) -> None:
   gradient fraction per layer over time, fp16 without scaling against fp16
   with dynamic scaling (seed 0)."""
   import matplotlib  # pylint: disable=import-outside-toplevel
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
   fig, ax = plt.subplots(figsize=(7, 4))
   for name, seeds in runs.items():
     steps = [x["step"] for x in seeds[0]]
@@ -128,8 +157,7 @@ def plot(runs: dict[str, list[list[dict]]], out: str) -> None:
     records = runs[name][0]
     layers = sorted(k for k in records[0] if k.startswith("grad_zero_fraction/"))
     for k in layers:
-      ax.plot([r["step"] for r in records], [r[k] for r in records],
-              label=k.split("/", 1)[1])
+      ax.plot([r["step"] for r in records], [r[k] for r in records], label=k.split("/", 1)[1])
     ax.set(xlabel="step", title=name, ylim=(0, 1))
   axes[0][0].set_ylabel("fraction of gradient entries exactly 0")
   axes[0][-1].legend(fontsize=7)
@@ -139,11 +167,18 @@ def plot(runs: dict[str, list[list[dict]]], out: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m experiments.precision_study",
-                                   description=__doc__.split("\n\n")[0])
+  parser = argparse.ArgumentParser(
+    prog="python -m experiments.precision_study", description=__doc__.split("\n\n")[0]
+  )
   parser.add_argument("--setup", default="tiny", choices=sorted(SETUPS))
-  parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS),
-                      metavar="NAME", help=f"subset of: {', '.join(SETTINGS)}")
+  parser.add_argument(
+    "--settings",
+    nargs="+",
+    default=list(SETTINGS),
+    choices=list(SETTINGS),
+    metavar="NAME",
+    help=f"subset of: {', '.join(SETTINGS)}",
+  )
   parser.add_argument("--steps", type=int, default=300)
   parser.add_argument("--seeds", type=int, default=3)
   parser.add_argument("--data", nargs="*", default=[], help="text files (default: embedded)")
@@ -154,21 +189,38 @@ def main(argv: Sequence[str] | None = None) -> int:
   overrides = list(args.overrides)
   if args.fast:
     args.steps, args.seeds = 2, 1
-    overrides += ["model.n_layers=1", "model.d_model=32", "model.n_heads=2",
-                  "model.n_kv_heads=1", "train.batch_size=8", "data.max_docs=200"]
+    overrides += [
+      "model.n_layers=1",
+      "model.d_model=32",
+      "model.n_heads=2",
+      "model.n_kv_heads=1",
+      "train.batch_size=8",
+      "data.max_docs=200",
+    ]
   os.makedirs(args.out, exist_ok=True)
   t0 = time.perf_counter()
   runs = {}
   for name in args.settings:
-    runs[name] = [run_setting(name, args.setup, seed, args.steps, args.out, args.data, overrides)
-                  for seed in range(args.seeds)]
+    runs[name] = [
+      run_setting(name, args.setup, seed, args.steps, args.out, args.data, overrides)
+      for seed in range(args.seeds)
+    ]
     print(f"{name}: {summarise({name: runs[name]})[name]}", flush=True)
   table = summarise(runs)
   md = markdown(table, args.seeds)
   with open(os.path.join(args.out, "results.json"), "w", encoding="utf-8") as f:
-    json.dump({"setup": args.setup, "steps": args.steps, "seeds": args.seeds,
-               "overrides": overrides, "table": table,
-               "seconds": round(time.perf_counter() - t0, 1)}, f, indent=1)
+    json.dump(
+      {
+        "setup": args.setup,
+        "steps": args.steps,
+        "seeds": args.seeds,
+        "overrides": overrides,
+        "table": table,
+        "seconds": round(time.perf_counter() - t0, 1),
+      },
+      f,
+      indent=1,
+    )
   with open(os.path.join(args.out, "results.md"), "w", encoding="utf-8") as f:
     f.write(md + "\n")
   try:

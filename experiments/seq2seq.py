@@ -51,11 +51,9 @@ class Setting:
 
 
 SETTINGS = {
-    "translate": Setting(seq_len=48, steps=1500, vocab=4000, max_new_tokens=40,
-                         eval_examples=1000),
-    "summarize": Setting(seq_len=256, steps=400, vocab=4000, max_new_tokens=96,
-                         eval_examples=100),
-    "qa": Setting(seq_len=256, steps=400, vocab=4000, max_new_tokens=16, eval_examples=300),
+  "translate": Setting(seq_len=48, steps=1500, vocab=4000, max_new_tokens=40, eval_examples=1000),
+  "summarize": Setting(seq_len=256, steps=400, vocab=4000, max_new_tokens=96, eval_examples=100),
+  "qa": Setting(seq_len=256, steps=400, vocab=4000, max_new_tokens=16, eval_examples=300),
 }
 FAST = Setting(seq_len=32, steps=3, vocab=300, max_new_tokens=8, eval_examples=8)
 
@@ -90,25 +88,34 @@ def score(task: str, hyps: list[str], split: text2text.TaskSplit) -> dict[str, f
   return text_metrics.squad_em_f1(hyps, split.references)
 
 
-def decode(workdir: str, inputs: list[str], setting: Setting, beam: int,
-           batch_size: int = 32) -> list[str]:
+def decode(
+  workdir: str, inputs: list[str], setting: Setting, beam: int, batch_size: int = 32
+) -> list[str]:
   """Beam-search outputs of a trained run for ``inputs``, as text."""
   run = load_run(workdir)
   tok = run.tokenizer
   out = []
   for i in range(0, len(inputs), batch_size):
-    chunk = inputs[i:i + batch_size]
+    chunk = inputs[i : i + batch_size]
     rows = np.full((batch_size, setting.seq_len), tok.pad_id, np.int32)
     for j, ids in enumerate(tok.encode_batch(chunk)):
-      ids = (ids + [tok.eos_id])[:setting.seq_len]
-      rows[j, :len(ids)] = ids
-    tokens = generate_seq2seq(run.config.model, run.precision, run.params, jnp.asarray(rows),
-                              jnp.asarray((rows != tok.pad_id).astype(np.int32)),
-                              max_new_tokens=setting.max_new_tokens, bos_id=tok.bos_id,
-                              eos_id=tok.eos_id, pad_id=tok.pad_id, beam_size=beam)
-    for row in np.asarray(tokens)[:len(chunk)]:
+      ids = (ids + [tok.eos_id])[: setting.seq_len]
+      rows[j, : len(ids)] = ids
+    tokens = generate_seq2seq(
+      run.config.model,
+      run.precision,
+      run.params,
+      jnp.asarray(rows),
+      jnp.asarray((rows != tok.pad_id).astype(np.int32)),
+      max_new_tokens=setting.max_new_tokens,
+      bos_id=tok.bos_id,
+      eos_id=tok.eos_id,
+      pad_id=tok.pad_id,
+      beam_size=beam,
+    )
+    for row in np.asarray(tokens)[: len(chunk)]:
       ids = row.tolist()
-      ids = ids[:ids.index(tok.eos_id)] if tok.eos_id in ids else ids
+      ids = ids[: ids.index(tok.eos_id)] if tok.eos_id in ids else ids
       out.append(tok.decode(ids).strip())
   return out
 
@@ -118,40 +125,66 @@ def run(args) -> dict[str, Any]:
   setting = FAST if args.fast else SETTINGS[args.task]
   os.makedirs(os.path.join(args.out, "data"), exist_ok=True)
   t0 = time.perf_counter()
-  splits = {s: text2text.load_task_data(args.task, s, args.root)
-            for s in ("train", "validation", "test")}
+  splits = {
+    s: text2text.load_task_data(args.task, s, args.root) for s in ("train", "validation", "test")
+  }
   if args.fast:
     splits = {k: text2text.TaskSplit(*(x[:64] for x in v)) for k, v in splits.items()}
-  test = text2text.TaskSplit(*(x[:setting.eval_examples] for x in splits["test"]))
+  test = text2text.TaskSplit(*(x[: setting.eval_examples] for x in splits["test"]))
   paths = {}
   for name in ("train", "validation"):
     paths[name] = os.path.join(args.out, "data", f"{name}.jsonl")
     _write_jsonl(paths[name], splits[name])
   results: dict[str, Any] = {
-      "task": args.task, "setting": dataclasses.asdict(setting), "preset": args.preset,
-      "beam": args.beam, "test_examples": len(test.inputs),
-      "baseline": score(args.task, baseline(args.task, test), test), "runs": {}}
+    "task": args.task,
+    "setting": dataclasses.asdict(setting),
+    "preset": args.preset,
+    "beam": args.beam,
+    "test_examples": len(test.inputs),
+    "baseline": score(args.task, baseline(args.task, test), test),
+    "runs": {},
+  }
   print(f"baseline: {results['baseline']}", flush=True)
   for name in args.precisions:
     workdir = os.path.join(args.out, name.split(" ")[0])
-    config = apply_overrides(get_preset(args.preset), [
-        f"train.precision={PRECISIONS[name]}", f"train.steps={setting.steps}",
-        f"data.seq_len={setting.seq_len}", f"model.max_len={max(setting.seq_len, 64)}",
-        "data.tokenizer=bpe", f"data.bpe_vocab_size={setting.vocab}",
-        f"model.vocab_size={setting.vocab}", f"train.eval_every={setting.steps}",
-        f"train.ckpt_every={setting.steps}", f"train.log_every={max(setting.steps // 20, 1)}",
-        "train.eval_batches=20", "train.batch_size=32", "train.sample_tokens=0",
-        f"optim.warmup_steps={max(setting.steps // 20, 1)}", *args.overrides])
-    config = dataclasses.replace(config, data=dataclasses.replace(
-        config.data, paths=(paths["train"],), val_paths=(paths["validation"],)))
+    config = apply_overrides(
+      get_preset(args.preset),
+      [
+        f"train.precision={PRECISIONS[name]}",
+        f"train.steps={setting.steps}",
+        f"data.seq_len={setting.seq_len}",
+        f"model.max_len={max(setting.seq_len, 64)}",
+        "data.tokenizer=bpe",
+        f"data.bpe_vocab_size={setting.vocab}",
+        f"model.vocab_size={setting.vocab}",
+        f"train.eval_every={setting.steps}",
+        f"train.ckpt_every={setting.steps}",
+        f"train.log_every={max(setting.steps // 20, 1)}",
+        "train.eval_batches=20",
+        "train.batch_size=32",
+        "train.sample_tokens=0",
+        f"optim.warmup_steps={max(setting.steps // 20, 1)}",
+        *args.overrides,
+      ],
+    )
+    config = dataclasses.replace(
+      config,
+      data=dataclasses.replace(
+        config.data, paths=(paths["train"],), val_paths=(paths["validation"],)
+      ),
+    )
     last = train(config, workdir, verbose=False)
     hyps = decode(workdir, test.inputs, setting, args.beam)
-    results["runs"][name] = {"metric": score(args.task, hyps, test),
-                             "val_loss": last.get("val_loss"), "train_loss": last.get("loss"),
-                             "skipped_steps": last.get("skipped_steps"),
-                             "samples": [{"input": x[:300], "output": h, "reference": r[0]}
-                                         for x, h, r in zip(test.inputs[:3], hyps[:3],
-                                                            test.references[:3])]}
+    results["runs"][name] = {
+      "metric": score(args.task, hyps, test),
+      "val_loss": last.get("val_loss"),
+      "train_loss": last.get("loss"),
+      "skipped_steps": last.get("skipped_steps"),
+      "samples": [
+        {"input": x[:300], "output": h, "reference": r[0]}
+        for x, h, r in zip(test.inputs[:3], hyps[:3], test.references[:3])
+      ],
+    }
     print(f"{name}: {results['runs'][name]['metric']}", flush=True)
     for s in results["runs"][name]["samples"]:
       print(f"  output:    {s['output']}\n  reference: {s['reference']}", flush=True)
@@ -162,24 +195,29 @@ def run(args) -> dict[str, Any]:
 def table(results: dict[str, Any]) -> str:
   """Markdown: the metric of each precision and of the baseline."""
   names = list(results["baseline"])
-  lines = ["| model | precision | " + " | ".join(names) + " | val loss |",
-           "|---|---|" + "---|" * (len(names) + 1)]
-  lines.append("| baseline | - | " + " | ".join(f"{results['baseline'][n]:.2f}" for n in names)
-               + " | - |")
+  lines = [
+    "| model | precision | " + " | ".join(names) + " | val loss |",
+    "|---|---|" + "---|" * (len(names) + 1),
+  ]
+  lines.append(
+    "| baseline | - | " + " | ".join(f"{results['baseline'][n]:.2f}" for n in names) + " | - |"
+  )
   for precision, r in results["runs"].items():
-    lines.append(f"| {results['preset']} | {precision} | "
-                 + " | ".join(f"{r['metric'][n]:.2f}" for n in names)
-                 + f" | {r['val_loss']:.4f} |")
+    lines.append(
+      f"| {results['preset']} | {precision} | "
+      + " | ".join(f"{r['metric'][n]:.2f}" for n in names)
+      + f" | {r['val_loss']:.4f} |"
+    )
   return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m experiments.seq2seq",
-                                   description=__doc__.split("\n\n")[0])
+  parser = argparse.ArgumentParser(
+    prog="python -m experiments.seq2seq", description=__doc__.split("\n\n")[0]
+  )
   parser.add_argument("--task", required=True, choices=text2text.TASKS)
   parser.add_argument("--preset", default="seq2seq_tiny")
-  parser.add_argument("--precisions", nargs="+", default=list(PRECISIONS),
-                      choices=list(PRECISIONS))
+  parser.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=list(PRECISIONS))
   parser.add_argument("--beam", type=int, default=4)
   parser.add_argument("--root", default=text2text.DEFAULT_ROOT, help="the data directory")
   parser.add_argument("--out", default=None, help="default runs/seq2seq_<task>")

@@ -19,14 +19,14 @@ imported as modules.
 """
 
 from llm_mp.config import (
-                           Config,
-                           DataConfig,
-                           MeshConfig,
-                           ModelConfig,
-                           OptimConfig,
-                           TrainConfig,
-                           apply_overrides,
-                           get_preset,
+  Config,
+  DataConfig,
+  MeshConfig,
+  ModelConfig,
+  OptimConfig,
+  TrainConfig,
+  apply_overrides,
+  get_preset,
 )
 from llm_mp.generate import generate_text, sample_logits
 from llm_mp.loss_scale import DynamicLossScale, NoOpLossScale, StaticLossScale, make_loss_scale
@@ -39,9 +39,28 @@ from llm_mp.step import cross_entropy, make_eval_step, make_train_step
 __version__ = "0.1.0"
 
 __all__ = [
-    "Config", "DataConfig", "DynamicLossScale", "MeshConfig", "ModelConfig", "NoOpLossScale",
-    "OptimConfig", "Precision", "StaticLossScale", "TrainConfig", "TrainState", "TransformerLM",
-    "apply_overrides", "cross_entropy", "generate_text", "get_preset",
-    "make_eval_step", "make_init_fn", "make_loss_scale", "make_optimizer", "make_precision",
-    "make_train_step", "precision_report", "sample_logits",
+  "Config",
+  "DataConfig",
+  "DynamicLossScale",
+  "MeshConfig",
+  "ModelConfig",
+  "NoOpLossScale",
+  "OptimConfig",
+  "Precision",
+  "StaticLossScale",
+  "TrainConfig",
+  "TrainState",
+  "TransformerLM",
+  "apply_overrides",
+  "cross_entropy",
+  "generate_text",
+  "get_preset",
+  "make_eval_step",
+  "make_init_fn",
+  "make_loss_scale",
+  "make_optimizer",
+  "make_precision",
+  "make_train_step",
+  "precision_report",
+  "sample_logits",
 ]

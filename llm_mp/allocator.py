@@ -38,7 +38,6 @@ def tune_malloc() -> bool:
   except (OSError, AttributeError, TypeError):
     return False
   _malloc_tuned = bool(mallopt(_M_MMAP_THRESHOLD, _MALLOC_BYTES)) and bool(
-      mallopt(_M_TRIM_THRESHOLD, _MALLOC_BYTES))
+    mallopt(_M_TRIM_THRESHOLD, _MALLOC_BYTES)
+  )
   return _malloc_tuned
-
-

@@ -49,6 +49,8 @@ from llm_mp.state import make_init_fn, param_count
 from llm_mp.step import make_train_step
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 spec
+
+
 def peak_flops(device) -> float | None:
   kind = getattr(device, "device_kind", "")
   for name, tflops in PEAK_TFLOPS.items():
@@ -61,25 +63,33 @@ def fixed_batch(batch: int, seq: int, vocab: int) -> dict[str, jax.Array]:
   """One batch of random tokens, numpy seed 0 (the reference's data), one
   document per row."""
   tokens = np.random.default_rng(0).integers(0, vocab, (batch, seq + 1))
-  return {"inputs": jnp.asarray(tokens[:, :-1], jnp.int32),
-          "targets": jnp.asarray(tokens[:, 1:], jnp.int32),
-          "segment_ids": jnp.ones((batch, seq), jnp.int32),
-          "positions": jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))}
+  return {
+    "inputs": jnp.asarray(tokens[:, :-1], jnp.int32),
+    "targets": jnp.asarray(tokens[:, 1:], jnp.int32),
+    "segment_ids": jnp.ones((batch, seq), jnp.int32),
+    "positions": jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq)),
+  }
 
 
 def _say(text: str) -> None:
   print(text, flush=True)
 
 
-def run(preset: str, precision: str, overrides: Sequence[str], steps: int, warmup: int,
-        repeats: int = 1, say=_say) -> dict:
+def run(
+  preset: str,
+  precision: str,
+  overrides: Sequence[str],
+  steps: int,
+  warmup: int,
+  repeats: int = 1,
+  say=_say,
+) -> dict:
   """Builds the preset, times ``steps`` train steps ``repeats`` times; returns the JSON dict.
 
   ``say`` receives one line as each phase ends (init, compile, warm-up, steps).
   """
   config = apply_overrides(get_preset(preset), list(overrides))
-  config = dataclasses.replace(config, train=dataclasses.replace(config.train,
-                                                                 precision=precision))
+  config = dataclasses.replace(config, train=dataclasses.replace(config.train, precision=precision))
   r = build_recipe(config)
   b, t = config.train.batch_size, config.data.seq_len
   batch = fixed_batch(b, t, config.model.vocab_size)
@@ -89,8 +99,11 @@ def run(preset: str, precision: str, overrides: Sequence[str], steps: int, warmu
   init_s = time.perf_counter() - t0
   say(f"{preset} {precision}: state init {init_s:.2f} s ({param_count(state.params):,} params)")
   t0 = time.perf_counter()
-  step = jax.jit(make_train_step(r.model, r.tx, r.schedule, config, r.task),
-                 donate_argnums=0).lower(state, batch).compile()
+  step = (
+    jax.jit(make_train_step(r.model, r.tx, r.schedule, config, r.task), donate_argnums=0)
+    .lower(state, batch)
+    .compile()
+  )
   compile_s = time.perf_counter() - t0
   say(f"{preset} {precision}: step compile {compile_s:.2f} s")
   for _ in range(warmup):
@@ -111,34 +124,68 @@ def run(preset: str, precision: str, overrides: Sequence[str], steps: int, warmu
   peak = peak_flops(device)
   stats = device.memory_stats() or {}
   return {
-      "framework": "llm_mp", "preset": preset, "precision": precision,
-      "attention": r.config.model.attention_impl, "remat": config.model.remat,
-      "scan_layers": config.model.scan_layers, "batch": b, "seq_len": t,
-      "tokens_per_s": round(tokens_per_s, 1), "ms_per_step": round(ms, 3),
-      "ms_per_step_min": round(min(times) * 1e3, 3), "tflops_per_s": round(flops / 1e12, 3),
-      "mfu_spec": round(flops / peak, 4) if peak else None,
-      "init_s": round(init_s, 3), "compile_s": round(compile_s, 3),
-      "peak_mem_gb": round(stats["peak_bytes_in_use"] / 2**30, 2)
-                     if "peak_bytes_in_use" in stats else None,
-      "loss": round(float(metrics["loss"]), 5), "params": param_count(state.params),
-      "device": getattr(device, "device_kind", str(device)), "platform": device.platform,
-      "jax": jax.__version__, "python": platform.python_version(),
-      "malloc_env": {k: os.environ[k] for k in MALLOC_ENV if k in os.environ},
-      "malloc_tuned": tune_malloc(),
+    "framework": "llm_mp",
+    "preset": preset,
+    "precision": precision,
+    "attention": r.config.model.attention_impl,
+    "remat": config.model.remat,
+    "scan_layers": config.model.scan_layers,
+    "batch": b,
+    "seq_len": t,
+    "tokens_per_s": round(tokens_per_s, 1),
+    "ms_per_step": round(ms, 3),
+    "ms_per_step_min": round(min(times) * 1e3, 3),
+    "tflops_per_s": round(flops / 1e12, 3),
+    "mfu_spec": round(flops / peak, 4) if peak else None,
+    "init_s": round(init_s, 3),
+    "compile_s": round(compile_s, 3),
+    "peak_mem_gb": round(stats["peak_bytes_in_use"] / 2**30, 2)
+    if "peak_bytes_in_use" in stats
+    else None,
+    "loss": round(float(metrics["loss"]), 5),
+    "params": param_count(state.params),
+    "device": getattr(device, "device_kind", str(device)),
+    "platform": device.platform,
+    "jax": jax.__version__,
+    "python": platform.python_version(),
+    "malloc_env": {k: os.environ[k] for k in MALLOC_ENV if k in os.environ},
+    "malloc_tuned": tune_malloc(),
   }
 
 
 # name -> (preset, precision, overrides); the GPU table of docs/benchmarks.md.
 SUITES = {
-    "gpu": [("gpt2_124m", "bf16", ()), ("gpt2_124m", "fp16", ()), ("gpt2_124m", "fp32", ()),
-            ("gpt2_350m", "bf16", ()), ("llama_1b", "bf16", ("model.remat=dots",))],
-    "cpu": [("nanogpt_cpu", "fp32", ()), ("tiny", "fp32", ()), ("tiny", "bf16", ())],
+  "gpu": [
+    ("gpt2_124m", "bf16", ()),
+    ("gpt2_124m", "fp16", ()),
+    ("gpt2_124m", "fp32", ()),
+    ("gpt2_350m", "bf16", ()),
+    ("llama_1b", "bf16", ("model.remat=dots",)),
+  ],
+  "cpu": [("nanogpt_cpu", "fp32", ()), ("tiny", "fp32", ()), ("tiny", "bf16", ())],
 }
 REFERENCE = "../shared/bench/torch_gpt.py"  # the PyTorch reference, where present
 REFERENCE_ARGS = {
-    "gpu": ("--precision", "bf16", "--compile"),
-    "cpu": ("--device", "cpu", "--no-compile", "--precision", "fp32", "--n_layer", "4",
-            "--n_head", "4", "--n_embd", "128", "--block", "64", "--vocab", "65", "--batch", "12"),
+  "gpu": ("--precision", "bf16", "--compile"),
+  "cpu": (
+    "--device",
+    "cpu",
+    "--no-compile",
+    "--precision",
+    "fp32",
+    "--n_layer",
+    "4",
+    "--n_head",
+    "4",
+    "--n_embd",
+    "128",
+    "--block",
+    "64",
+    "--vocab",
+    "65",
+    "--batch",
+    "12",
+  ),
 }
 
 
@@ -150,8 +197,9 @@ def run_reference(suite: str, path: str = REFERENCE) -> dict | None:
     return None
   if not os.path.isfile(path):
     return None
-  out = subprocess.run([sys.executable, path, *REFERENCE_ARGS[suite]], capture_output=True,
-                       text=True, check=True)
+  out = subprocess.run(
+    [sys.executable, path, *REFERENCE_ARGS[suite]], capture_output=True, text=True, check=True
+  )
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -168,14 +216,20 @@ def suite_table(suite: str, steps: int, warmup: int, reference: str = REFERENCE)
     results.append(r)
     ratio = f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}" if ref else "-"
     mfu = f"{r['mfu_spec']:.1%}" if r["mfu_spec"] else "-"
-    rows.append(f"| llm_mp {preset} {precision} {' '.join(overrides)} | {r['ms_per_step']:.1f} | "
-                f"{r['tokens_per_s']:,.0f} | {ratio} | {mfu} | {r['init_s']:.1f} | "
-                f"{r['compile_s']:.1f} |")
-  head = ["| run | ms/step | tokens/s | vs reference | MFU (spec) | init s | compile s |",
-          "|---|---|---|---|---|---|---|"]
+    rows.append(
+      f"| llm_mp {preset} {precision} {' '.join(overrides)} | {r['ms_per_step']:.1f} | "
+      f"{r['tokens_per_s']:,.0f} | {ratio} | {mfu} | {r['init_s']:.1f} | "
+      f"{r['compile_s']:.1f} |"
+    )
+  head = [
+    "| run | ms/step | tokens/s | vs reference | MFU (spec) | init s | compile s |",
+    "|---|---|---|---|---|---|---|",
+  ]
   if ref:
-    head.append(f"| reference {' '.join(REFERENCE_ARGS[suite])} | {ref['ms_per_step']:.1f} | "
-                f"{ref['tokens_per_s']:,.0f} | 1.00 | - | - | - |")
+    head.append(
+      f"| reference {' '.join(REFERENCE_ARGS[suite])} | {ref['ms_per_step']:.1f} | "
+      f"{ref['tokens_per_s']:,.0f} | 1.00 | - | - | - |"
+    )
   device = results[0]["device"] if results else "?"
   return "\n".join([f"device: {device}, jax {jax.__version__}", "", *head, *rows])
 
@@ -184,15 +238,22 @@ def main(argv: Sequence[str] | None = None) -> int:
   """``llm-mp bench`` / ``python -m experiments.benchmark``."""
   tune_malloc()
   parser = argparse.ArgumentParser(prog="llm-mp bench", description=__doc__.split("\n\n")[0])
-  parser.add_argument("--preset", default=None, choices=sorted(PRESETS),
-                      help="model preset (default: gpt2_124m on GPU, nanogpt_cpu on CPU)")
+  parser.add_argument(
+    "--preset",
+    default=None,
+    choices=sorted(PRESETS),
+    help="model preset (default: gpt2_124m on GPU, nanogpt_cpu on CPU)",
+  )
   parser.add_argument("--precision", default=None, help="fp32, bf16, fp16, pure_bf16")
   parser.add_argument("--steps", type=int, default=20, help="timed steps per repeat")
   parser.add_argument("--warmup", type=int, default=3, help="untimed steps after compilation")
   parser.add_argument("--repeats", type=int, default=1)
-  parser.add_argument("--suite", choices=sorted(SUITES),
-                      help="run a whole table (with the PyTorch reference when torch and "
-                           f"{REFERENCE} are present) and print it as Markdown")
+  parser.add_argument(
+    "--suite",
+    choices=sorted(SUITES),
+    help="run a whole table (with the PyTorch reference when torch and "
+    f"{REFERENCE} are present) and print it as Markdown",
+  )
   parser.add_argument("--reference", default=REFERENCE, help="path of torch_gpt.py")
   parser.add_argument("overrides", nargs="*", metavar="section.field=value")
   args = parser.parse_args(argv)

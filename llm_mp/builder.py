@@ -54,8 +54,9 @@ def freeze_patterns(config: Config) -> tuple[str, ...]:
   return tuple(p.strip() for p in config.train.freeze.split(",") if p.strip())
 
 
-def resolve_backend_choices(config: Config, precision: Precision,
-                            backend: str | None = None) -> Config:
+def resolve_backend_choices(
+  config: Config, precision: Precision, backend: str | None = None
+) -> Config:
   """``config`` with its "auto" implementation choices made for ``backend``
   (default: ``jax.default_backend()``).
 
@@ -91,10 +92,13 @@ def build_recipe(config: Config, tokenizer: Any = None, decode: bool = False) ->
   config = resolve_backend_choices(config, precision)
   task = make_task(config, tokenizer)
   model = build_model(config.model, precision, head=task.head, decode=decode)
-  tx, schedule = make_optimizer(config.optim, config.train.steps,
-                                freeze=freeze_patterns(config),
-                                backbone_lr_scale=config.train.backbone_lr_scale,
-                                head_names=HEAD_PARAMS)
+  tx, schedule = make_optimizer(
+    config.optim,
+    config.train.steps,
+    freeze=freeze_patterns(config),
+    backbone_lr_scale=config.train.backbone_lr_scale,
+    head_names=HEAD_PARAMS,
+  )
   return Recipe(config, precision, task, model, tx, schedule)
 
 
@@ -127,13 +131,17 @@ def load_backbone(params: Any, source_params: Any, source: str) -> Any:
     if _is_head(name):
       return fresh
     if name not in flat_src:
-      raise ValueError(f"train.init_from={source}: the source run has no parameter {name!r} "
-                       "(a different model family or architecture)")
+      raise ValueError(
+        f"train.init_from={source}: the source run has no parameter {name!r} "
+        "(a different model family or architecture)"
+      )
     src = flat_src[name]
     if src.shape != fresh.shape:
-      raise ValueError(f"train.init_from={source}: parameter {name!r} is "
-                       f"{src.dtype}{list(src.shape)} there but {fresh.dtype}"
-                       f"{list(fresh.shape)} here")
+      raise ValueError(
+        f"train.init_from={source}: parameter {name!r} is "
+        f"{src.dtype}{list(src.shape)} there but {fresh.dtype}"
+        f"{list(fresh.shape)} here"
+      )
     # Another param dtype (fp32 source, pure_bf16 fine-tuning) is cast, as the policy says.
     return jax.device_put(src.astype(fresh.dtype), fresh.sharding)
 
@@ -147,20 +155,25 @@ def check_init_from(config: Config, source_config: Config, source: str) -> None:
   (``n_classes``, ``pool``) and training-only fields (dropout) may differ.
   """
   if source_config.model.family != config.model.family:
-    raise ValueError(f"train.init_from={source}: its model.family="
-                     f"{source_config.model.family!r} differs from "
-                     f"model.family={config.model.family!r}")
+    raise ValueError(
+      f"train.init_from={source}: its model.family="
+      f"{source_config.model.family!r} differs from "
+      f"model.family={config.model.family!r}"
+    )
   free = {"n_classes", "pool", "dropout", "remat", "scan_layers", "attention_impl"}
   a, b = dataclasses.asdict(source_config.model), dataclasses.asdict(config.model)
   diff = [k for k in a if k not in free and a[k] != b[k]]
   if diff:
     k = diff[0]
-    raise ValueError(f"train.init_from={source}: its model.{k}={a[k]!r} differs from "
-                     f"model.{k}={b[k]!r} ({len(diff)} differing field(s))")
+    raise ValueError(
+      f"train.init_from={source}: its model.{k}={a[k]!r} differs from "
+      f"model.{k}={b[k]!r} ({len(diff)} differing field(s))"
+    )
 
 
-def restore_run_params(workdir: str, config: Config, mesh: Any, tokenizer: Any = None
-                       ) -> tuple[Any, int]:
+def restore_run_params(
+  workdir: str, config: Config, mesh: Any, tokenizer: Any = None
+) -> tuple[Any, int]:
   """The parameters of run ``workdir`` (whose config is ``config``), read
   from its newest checkpoint onto ``mesh`` without its optimizer state.
 
@@ -172,6 +185,7 @@ def restore_run_params(workdir: str, config: Config, mesh: Any, tokenizer: Any =
     ValueError: a config the builder rejects.
   """
   recipe = build_recipe(config, tokenizer)
-  abstract = sharding.abstract_train_state(recipe.model, recipe.tx, recipe.precision, config,
-                                           mesh, jax.random.key(config.train.seed))
+  abstract = sharding.abstract_train_state(
+    recipe.model, recipe.tx, recipe.precision, config, mesh, jax.random.key(config.train.seed)
+  )
   return checkpoint.restore_params(f"{workdir}/checkpoints", abstract.params)

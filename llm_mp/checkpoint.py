@@ -46,7 +46,8 @@ def make_manager(directory: str, keep: int = 3) -> ocp.CheckpointManager:
   Create it on every process of a multi-process run (orbax coordinates them).
   """
   options = ocp.CheckpointManagerOptions(
-      preservation_policy=ocp.checkpoint_managers.LatestN(n=keep), create=True)
+    preservation_policy=ocp.checkpoint_managers.LatestN(n=keep), create=True
+  )
   return ocp.CheckpointManager(epath.Path(directory).absolute(), options=options)
 
 
@@ -64,12 +65,16 @@ def _words(x: jax.Array) -> jax.Array:
 def _fingerprint(tree: Any) -> jax.Array:
   # A wrapping uint32 sum of the bits: exact and independent of the sharding
   # (integer addition is associative), and any single changed word changes it.
-  return sum((jnp.sum(_words(x), dtype=jnp.uint32) for x in jax.tree.leaves(tree)),
-             jnp.uint32(0))
+  return sum((jnp.sum(_words(x), dtype=jnp.uint32) for x in jax.tree.leaves(tree)), jnp.uint32(0))
 
 
-def save(manager: ocp.CheckpointManager, step: int, state: Any, data_state: dict[str, Any],
-         force: bool = False) -> bool:
+def save(
+  manager: ocp.CheckpointManager,
+  step: int,
+  state: Any,
+  data_state: dict[str, Any],
+  force: bool = False,
+) -> bool:
   """Starts saving ``state`` and ``data_state`` as checkpoint ``step``.
 
   Args:
@@ -88,8 +93,13 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, data_state: dict
   if step in manager.all_steps():
     manager.delete(step)
   meta = {"data_state": data_state, "fingerprint": int(_fingerprint(state))}
-  return manager.save(step, force=force, args=ocp.args.Composite(**{
-      STATE_ITEM: ocp.args.StandardSave(state), META_ITEM: ocp.args.JsonSave(meta)}))
+  return manager.save(
+    step,
+    force=force,
+    args=ocp.args.Composite(
+      **{STATE_ITEM: ocp.args.StandardSave(state), META_ITEM: ocp.args.JsonSave(meta)}
+    ),
+  )
 
 
 def wait(manager: ocp.CheckpointManager) -> None:
@@ -98,26 +108,35 @@ def wait(manager: ocp.CheckpointManager) -> None:
 
 
 def _restore(manager: ocp.CheckpointManager, step: int, abstract: Any) -> tuple[Any, Any]:
-  out = manager.restore(step, args=ocp.args.Composite(**{
-      STATE_ITEM: ocp.args.StandardRestore(abstract), META_ITEM: ocp.args.JsonRestore()}))
+  out = manager.restore(
+    step,
+    args=ocp.args.Composite(
+      **{STATE_ITEM: ocp.args.StandardRestore(abstract), META_ITEM: ocp.args.JsonRestore()}
+    ),
+  )
   state, meta = out[STATE_ITEM], out[META_ITEM]
   found = int(_fingerprint(state))
   if found != meta["fingerprint"]:
-    raise CheckpointError(f"the restored arrays' fingerprint {found} differs from the "
-                          f"saved {meta['fingerprint']}: some array file is corrupt")
+    raise CheckpointError(
+      f"the restored arrays' fingerprint {found} differs from the "
+      f"saved {meta['fingerprint']}: some array file is corrupt"
+    )
   return state, meta["data_state"]
 
 
 def _warn_unfinished(directory: epath.Path) -> None:
   for path in directory.iterdir():
     if TMP_SUFFIX in path.name:
-      warnings.warn(f"checkpoint step {path.name.split('.')[0]} in {directory} was never "
-                    f"finished ({path.name} left by a crash or kill while saving); ignored",
-                    stacklevel=4)
+      warnings.warn(
+        f"checkpoint step {path.name.split('.')[0]} in {directory} was never "
+        f"finished ({path.name} left by a crash or kill while saving); ignored",
+        stacklevel=4,
+      )
 
 
-def restore_latest(manager_or_dir: ocp.CheckpointManager | str, target: Any
-                   ) -> tuple[Any, Any, int] | None:
+def restore_latest(
+  manager_or_dir: ocp.CheckpointManager | str, target: Any
+) -> tuple[Any, Any, int] | None:
   """Restores the newest readable checkpoint into ``target``'s shapes and shardings.
 
   Args:
@@ -146,8 +165,9 @@ def restore_latest(manager_or_dir: ocp.CheckpointManager | str, target: Any
 
 def _restore_newest(manager: ocp.CheckpointManager, target: Any) -> tuple[Any, Any, int] | None:
   _warn_unfinished(manager.directory)
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                          target)
+  abstract = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), target
+  )
   failures = []
   steps = sorted(manager.all_steps(), reverse=True)
   for i, step in enumerate(steps):
@@ -157,21 +177,36 @@ def _restore_newest(manager: ocp.CheckpointManager, target: Any) -> tuple[Any, A
       reason = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
       failures.append(f"step {step}: {reason}")
       if i + 1 < len(steps):  # the last failure is reported by the error below
-        warnings.warn(f"checkpoint step {step} in {manager.directory} is unreadable ({reason}); "
-                      f"falling back to step {steps[i + 1]}", stacklevel=3)
+        warnings.warn(
+          f"checkpoint step {step} in {manager.directory} is unreadable ({reason}); "
+          f"falling back to step {steps[i + 1]}",
+          stacklevel=3,
+        )
   if failures:
-    raise CheckpointError(f"no readable checkpoint in {manager.directory} ("
-                          + "; ".join(failures) + "); if the run's config or code changed, "
-                          "use the matching version; otherwise move that directory away to "
-                          "restart from step 0")
+    raise CheckpointError(
+      f"no readable checkpoint in {manager.directory} ("
+      + "; ".join(failures)
+      + "); if the run's config or code changed, "
+      "use the matching version; otherwise move that directory away to "
+      "restart from step 0"
+    )
   return None
 
 
 def _restore_params_at(manager: ocp.CheckpointManager, step: int, abstract_params: Any) -> Any:
   item = {"params": abstract_params}
-  out = manager.restore(step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.PyTreeRestore(
-      item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-      partial_restore=True)}))
+  out = manager.restore(
+    step,
+    args=ocp.args.Composite(
+      **{
+        STATE_ITEM: ocp.args.PyTreeRestore(
+          item=item,
+          restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+          partial_restore=True,
+        )
+      }
+    ),
+  )
   return out[STATE_ITEM]["params"]
 
 
@@ -210,10 +245,16 @@ def restore_params(directory: str, abstract_params: Any) -> tuple[Any, int]:
         reason = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
         failures.append(f"step {step}: {reason}")
         if i + 1 < len(steps):  # the last failure is reported by the error below
-          warnings.warn(f"checkpoint step {step} in {path} is unreadable ({reason}); "
-                        f"falling back to step {steps[i + 1]}", stacklevel=2)
+          warnings.warn(
+            f"checkpoint step {step} in {path} is unreadable ({reason}); "
+            f"falling back to step {steps[i + 1]}",
+            stacklevel=2,
+          )
   if failures:
-    raise CheckpointError(f"no readable checkpoint in {path} (" + "; ".join(failures)
-                          + "); if the run's config or code changed, use the matching version; "
-                          "otherwise the run has no usable parameters: train it again")
+    raise CheckpointError(
+      f"no readable checkpoint in {path} ("
+      + "; ".join(failures)
+      + "); if the run's config or code changed, use the matching version; "
+      "otherwise the run has no usable parameters: train it again"
+    )
   raise CheckpointError(f"{directory} has no checkpoint yet: train first")

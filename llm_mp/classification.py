@@ -22,8 +22,9 @@ import scipy.sparse
 _WORD = re.compile(r"\w+|[^\w\s]")  # words, and each punctuation mark on its own
 
 
-def classification_metrics(pred: np.ndarray, labels: np.ndarray, n_classes: int
-                           ) -> dict[str, float]:
+def classification_metrics(
+  pred: np.ndarray, labels: np.ndarray, n_classes: int
+) -> dict[str, float]:
   """Accuracy and macro-F1 of predicted classes; examples labelled -1 are ignored.
 
   Args:
@@ -69,8 +70,9 @@ def _ngrams(texts: Sequence[str], tokenizer) -> list[list]:
   return [list(u) + list(itertools.pairwise(u)) for u in units]
 
 
-def _features(grams: list[list], vocab: dict, idf: np.ndarray | None = None
-              ) -> tuple[scipy.sparse.csr_matrix, np.ndarray]:
+def _features(
+  grams: list[list], vocab: dict, idf: np.ndarray | None = None
+) -> tuple[scipy.sparse.csr_matrix, np.ndarray]:
   """L2-normalised sublinear tf-idf rows ``float64[N, V]`` (CSR), and the idf used.
 
   Grams outside ``vocab`` are ignored; ``idf`` None computes the smoothed idf
@@ -81,8 +83,9 @@ def _features(grams: list[list], vocab: dict, idf: np.ndarray | None = None
     ids = [vocab[x] for x in g if x in vocab]
     rows += [i] * len(ids)
     cols += ids
-  counts = scipy.sparse.csr_matrix((np.ones(len(rows)), (rows, cols)),
-                                   shape=(len(grams), len(vocab)))  # duplicates are summed
+  counts = scipy.sparse.csr_matrix(
+    (np.ones(len(rows)), (rows, cols)), shape=(len(grams), len(vocab))
+  )  # duplicates are summed
   counts.data = 1.0 + np.log(counts.data)  # sublinear tf: a repeated word counts less
   if idf is None:
     df = np.bincount(counts.indices, minlength=len(vocab))
@@ -93,9 +96,16 @@ def _features(grams: list[list], vocab: dict, idf: np.ndarray | None = None
   return x.tocsr(), idf
 
 
-def bow_logistic_regression(train_texts: Sequence[str], train_labels: np.ndarray,
-                            eval_texts: Sequence[str], n_classes: int, *, tokenizer=None,
-                            l2: float = 1e-4, steps: int = 1000) -> np.ndarray:
+def bow_logistic_regression(
+  train_texts: Sequence[str],
+  train_labels: np.ndarray,
+  eval_texts: Sequence[str],
+  n_classes: int,
+  *,
+  tokenizer=None,
+  l2: float = 1e-4,
+  steps: int = 1000,
+) -> np.ndarray:
   """Predicts ``eval_texts``' classes with a bag-of-words logistic regression.
 
   Features: unigrams and bigrams of lower-cased words (``\\w+`` runs and single
@@ -136,7 +146,7 @@ def bow_logistic_regression(train_texts: Sequence[str], train_labels: np.ndarray
   onehot = np.eye(n_classes)[y]  # (N, C)
 
   def loss_and_grad(theta: np.ndarray) -> tuple[float, np.ndarray]:
-    w, b = theta[:v * n_classes].reshape(v, n_classes), theta[v * n_classes:]
+    w, b = theta[: v * n_classes].reshape(v, n_classes), theta[v * n_classes :]
     logits = x_train @ w + b  # (N, C)
     logits -= logits.max(axis=1, keepdims=True)
     log_z = np.log(np.exp(logits).sum(axis=1, keepdims=True))
@@ -146,10 +156,14 @@ def bow_logistic_regression(train_texts: Sequence[str], train_labels: np.ndarray
     grad_w = x_train.T @ d_logits + l2 * w
     return loss, np.concatenate([grad_w.reshape(-1), d_logits.sum(axis=0)])
 
-  result = scipy.optimize.minimize(loss_and_grad, np.zeros(v * n_classes + n_classes),
-                                   jac=True, method="L-BFGS-B",
-                                   options={"maxiter": steps, "gtol": 1e-8, "ftol": 1e-12})
-  w = result.x[:v * n_classes].reshape(v, n_classes)
-  b = result.x[v * n_classes:]
+  result = scipy.optimize.minimize(
+    loss_and_grad,
+    np.zeros(v * n_classes + n_classes),
+    jac=True,
+    method="L-BFGS-B",
+    options={"maxiter": steps, "gtol": 1e-8, "ftol": 1e-12},
+  )
+  w = result.x[: v * n_classes].reshape(v, n_classes)
+  b = result.x[v * n_classes :]
   x_eval, _ = _features(_ngrams(eval_texts, tokenizer), vocab, idf)
   return np.argmax(x_eval @ w + b, axis=1).astype(np.int32)

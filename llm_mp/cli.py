@@ -43,9 +43,12 @@ def parse_mesh(text: str) -> MeshConfig:
 def resolve_config(args: argparse.Namespace) -> Config:
   """Preset (or the workdir's stored config) + --precision/--data/--mesh + overrides."""
   from llm_mp.train import stored_config  # pylint: disable=import-outside-toplevel
-  config = get_preset(args.preset) if args.preset else (stored_config(args.workdir)
-                                                        or _init_from_config(args)
-                                                        or get_preset("tiny"))
+
+  config = (
+    get_preset(args.preset)
+    if args.preset
+    else (stored_config(args.workdir) or _init_from_config(args) or get_preset("tiny"))
+  )
   paths = [p for p in (args.data or []) if not _OVERRIDE.match(p)]
   overrides = [p for p in (args.data or []) if _OVERRIDE.match(p)] + list(args.overrides)
   if args.precision:
@@ -68,16 +71,19 @@ def _init_from_config(args: argparse.Namespace) -> Config | None:
   """A new fine-tuning run without --preset starts from its --init-from run's config
   (an imported checkpoint's architecture), with train.init_from set below."""
   from llm_mp.train import stored_config  # pylint: disable=import-outside-toplevel
+
   return stored_config(args.init_from) if args.init_from else None
 
 
 def _load(workdir: str):
   from llm_mp import inference  # pylint: disable=import-outside-toplevel
+
   return inference.load_run(workdir)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
   from llm_mp.train import train  # pylint: disable=import-outside-toplevel
+
   config = resolve_config(args)
   last = train(config, args.workdir)
   print(json.dumps({k: v for k, v in last.items()}, sort_keys=True))
@@ -86,36 +92,51 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
   from llm_mp.generate import generate_text  # pylint: disable=import-outside-toplevel
+
   loaded = _load(args.workdir)
   n = args.max_new_tokens
   if n is None:  # fill the context: +1 for the bos token generate_text prepends
     prompt_len = len(loaded.tokenizer.encode(args.prompt)) + 1
     n = min(200, loaded.config.model.max_len - prompt_len)
     if n < 1:
-      raise ValueError(f"the prompt is {prompt_len} tokens (with bos), which leaves no room in "
-                       f"the model's context of model.max_len={loaded.config.model.max_len}; "
-                       "shorten it")
-  text = generate_text(loaded.config.model, loaded.precision, loaded.params, loaded.tokenizer,
-                       args.prompt, max_new_tokens=n, seed=args.seed,
-                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+      raise ValueError(
+        f"the prompt is {prompt_len} tokens (with bos), which leaves no room in "
+        f"the model's context of model.max_len={loaded.config.model.max_len}; "
+        "shorten it"
+      )
+  text = generate_text(
+    loaded.config.model,
+    loaded.precision,
+    loaded.params,
+    loaded.tokenizer,
+    args.prompt,
+    max_new_tokens=n,
+    seed=args.seed,
+    temperature=args.temperature,
+    top_k=args.top_k,
+    top_p=args.top_p,
+  )
   print(args.prompt + text)
   return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
   from llm_mp import inference  # pylint: disable=import-outside-toplevel
+
   print(json.dumps(inference.evaluate_run(args.workdir, args.data or None), sort_keys=True))
   return 0
 
 
 def cmd_config(args: argparse.Namespace) -> int:
   from llm_mp.config import describe  # pylint: disable=import-outside-toplevel
+
   print(describe(get_preset(args.preset) if args.preset else Config()))
   return 0
 
 
 def cmd_import_hf(args: argparse.Namespace) -> int:
   from llm_mp import hf  # pylint: disable=import-outside-toplevel
+
   config, params, tokenizer = hf.import_hf(args.src, vocab_multiple=args.vocab_multiple)
   hf.write_run(args.workdir, config, params, tokenizer)
   print(f"{hf.describe(config)}; wrote {args.workdir} (checkpoint at step 0)")
@@ -124,6 +145,7 @@ def cmd_import_hf(args: argparse.Namespace) -> int:
 
 def cmd_export_hf(args: argparse.Namespace) -> int:
   from llm_mp import hf  # pylint: disable=import-outside-toplevel
+
   hf.export_hf(args.workdir, args.out)
   print(f"wrote {args.out}")
   return 0
@@ -131,10 +153,15 @@ def cmd_export_hf(args: argparse.Namespace) -> int:
 
 def cmd_diagnose(args: argparse.Namespace) -> int:
   from llm_mp import numerics  # pylint: disable=import-outside-toplevel
+
   policies = tuple(p.strip() for p in args.policies.split(",") if p.strip())
-  report = numerics.diagnose_run(args.workdir, loss_scale=args.loss_scale,
-                                 batch_size=args.batch_size, precision=args.precision,
-                                 policies=policies)
+  report = numerics.diagnose_run(
+    args.workdir,
+    loss_scale=args.loss_scale,
+    batch_size=args.batch_size,
+    precision=args.precision,
+    policies=policies,
+  )
   written = numerics.write_report(report, args.out or args.workdir)
   if written["note"]:
     print(f"llm-mp diagnose: {written['note']}; wrote only {written['json']}", file=sys.stderr)
@@ -144,42 +171,67 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
   from llm_mp import benchmark  # pylint: disable=import-outside-toplevel
+
   return benchmark.main(args.bench_args)
 
 
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
-      prog="llm-mp", description="Train, sample and evaluate Transformer LMs in mixed precision.")
+    prog="llm-mp", description="Train, sample and evaluate Transformer LMs in mixed precision."
+  )
   sub = parser.add_subparsers(dest="command", required=True)
 
-  p = sub.add_parser("train", help="train (or resume) a run in --workdir",
-                     description="Train a model; re-running on the same --workdir resumes.",
-                     epilog="`llm-mp config [--preset NAME]` lists every config field with its "
-                            "type, value and meaning.")
+  p = sub.add_parser(
+    "train",
+    help="train (or resume) a run in --workdir",
+    description="Train a model; re-running on the same --workdir resumes.",
+    epilog="`llm-mp config [--preset NAME]` lists every config field with its "
+    "type, value and meaning.",
+  )
   p.add_argument("--workdir", required=True, help="run directory (config, checkpoints, metrics)")
-  p.add_argument("--preset", metavar="NAME",
-                 help=f"named config: {', '.join(sorted(PRESETS))} (default: the workdir's, "
-                      "else tiny)")
+  p.add_argument(
+    "--preset",
+    metavar="NAME",
+    help=f"named config: {', '.join(sorted(PRESETS))} (default: the workdir's, else tiny)",
+  )
   p.add_argument("--precision", help="fp32, bf16, fp16, pure_bf16, or a policy 'p=f32,c=bf16'")
-  p.add_argument("--data", nargs="+", metavar="PATH",
-                 help="text files or directories (.txt/.jsonl); default: the embedded corpus")
+  p.add_argument(
+    "--data",
+    nargs="+",
+    metavar="PATH",
+    help="text files or directories (.txt/.jsonl); default: the embedded corpus",
+  )
   p.add_argument("--mesh", help="device mesh, e.g. data=2,fsdp=2,tensor=2")
   p.add_argument("--steps", type=int, help="shorthand for train.steps=N")
-  p.add_argument("--task", choices=("lm", "mlm", "classify"),
-                 help="training objective (default: lm for decoders, mlm for encoders); "
-                      "classify reads labelled .tsv/.csv/.jsonl (data.text_field, "
-                      "data.label_field, data.val_paths)")
-  p.add_argument("--init-from", metavar="RUN",
-                 help="fine-tune: start from RUN's latest parameters (backbone) and tokenizer")
-  p.add_argument("overrides", nargs="*", metavar="section.field=value",
-                 help="config overrides, e.g. model.n_layers=6 optim.lr=3e-4")
+  p.add_argument(
+    "--task",
+    choices=("lm", "mlm", "classify"),
+    help="training objective (default: lm for decoders, mlm for encoders); "
+    "classify reads labelled .tsv/.csv/.jsonl (data.text_field, "
+    "data.label_field, data.val_paths)",
+  )
+  p.add_argument(
+    "--init-from",
+    metavar="RUN",
+    help="fine-tune: start from RUN's latest parameters (backbone) and tokenizer",
+  )
+  p.add_argument(
+    "overrides",
+    nargs="*",
+    metavar="section.field=value",
+    help="config overrides, e.g. model.n_layers=6 optim.lr=3e-4",
+  )
   p.set_defaults(fn=cmd_train)
 
   p = sub.add_parser("generate", help="continue a prompt with a trained run")
   p.add_argument("--workdir", required=True)
   p.add_argument("--prompt", required=True)
-  p.add_argument("--max-new-tokens", type=int, default=None,
-                 help="tokens to add (default: up to the model's context, at most 200)")
+  p.add_argument(
+    "--max-new-tokens",
+    type=int,
+    default=None,
+    help="tokens to add (default: up to the model's context, at most 200)",
+  )
   p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
   p.add_argument("--top-k", type=int, default=None)
   p.add_argument("--top-p", type=float, default=None)
@@ -188,24 +240,38 @@ def build_parser() -> argparse.ArgumentParser:
 
   p = sub.add_parser("eval", help="validation loss and perplexity of a trained run, as JSON")
   p.add_argument("--workdir", required=True)
-  p.add_argument("--data", nargs="+", metavar="PATH",
-                 help="evaluate on these files instead of the run's validation split")
+  p.add_argument(
+    "--data",
+    nargs="+",
+    metavar="PATH",
+    help="evaluate on these files instead of the run's validation split",
+  )
   p.set_defaults(fn=cmd_eval)
 
   p = sub.add_parser("config", help="list every config field: type, value, meaning (Markdown)")
-  p.add_argument("--preset", metavar="NAME",
-                 help=f"show this preset's values: {', '.join(sorted(PRESETS))} (default: the "
-                      "field defaults)")
+  p.add_argument(
+    "--preset",
+    metavar="NAME",
+    help=f"show this preset's values: {', '.join(sorted(PRESETS))} (default: the field defaults)",
+  )
   p.set_defaults(fn=cmd_config)
 
-  p = sub.add_parser("import-hf", help="a Hugging Face GPT-2/LLaMA-family checkpoint -> a run",
-                     description="Write a run directory (config, tokenizer, step-0 checkpoint) "
-                                 "from a Hugging Face checkpoint directory (or hub name).")
+  p = sub.add_parser(
+    "import-hf",
+    help="a Hugging Face GPT-2/LLaMA-family checkpoint -> a run",
+    description="Write a run directory (config, tokenizer, step-0 checkpoint) "
+    "from a Hugging Face checkpoint directory (or hub name).",
+  )
   p.add_argument("src", help="directory with config.json, *.safetensors, tokenizer.json")
   p.add_argument("--workdir", required=True, help="new run directory to write")
-  p.add_argument("--vocab-multiple", type=int, default=1, metavar="N",
-                 help="pad the vocabulary to a multiple of N (e.g. 128); padded logits are "
-                      "masked, so loss and sampling are unchanged")
+  p.add_argument(
+    "--vocab-multiple",
+    type=int,
+    default=1,
+    metavar="N",
+    help="pad the vocabulary to a multiple of N (e.g. 128); padded logits are "
+    "masked, so loss and sampling are unchanged",
+  )
   p.set_defaults(fn=cmd_import_hf)
 
   p = sub.add_parser("export-hf", help="a run's latest checkpoint -> a Hugging Face directory")
@@ -213,22 +279,36 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("out", help="new directory for config.json, model.safetensors, tokenizer.json")
   p.set_defaults(fn=cmd_export_hf)
 
-  p = sub.add_parser("diagnose", help="numerics of a trained run: exponent histograms, "
-                     "fp16/bf16/fp8 under/overflow, policy errors vs float64 (PNG + JSON)")
+  p = sub.add_parser(
+    "diagnose",
+    help="numerics of a trained run: exponent histograms, "
+    "fp16/bf16/fp8 under/overflow, policy errors vs float64 (PNG + JSON)",
+  )
   p.add_argument("--workdir", required=True)
   p.add_argument("--out", metavar="DIR", help="where diagnose.json/.png go (default: --workdir)")
-  p.add_argument("--loss-scale", type=float, default=None,
-                 help="scale of the loss before differentiation (default: the run's last "
-                      "logged loss scale, else 1)")
-  p.add_argument("--precision", default="fp32",
-                 help="policy the histograms are measured under (default fp32: true values)")
-  p.add_argument("--policies", default="fp32,bf16,fp16,pure_bf16",
-                 help="comma-separated policies compared with float64 ('' to skip)")
+  p.add_argument(
+    "--loss-scale",
+    type=float,
+    default=None,
+    help="scale of the loss before differentiation (default: the run's last "
+    "logged loss scale, else 1)",
+  )
+  p.add_argument(
+    "--precision",
+    default="fp32",
+    help="policy the histograms are measured under (default fp32: true values)",
+  )
+  p.add_argument(
+    "--policies",
+    default="fp32,bf16,fp16,pure_bf16",
+    help="comma-separated policies compared with float64 ('' to skip)",
+  )
   p.add_argument("--batch-size", type=int, default=4, help="validation rows used")
   p.set_defaults(fn=cmd_diagnose)
 
-  p = sub.add_parser("bench", help="time the train step; prints JSON (llm-mp bench --help)",
-                     add_help=False)
+  p = sub.add_parser(
+    "bench", help="time the train step; prints JSON (llm-mp bench --help)", add_help=False
+  )
   p.add_argument("bench_args", nargs=argparse.REMAINDER)
   p.set_defaults(fn=cmd_bench)
   return parser
@@ -239,11 +319,13 @@ def main(argv: Sequence[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else list(argv)
   if argv[:1] == ["bench"]:  # its own parser: argparse's REMAINDER would reject its options
     from llm_mp import benchmark  # pylint: disable=import-outside-toplevel
+
     return benchmark.main(argv[1:])
   args = build_parser().parse_args(argv)
   # orbax logs routine notes (opening checkpoints read-only) as absl warnings and the
   # files it cannot parse as absl errors; llm_mp reports unreadable checkpoints itself.
   from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
+
   absl_logging.set_verbosity(absl_logging.FATAL)
   warnings.formatwarning = lambda message, *_a, **_k: f"llm-mp {args.command}: warning: {message}\n"
   try:

@@ -34,8 +34,12 @@ FAMILIES = ("decoder", "encoder", "encoder_decoder")  # llm_mp.models.FAMILIES b
 # llm_mp.tasks.TASKS; auto = the family's default
 TASKS = ("auto", "lm", "mlm", "classify", "seq2seq")
 # The families each task can train (checked when a Config is built).
-TASK_FAMILIES = {"lm": ("decoder",), "mlm": ("encoder",), "classify": ("encoder",),
-                 "seq2seq": ("encoder_decoder",)}
+TASK_FAMILIES = {
+  "lm": ("decoder",),
+  "mlm": ("encoder",),
+  "classify": ("encoder",),
+  "seq2seq": ("encoder_decoder",),
+}
 POOLS = ("first", "mean")
 
 
@@ -136,18 +140,20 @@ class ModelConfig:
     _check_positive(s, "rope_factor", self.rope_factor)
     _check_positive(s, "rope_original_max_len", self.rope_original_max_len)
     if self.rope_scaling == "llama3" and self.rope_high_freq_factor <= self.rope_low_freq_factor:
-      raise ValueError(f"model.rope_high_freq_factor={self.rope_high_freq_factor} must exceed "
-                       f"model.rope_low_freq_factor={self.rope_low_freq_factor}")
+      raise ValueError(
+        f"model.rope_high_freq_factor={self.rope_high_freq_factor} must exceed "
+        f"model.rope_low_freq_factor={self.rope_low_freq_factor}"
+      )
     if self.d_head is not None:
       _check_positive(s, "d_head", self.d_head)
     elif self.d_model % self.n_heads:
-      raise ValueError(
-          f"model.n_heads={self.n_heads} does not divide model.d_model={self.d_model}")
+      raise ValueError(f"model.n_heads={self.n_heads} does not divide model.d_model={self.d_model}")
     if self.n_kv_heads is not None:
       _check_positive(s, "n_kv_heads", self.n_kv_heads)
       if self.n_heads % self.n_kv_heads:
         raise ValueError(
-            f"model.n_kv_heads={self.n_kv_heads} does not divide model.n_heads={self.n_heads}")
+          f"model.n_kv_heads={self.n_kv_heads} does not divide model.n_heads={self.n_heads}"
+        )
     if self.d_ff is not None:
       _check_positive(s, "d_ff", self.d_ff)
     if not 0.0 <= self.dropout < 1.0:
@@ -157,7 +163,8 @@ class ModelConfig:
     _check_positive(s, "n_experts", self.n_experts, allow_zero=True)
     if self.n_experts and not 0 < self.expert_top_k <= self.n_experts:
       raise ValueError(
-          f"model.expert_top_k={self.expert_top_k} must be in [1, n_experts={self.n_experts}]")
+        f"model.expert_top_k={self.expert_top_k} must be in [1, n_experts={self.n_experts}]"
+      )
 
   @property
   def head_dim(self) -> int:
@@ -196,15 +203,22 @@ class ModelConfig:
   @classmethod
   def gpt2(cls, **kw) -> ModelConfig:
     """GPT-2: LayerNorm with bias, learned positions, GELU MLP, tied embeddings."""
-    base = dict(norm="layernorm", position="learned", mlp="gelu", use_bias=True,
-                tie_embeddings=True)
+    base = dict(
+      norm="layernorm", position="learned", mlp="gelu", use_bias=True, tie_embeddings=True
+    )
     return cls(**{**base, **kw})
 
   @classmethod
   def llama(cls, **kw) -> ModelConfig:
     """LLaMA: RMSNorm, rotary positions, SwiGLU MLP, no biases, untied head."""
-    base = dict(norm="rmsnorm", position="rope", mlp="swiglu", use_bias=False,
-                tie_embeddings=False, norm_eps=1e-6)
+    base = dict(
+      norm="rmsnorm",
+      position="rope",
+      mlp="swiglu",
+      use_bias=False,
+      tie_embeddings=False,
+      norm_eps=1e-6,
+    )
     return cls(**{**base, **kw})
 
 
@@ -291,8 +305,9 @@ def _as_rule(entry: Any) -> tuple[str, str | tuple[str, ...] | None]:
   names = (axes,) if isinstance(axes, str) else axes or ()
   unknown = [a for a in names if a not in MESH_AXES]
   if unknown:
-    raise ValueError(f"mesh.rules entry {entry!r} names unknown mesh axes {unknown}; "
-                     f"known: {list(MESH_AXES)}")
+    raise ValueError(
+      f"mesh.rules entry {entry!r} names unknown mesh axes {unknown}; known: {list(MESH_AXES)}"
+    )
   return logical, axes
 
 
@@ -316,8 +331,10 @@ class MeshConfig:
   def __post_init__(self):
     sizes = (self.data, self.fsdp, self.tensor)
     if sum(1 for x in sizes if x == -1) > 1:
-      raise ValueError(f"mesh: at most one axis may be -1, got data={self.data}, "
-                       f"fsdp={self.fsdp}, tensor={self.tensor}")
+      raise ValueError(
+        f"mesh: at most one axis may be -1, got data={self.data}, "
+        f"fsdp={self.fsdp}, tensor={self.tensor}"
+      )
     for name, x in zip(MESH_AXES, sizes):
       if x != -1 and x < 1:
         raise ValueError(f"mesh.{name}={x} must be >= 1 or -1")
@@ -360,8 +377,16 @@ class TrainConfig:
 
   def __post_init__(self):
     s = "train"
-    for f in ("steps", "batch_size", "log_every", "eval_every", "ckpt_every",
-              "keep_checkpoints", "eval_batches", "loss_scale_period"):
+    for f in (
+      "steps",
+      "batch_size",
+      "log_every",
+      "eval_every",
+      "ckpt_every",
+      "keep_checkpoints",
+      "eval_batches",
+      "loss_scale_period",
+    ):
       _check_positive(s, f, getattr(self, f))
     _check_choice(s, "loss_scale", self.loss_scale, ("auto", "none", "static", "dynamic"))
     _check_choice(s, "task", self.task, TASKS)
@@ -386,14 +411,19 @@ class Config:
   def __post_init__(self):
     if self.data.seq_len > self.model.max_len:
       raise ValueError(
-          f"data.seq_len={self.data.seq_len} is longer than model.max_len={self.model.max_len}")
+        f"data.seq_len={self.data.seq_len} is longer than model.max_len={self.model.max_len}"
+      )
     task, family = self.train.task, self.model.family
     if task != "auto" and family not in TASK_FAMILIES[task]:
-      raise ValueError(f"train.task={task!r} needs model.family in {list(TASK_FAMILIES[task])}, "
-                       f"got model.family={family!r}")
+      raise ValueError(
+        f"train.task={task!r} needs model.family in {list(TASK_FAMILIES[task])}, "
+        f"got model.family={family!r}"
+      )
     if self.train.batch_size % self.optim.grad_accum_steps:
-      raise ValueError(f"optim.grad_accum_steps={self.optim.grad_accum_steps} does not divide "
-                       f"train.batch_size={self.train.batch_size}")
+      raise ValueError(
+        f"optim.grad_accum_steps={self.optim.grad_accum_steps} does not divide "
+        f"train.batch_size={self.train.batch_size}"
+      )
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -421,8 +451,9 @@ class Config:
           raise ValueError(f"config section {f.name!r} must be an object, got {values!r}")
         _check_keys(f.name, section_cls, values)
         hints = typing.get_type_hints(section_cls)
-        kwargs[f.name] = section_cls(**{k: _check_type(f"{f.name}.{k}", hints[k], v)
-                                        for k, v in values.items()})
+        kwargs[f.name] = section_cls(
+          **{k: _check_type(f"{f.name}.{k}", hints[k], v) for k, v in values.items()}
+        )
     return cls(**kwargs)
 
 
@@ -430,8 +461,9 @@ def _check_keys(section: str, section_cls: type, values: Mapping[str, Any]) -> N
   known = {f.name for f in dataclasses.fields(section_cls)}
   unknown = set(values) - known
   if unknown:
-    raise ValueError(f"unknown key(s) {sorted(f'{section}.{k}' for k in unknown)}; "
-                     f"known: {sorted(known)}")
+    raise ValueError(
+      f"unknown key(s) {sorted(f'{section}.{k}' for k in unknown)}; known: {sorted(known)}"
+    )
 
 
 def _type_name(tp: Any) -> str:
@@ -523,8 +555,11 @@ def _parse_value(key: str, tp: Any, text: str) -> Any:
       raise bad from None
   if base is str:
     return text
-  if typing.get_origin(base) is tuple and typing.get_args(base)[0] is str \
-      and not text.lstrip().startswith(("(", "[")):  # a literal: ('a.txt', 'b,c.txt')
+  if (
+    typing.get_origin(base) is tuple
+    and typing.get_args(base)[0] is str
+    and not text.lstrip().startswith(("(", "["))
+  ):  # a literal: ('a.txt', 'b,c.txt')
     return tuple(p.strip() for p in text.split(",") if p.strip())
   try:  # mesh.rules: (('mlp', 'tensor'),)
     value = ast.literal_eval(text)
@@ -548,8 +583,9 @@ def apply_overrides(config: Config, overrides: Sequence[str]) -> Config:
       raise ValueError(f"override key {key!r} is not of the form section.field")
     section, field = key.split(".", 1)
     if section not in d:
-      raise ValueError(f"unknown config section {section!r} in override {item!r}; "
-                       f"known: {sorted(d)}")
+      raise ValueError(
+        f"unknown config section {section!r} in override {item!r}; known: {sorted(d)}"
+      )
     if field not in d[section]:
       raise ValueError(f"unknown key {key!r}; known: {sorted(d[section])}")
     section_cls = type(getattr(config, section))
@@ -562,53 +598,67 @@ def _tiny() -> Config:
   # unigram plateau in ~100 steps on the default corpus, where learned positions
   # (gpt2_tiny) take ~400 (measured 2026-11-23: loss 1.89 vs 2.53 at step 300).
   return Config(
-      model=ModelConfig.llama(vocab_size=259, vocab_multiple=64, d_model=128, n_layers=4,
-                              n_heads=4, n_kv_heads=2, max_len=128),
-      optim=OptimConfig(lr=2e-3, warmup_steps=50),
-      data=DataConfig(seq_len=128),
-      train=TrainConfig(steps=600, batch_size=16, log_every=20, eval_every=200, ckpt_every=200),
+    model=ModelConfig.llama(
+      vocab_size=259,
+      vocab_multiple=64,
+      d_model=128,
+      n_layers=4,
+      n_heads=4,
+      n_kv_heads=2,
+      max_len=128,
+    ),
+    optim=OptimConfig(lr=2e-3, warmup_steps=50),
+    data=DataConfig(seq_len=128),
+    train=TrainConfig(steps=600, batch_size=16, log_every=20, eval_every=200, ckpt_every=200),
   )
 
 
 def _gpt2_tiny() -> Config:
   c = _tiny()
   return dataclasses.replace(
-      c, model=ModelConfig.gpt2(vocab_size=259, vocab_multiple=64, d_model=128, n_layers=4,
-                                n_heads=4, max_len=128))
+    c,
+    model=ModelConfig.gpt2(
+      vocab_size=259, vocab_multiple=64, d_model=128, n_layers=4, n_heads=4, max_len=128
+    ),
+  )
 
 
 def _gpt2_124m() -> Config:
   return Config(
-      model=ModelConfig.gpt2(vocab_size=50304, d_model=768, n_layers=12, n_heads=12,
-                             max_len=1024),
-      optim=OptimConfig(lr=6e-4, warmup_steps=700),
-      data=DataConfig(tokenizer="bpe", bpe_vocab_size=50304, seq_len=1024),
-      train=TrainConfig(steps=20_000, batch_size=16, precision="bf16", eval_every=1000,
-                        ckpt_every=1000),
+    model=ModelConfig.gpt2(vocab_size=50304, d_model=768, n_layers=12, n_heads=12, max_len=1024),
+    optim=OptimConfig(lr=6e-4, warmup_steps=700),
+    data=DataConfig(tokenizer="bpe", bpe_vocab_size=50304, seq_len=1024),
+    train=TrainConfig(
+      steps=20_000, batch_size=16, precision="bf16", eval_every=1000, ckpt_every=1000
+    ),
   )
 
 
 def _gpt2_350m() -> Config:
   c = _gpt2_124m()
   return dataclasses.replace(
-      c, model=dataclasses.replace(c.model, d_model=1024, n_layers=24, n_heads=16))
+    c, model=dataclasses.replace(c.model, d_model=1024, n_layers=24, n_heads=16)
+  )
 
 
 def _llama_1b() -> Config:
   c = _gpt2_124m()
   return dataclasses.replace(
-      c, model=ModelConfig.llama(vocab_size=50304, d_model=2048, n_layers=16, n_heads=16,
-                                 n_kv_heads=8, d_ff=5632, max_len=1024))
+    c,
+    model=ModelConfig.llama(
+      vocab_size=50304, d_model=2048, n_layers=16, n_heads=16, n_kv_heads=8, d_ff=5632, max_len=1024
+    ),
+  )
 
 
 def _nanogpt_cpu() -> Config:
   # nanoGPT's small CPU configuration, the CPU speed reference in shared/bench, with
   # the default byte tokenizer's vocabulary (nanoGPT's 65 characters need its own).
   return Config(
-      model=ModelConfig.gpt2(vocab_size=259, d_model=128, n_layers=4, n_heads=4, max_len=64),
-      optim=OptimConfig(lr=6e-4, warmup_steps=0, schedule="constant", clip_norm=None),
-      data=DataConfig(seq_len=64),
-      train=TrainConfig(steps=2000, batch_size=12),
+    model=ModelConfig.gpt2(vocab_size=259, d_model=128, n_layers=4, n_heads=4, max_len=64),
+    optim=OptimConfig(lr=6e-4, warmup_steps=0, schedule="constant", clip_norm=None),
+    data=DataConfig(seq_len=64),
+    train=TrainConfig(steps=2000, batch_size=12),
   )
 
 
@@ -618,12 +668,21 @@ def _encoder_tiny() -> Config:
   # 300 fp32 MLM steps reach eval loss 2.33 / accuracy 38% on selected tokens with RoPE,
   # 2.97 / 22% with learned positions (unigram entropy 3.31) (measured 2026-11-27, seed 0).
   return Config(
-      model=ModelConfig.gpt2(family="encoder", vocab_size=259, d_model=128, n_layers=4,
-                             n_heads=4, max_len=128, dropout=0.1, position="rope"),
-      optim=OptimConfig(lr=1e-3, warmup_steps=50, weight_decay=0.01),
-      data=DataConfig(seq_len=128),
-      train=TrainConfig(task="mlm", steps=600, batch_size=16, log_every=20, eval_every=200,
-                        ckpt_every=200),
+    model=ModelConfig.gpt2(
+      family="encoder",
+      vocab_size=259,
+      d_model=128,
+      n_layers=4,
+      n_heads=4,
+      max_len=128,
+      dropout=0.1,
+      position="rope",
+    ),
+    optim=OptimConfig(lr=1e-3, warmup_steps=50, weight_decay=0.01),
+    data=DataConfig(seq_len=128),
+    train=TrainConfig(
+      task="mlm", steps=600, batch_size=16, log_every=20, eval_every=200, ckpt_every=200
+    ),
   )
 
 
@@ -634,13 +693,35 @@ def _bert_base() -> Config:
   # (90% of its steps); data.seq_len=512 is the second. norm_eps 1e-12 is BERT's; it
   # relies on norm statistics staying fp32 (the *norm* override): it is 0 in fp16.
   return Config(
-      model=ModelConfig.gpt2(family="encoder", vocab_size=30522, d_model=768, n_layers=12,
-                             n_heads=12, d_ff=3072, max_len=512, dropout=0.1, norm_eps=1e-12),
-      optim=OptimConfig(lr=1e-4, warmup_steps=10_000, schedule="linear", end_lr_ratio=0.0,
-                        b2=0.999, eps=1e-6, weight_decay=0.01),
-      data=DataConfig(tokenizer="bpe", bpe_vocab_size=30522, seq_len=128),
-      train=TrainConfig(task="mlm", steps=1_000_000, batch_size=256, precision="bf16",
-                        eval_every=10_000, ckpt_every=10_000),
+    model=ModelConfig.gpt2(
+      family="encoder",
+      vocab_size=30522,
+      d_model=768,
+      n_layers=12,
+      n_heads=12,
+      d_ff=3072,
+      max_len=512,
+      dropout=0.1,
+      norm_eps=1e-12,
+    ),
+    optim=OptimConfig(
+      lr=1e-4,
+      warmup_steps=10_000,
+      schedule="linear",
+      end_lr_ratio=0.0,
+      b2=0.999,
+      eps=1e-6,
+      weight_decay=0.01,
+    ),
+    data=DataConfig(tokenizer="bpe", bpe_vocab_size=30522, seq_len=128),
+    train=TrainConfig(
+      task="mlm",
+      steps=1_000_000,
+      batch_size=256,
+      precision="bf16",
+      eval_every=10_000,
+      ckpt_every=10_000,
+    ),
   )
 
 
@@ -649,13 +730,22 @@ def _seq2seq_tiny() -> Config:
   # bias (no position table: source and target lengths are free up to max_len), shared
   # source/target embedding tied to the output head.
   return Config(
-      model=ModelConfig.gpt2(family="encoder_decoder", vocab_size=259, d_model=128, n_layers=2,
-                             n_decoder_layers=2, n_heads=4, max_len=128, position="relative",
-                             dropout=0.1),
-      optim=OptimConfig(lr=1e-3, warmup_steps=50, weight_decay=0.01),
-      data=DataConfig(seq_len=128),
-      train=TrainConfig(task="seq2seq", steps=600, batch_size=16, log_every=20, eval_every=200,
-                        ckpt_every=200),
+    model=ModelConfig.gpt2(
+      family="encoder_decoder",
+      vocab_size=259,
+      d_model=128,
+      n_layers=2,
+      n_decoder_layers=2,
+      n_heads=4,
+      max_len=128,
+      position="relative",
+      dropout=0.1,
+    ),
+    optim=OptimConfig(lr=1e-3, warmup_steps=50, weight_decay=0.01),
+    data=DataConfig(seq_len=128),
+    train=TrainConfig(
+      task="seq2seq", steps=600, batch_size=16, log_every=20, eval_every=200, ckpt_every=200
+    ),
   )
 
 
@@ -666,15 +756,33 @@ def _transformer_base() -> Config:
   # steps. Unlike the paper (post-norm) the blocks are pre-norm, as everywhere in llm_mp,
   # and the schedule is llm_mp's warm-up + cosine rather than inverse square root.
   return Config(
-      model=ModelConfig(family="encoder_decoder", vocab_size=37000, d_model=512, n_layers=6,
-                        n_decoder_layers=6, n_heads=8, d_ff=2048, max_len=256, dropout=0.1,
-                        norm="layernorm", position="sinusoidal", mlp="relu", use_bias=True,
-                        tie_embeddings=True, share_embeddings=True),
-      optim=OptimConfig(lr=7e-4, warmup_steps=4000, b1=0.9, b2=0.98, eps=1e-9,
-                        weight_decay=0.0),
-      data=DataConfig(tokenizer="bpe", bpe_vocab_size=37000, seq_len=256),
-      train=TrainConfig(task="seq2seq", steps=100_000, batch_size=128, precision="bf16",
-                        eval_every=1000, ckpt_every=1000),
+    model=ModelConfig(
+      family="encoder_decoder",
+      vocab_size=37000,
+      d_model=512,
+      n_layers=6,
+      n_decoder_layers=6,
+      n_heads=8,
+      d_ff=2048,
+      max_len=256,
+      dropout=0.1,
+      norm="layernorm",
+      position="sinusoidal",
+      mlp="relu",
+      use_bias=True,
+      tie_embeddings=True,
+      share_embeddings=True,
+    ),
+    optim=OptimConfig(lr=7e-4, warmup_steps=4000, b1=0.9, b2=0.98, eps=1e-9, weight_decay=0.0),
+    data=DataConfig(tokenizer="bpe", bpe_vocab_size=37000, seq_len=256),
+    train=TrainConfig(
+      task="seq2seq",
+      steps=100_000,
+      batch_size=128,
+      precision="bf16",
+      eval_every=1000,
+      ckpt_every=1000,
+    ),
   )
 
 
@@ -685,30 +793,51 @@ def _t5_small() -> Config:
   # dropout 0.1. T5 folds 1/sqrt(head_dim) into its init; here attention scales
   # as everywhere else in llm_mp, and the head is not rescaled by d^-0.5.
   return Config(
-      model=ModelConfig(family="encoder_decoder", vocab_size=32128, d_model=512, n_layers=6,
-                        n_decoder_layers=6, n_heads=8, d_ff=2048, max_len=512, dropout=0.1,
-                        norm="rmsnorm", norm_eps=1e-6, position="relative", relative_buckets=32,
-                        relative_max_distance=128, mlp="relu", use_bias=False,
-                        tie_embeddings=True, share_embeddings=True),
-      optim=OptimConfig(lr=1e-3, warmup_steps=1000, weight_decay=0.0),
-      data=DataConfig(tokenizer="bpe", bpe_vocab_size=32128, seq_len=512),
-      train=TrainConfig(task="seq2seq", steps=100_000, batch_size=128, precision="bf16",
-                        eval_every=1000, ckpt_every=1000),
+    model=ModelConfig(
+      family="encoder_decoder",
+      vocab_size=32128,
+      d_model=512,
+      n_layers=6,
+      n_decoder_layers=6,
+      n_heads=8,
+      d_ff=2048,
+      max_len=512,
+      dropout=0.1,
+      norm="rmsnorm",
+      norm_eps=1e-6,
+      position="relative",
+      relative_buckets=32,
+      relative_max_distance=128,
+      mlp="relu",
+      use_bias=False,
+      tie_embeddings=True,
+      share_embeddings=True,
+    ),
+    optim=OptimConfig(lr=1e-3, warmup_steps=1000, weight_decay=0.0),
+    data=DataConfig(tokenizer="bpe", bpe_vocab_size=32128, seq_len=512),
+    train=TrainConfig(
+      task="seq2seq",
+      steps=100_000,
+      batch_size=128,
+      precision="bf16",
+      eval_every=1000,
+      ckpt_every=1000,
+    ),
   )
 
 
 PRESETS = {
-    "tiny": _tiny,
-    "nanogpt_cpu": _nanogpt_cpu,
-    "gpt2_tiny": _gpt2_tiny,
-    "gpt2_124m": _gpt2_124m,
-    "gpt2_350m": _gpt2_350m,
-    "llama_1b": _llama_1b,
-    "encoder_tiny": _encoder_tiny,
-    "bert_base": _bert_base,
-    "seq2seq_tiny": _seq2seq_tiny,
-    "transformer_base": _transformer_base,
-    "t5_small": _t5_small,
+  "tiny": _tiny,
+  "nanogpt_cpu": _nanogpt_cpu,
+  "gpt2_tiny": _gpt2_tiny,
+  "gpt2_124m": _gpt2_124m,
+  "gpt2_350m": _gpt2_350m,
+  "llama_1b": _llama_1b,
+  "encoder_tiny": _encoder_tiny,
+  "bert_base": _bert_base,
+  "seq2seq_tiny": _seq2seq_tiny,
+  "transformer_base": _transformer_base,
+  "t5_small": _t5_small,
 }
 
 
@@ -740,14 +869,21 @@ def describe(config: Config | None = None) -> str:
   for f in dataclasses.fields(Config):
     section = getattr(config, f.name)
     cls = type(section)
-    lines += [f"## {f.name}", "", (cls.__doc__ or "").strip().splitlines()[0], "",
-              "| field | type | value | meaning |", "|---|---|---|---|"]
+    lines += [
+      f"## {f.name}",
+      "",
+      (cls.__doc__ or "").strip().splitlines()[0],
+      "",
+      "| field | type | value | meaning |",
+      "|---|---|---|---|",
+    ]
     hints, docs = typing.get_type_hints(cls), field_docs(cls)
     for g in dataclasses.fields(cls):
       value = json.dumps(_flat_value(getattr(section, g.name)))
       kind = _type_name(hints[g.name]).replace(" | ", " or ")  # "|" would end the cell
-      lines.append(f"| `{f.name}.{g.name}` | `{kind}` | `{value}` | "
-                   f"{docs.get(g.name, '').replace('|', '/')} |")
+      lines.append(
+        f"| `{f.name}.{g.name}` | `{kind}` | `{value}` | {docs.get(g.name, '').replace('|', '/')} |"
+      )
     lines.append("")
   return "\n".join(lines)
 

@@ -27,8 +27,13 @@ if TYPE_CHECKING:
   from llm_mp.data import Tokenizer
 
 
-def sample_logits(logits: jax.Array, rng: jax.Array, temperature: float = 1.0,
-                  top_k: int | None = None, top_p: float | None = None) -> jax.Array:
+def sample_logits(
+  logits: jax.Array,
+  rng: jax.Array,
+  temperature: float = 1.0,
+  top_k: int | None = None,
+  top_p: float | None = None,
+) -> jax.Array:
   """One token per row from ``softmax(logits / temperature)``, truncated.
 
   The logits are divided by the temperature first; top-k then keeps the ``k``
@@ -83,14 +88,23 @@ def init_cache(model: TransformerLM, batch_size: int) -> Any:
   tokens = jnp.zeros((batch_size, model.config.max_len), jnp.int32)
   positions = jnp.broadcast_to(jnp.arange(model.config.max_len), tokens.shape)
   shapes = jax.eval_shape(
-      lambda: model.init(jax.random.key(0), tokens, positions=positions)["cache"])
+    lambda: model.init(jax.random.key(0), tokens, positions=positions)["cache"]
+  )
   return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
-def generate(model_config: ModelConfig, precision: Precision, params: Any, prompt: jax.Array,
-             max_new_tokens: int, rng: jax.Array, temperature: float = 1.0,
-             top_k: int | None = None, top_p: float | None = None,
-             eos_id: int | None = None) -> jax.Array:
+def generate(
+  model_config: ModelConfig,
+  precision: Precision,
+  params: Any,
+  prompt: jax.Array,
+  max_new_tokens: int,
+  rng: jax.Array,
+  temperature: float = 1.0,
+  top_k: int | None = None,
+  top_p: float | None = None,
+  eos_id: int | None = None,
+) -> jax.Array:
   """Continues ``prompt`` by ``max_new_tokens`` tokens with a KV cache.
 
   Every row has the same prompt length ``P`` (no padding). The prompt fills
@@ -125,17 +139,39 @@ def generate(model_config: ModelConfig, precision: Precision, params: Any, promp
     raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
   total = prompt.shape[1] + max_new_tokens
   if total > model_config.max_len:
-    raise ValueError(f"prompt length {prompt.shape[1]} + max_new_tokens={max_new_tokens} = "
-                     f"{total} is longer than model.max_len={model_config.max_len}")
-  return _generate(params, prompt, rng, config=model_config, precision=precision,
-                   max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                   top_p=top_p, eos_id=eos_id)
+    raise ValueError(
+      f"prompt length {prompt.shape[1]} + max_new_tokens={max_new_tokens} = "
+      f"{total} is longer than model.max_len={model_config.max_len}"
+    )
+  return _generate(
+    params,
+    prompt,
+    rng,
+    config=model_config,
+    precision=precision,
+    max_new_tokens=max_new_tokens,
+    temperature=temperature,
+    top_k=top_k,
+    top_p=top_p,
+    eos_id=eos_id,
+  )
 
 
-@functools.partial(jax.jit, static_argnames=("config", "precision", "max_new_tokens",
-                                             "temperature", "top_k", "top_p", "eos_id"))
-def _generate(params, prompt, rng, *, config, precision, max_new_tokens, temperature, top_k,
-              top_p, eos_id):
+@functools.partial(
+  jax.jit,
+  static_argnames=(
+    "config",
+    "precision",
+    "max_new_tokens",
+    "temperature",
+    "top_k",
+    "top_p",
+    "eos_id",
+  ),
+)
+def _generate(
+  params, prompt, rng, *, config, precision, max_new_tokens, temperature, top_k, top_p, eos_id
+):
   """:func:`generate` after validation; traced once per shapes and settings."""
   model = build_model(config, precision, decode=True)
   b, p = prompt.shape
@@ -143,11 +179,12 @@ def _generate(params, prompt, rng, *, config, precision, max_new_tokens, tempera
 
   def forward(cache, tokens, start):  # tokens (B, L) at positions start.. -> last logits (B, V)
     positions = start + jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-    logits, mutated = model.apply({"params": params, "cache": cache}, tokens,
-                                  positions=positions, mutable=["cache"])
+    logits, mutated = model.apply(
+      {"params": params, "cache": cache}, tokens, positions=positions, mutable=["cache"]
+    )
     # Padded vocabulary columns (model.vocab_multiple) are dropped, not just masked,
     # so the random draws, hence the samples, are those of the unpadded model.
-    return logits[:, -1, :config.vocab_size], mutated["cache"]
+    return logits[:, -1, : config.vocab_size], mutated["cache"]
 
   def emit(i, logits, out, done):  # samples new token i, writes it at P + i
     token = sample(logits, jax.random.fold_in(rng, i))
@@ -175,10 +212,18 @@ def _generate(params, prompt, rng, *, config, precision, max_new_tokens, tempera
   return jax.lax.while_loop(cond, body, (1, token, cache, out, done))[3]
 
 
-def generate_text(model_config: ModelConfig, precision: Precision, params: Any,
-                  tokenizer: Tokenizer, prompt: str, max_new_tokens: int, seed: int = 0,
-                  temperature: float = 1.0, top_k: int | None = None,
-                  top_p: float | None = None) -> str:
+def generate_text(
+  model_config: ModelConfig,
+  precision: Precision,
+  params: Any,
+  tokenizer: Tokenizer,
+  prompt: str,
+  max_new_tokens: int,
+  seed: int = 0,
+  temperature: float = 1.0,
+  top_k: int | None = None,
+  top_p: float | None = None,
+) -> str:
   """The text the model writes after ``prompt`` (the prompt itself excluded).
 
   The prompt is encoded as ``[tokenizer.bos_id] + tokenizer.encode(prompt)``,
@@ -196,10 +241,19 @@ def generate_text(model_config: ModelConfig, precision: Precision, params: Any,
     ValueError: as :func:`generate` (the bos token counts in the prompt length).
   """
   ids = [tokenizer.bos_id] + list(tokenizer.encode(prompt))
-  out = generate(model_config, precision, params, jnp.asarray([ids], jnp.int32), max_new_tokens,
-                 jax.random.key(seed), temperature=temperature, top_k=top_k, top_p=top_p,
-                 eos_id=tokenizer.eos_id)
-  new = [int(t) for t in out[0, len(ids):]]
+  out = generate(
+    model_config,
+    precision,
+    params,
+    jnp.asarray([ids], jnp.int32),
+    max_new_tokens,
+    jax.random.key(seed),
+    temperature=temperature,
+    top_k=top_k,
+    top_p=top_p,
+    eos_id=tokenizer.eos_id,
+  )
+  new = [int(t) for t in out[0, len(ids) :]]
   if tokenizer.eos_id in new:
-    new = new[:new.index(tokenizer.eos_id)]
+    new = new[: new.index(tokenizer.eos_id)]
   return tokenizer.decode(new)

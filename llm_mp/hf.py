@@ -51,11 +51,14 @@ INDEX_FILE = "model.safetensors.index.json"
 LLAMA_ARCHS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 ARCHS = ("GPT2LMHeadModel",) + LLAMA_ARCHS
 # HF activation names -> llm_mp's two-layer MLP (GPT-2) or gated MLP (LLaMA family).
-GPT2_ACTS = {"gelu_new": "gelu", "gelu_pytorch_tanh": "gelu", "gelu": "gelu_exact",
-             "relu": "relu"}
+GPT2_ACTS = {"gelu_new": "gelu", "gelu_pytorch_tanh": "gelu", "gelu": "gelu_exact", "relu": "relu"}
 LLAMA_ACTS = {"silu": "swiglu", "gelu_pytorch_tanh": "geglu"}
-SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
-                      "BF16": ml_dtypes.bfloat16}
+SAFETENSORS_DTYPES = {
+  "F64": np.float64,
+  "F32": np.float32,
+  "F16": np.float16,
+  "BF16": ml_dtypes.bfloat16,
+}
 
 
 class HFError(ValueError):
@@ -88,7 +91,7 @@ def _read_safetensors(path: str) -> dict[str, np.ndarray]:
     raw = f.read()
   try:
     (n,) = struct.unpack("<Q", raw[:8])
-    header = json.loads(raw[8:8 + n])
+    header = json.loads(raw[8 : 8 + n])
   except (struct.error, ValueError) as e:
     raise HFError(f"{path}: not a safetensors file ({e})") from None
   out = {}
@@ -96,10 +99,12 @@ def _read_safetensors(path: str) -> dict[str, np.ndarray]:
     if name == "__metadata__":
       continue
     if info["dtype"] not in SAFETENSORS_DTYPES:
-      raise HFError(f"{path}: tensor {name} has dtype {info['dtype']}, expected one of "
-                    f"{list(SAFETENSORS_DTYPES)}")
+      raise HFError(
+        f"{path}: tensor {name} has dtype {info['dtype']}, expected one of "
+        f"{list(SAFETENSORS_DTYPES)}"
+      )
     start, end = info["data_offsets"]
-    data = raw[8 + n + start:8 + n + end]
+    data = raw[8 + n + start : 8 + n + end]
     out[name] = np.frombuffer(data, SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
   return out
 
@@ -140,13 +145,17 @@ def _rope_fields(hf: dict[str, Any], path: str) -> dict[str, Any]:
   if kind == "default":
     return out
   if kind not in ("linear", "llama3"):
-    raise HFError(f"{path}: field rope_scaling.rope_type={kind!r} is not supported "
-                  "(supported: default, linear, llama3)")
+    raise HFError(
+      f"{path}: field rope_scaling.rope_type={kind!r} is not supported "
+      "(supported: default, linear, llama3)"
+    )
   out.update(rope_scaling=kind, rope_factor=float(scaling["factor"]))
   if kind == "llama3":
-    out.update(rope_low_freq_factor=float(scaling["low_freq_factor"]),
-               rope_high_freq_factor=float(scaling["high_freq_factor"]),
-               rope_original_max_len=int(scaling["original_max_position_embeddings"]))
+    out.update(
+      rope_low_freq_factor=float(scaling["low_freq_factor"]),
+      rope_high_freq_factor=float(scaling["high_freq_factor"]),
+      rope_original_max_len=int(scaling["original_max_position_embeddings"]),
+    )
   return out
 
 
@@ -158,50 +167,84 @@ def _require(hf: dict[str, Any], path: str, field: str, ok: Callable[[Any], bool
 def model_config_from_hf(hf: dict[str, Any], path: str = CONFIG_FILE) -> ModelConfig:
   """The :class:`ModelConfig` of an HF ``config.json`` dict (``path`` names it in errors)."""
   archs = hf.get("architectures") or []
-  arch = archs[0] if archs else {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM",
-                                 "mistral": "MistralForCausalLM",
-                                 "qwen2": "Qwen2ForCausalLM"}.get(hf.get("model_type"))
+  arch = (
+    archs[0]
+    if archs
+    else {
+      "gpt2": "GPT2LMHeadModel",
+      "llama": "LlamaForCausalLM",
+      "mistral": "MistralForCausalLM",
+      "qwen2": "Qwen2ForCausalLM",
+    }.get(hf.get("model_type"))
+  )
   if arch not in ARCHS:
-    raise HFError(f"{path}: field architectures={archs or hf.get('model_type')!r} is not "
-                  f"supported (supported: {', '.join(ARCHS)})")
+    raise HFError(
+      f"{path}: field architectures={archs or hf.get('model_type')!r} is not "
+      f"supported (supported: {', '.join(ARCHS)})"
+    )
   try:
     if arch == "GPT2LMHeadModel":
       act = hf.get("activation_function", "gelu_new")
       if act not in GPT2_ACTS:
-        raise HFError(f"{path}: field activation_function={act!r} is not supported "
-                      f"(supported: {sorted(GPT2_ACTS)})")
+        raise HFError(
+          f"{path}: field activation_function={act!r} is not supported "
+          f"(supported: {sorted(GPT2_ACTS)})"
+        )
       _require(hf, path, "scale_attn_by_inverse_layer_idx", lambda v: not v, "must be false")
       _require(hf, path, "scale_attn_weights", bool, "must be true")
       _require(hf, path, "add_cross_attention", lambda v: not v, "must be false")
       return ModelConfig.gpt2(
-          vocab_size=hf["vocab_size"], d_model=hf["n_embd"], n_layers=hf["n_layer"],
-          n_heads=hf["n_head"], d_ff=hf.get("n_inner") or None, max_len=hf["n_positions"],
-          norm_eps=hf.get("layer_norm_epsilon", 1e-5), mlp=GPT2_ACTS[act],
-          tie_embeddings=hf.get("tie_word_embeddings", True), dropout=0.0)
+        vocab_size=hf["vocab_size"],
+        d_model=hf["n_embd"],
+        n_layers=hf["n_layer"],
+        n_heads=hf["n_head"],
+        d_ff=hf.get("n_inner") or None,
+        max_len=hf["n_positions"],
+        norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+        mlp=GPT2_ACTS[act],
+        tie_embeddings=hf.get("tie_word_embeddings", True),
+        dropout=0.0,
+      )
     act = hf.get("hidden_act", "silu")
     if act not in LLAMA_ACTS:
-      raise HFError(f"{path}: field hidden_act={act!r} is not supported "
-                    f"(supported: {sorted(LLAMA_ACTS)})")
+      raise HFError(
+        f"{path}: field hidden_act={act!r} is not supported (supported: {sorted(LLAMA_ACTS)})"
+      )
     if arch == "Qwen2ForCausalLM":
       _require(hf, path, "use_sliding_window", lambda v: not v, "must be false")
       qkv, out, mlp = True, False, False
     else:
       if arch == "MistralForCausalLM":
-        _require(hf, path, "sliding_window",
-                 lambda v: v is None or v >= hf["max_position_embeddings"],
-                 "must be null or >= max_position_embeddings")
+        _require(
+          hf,
+          path,
+          "sliding_window",
+          lambda v: v is None or v >= hf["max_position_embeddings"],
+          "must be null or >= max_position_embeddings",
+        )
       qkv = out = bool(hf.get("attention_bias", False))
       mlp = bool(hf.get("mlp_bias", False))
     d_head = hf.get("head_dim")
     if d_head == hf["hidden_size"] // hf["num_attention_heads"]:
       d_head = None  # derived: the config stays what the same model built natively has
     return ModelConfig.llama(
-        vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
-        n_heads=hf["num_attention_heads"], n_kv_heads=hf.get("num_key_value_heads"),
-        d_head=d_head, d_ff=hf["intermediate_size"], max_len=hf["max_position_embeddings"],
-        norm_eps=hf.get("rms_norm_eps", 1e-6), mlp=LLAMA_ACTS[act],
-        tie_embeddings=hf.get("tie_word_embeddings", False), qkv_bias=qkv, attn_out_bias=out,
-        mlp_bias=mlp, dropout=0.0, **_rope_fields(hf, path))
+      vocab_size=hf["vocab_size"],
+      d_model=hf["hidden_size"],
+      n_layers=hf["num_hidden_layers"],
+      n_heads=hf["num_attention_heads"],
+      n_kv_heads=hf.get("num_key_value_heads"),
+      d_head=d_head,
+      d_ff=hf["intermediate_size"],
+      max_len=hf["max_position_embeddings"],
+      norm_eps=hf.get("rms_norm_eps", 1e-6),
+      mlp=LLAMA_ACTS[act],
+      tie_embeddings=hf.get("tie_word_embeddings", False),
+      qkv_bias=qkv,
+      attn_out_bias=out,
+      mlp_bias=mlp,
+      dropout=0.0,
+      **_rope_fields(hf, path),
+    )
   except KeyError as e:
     raise HFError(f"{path}: field {e.args[0]} is missing") from None
 
@@ -212,11 +255,17 @@ def _arch(c: ModelConfig) -> str:
   if c.family != "decoder" or c.n_experts:
     why = f"model.family={c.family!r}, model.n_experts={c.n_experts}"
   elif c.norm == "layernorm":
-    gpt2 = dict(position="learned", mlp=("gelu", "gelu_exact", "relu"), d_head=None,
-                n_kv_heads=(None, c.n_heads), use_bias=True, qkv_bias=(None, True),
-                attn_out_bias=(None, True), mlp_bias=(None, True))
-    bad = [k for k, v in gpt2.items()
-           if getattr(c, k) not in (v if isinstance(v, tuple) else (v,))]
+    gpt2 = dict(
+      position="learned",
+      mlp=("gelu", "gelu_exact", "relu"),
+      d_head=None,
+      n_kv_heads=(None, c.n_heads),
+      use_bias=True,
+      qkv_bias=(None, True),
+      attn_out_bias=(None, True),
+      mlp_bias=(None, True),
+    )
+    bad = [k for k, v in gpt2.items() if getattr(c, k) not in (v if isinstance(v, tuple) else (v,))]
     if not bad:
       return "GPT2LMHeadModel"
     why = ", ".join(f"model.{k}={getattr(c, k)!r}" for k in bad)
@@ -228,9 +277,11 @@ def _arch(c: ModelConfig) -> str:
     return "Qwen2ForCausalLM"
   else:
     why = f"model.qkv_bias={c.bias('qkv')}, model.attn_out_bias={c.bias('attn_out')}"
-  raise HFError(f"no Hugging Face architecture matches this model ({why}); export supports "
-                "GPT-2 (layernorm, learned positions, biases) and LLaMA/Qwen2 (rmsnorm, rope, "
-                "gated MLP)")
+  raise HFError(
+    f"no Hugging Face architecture matches this model ({why}); export supports "
+    "GPT-2 (layernorm, learned positions, biases) and LLaMA/Qwen2 (rmsnorm, rope, "
+    "gated MLP)"
+  )
 
 
 def hf_config_from_model(c: ModelConfig, tokenizer: Any = None) -> dict[str, Any]:
@@ -241,19 +292,43 @@ def hf_config_from_model(c: ModelConfig, tokenizer: Any = None) -> dict[str, Any
     ids = dict(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id)
   if arch == "GPT2LMHeadModel":
     act = {v: k for k, v in GPT2_ACTS.items() if k != "gelu_pytorch_tanh"}[c.mlp]
-    return dict(architectures=[arch], model_type="gpt2", vocab_size=c.vocab_size,
-                n_embd=c.d_model, n_layer=c.n_layers, n_head=c.n_heads, n_inner=c.d_ff,
-                n_positions=c.max_len, layer_norm_epsilon=c.norm_eps, activation_function=act,
-                tie_word_embeddings=c.tie_embeddings, resid_pdrop=0.0, embd_pdrop=0.0,
-                attn_pdrop=0.0, torch_dtype="float32", **ids)
-  out = dict(architectures=[arch], model_type="qwen2" if arch.startswith("Qwen2") else "llama",
-             vocab_size=c.vocab_size, hidden_size=c.d_model, intermediate_size=c.ff_dim,
-             num_hidden_layers=c.n_layers, num_attention_heads=c.n_heads,
-             num_key_value_heads=c.kv_heads, head_dim=c.head_dim,
-             max_position_embeddings=c.max_len, rms_norm_eps=c.norm_eps,
-             hidden_act={"swiglu": "silu", "geglu": "gelu_pytorch_tanh"}[c.mlp],
-             tie_word_embeddings=c.tie_embeddings, rope_theta=c.rope_theta, attention_dropout=0.0,
-             torch_dtype="float32", **ids)
+    return dict(
+      architectures=[arch],
+      model_type="gpt2",
+      vocab_size=c.vocab_size,
+      n_embd=c.d_model,
+      n_layer=c.n_layers,
+      n_head=c.n_heads,
+      n_inner=c.d_ff,
+      n_positions=c.max_len,
+      layer_norm_epsilon=c.norm_eps,
+      activation_function=act,
+      tie_word_embeddings=c.tie_embeddings,
+      resid_pdrop=0.0,
+      embd_pdrop=0.0,
+      attn_pdrop=0.0,
+      torch_dtype="float32",
+      **ids,
+    )
+  out = dict(
+    architectures=[arch],
+    model_type="qwen2" if arch.startswith("Qwen2") else "llama",
+    vocab_size=c.vocab_size,
+    hidden_size=c.d_model,
+    intermediate_size=c.ff_dim,
+    num_hidden_layers=c.n_layers,
+    num_attention_heads=c.n_heads,
+    num_key_value_heads=c.kv_heads,
+    head_dim=c.head_dim,
+    max_position_embeddings=c.max_len,
+    rms_norm_eps=c.norm_eps,
+    hidden_act={"swiglu": "silu", "geglu": "gelu_pytorch_tanh"}[c.mlp],
+    tie_word_embeddings=c.tie_embeddings,
+    rope_theta=c.rope_theta,
+    attention_dropout=0.0,
+    torch_dtype="float32",
+    **ids,
+  )
   if arch == "LlamaForCausalLM":
     out.update(attention_bias=c.bias("qkv"), mlp_bias=c.bias("mlp"))
   else:
@@ -261,9 +336,11 @@ def hf_config_from_model(c: ModelConfig, tokenizer: Any = None) -> dict[str, Any
   if c.rope_scaling != "none":
     scaling = {"rope_type": c.rope_scaling, "factor": c.rope_factor}
     if c.rope_scaling == "llama3":
-      scaling.update(low_freq_factor=c.rope_low_freq_factor,
-                     high_freq_factor=c.rope_high_freq_factor,
-                     original_max_position_embeddings=c.rope_original_max_len)
+      scaling.update(
+        low_freq_factor=c.rope_low_freq_factor,
+        high_freq_factor=c.rope_high_freq_factor,
+        original_max_position_embeddings=c.rope_original_max_len,
+      )
     out["rope_scaling"] = scaling
   return out
 
@@ -275,14 +352,18 @@ def hf_config_from_model(c: ModelConfig, tokenizer: Any = None) -> dict[str, Any
 
 def _linear(shape_in: tuple[int, ...], shape_out: tuple[int, ...]):
   """torch Linear ``[out, in]`` <-> llm_mp kernel ``[*shape_in, *shape_out]``."""
-  return (lambda w: w.T.reshape(shape_in + shape_out),
-          lambda k: k.reshape(int(np.prod(shape_in)), -1).T)
+  return (
+    lambda w: w.T.reshape(shape_in + shape_out),
+    lambda k: k.reshape(int(np.prod(shape_in)), -1).T,
+  )
 
 
 def _conv1d(shape_in: tuple[int, ...], shape_out: tuple[int, ...]):
   """GPT-2 Conv1D ``[in, out]`` <-> llm_mp kernel ``[*shape_in, *shape_out]``."""
-  return (lambda w: w.reshape(shape_in + shape_out),
-          lambda k: k.reshape(int(np.prod(shape_in)), -1))
+  return (
+    lambda w: w.reshape(shape_in + shape_out),
+    lambda k: k.reshape(int(np.prod(shape_in)), -1),
+  )
 
 
 def _reshape(shape: tuple[int, ...]):
@@ -308,10 +389,18 @@ def _layout(c: ModelConfig) -> list[tuple[str, str, Any, Any, tuple[int, ...]]]:
       for j, proj in enumerate(("query", "key", "value")):
         # c_attn is [d, 3d] = [q | k | v] along its output axis.
         sl = slice(j * d, (j + 1) * d)
-        add(f"{p}/attn/{proj}/kernel", f"{q}.attn.c_attn.weight#{j}",
-            (lambda w, sl=sl: w[:, sl].reshape(d, n, h), lambda x: x.reshape(d, d)), (d, 3 * d))
-        add(f"{p}/attn/{proj}/bias", f"{q}.attn.c_attn.bias#{j}",
-            (lambda w, sl=sl: w[sl].reshape(n, h), lambda x: x.reshape(d)), (3 * d,))
+        add(
+          f"{p}/attn/{proj}/kernel",
+          f"{q}.attn.c_attn.weight#{j}",
+          (lambda w, sl=sl: w[:, sl].reshape(d, n, h), lambda x: x.reshape(d, d)),
+          (d, 3 * d),
+        )
+        add(
+          f"{p}/attn/{proj}/bias",
+          f"{q}.attn.c_attn.bias#{j}",
+          (lambda w, sl=sl: w[sl].reshape(n, h), lambda x: x.reshape(d)),
+          (3 * d,),
+        )
       add(f"{p}/attn/out/kernel", f"{q}.attn.c_proj.weight", _conv1d((n, h), (d,)), (d, d))
       add(f"{p}/attn/out/bias", f"{q}.attn.c_proj.bias", _SAME, (d,))
       for ours, theirs in (("attn_norm", "ln_1"), ("mlp_norm", "ln_2")):
@@ -329,23 +418,33 @@ def _layout(c: ModelConfig) -> list[tuple[str, str, Any, Any, tuple[int, ...]]]:
   add("embed/embedding", "model.embed_tokens.weight", _SAME, (c.vocab_size, d))
   for i in range(c.n_layers):
     p, q = f"decoder/blocks_{i}", f"model.layers.{i}"
-    for proj, name, heads in (("query", "q_proj", n), ("key", "k_proj", k),
-                              ("value", "v_proj", k)):
-      add(f"{p}/attn/{proj}/kernel", f"{q}.self_attn.{name}.weight",
-          _linear((d,), (heads, h)), (heads * h, d))
+    for proj, name, heads in (("query", "q_proj", n), ("key", "k_proj", k), ("value", "v_proj", k)):
+      add(
+        f"{p}/attn/{proj}/kernel",
+        f"{q}.self_attn.{name}.weight",
+        _linear((d,), (heads, h)),
+        (heads * h, d),
+      )
       if c.bias("qkv"):
-        add(f"{p}/attn/{proj}/bias", f"{q}.self_attn.{name}.bias", _reshape((heads, h)),
-            (heads * h,))
-    add(f"{p}/attn/out/kernel", f"{q}.self_attn.o_proj.weight", _linear((n, h), (d,)),
-        (d, n * h))
+        add(
+          f"{p}/attn/{proj}/bias", f"{q}.self_attn.{name}.bias", _reshape((heads, h)), (heads * h,)
+        )
+    add(f"{p}/attn/out/kernel", f"{q}.self_attn.o_proj.weight", _linear((n, h), (d,)), (d, n * h))
     if c.bias("attn_out"):
       add(f"{p}/attn/out/bias", f"{q}.self_attn.o_proj.bias", _SAME, (d,))
     add(f"{p}/attn_norm/scale", f"{q}.input_layernorm.weight", _SAME, (d,))
     add(f"{p}/mlp_norm/scale", f"{q}.post_attention_layernorm.weight", _SAME, (d,))
-    for ours, theirs, shape_in, shape_out in (("gate", "gate_proj", d, f), ("up", "up_proj", d, f),
-                                              ("down", "down_proj", f, d)):
-      add(f"{p}/mlp/{ours}/kernel", f"{q}.mlp.{theirs}.weight",
-          _linear((shape_in,), (shape_out,)), (shape_out, shape_in))
+    for ours, theirs, shape_in, shape_out in (
+      ("gate", "gate_proj", d, f),
+      ("up", "up_proj", d, f),
+      ("down", "down_proj", f, d),
+    ):
+      add(
+        f"{p}/mlp/{ours}/kernel",
+        f"{q}.mlp.{theirs}.weight",
+        _linear((shape_in,), (shape_out,)),
+        (shape_out, shape_in),
+      )
       if c.bias("mlp"):
         add(f"{p}/mlp/{ours}/bias", f"{q}.mlp.{theirs}.bias", _SAME, (shape_out,))
   add("final_norm/scale", "model.norm.weight", _SAME, (d,))
@@ -358,8 +457,9 @@ def _layout(c: ModelConfig) -> list[tuple[str, str, Any, Any, tuple[int, ...]]]:
 _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")
 
 
-def params_from_hf(c: ModelConfig, tensors: dict[str, np.ndarray],
-                   files: dict[str, str] | None = None) -> dict[str, Any]:
+def params_from_hf(
+  c: ModelConfig, tensors: dict[str, np.ndarray], files: dict[str, str] | None = None
+) -> dict[str, Any]:
   """llm_mp parameters (nested dicts of float32 numpy arrays, unscanned layout) of HF tensors.
 
   GPT-2 names with or without the ``transformer.`` prefix are accepted.
@@ -383,16 +483,19 @@ def params_from_hf(c: ModelConfig, tensors: dict[str, np.ndarray],
       raise HFError(f"{where}: tensor {key} is missing (expected shape {list(shape)})")
     x = named[key]
     if tuple(x.shape) != shape:
-      raise HFError(f"{where}: tensor {key} has shape {list(x.shape)} but {CONFIG_FILE} "
-                    f"implies {list(shape)}")
+      raise HFError(
+        f"{where}: tensor {key} has shape {list(x.shape)} but {CONFIG_FILE} implies {list(shape)}"
+      )
     if not np.issubdtype(x.dtype, np.floating) and x.dtype != ml_dtypes.bfloat16:
       raise HFError(f"{where}: tensor {key} has dtype {x.dtype}, expected a float")
     flat[path] = np.ascontiguousarray(to_ours(np.asarray(x, np.float32)))
     used.add(key)
   extra = sorted(k for k in named if k not in used and not k.endswith(_IGNORED_SUFFIXES))
   if extra:
-    raise HFError(f"{files.get(extra[0], WEIGHTS_FILE)}: unexpected tensor {extra[0]} "
-                  f"({len(extra)} unexpected; an architecture llm_mp does not model)")
+    raise HFError(
+      f"{files.get(extra[0], WEIGHTS_FILE)}: unexpected tensor {extra[0]} "
+      f"({len(extra)} unexpected; an architecture llm_mp does not model)"
+    )
   pad = c.padded_vocab - c.vocab_size  # model.vocab_multiple: zero rows, masked in the logits
   if pad:
     flat["embed/embedding"] = np.pad(flat["embed/embedding"], ((0, pad), (0, 0)))
@@ -405,9 +508,9 @@ def params_to_hf(c: ModelConfig, params: Any) -> dict[str, np.ndarray]:
   """HF tensors (float32 numpy, ``[out, in]`` Linear / ``[in, out]`` Conv1D) of llm_mp params."""
   flat = _flatten(_unscan(c, params))
   # A padded vocabulary (model.vocab_multiple) leaves its padding rows behind.
-  flat["embed/embedding"] = np.asarray(flat["embed/embedding"])[:c.vocab_size]
+  flat["embed/embedding"] = np.asarray(flat["embed/embedding"])[: c.vocab_size]
   if "lm_head/kernel" in flat:
-    flat["lm_head/kernel"] = np.asarray(flat["lm_head/kernel"])[:, :c.vocab_size]
+    flat["lm_head/kernel"] = np.asarray(flat["lm_head/kernel"])[:, : c.vocab_size]
   out: dict[str, Any] = {}
   for path, name, _, to_hf, _shape in _layout(c):
     x = to_hf(np.asarray(flat[path], np.float32))
@@ -479,13 +582,14 @@ def load_hf_tokenizer(src: str, hf_config: dict[str, Any]) -> BpeTokenizer:
     if isinstance(eos_id, list):  # LLaMA 3 instruct lists several; the first ends a turn
       eos_id = eos_id[0]
     if eos_id is None:
-      raise HFError(f"{cfg}: field eos_token_id is missing (and {src} has no "
-                    "tokenizer_config.json naming eos_token)")
+      raise HFError(
+        f"{cfg}: field eos_token_id is missing (and {src} has no "
+        "tokenizer_config.json naming eos_token)"
+      )
     bos_id = hf_config.get("bos_token_id", eos_id)
     pad_id = hf_config.get("pad_token_id", eos_id)
     names = []
-    for field, i in (("pad_token_id", pad_id), ("bos_token_id", bos_id),
-                     ("eos_token_id", eos_id)):
+    for field, i in (("pad_token_id", pad_id), ("bos_token_id", bos_id), ("eos_token_id", eos_id)):
       token = hf.id_to_token(int(i)) if i is not None else hf.id_to_token(int(eos_id))
       if token is None:
         raise HFError(f"{cfg}: field {field}={i} is not in {path}'s vocabulary")
@@ -505,8 +609,7 @@ def _resolve_source(src: str) -> str:
   try:
     from huggingface_hub import snapshot_download  # pylint: disable=import-outside-toplevel
   except ImportError:
-    raise HFError(f"{src}: no such directory (hub names need huggingface_hub installed)"
-                  ) from None
+    raise HFError(f"{src}: no such directory (hub names need huggingface_hub installed)") from None
   return snapshot_download(src, allow_patterns=["*.json", "*.safetensors"])
 
 
@@ -535,20 +638,24 @@ def import_hf(src: str, vocab_multiple: int = 1) -> tuple[Config, dict[str, Any]
   src = _resolve_source(src)
   cfg_path = os.path.join(src, CONFIG_FILE)
   hf_config = _read_json(cfg_path)
-  model = dataclasses.replace(model_config_from_hf(hf_config, cfg_path),
-                              vocab_multiple=vocab_multiple)
+  model = dataclasses.replace(
+    model_config_from_hf(hf_config, cfg_path), vocab_multiple=vocab_multiple
+  )
   tokenizer = load_hf_tokenizer(src, hf_config)
   if tokenizer.vocab_size > model.vocab_size:
-    raise HFError(f"{os.path.join(src, TOKENIZER_FILE)}: vocabulary of {tokenizer.vocab_size} "
-                  f"exceeds {cfg_path} field vocab_size={model.vocab_size}")
+    raise HFError(
+      f"{os.path.join(src, TOKENIZER_FILE)}: vocabulary of {tokenizer.vocab_size} "
+      f"exceeds {cfg_path} field vocab_size={model.vocab_size}"
+    )
   tensors, files = read_weights(src)
   params = params_from_hf(model, tensors, files)
   seq_len = min(model.max_len, 1024)
   config = Config(
-      model=model,
-      optim=OptimConfig(lr=1e-4, warmup_steps=10, weight_decay=0.0),
-      data=DataConfig(tokenizer="bpe", bpe_vocab_size=tokenizer.vocab_size, seq_len=seq_len),
-      train=TrainConfig(steps=100, batch_size=8, log_every=10, eval_every=50, ckpt_every=100))
+    model=model,
+    optim=OptimConfig(lr=1e-4, warmup_steps=10, weight_decay=0.0),
+    data=DataConfig(tokenizer="bpe", bpe_vocab_size=tokenizer.vocab_size, seq_len=seq_len),
+    train=TrainConfig(steps=100, batch_size=8, log_every=10, eval_every=50, ckpt_every=100),
+  )
   return config, params, tokenizer
 
 
@@ -586,18 +693,23 @@ def write_run(workdir: str, config: Config, params: Any, tokenizer: Any) -> None
 
   recipe = build_recipe(config, tokenizer)
   mesh = sharding.make_mesh(config.mesh)
-  state, _ = sharding.create_sharded_state(recipe.model, recipe.tx, recipe.precision, config,
-                                           mesh, jax.random.key(config.train.seed))
+  state, _ = sharding.create_sharded_state(
+    recipe.model, recipe.tx, recipe.precision, config, mesh, jax.random.key(config.train.seed)
+  )
   want, got = _flatten(jax.tree.map(lambda x: x, state.params)), _flatten(params)
   for path in sorted(set(want) | set(got)):
     if path not in got or path not in want:
-      raise HFError(f"params: {path} is {'missing' if path not in got else 'unexpected'} for "
-                    "this config")
+      raise HFError(
+        f"params: {path} is {'missing' if path not in got else 'unexpected'} for this config"
+      )
     if tuple(np.shape(got[path])) != tuple(want[path].shape):
-      raise HFError(f"params: {path} has shape {list(np.shape(got[path]))}, the config "
-                    f"builds {list(want[path].shape)}")
-  new = _unflatten({p: jax.device_put(np.asarray(got[p]).astype(want[p].dtype),
-                                      want[p].sharding) for p in want})
+      raise HFError(
+        f"params: {path} has shape {list(np.shape(got[path]))}, the config "
+        f"builds {list(want[path].shape)}"
+      )
+  new = _unflatten(
+    {p: jax.device_put(np.asarray(got[p]).astype(want[p].dtype), want[p].sharding) for p in want}
+  )
   state = state.replace(params=jax.tree.map(lambda _, x: x, state.params, new))
   tmp = _staging(workdir)
   try:
@@ -631,14 +743,17 @@ def export_hf(source: str | tuple[Config | ModelConfig, Any, Any], out_dir: str)
 
   if isinstance(source, str):
     from llm_mp.inference import load_run  # pylint: disable=import-outside-toplevel
+
     run = load_run(source)
     config, params, tokenizer = run.config, run.params, run.tokenizer
   else:
     config, params, tokenizer = source
   model = config.model if isinstance(config, Config) else config
   if isinstance(tokenizer, ByteTokenizer):
-    raise HFError("tokenizer: a byte tokenizer has no tokenizer.json for transformers; "
-                  "export runs trained with data.tokenizer='bpe'")
+    raise HFError(
+      "tokenizer: a byte tokenizer has no tokenizer.json for transformers; "
+      "export runs trained with data.tokenizer='bpe'"
+    )
   hf_config = hf_config_from_model(model, tokenizer)
   tensors = params_to_hf(model, params)
   tmp = _staging(out_dir)
@@ -647,9 +762,14 @@ def export_hf(source: str | tuple[Config | ModelConfig, Any, Any], out_dir: str)
       json.dump(hf_config, f, indent=2, sort_keys=True)
     save_file(tensors, os.path.join(tmp, WEIGHTS_FILE), metadata={"format": "pt"})
     if tokenizer.specials is None:
-      tokenizer = BpeTokenizer(tokenizer.hf, (tokenizer.hf.id_to_token(tokenizer.pad_id),
-                                              tokenizer.hf.id_to_token(tokenizer.bos_id),
-                                              tokenizer.hf.id_to_token(tokenizer.eos_id)))
+      tokenizer = BpeTokenizer(
+        tokenizer.hf,
+        (
+          tokenizer.hf.id_to_token(tokenizer.pad_id),
+          tokenizer.hf.id_to_token(tokenizer.bos_id),
+          tokenizer.hf.id_to_token(tokenizer.eos_id),
+        ),
+      )
     tokenizer.save(tmp)
     _publish(tmp, out_dir)
   except BaseException:
@@ -660,11 +780,21 @@ def export_hf(source: str | tuple[Config | ModelConfig, Any, Any], out_dir: str)
 def describe(config: Config) -> str:
   """One line: the architecture and size of an imported model."""
   c = config.model
-  return (f"{_arch(c)}: {c.n_layers} layers, d_model {c.d_model}, {c.n_heads} heads "
-          f"({c.kv_heads} kv, head dim {c.head_dim}), vocab {c.vocab_size}, "
-          f"max_len {c.max_len}" + (f", rope {c.rope_scaling} x{c.rope_factor}"
-                                    if c.rope_scaling != "none" else ""))
+  return (
+    f"{_arch(c)}: {c.n_layers} layers, d_model {c.d_model}, {c.n_heads} heads "
+    f"({c.kv_heads} kv, head dim {c.head_dim}), vocab {c.vocab_size}, "
+    f"max_len {c.max_len}"
+    + (f", rope {c.rope_scaling} x{c.rope_factor}" if c.rope_scaling != "none" else "")
+  )
 
 
-__all__ = ["HFError", "export_hf", "hf_config_from_model", "import_hf", "model_config_from_hf",
-           "params_from_hf", "params_to_hf", "write_run"]
+__all__ = [
+  "HFError",
+  "export_hf",
+  "hf_config_from_model",
+  "import_hf",
+  "model_config_from_hf",
+  "params_from_hf",
+  "params_to_hf",
+  "write_run",
+]

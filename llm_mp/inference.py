@@ -58,8 +58,9 @@ def load_run(workdir: str) -> LoadedRun:
   recipe = build_recipe(config, tokenizer)
   params, step = restore_run_params(workdir, config, mesh, tokenizer)
   shardings = jax.tree.map(lambda x: x.sharding, params)
-  return LoadedRun(config, recipe, params, tokenizer, mesh, sharding.logical_rules(config.mesh),
-                   shardings, step)
+  return LoadedRun(
+    config, recipe, params, tokenizer, mesh, sharding.logical_rules(config.mesh), shardings, step
+  )
 
 
 def evaluate_run(workdir: str, paths: Sequence[str] | None = None) -> dict[str, Any]:
@@ -85,15 +86,19 @@ def evaluate_run(workdir: str, paths: Sequence[str] | None = None) -> dict[str, 
       cfg = dataclasses.replace(cfg, val_paths=tuple(paths))
     prepared = text2text.prepare_text2text(cfg, workdir, tokenizer=run.tokenizer, write=False)
     batches = text2text.make_text2text_eval_iterator(prepared.val, batch)
-    return {"step": run.step,
-            **evaluate(eval_fn, {"params": run.params}, batches, run.mesh, run.rules, task)}
+    return {
+      "step": run.step,
+      **evaluate(eval_fn, {"params": run.params}, batches, run.mesh, run.rules, task),
+    }
   if task.name == "classify":  # labelled files: ``paths`` replace the validation files
     if paths:
       cfg = dataclasses.replace(cfg, val_paths=tuple(paths))
     prepared = data.prepare_labelled(cfg, workdir, tokenizer=run.tokenizer, write=False)
     batches = data.make_labelled_eval_iterator(prepared.val, batch)
-    return {"step": run.step,
-            **evaluate(eval_fn, {"params": run.params}, batches, run.mesh, run.rules, task)}
+    return {
+      "step": run.step,
+      **evaluate(eval_fn, {"params": run.params}, batches, run.mesh, run.rules, task),
+    }
   if paths:  # all of the given text counts: no validation split is held out of it
     cfg = dataclasses.replace(cfg, paths=tuple(paths), val_fraction=0.0)
   # write=False: an evaluator never writes into the run (it may be read-only or training).
@@ -106,5 +111,9 @@ def evaluate_run(workdir: str, paths: Sequence[str] | None = None) -> dict[str, 
     totals["loss_sum"] += r["val_loss"] * r["val_tokens"]
     totals["tokens"] += r["val_tokens"]
   loss = totals["loss_sum"] / max(totals["tokens"], 1.0)
-  return {"step": run.step, "val_loss": loss, "val_ppl": float(jax.numpy.exp(loss)),
-          "val_tokens": totals["tokens"]}
+  return {
+    "step": run.step,
+    "val_loss": loss,
+    "val_ppl": float(jax.numpy.exp(loss)),
+    "val_tokens": totals["tokens"],
+  }

@@ -101,8 +101,7 @@ class DynamicLossScale(_ScalesByArray):
     """
     grow = grads_finite & (self.counter + 1 >= self.period)
     # Capped at the fp32 maximum: an inf scale would stay inf when divided.
-    grown = jnp.where(grow, jnp.minimum(self.loss_scale * self.factor, _FP32_MAX),
-                      self.loss_scale)
+    grown = jnp.where(grow, jnp.minimum(self.loss_scale * self.factor, _FP32_MAX), self.loss_scale)
     shrunk = jnp.maximum(self.loss_scale / self.factor, self.min_loss_scale)
     new_scale = jnp.where(grads_finite, grown, shrunk).astype(jnp.float32)
     counter = jnp.where(grads_finite & ~grow, self.counter + 1, 0).astype(jnp.int32)
@@ -128,8 +127,9 @@ def make_loss_scale(kind: str, init_scale: float = 2.0**15, period: int = 2000) 
   if kind == "static":
     return StaticLossScale(jnp.asarray(init_scale, jnp.float32))
   if kind == "dynamic":
-    return DynamicLossScale(jnp.asarray(init_scale, jnp.float32), jnp.zeros((), jnp.int32),
-                            period=period)
+    return DynamicLossScale(
+      jnp.asarray(init_scale, jnp.float32), jnp.zeros((), jnp.int32), period=period
+    )
   raise ValueError(f"unknown loss_scale {kind!r}; valid: {list(LOSS_SCALES)}")
 
 

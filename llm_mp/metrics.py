@@ -25,6 +25,7 @@ def flops_per_token(model: ModelConfig, seq_len: int, n_params_no_pos: int) -> f
 def params_without_positions(params: Any) -> int:
   """Parameter count without the learned position table (as in the MFU formula)."""
   import jax  # pylint: disable=import-outside-toplevel
+
   total = 0
   for path, leaf in jax.tree_util.tree_leaves_with_path(params):
     if "pos_embedding" not in jax.tree_util.keystr(path):
@@ -62,8 +63,13 @@ class MetricsWriter:
   wrote (a resumed run writes them again).
   """
 
-  def __init__(self, workdir: str, enabled: bool = True, tensorboard: bool = True,
-               purge_step: int | None = None):
+  def __init__(
+    self,
+    workdir: str,
+    enabled: bool = True,
+    tensorboard: bool = True,
+    purge_step: int | None = None,
+  ):
     self.enabled = enabled
     self._jsonl = None
     self._tb = None
@@ -73,6 +79,7 @@ class MetricsWriter:
     self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
     if tensorboard:
       from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+
       self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=purge_step)
 
   def write(self, step: int, metrics: Mapping[str, Any]) -> None:
@@ -138,8 +145,7 @@ def truncate_metrics(workdir: str, step: int) -> None:
       record = json.loads(line)
     except ValueError:  # JSONDecodeError and UnicodeDecodeError
       continue
-    if isinstance(record, dict) and isinstance(record.get("step"), int) \
-        and record["step"] <= step:
+    if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
       kept.append(line + b"\n")
   text = b"".join(kept)
   if text == raw:
@@ -153,8 +159,15 @@ def truncate_metrics(workdir: str, step: int) -> None:
 def progress_bar(total: int, initial: int, enabled: bool = True):
   """A tqdm bar over optimizer steps (disabled off process 0)."""
   from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
-  return tqdm(total=total, initial=initial, disable=not enabled, unit="step",
-              dynamic_ncols=True, smoothing=0.1)
+
+  return tqdm(
+    total=total,
+    initial=initial,
+    disable=not enabled,
+    unit="step",
+    dynamic_ncols=True,
+    smoothing=0.1,
+  )
 
 
 def bar_postfix(m: Mapping[str, Any]) -> str:

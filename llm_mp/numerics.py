@@ -49,10 +49,10 @@ from llm_mp.tasks import Task
 # Name -> the ml_dtypes type whose finfo gives the range. e4m3 is the "fn"
 # variant used for fp8 training (no infinities; 0x7f/0xff are NaN).
 FORMATS: Mapping[str, Any] = {
-    "fp16": np.float16,
-    "bf16": ml_dtypes.bfloat16,
-    "fp8_e4m3": ml_dtypes.float8_e4m3fn,
-    "fp8_e5m2": ml_dtypes.float8_e5m2,
+  "fp16": np.float16,
+  "bf16": ml_dtypes.bfloat16,
+  "fp8_e4m3": ml_dtypes.float8_e4m3fn,
+  "fp8_e5m2": ml_dtypes.float8_e5m2,
 }
 POLICIES = ("fp32", "bf16", "fp16", "pure_bf16")
 KINDS = ("activations", "weights", "gradients", "activation_gradients")
@@ -96,8 +96,11 @@ class FormatRange:
   @property
   def exponents(self) -> tuple[int, int, int]:
     """``(smallest subnormal, smallest normal, largest)`` base-2 exponents."""
-    return (int(math.log2(self.smallest_subnormal)), int(math.log2(self.smallest_normal)),
-            math.floor(math.log2(self.max)))
+    return (
+      int(math.log2(self.smallest_subnormal)),
+      int(math.log2(self.smallest_normal)),
+      math.floor(math.log2(self.max)),
+    )
 
 
 def format_range(name: str) -> FormatRange:
@@ -109,12 +112,19 @@ def format_range(name: str) -> FormatRange:
   if name not in FORMATS:
     raise ValueError(f"unknown format {name!r}; known: {list(FORMATS)}")
   info = ml_dtypes.finfo(FORMATS[name])
-  sub, normal, top = (float(info.smallest_subnormal), float(info.smallest_normal),
-                      float(info.max))
-  ulp_max = 2.0**(info.maxexp - 1 - info.nmant)  # spacing of the top binade
+  sub, normal, top = (float(info.smallest_subnormal), float(info.smallest_normal), float(info.max))
+  ulp_max = 2.0 ** (info.maxexp - 1 - info.nmant)  # spacing of the top binade
   odd = int(top / ulp_max) % 2 == 1
-  return FormatRange(name, sub, normal, top, flush_at=sub / 2, normal_at=normal - sub / 2,
-                     overflow_at=top + ulp_max / 2, overflow_tie_up=odd)
+  return FormatRange(
+    name,
+    sub,
+    normal,
+    top,
+    flush_at=sub / 2,
+    normal_at=normal - sub / 2,
+    overflow_at=top + ulp_max / 2,
+    overflow_tie_up=odd,
+  )
 
 
 def classify(x: Any, fmt: str | FormatRange) -> dict[str, int]:
@@ -135,12 +145,12 @@ def classify(x: Any, fmt: str | FormatRange) -> dict[str, int]:
   finite = np.isfinite(a)
   over = a >= r.overflow_at if r.overflow_tie_up else a > r.overflow_at
   return {
-      "size": int(a.size),
-      "zeros": int(np.sum(a == 0)),
-      "flush": int(np.sum((a > 0) & (a <= r.flush_at))),
-      "subnormal": int(np.sum((a > r.flush_at) & (a < r.normal_at))),
-      "overflow": int(np.sum(finite & over)),
-      "nonfinite": int(np.sum(~finite)),
+    "size": int(a.size),
+    "zeros": int(np.sum(a == 0)),
+    "flush": int(np.sum((a > 0) & (a <= r.flush_at))),
+    "subnormal": int(np.sum((a > r.flush_at) & (a < r.normal_at))),
+    "overflow": int(np.sum(finite & over)),
+    "nonfinite": int(np.sum(~finite)),
   }
 
 
@@ -181,14 +191,13 @@ def merge_histograms(hists: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
   for h in hists:
     if h["min_exponent"] is not None:
       lo = h["min_exponent"] + _EXP_OFFSET
-      total[lo:lo + len(h["counts"])] += h["counts"]
+      total[lo : lo + len(h["counts"])] += h["counts"]
   rest = {k: sum(h[k] for h in hists) for k in ("zeros", "nonfinite", "size")}
   used = np.nonzero(total)[0]
   if used.size == 0:
     return {"min_exponent": None, "counts": [], **rest}
   lo, hi = int(used[0]), int(used[-1])
-  return {"min_exponent": lo - _EXP_OFFSET, "counts": [int(c) for c in total[lo:hi + 1]],
-          **rest}
+  return {"min_exponent": lo - _EXP_OFFSET, "counts": [int(c) for c in total[lo : hi + 1]], **rest}
 
 
 def tensor_stats(x: Any, formats: Sequence[str] = tuple(FORMATS)) -> dict[str, Any]:
@@ -203,9 +212,12 @@ def _probe(next_fun, args, kwargs, context):
   """Method interceptor: records each module output and adds a zero probe to it."""
   out = next_fun(*args, **kwargs)
   module = context.module
-  if (context.method_name != "__call__" or isinstance(module, nn.Dropout)  # eval: identity
-      or not isinstance(out, jax.Array)
-      or not jnp.issubdtype(out.dtype, jnp.floating)):
+  if (
+    context.method_name != "__call__"
+    or isinstance(module, nn.Dropout)  # eval: identity
+    or not isinstance(out, jax.Array)
+    or not jnp.issubdtype(out.dtype, jnp.floating)
+  ):
     return out
   if module.is_mutable_collection(_ACTS):
     module.put_variable(_ACTS, _LEAF, out)
@@ -244,8 +256,9 @@ def unscan_params(params: Any, n_layers: int) -> Any:
   return out
 
 
-def diagnostic_model(model_config: ModelConfig, precision: Precision, head: str = "lm"
-                     ) -> nn.Module:
+def diagnostic_model(
+  model_config: ModelConfig, precision: Precision, head: str = "lm"
+) -> nn.Module:
   """The model of ``model_config`` unrolled (no scan, no remat): one module per layer."""
   cfg = dataclasses.replace(model_config, scan_layers=False, remat="none", dropout=0.0)
   return build_model(cfg, precision, head=head)
@@ -280,8 +293,14 @@ class Capture:
     return getattr(self, name)
 
 
-def capture(model: nn.Module, params: Any, batch: Mapping[str, Any], task: Task,
-            loss_scale: float = 1.0, model_state: Mapping[str, Any] | None = None) -> Capture:
+def capture(
+  model: nn.Module,
+  params: Any,
+  batch: Mapping[str, Any],
+  task: Task,
+  loss_scale: float = 1.0,
+  model_state: Mapping[str, Any] | None = None,
+) -> Capture:
   """Runs ``task``'s loss on ``batch`` forward and backward, recording every
   module output, parameter and their gradients (of ``loss_scale * loss``).
 
@@ -302,8 +321,9 @@ def capture(model: nn.Module, params: Any, batch: Mapping[str, Any], task: Task,
 
   def scaled_loss(p, probe):
     with nn.intercept_methods(_probe):
-      loss, aux = task.loss_fn(model, {"params": p, _PROBES: probe, _ACTS: {}, **state}, batch,
-                               None)
+      loss, aux = task.loss_fn(
+        model, {"params": p, _PROBES: probe, _ACTS: {}, **state}, batch, None
+      )
     written = aux["model_state"]
     return loss * jnp.asarray(loss_scale, loss.dtype), (loss, written[_ACTS], written[_PROBES])
 
@@ -311,11 +331,19 @@ def capture(model: nn.Module, params: Any, batch: Mapping[str, Any], task: Task,
   shapes = jax.eval_shape(scaled_loss, params, {})[1][2]
   probes = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)  # host: no compile
   (grads, probe_grads), (loss, acts, _) = jax.jit(
-      jax.grad(scaled_loss, argnums=(0, 1), has_aux=True))(params, probes)
-  host = lambda tree, drop: {k: np.asarray(v) for k, v in _paths(jax.device_get(tree),
-                                                                 drop).items()}
-  return Capture(float(loss), float(loss_scale), host(acts, True), host(params, False),
-                 host(grads, False), host(probe_grads, True))
+    jax.grad(scaled_loss, argnums=(0, 1), has_aux=True)
+  )(params, probes)
+  host = lambda tree, drop: {
+    k: np.asarray(v) for k, v in _paths(jax.device_get(tree), drop).items()
+  }
+  return Capture(
+    float(loss),
+    float(loss_scale),
+    host(acts, True),
+    host(params, False),
+    host(grads, False),
+    host(probe_grads, True),
+  )
 
 
 # --- errors against float64 -----------------------------------------------------------------
@@ -334,8 +362,9 @@ def relative_error(x: Any, ref: Any, floor: float = 0.0) -> float | None:
   return None if denom <= floor else float(np.linalg.norm((x - ref).ravel())) / denom
 
 
-def _float64_capture(model_config: ModelConfig, head: str, params: Any, batch, task: Task
-                     ) -> Capture:
+def _float64_capture(
+  model_config: ModelConfig, head: str, params: Any, batch, task: Task
+) -> Capture:
   # Every dtype float64 and no fp32 overrides (as tests/test_model.py's reference).
   # The task's cross-entropy still casts the logits to fp32, so the reference
   # gradient at the logits is exact to fp32 rounding (~1e-7 relative).
@@ -350,9 +379,14 @@ def _flat(arrays: Mapping[str, Any]) -> np.ndarray:
   return np.concatenate([np.asarray(arrays[k], np.float64).ravel() for k in sorted(arrays)])
 
 
-def policy_errors(model_config: ModelConfig, params: Any, batch: Mapping[str, Any], task: Task,
-                  policies: Sequence[str] = POLICIES, loss_scale: float = 2.0**15
-                  ) -> dict[str, dict[str, Any]]:
+def policy_errors(
+  model_config: ModelConfig,
+  params: Any,
+  batch: Mapping[str, Any],
+  task: Task,
+  policies: Sequence[str] = POLICIES,
+  loss_scale: float = 2.0**15,
+) -> dict[str, dict[str, Any]]:
   """Relative error of each policy's activations and gradients against float64.
 
   The same weights (``params`` rounded to each policy's parameter dtype) and
@@ -388,16 +422,16 @@ def policy_errors(model_config: ModelConfig, params: Any, batch: Mapping[str, An
     cap = capture(model, cast, batch, task, scale)
     grads = {k: np.asarray(v, np.float64) / scale for k, v in cap.gradients.items()}
     out[name] = {
-        "loss": abs(cap.loss - ref.loss) / abs(ref.loss),
-        # Only the real vocabulary: padded columns (model.vocab_multiple) hold the same
-        # large negative constant under every policy and would swamp the norm.
-        "logits": relative_error(cap.activations[LOGITS][..., :model_config.vocab_size],
-                                 ref.activations[LOGITS][..., :model_config.vocab_size]),
-        "gradients_total": relative_error(_flat(grads), ref_flat),
-        "activations": {k: relative_error(v, ref.activations[k])
-                        for k, v in cap.activations.items()},
-        "gradients": {k: relative_error(v, ref.gradients[k], floor)
-                      for k, v in grads.items()},
+      "loss": abs(cap.loss - ref.loss) / abs(ref.loss),
+      # Only the real vocabulary: padded columns (model.vocab_multiple) hold the same
+      # large negative constant under every policy and would swamp the norm.
+      "logits": relative_error(
+        cap.activations[LOGITS][..., : model_config.vocab_size],
+        ref.activations[LOGITS][..., : model_config.vocab_size],
+      ),
+      "gradients_total": relative_error(_flat(grads), ref_flat),
+      "activations": {k: relative_error(v, ref.activations[k]) for k, v in cap.activations.items()},
+      "gradients": {k: relative_error(v, ref.gradients[k], floor) for k, v in grads.items()},
     }
   return out
 
@@ -424,7 +458,8 @@ def summarize(cap: Capture, formats: Sequence[str] = tuple(FORMATS)) -> dict[str
     if "gradients" in kind:  # what the same layer's gradients of the unscaled loss would do
       for k, v in arrays.items():
         layers[kind][k]["formats_unscaled"] = format_fractions(
-            np.asarray(v, np.float64) / cap.loss_scale, formats)
+          np.asarray(v, np.float64) / cap.loss_scale, formats
+        )
     pooled = np.concatenate([np.asarray(v, np.float64).ravel() for v in arrays.values()])
     totals[kind] = tensor_stats(pooled, formats)
     if "gradients" in kind:
@@ -432,9 +467,15 @@ def summarize(cap: Capture, formats: Sequence[str] = tuple(FORMATS)) -> dict[str
   return {"loss": cap.loss, "loss_scale": cap.loss_scale, "layers": layers, "totals": totals}
 
 
-def diagnose(model_config: ModelConfig, params: Any, batch: Mapping[str, Any], task: Task,
-             loss_scale: float = 1.0, precision: str = "fp32",
-             policies: Sequence[str] = POLICIES) -> dict[str, Any]:
+def diagnose(
+  model_config: ModelConfig,
+  params: Any,
+  batch: Mapping[str, Any],
+  task: Task,
+  loss_scale: float = 1.0,
+  precision: str = "fp32",
+  policies: Sequence[str] = POLICIES,
+) -> dict[str, Any]:
   """The full report for a model + batch (JSON-serialisable).
 
   Args:
@@ -457,12 +498,15 @@ def diagnose(model_config: ModelConfig, params: Any, batch: Mapping[str, Any], t
   prec = make_precision(precision)
   model = diagnostic_model(model_config, prec, task.head)
   cast = _cast(params, prec.param_dtype)
-  report = {"precision": precision,
-            "formats": {n: dataclasses.asdict(format_range(n)) for n in FORMATS},
-            **summarize(capture(model, cast, batch, task, loss_scale))}
+  report = {
+    "precision": precision,
+    "formats": {n: dataclasses.asdict(format_range(n)) for n in FORMATS},
+    **summarize(capture(model, cast, batch, task, loss_scale)),
+  }
   if policies:
-    report["policy_errors"] = policy_errors(model_config, params, batch, task, policies,
-                                            loss_scale=loss_scale)
+    report["policy_errors"] = policy_errors(
+      model_config, params, batch, task, policies, loss_scale=loss_scale
+    )
   return report
 
 
@@ -470,6 +514,7 @@ def run_batch(run: Any, workdir: str, batch_size: int) -> dict[str, np.ndarray]:
   """The first ``batch_size`` rows of the validation split of ``run`` (a
   :class:`llm_mp.inference.LoadedRun` of ``workdir``), as the task's batch."""
   from llm_mp import data  # pylint: disable=import-outside-toplevel
+
   if run.recipe.task.name == "classify":
     prepared = data.prepare_labelled(run.config.data, workdir, tokenizer=run.tokenizer)
     batches = data.make_labelled_eval_iterator(prepared.val, batch_size, max_batches=1)
@@ -482,12 +527,18 @@ def run_batch(run: Any, workdir: str, batch_size: int) -> dict[str, np.ndarray]:
 def last_loss_scale(workdir: str) -> float:
   """The loss scale of the run's last logged step (1.0 when none is logged)."""
   from llm_mp.metrics import read_metrics  # pylint: disable=import-outside-toplevel
+
   scales = [r["loss_scale"] for r in read_metrics(workdir) if "loss_scale" in r]
   return float(scales[-1]) if scales else 1.0
 
 
-def diagnose_run(workdir: str, loss_scale: float | None = None, batch_size: int = 4,
-                 precision: str = "fp32", policies: Sequence[str] = POLICIES) -> dict[str, Any]:
+def diagnose_run(
+  workdir: str,
+  loss_scale: float | None = None,
+  batch_size: int = 4,
+  precision: str = "fp32",
+  policies: Sequence[str] = POLICIES,
+) -> dict[str, Any]:
   """:func:`diagnose` for the latest checkpoint of run ``workdir`` on the
   first ``batch_size`` validation rows.
 
@@ -496,6 +547,7 @@ def diagnose_run(workdir: str, loss_scale: float | None = None, batch_size: int 
   ``run_precision``.
   """
   from llm_mp.inference import load_run  # pylint: disable=import-outside-toplevel
+
   scale = last_loss_scale(workdir) if loss_scale is None else float(loss_scale)
   if not scale > 0 or not math.isfinite(scale):
     raise ValueError(f"--loss-scale={loss_scale}: must be a positive finite number")
@@ -505,14 +557,20 @@ def diagnose_run(workdir: str, loss_scale: float | None = None, batch_size: int 
   params = jax.device_get(run.params)
   batch = run_batch(run, workdir, batch_size)
   report = diagnose(run.config.model, params, batch, run.recipe.task, scale, precision, policies)
-  return {"run": os.path.basename(os.path.abspath(workdir)), "step": run.step,
-          "run_precision": run.config.train.precision, **report}
+  return {
+    "run": os.path.basename(os.path.abspath(workdir)),
+    "step": run.step,
+    "run_precision": run.config.train.precision,
+    **report,
+  }
 
 
 # --- the figure -------------------------------------------------------------------------------
 
-_PLOT_HINT = ("matplotlib is not installed: the figure needs the plots extra "
-              "(pip install 'llm_mp[plots]' or pip install -e '.[plots]')")
+_PLOT_HINT = (
+  "matplotlib is not installed: the figure needs the plots extra "
+  "(pip install 'llm_mp[plots]' or pip install -e '.[plots]')"
+)
 
 
 def _bars(hist: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
@@ -522,8 +580,9 @@ def _bars(hist: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
   return hist["min_exponent"] + np.arange(counts.size), counts / max(hist["size"], 1)
 
 
-def plot_gradient_exponents(report: Mapping[str, Any], path: str,
-                            kind: str = "activation_gradients") -> str:
+def plot_gradient_exponents(
+  report: Mapping[str, Any], path: str, kind: str = "activation_gradients"
+) -> str:
   """The 2018 paper's figure: the exponent histogram of ``kind`` (unscaled
   and scaled by the report's loss scale) over the fp16 / bf16 / fp8 ranges.
 
@@ -539,44 +598,66 @@ def plot_gradient_exponents(report: Mapping[str, Any], path: str,
   """
   try:
     import matplotlib  # pylint: disable=import-outside-toplevel
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
   except ImportError as e:
     raise ImportError(_PLOT_HINT) from e
   scale = float(report["loss_scale"])
   totals = report["totals"]
-  fig, (ax, bands) = plt.subplots(2, 1, figsize=(9, 5.5), sharex=True,
-                                  gridspec_kw={"height_ratios": [3, 1.3]})
+  fig, (ax, bands) = plt.subplots(
+    2, 1, figsize=(9, 5.5), sharex=True, gridspec_kw={"height_ratios": [3, 1.3]}
+  )
   x0, y0 = _bars(totals[f"{kind}_unscaled"]["hist"])
   x1, y1 = _bars(totals[kind]["hist"])
   ax.bar(x0, y0, width=1.0, color="0.6", alpha=0.7, label="gradients of the loss")
   if scale != 1.0:
-    ax.bar(x1, y1, width=1.0, color="tab:blue", alpha=0.6,
-           label=f"gradients of loss x {scale:g} (loss scale)")
+    ax.bar(
+      x1,
+      y1,
+      width=1.0,
+      color="tab:blue",
+      alpha=0.6,
+      label=f"gradients of loss x {scale:g} (loss scale)",
+    )
   ax.set_yscale("log")
   ax.set_ylabel("fraction of values")
   zeros = totals[kind]["hist"]["zeros"] / max(totals[kind]["hist"]["size"], 1)
-  ax.set_title(f"{kind.replace('_', ' ')} exponents (precision {report.get('precision')}, "
-               f"{zeros:.1%} exactly zero)")
+  ax.set_title(
+    f"{kind.replace('_', ' ')} exponents (precision {report.get('precision')}, "
+    f"{zeros:.1%} exactly zero)"
+  )
   if scale != 1.0 and y0.size:
     peak = float(x0[np.argmax(y0)])
     top = float(np.max(y0))
-    ax.annotate("", xy=(peak + math.log2(scale), top), xytext=(peak, top),
-                arrowprops={"arrowstyle": "->", "color": "tab:red", "lw": 2})
-    ax.text(peak + math.log2(scale) / 2, top * 0.45, f"x{scale:g} = +{math.log2(scale):g}",
-            color="tab:red", ha="center")
+    ax.annotate(
+      "",
+      xy=(peak + math.log2(scale), top),
+      xytext=(peak, top),
+      arrowprops={"arrowstyle": "->", "color": "tab:red", "lw": 2},
+    )
+    ax.text(
+      peak + math.log2(scale) / 2,
+      top * 0.45,
+      f"x{scale:g} = +{math.log2(scale):g}",
+      color="tab:red",
+      ha="center",
+    )
   ax.legend(loc="upper left", fontsize=8)
   for i, name in enumerate(FORMATS):
     r = format_range(name)
     lo, normal, hi = r.exponents
     bands.broken_barh([(lo - 0.5, normal - lo)], (i - 0.4, 0.8), color="tab:orange", alpha=0.35)
-    bands.broken_barh([(normal - 0.5, hi - normal + 1)], (i - 0.4, 0.8), color="tab:green",
-                      alpha=0.6)
+    bands.broken_barh(
+      [(normal - 0.5, hi - normal + 1)], (i - 0.4, 0.8), color="tab:green", alpha=0.6
+    )
     if scale != 1.0:  # values of the unscaled loss that the scale lifts into the band
       bands.plot([lo - 0.5 - math.log2(scale)] * 2, [i - 0.45, i + 0.45], "--", color="tab:red")
   bands.set_yticks(range(len(FORMATS)), list(FORMATS))
-  bands.set_xlabel("floor(log2 |value|)   (bands: light = subnormal, dark = normal; "
-                   "red dashes: smallest unscaled value kept)")
+  bands.set_xlabel(
+    "floor(log2 |value|)   (bands: light = subnormal, dark = normal; "
+    "red dashes: smallest unscaled value kept)"
+  )
   lo_all = min([*x0[:1], *x1[:1], -40]) - 2
   bands.set_xlim(lo_all, 20)
   fig.tight_layout()
@@ -585,8 +666,9 @@ def plot_gradient_exponents(report: Mapping[str, Any], path: str,
   return path
 
 
-def write_report(report: Mapping[str, Any], out_dir: str, name: str = "diagnose"
-                 ) -> dict[str, str | None]:
+def write_report(
+  report: Mapping[str, Any], out_dir: str, name: str = "diagnose"
+) -> dict[str, str | None]:
   """Writes ``<name>.json`` and, when matplotlib is installed, ``<name>.png``.
 
   Returns:

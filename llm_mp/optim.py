@@ -94,8 +94,14 @@ def _optimizer(cfg: OptimConfig, schedule: optax.Schedule) -> optax.GradientTran
   """The optimizer proper (adamw with its decoupled decay), without clipping."""
   momentum = cfg.momentum or None  # 0 means plain, stateless SGD / RMSprop
   if cfg.name == "adamw":
-    return optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                       weight_decay=cfg.weight_decay, mask=lambda p: decay_mask(p, cfg))
+    return optax.adamw(
+      schedule,
+      b1=cfg.b1,
+      b2=cfg.b2,
+      eps=cfg.eps,
+      weight_decay=cfg.weight_decay,
+      mask=lambda p: decay_mask(p, cfg),
+    )
   if cfg.name == "adam":
     return optax.adam(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
   if cfg.name == "sgd":
@@ -112,8 +118,9 @@ def param_path(path: tuple) -> str:
   return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
 
 
-def param_groups(params: Any, freeze: Sequence[str], head_names: Sequence[str],
-                 split_backbone: bool) -> Any:
+def param_groups(
+  params: Any, freeze: Sequence[str], head_names: Sequence[str], split_backbone: bool
+) -> Any:
   """Labels each parameter "frozen" (its path matches a ``freeze`` fnmatch
   pattern), "backbone" (not under a top-level ``head_names`` module, when
   ``split_backbone``) or "head"."""
@@ -129,9 +136,14 @@ def param_groups(params: Any, freeze: Sequence[str], head_names: Sequence[str],
   return jax.tree_util.tree_map_with_path(label, params)
 
 
-def make_optimizer(cfg: OptimConfig, total_steps: int, *, freeze: Sequence[str] = (),
-                   backbone_lr_scale: float = 1.0, head_names: Sequence[str] = ()
-                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def make_optimizer(
+  cfg: OptimConfig,
+  total_steps: int,
+  *,
+  freeze: Sequence[str] = (),
+  backbone_lr_scale: float = 1.0,
+  head_names: Sequence[str] = (),
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """The optax chain described in the module docstring, and its schedule.
 
   Args:
@@ -159,11 +171,17 @@ def make_optimizer(cfg: OptimConfig, total_steps: int, *, freeze: Sequence[str] 
   if freeze or backbone_lr_scale != 1.0:
     # Only then: a plain chain keeps the optimizer state of existing runs unchanged.
     head = optax.chain(*update)
-    groups = {"head": head, "frozen": optax.set_to_zero(),
-              "backbone": optax.chain(head, optax.scale(backbone_lr_scale))}
-    links.append(optax.multi_transform(
-        groups, lambda p: param_groups(p, tuple(freeze), tuple(head_names),
-                                       backbone_lr_scale != 1.0)))
+    groups = {
+      "head": head,
+      "frozen": optax.set_to_zero(),
+      "backbone": optax.chain(head, optax.scale(backbone_lr_scale)),
+    }
+    links.append(
+      optax.multi_transform(
+        groups,
+        lambda p: param_groups(p, tuple(freeze), tuple(head_names), backbone_lr_scale != 1.0),
+      )
+    )
   else:
     links.extend(update)
   return optax.chain(*links), schedule

@@ -28,11 +28,20 @@ import jmp
 import numpy as np
 
 DTYPES: Mapping[str, Any] = {
-    "float32": jnp.float32, "fp32": jnp.float32, "f32": jnp.float32, "full": jnp.float32,
-    "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16,
-    "float16": jnp.float16, "fp16": jnp.float16, "f16": jnp.float16, "half": jnp.float16,
-    # float64 needs jax_enable_x64; used for reference computations in tests.
-    "float64": jnp.float64, "fp64": jnp.float64, "f64": jnp.float64,
+  "float32": jnp.float32,
+  "fp32": jnp.float32,
+  "f32": jnp.float32,
+  "full": jnp.float32,
+  "bfloat16": jnp.bfloat16,
+  "bf16": jnp.bfloat16,
+  "float16": jnp.float16,
+  "fp16": jnp.float16,
+  "f16": jnp.float16,
+  "half": jnp.float16,
+  # float64 needs jax_enable_x64; used for reference computations in tests.
+  "float64": jnp.float64,
+  "fp64": jnp.float64,
+  "f64": jnp.float64,
 }
 LOSS_SCALES = ("none", "static", "dynamic")
 
@@ -51,9 +60,15 @@ def dtype_name(dtype: Any) -> str:
 
 def _parse_policy_fields(spec: str, base: jmp.Policy) -> jmp.Policy:
   """'c=f32,o=bf16' (any subset of p/c/o) or a bare dtype (= compute) applied to ``base``."""
-  fields = {"p": "param_dtype", "params": "param_dtype", "param": "param_dtype",
-            "c": "compute_dtype", "compute": "compute_dtype",
-            "o": "output_dtype", "output": "output_dtype"}
+  fields = {
+    "p": "param_dtype",
+    "params": "param_dtype",
+    "param": "param_dtype",
+    "c": "compute_dtype",
+    "compute": "compute_dtype",
+    "o": "output_dtype",
+    "output": "output_dtype",
+  }
   if "=" not in spec:
     return dataclasses.replace(base, compute_dtype=parse_dtype(spec, "override dtype"))
   changes = {}
@@ -68,24 +83,25 @@ def _parse_policy_fields(spec: str, base: jmp.Policy) -> jmp.Policy:
 
 
 def _policy_str(p: jmp.Policy) -> str:
-  return (f"p={dtype_name(p.param_dtype)},c={dtype_name(p.compute_dtype)},"
-          f"o={dtype_name(p.output_dtype)}")
+  return (
+    f"p={dtype_name(p.param_dtype)},c={dtype_name(p.compute_dtype)},o={dtype_name(p.output_dtype)}"
+  )
 
 
 # Overrides every preset starts from; later entries win over earlier ones.
 DEFAULT_OVERRIDES: tuple[tuple[str, str], ...] = (
-    ("*norm*", "c=f32"),  # mean/variance in fp32; output back to the stream's dtype
-    ("*router*", "c=f32,o=f32"),  # MoE routing probabilities in fp32
-    ("lm_head", "o=f32"),  # logits leave the model in fp32 for the loss
-    ("classifier", "o=f32"),  # so do the encoder's class logits
+  ("*norm*", "c=f32"),  # mean/variance in fp32; output back to the stream's dtype
+  ("*router*", "c=f32,o=f32"),  # MoE routing probabilities in fp32
+  ("lm_head", "o=f32"),  # logits leave the model in fp32 for the loss
+  ("classifier", "o=f32"),  # so do the encoder's class logits
 )
 
 # preset -> (base policy string, loss scaling)
 PRESETS: Mapping[str, tuple[str, str]] = {
-    "fp32": ("p=f32,c=f32,o=f32", "none"),
-    "bf16": ("p=f32,c=bf16,o=bf16", "none"),
-    "fp16": ("p=f32,c=f16,o=f16", "dynamic"),
-    "pure_bf16": ("p=bf16,c=bf16,o=bf16", "none"),
+  "fp32": ("p=f32,c=f32,o=f32", "none"),
+  "bf16": ("p=f32,c=bf16,o=bf16", "none"),
+  "fp16": ("p=f32,c=f16,o=f16", "dynamic"),
+  "pure_bf16": ("p=bf16,c=bf16,o=bf16", "none"),
 }
 
 
@@ -132,8 +148,9 @@ class Precision:
     return "\n".join(lines)
 
 
-def make_precision(spec: str = "fp32", overrides: str | None = None,
-                   loss_scale: str | None = None) -> Precision:
+def make_precision(
+  spec: str = "fp32", overrides: str | None = None, loss_scale: str | None = None
+) -> Precision:
   """Builds a :class:`Precision` from a preset or a jmp policy string.
 
   Args:
@@ -153,8 +170,10 @@ def make_precision(spec: str = "fp32", overrides: str | None = None,
   elif "=" in key:
     base_str, preset_scale = key, "none"
   else:
-    raise ValueError(f"unknown precision {spec!r}; valid presets: {sorted(PRESETS)}, "
-                     "or a policy string like 'p=f32,c=bf16,o=bf16'")
+    raise ValueError(
+      f"unknown precision {spec!r}; valid presets: {sorted(PRESETS)}, "
+      "or a policy string like 'p=f32,c=bf16,o=bf16'"
+    )
   base = _parse_policy_fields(base_str, jmp.Policy(jnp.float32, jnp.float32, jnp.float32))
   entries = list(DEFAULT_OVERRIDES)
   for item in (overrides or "").split(";"):
@@ -194,21 +213,23 @@ def precision_report(model, params_shape: Any, *args, **kwargs) -> dict[str, dic
   """
   variables = {"params": params_shape} if "params" not in params_shape else params_shape
   _, state = jax.eval_shape(
-      lambda v: model.apply(v, *args, capture_intermediates=True, mutable=["intermediates"],
-                            **kwargs), variables)
+    lambda v: model.apply(
+      v, *args, capture_intermediates=True, mutable=["intermediates"], **kwargs
+    ),
+    variables,
+  )
   params = {
-      "/".join(str(getattr(k, "key", k)) for k in path): dtype_name(leaf.dtype)
-      for path, leaf in jax.tree_util.tree_leaves_with_path(variables["params"])
+    "/".join(str(getattr(k, "key", k)) for k in path): dtype_name(leaf.dtype)
+    for path, leaf in jax.tree_util.tree_leaves_with_path(variables["params"])
   }
   modules = {}
   for path, leaf in jax.tree_util.tree_leaves_with_path(state["intermediates"]):
     keys = [str(getattr(k, "key", k)) for k in path]
     if "__call__" not in keys:
       continue
-    mod = "/".join(keys[:keys.index("__call__")])
+    mod = "/".join(keys[: keys.index("__call__")])
     if mod in modules:  # modules returning tuples: report the first output
       continue
     policy = model.precision.for_path(mod)
-    modules[mod] = (f"compute={dtype_name(policy.compute_dtype)}, "
-                    f"output={dtype_name(leaf.dtype)}")
+    modules[mod] = f"compute={dtype_name(policy.compute_dtype)}, output={dtype_name(leaf.dtype)}"
   return {"params": params, "modules": modules}

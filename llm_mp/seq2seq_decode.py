@@ -47,10 +47,19 @@ def _write(seqs: jax.Array, i: jax.Array, tokens: jax.Array) -> jax.Array:
   return jnp.where(jnp.arange(seqs.shape[-1]) == i, tokens[..., None], seqs)
 
 
-def sample_search(step_fn: StepFn, state: Any, logits: jax.Array, *, max_new_tokens: int,
-                  eos_id: int, pad_id: int, rng: jax.Array, temperature: float = 0.0,
-                  top_k: int | None = None, top_p: float | None = None
-                  ) -> tuple[jax.Array, jax.Array]:
+def sample_search(
+  step_fn: StepFn,
+  state: Any,
+  logits: jax.Array,
+  *,
+  max_new_tokens: int,
+  eos_id: int,
+  pad_id: int,
+  rng: jax.Array,
+  temperature: float = 0.0,
+  top_k: int | None = None,
+  top_p: float | None = None,
+) -> tuple[jax.Array, jax.Array]:
   """Greedy (``temperature=0``) or sampled decoding, one token per row per step.
 
   Args:
@@ -90,10 +99,18 @@ def sample_search(step_fn: StepFn, state: Any, logits: jax.Array, *, max_new_tok
   return out, i
 
 
-def beam_search(step_fn: StepFn, reorder_fn: Callable[[Any, jax.Array], Any], state: Any,
-                logits: jax.Array, *, beam_size: int, max_new_tokens: int, eos_id: int,
-                pad_id: int, length_penalty: float = 0.6
-                ) -> tuple[jax.Array, jax.Array, jax.Array]:
+def beam_search(
+  step_fn: StepFn,
+  reorder_fn: Callable[[Any, jax.Array], Any],
+  state: Any,
+  logits: jax.Array,
+  *,
+  beam_size: int,
+  max_new_tokens: int,
+  eos_id: int,
+  pad_id: int,
+  length_penalty: float = 0.6,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Beam search with GNMT's length penalty (see the module docstring).
 
   Args:
@@ -117,8 +134,7 @@ def beam_search(step_fn: StepFn, reorder_fn: Callable[[Any, jax.Array], Any], st
   b = logits.shape[0] // w
   n = max_new_tokens
   top = lambda x, k: jax.lax.top_k(x, k)
-  pick = lambda x, idx: jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)),
-                                            axis=1)
+  pick = lambda x, idx: jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
 
   def select(i, logits, live_seqs, live_logp, fin_seqs, fin_scores, fin_flags):
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1).reshape(b, w, v)
@@ -134,10 +150,14 @@ def beam_search(step_fn: StepFn, reorder_fn: Callable[[Any, jax.Array], Any], st
     eos_ok = is_eos & (cand_logp > NEG / 2)
     last = i == n - 1
     all_seqs = jnp.concatenate([fin_seqs, seqs, new_seqs], axis=1)
-    all_scores = jnp.concatenate([
-        fin_scores, jnp.where(eos_ok, cand_logp / length_penalty_factor(i + 1, length_penalty),
-                              NEG),
-        jnp.where(last, new_logp / length_penalty_factor(n, length_penalty), NEG)], axis=1)
+    all_scores = jnp.concatenate(
+      [
+        fin_scores,
+        jnp.where(eos_ok, cand_logp / length_penalty_factor(i + 1, length_penalty), NEG),
+        jnp.where(last, new_logp / length_penalty_factor(n, length_penalty), NEG),
+      ],
+      axis=1,
+    )
     all_flags = jnp.concatenate([fin_flags, eos_ok, last & (new_logp > NEG / 2)], axis=1)
     fin_scores, keep = top(jnp.where(all_flags, all_scores, 2 * NEG), w)
     fin_seqs, fin_flags = pick(all_seqs, keep), pick(all_flags, keep)
@@ -147,15 +167,19 @@ def beam_search(step_fn: StepFn, reorder_fn: Callable[[Any, jax.Array], Any], st
   live_seqs = jnp.full((b, w, n), pad_id, jnp.int32)
   # Only beam 0 is live at first: the W copies of BOS would give W equal beams.
   live_logp = jnp.where(jnp.arange(w) == 0, 0.0, NEG) * jnp.ones((b, 1), jnp.float32)
-  fin = (jnp.full((b, w, n), pad_id, jnp.int32), jnp.full((b, w), 2 * NEG, jnp.float32),
-         jnp.zeros((b, w), bool))
+  fin = (
+    jnp.full((b, w, n), pad_id, jnp.int32),
+    jnp.full((b, w), 2 * NEG, jnp.float32),
+    jnp.zeros((b, w), bool),
+  )
   token, rows, *beams = select(0, logits, live_seqs, live_logp, *fin)
   state = reorder_fn(state, rows)
 
   def cond(carry):
     i, _, _, _, live_logp, _, fin_scores, fin_flags = carry
-    best_live = live_logp[:, 0] / jnp.maximum(length_penalty_factor(i + 1, length_penalty),
-                                              length_penalty_factor(n, length_penalty))
+    best_live = live_logp[:, 0] / jnp.maximum(
+      length_penalty_factor(i + 1, length_penalty), length_penalty_factor(n, length_penalty)
+    )
     settled = jnp.all(fin_flags, axis=1) & (fin_scores[:, -1] >= best_live)
     return (i < n) & ~jnp.all(settled)
 
@@ -166,7 +190,8 @@ def beam_search(step_fn: StepFn, reorder_fn: Callable[[Any, jax.Array], Any], st
     return (i + 1, token, reorder_fn(state, rows), *beams)
 
   i, _, _, _, _, fin_seqs, fin_scores, _ = jax.lax.while_loop(
-      cond, body, (jnp.int32(1), token, state, *beams))
+    cond, body, (jnp.int32(1), token, state, *beams)
+  )
   return fin_seqs[:, 0], fin_scores[:, 0], i
 
 
@@ -181,8 +206,9 @@ def init_decoder_cache(model: Any, batch_size: int, src_len: int) -> Any:
   src = jnp.zeros((batch_size, src_len), jnp.int32)
   tgt = jnp.zeros((batch_size, c.max_len), jnp.int32)
   positions = jnp.broadcast_to(jnp.arange(c.max_len), tgt.shape)
-  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), src, None, tgt,
-                                             decoder_positions=positions)["cache"])
+  shapes = jax.eval_shape(
+    lambda: model.init(jax.random.key(0), src, None, tgt, decoder_positions=positions)["cache"]
+  )
   return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
@@ -201,12 +227,24 @@ def reorder_cache(cache: Any, rows: jax.Array, scan_layers: bool) -> Any:
   return jax.tree_util.tree_map_with_path(take, cache)
 
 
-def generate_seq2seq(config: ModelConfig, precision: Precision, params: Any,
-                     src_tokens: jax.Array, src_segment_ids: jax.Array | None = None, *,
-                     max_new_tokens: int, bos_id: int, eos_id: int, pad_id: int | None = None,
-                     beam_size: int = 1, length_penalty: float = 0.6, temperature: float = 0.0,
-                     top_k: int | None = None, top_p: float | None = None,
-                     rng: jax.Array | None = None) -> jax.Array:
+def generate_seq2seq(
+  config: ModelConfig,
+  precision: Precision,
+  params: Any,
+  src_tokens: jax.Array,
+  src_segment_ids: jax.Array | None = None,
+  *,
+  max_new_tokens: int,
+  bos_id: int,
+  eos_id: int,
+  pad_id: int | None = None,
+  beam_size: int = 1,
+  length_penalty: float = 0.6,
+  temperature: float = 0.0,
+  top_k: int | None = None,
+  top_p: float | None = None,
+  rng: jax.Array | None = None,
+) -> jax.Array:
   """Target tokens for each source row of an encoder-decoder.
 
   Args:
@@ -237,57 +275,127 @@ def generate_seq2seq(config: ModelConfig, precision: Precision, params: Any,
   if src_tokens.ndim != 2 or src_tokens.shape[1] == 0:
     raise ValueError(f"src_tokens must be int[B, S] with S >= 1, got shape {src_tokens.shape}")
   if src_segment_ids is not None and jnp.shape(src_segment_ids) != src_tokens.shape:
-    raise ValueError(f"src_segment_ids shape {jnp.shape(src_segment_ids)} differs from "
-                     f"src_tokens shape {src_tokens.shape}")
+    raise ValueError(
+      f"src_segment_ids shape {jnp.shape(src_segment_ids)} differs from "
+      f"src_tokens shape {src_tokens.shape}"
+    )
   if not 1 <= max_new_tokens <= config.max_len:
-    raise ValueError(f"max_new_tokens={max_new_tokens} must be in [1, "
-                     f"model.max_len={config.max_len}]")
+    raise ValueError(
+      f"max_new_tokens={max_new_tokens} must be in [1, model.max_len={config.max_len}]"
+    )
   if beam_size < 1:
     raise ValueError(f"beam_size={beam_size} must be >= 1")
   if beam_size > 1 and temperature != 0:
-    raise ValueError(f"beam search is deterministic: temperature={temperature} must be 0 "
-                     f"with beam_size={beam_size}")
+    raise ValueError(
+      f"beam search is deterministic: temperature={temperature} must be 0 "
+      f"with beam_size={beam_size}"
+    )
   if temperature > 0 and rng is None:
     raise ValueError(f"temperature={temperature} samples: pass rng")
   if rng is None:
     rng = jax.random.key(0)
-  return _generate(params, src_tokens, src_segment_ids, rng, config=config, precision=precision,
-                   max_new_tokens=max_new_tokens, bos_id=bos_id, eos_id=eos_id,
-                   pad_id=eos_id if pad_id is None else pad_id, beam_size=beam_size,
-                   length_penalty=float(length_penalty), temperature=temperature, top_k=top_k,
-                   top_p=top_p)
+  return _generate(
+    params,
+    src_tokens,
+    src_segment_ids,
+    rng,
+    config=config,
+    precision=precision,
+    max_new_tokens=max_new_tokens,
+    bos_id=bos_id,
+    eos_id=eos_id,
+    pad_id=eos_id if pad_id is None else pad_id,
+    beam_size=beam_size,
+    length_penalty=float(length_penalty),
+    temperature=temperature,
+    top_k=top_k,
+    top_p=top_p,
+  )
 
 
-@functools.partial(jax.jit, static_argnames=(
-    "config", "precision", "max_new_tokens", "bos_id", "eos_id", "pad_id", "beam_size",
-    "length_penalty", "temperature", "top_k", "top_p"))
-def _generate(params, src_tokens, src_segment_ids, rng, *, config, precision, max_new_tokens,
-              bos_id, eos_id, pad_id, beam_size, length_penalty, temperature, top_k, top_p):
+@functools.partial(
+  jax.jit,
+  static_argnames=(
+    "config",
+    "precision",
+    "max_new_tokens",
+    "bos_id",
+    "eos_id",
+    "pad_id",
+    "beam_size",
+    "length_penalty",
+    "temperature",
+    "top_k",
+    "top_p",
+  ),
+)
+def _generate(
+  params,
+  src_tokens,
+  src_segment_ids,
+  rng,
+  *,
+  config,
+  precision,
+  max_new_tokens,
+  bos_id,
+  eos_id,
+  pad_id,
+  beam_size,
+  length_penalty,
+  temperature,
+  top_k,
+  top_p,
+):
   """:func:`generate_seq2seq` after validation; traced once per shapes and settings."""
   model = build_model(config, precision, decode=True)
   b, s = src_tokens.shape
   encoded = model.apply({"params": params}, src_tokens, src_segment_ids, method=model.encode)
   # Beam w of example b is row b * W + w.
   encoded = jnp.repeat(encoded, beam_size, axis=0)
-  src_segments = (None if src_segment_ids is None
-                  else jnp.repeat(src_segment_ids, beam_size, axis=0))
+  src_segments = None if src_segment_ids is None else jnp.repeat(src_segment_ids, beam_size, axis=0)
   rows = b * beam_size
 
   def step(tokens, position, cache, context=None):  # tokens (R,) at `position` -> (R, V)
     positions = jnp.full((rows, 1), position, jnp.int32)
     logits, mutated = model.apply(
-        {"params": params, "cache": cache}, tokens[:, None], context, src_segments, None,
-        positions, method=model.decoder_logits, mutable=["cache"])
+      {"params": params, "cache": cache},
+      tokens[:, None],
+      context,
+      src_segments,
+      None,
+      positions,
+      method=model.decoder_logits,
+      mutable=["cache"],
+    )
     return logits[:, -1].astype(jnp.float32), mutated["cache"]
 
   # BOS at position 0, with the context: fills the cross-attention cache.
-  logits, cache = step(jnp.full((rows,), bos_id, jnp.int32), 0,
-                       init_decoder_cache(model, rows, s), context=encoded)
+  logits, cache = step(
+    jnp.full((rows,), bos_id, jnp.int32), 0, init_decoder_cache(model, rows, s), context=encoded
+  )
   if beam_size == 1:
-    return sample_search(step, cache, logits, max_new_tokens=max_new_tokens, eos_id=eos_id,
-                         pad_id=pad_id, rng=rng, temperature=temperature, top_k=top_k,
-                         top_p=top_p)[0]
+    return sample_search(
+      step,
+      cache,
+      logits,
+      max_new_tokens=max_new_tokens,
+      eos_id=eos_id,
+      pad_id=pad_id,
+      rng=rng,
+      temperature=temperature,
+      top_k=top_k,
+      top_p=top_p,
+    )[0]
   reorder = functools.partial(reorder_cache, scan_layers=config.scan_layers)
-  return beam_search(step, reorder, cache, logits, beam_size=beam_size,
-                     max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id,
-                     length_penalty=length_penalty)[0]
+  return beam_search(
+    step,
+    reorder,
+    cache,
+    logits,
+    beam_size=beam_size,
+    max_new_tokens=max_new_tokens,
+    eos_id=eos_id,
+    pad_id=pad_id,
+    length_penalty=length_penalty,
+  )[0]

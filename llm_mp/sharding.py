@@ -42,23 +42,28 @@ BatchAxes = Mapping[str, tuple]  # batch key -> logical axes (a Task's batch_axe
 # weight ("expert", "embed", "mlp") is split by expert, its hidden units whole.
 # As in MaxText, "kv" (head dim), "length" and the scan axis "layers" stay whole.
 DEFAULT_RULES: Rules = (
-    ("batch", ("data", "fsdp")),
-    ("length", None),
-    ("vocab", "tensor"),
-    ("embed", "fsdp"),
-    ("heads", "tensor"),
-    ("kv_heads", "tensor"),
-    ("kv", None),
-    ("expert", "tensor"),
-    ("mlp", "tensor"),
-    ("layers", None),
+  ("batch", ("data", "fsdp")),
+  ("length", None),
+  ("vocab", "tensor"),
+  ("embed", "fsdp"),
+  ("heads", "tensor"),
+  ("kv_heads", "tensor"),
+  ("kv", None),
+  ("expert", "tensor"),
+  ("mlp", "tensor"),
+  ("layers", None),
 )
 
 # The config field that sets the size of each logical parameter axis (for errors).
 _AXIS_FIELDS: Mapping[str, str] = {
-    "vocab": "model.vocab_size", "embed": "model.d_model", "heads": "model.n_heads",
-    "kv_heads": "model.n_kv_heads", "kv": "model.head_dim", "mlp": "model.d_ff",
-    "expert": "model.n_experts", "layers": "model.n_layers",
+  "vocab": "model.vocab_size",
+  "embed": "model.d_model",
+  "heads": "model.n_heads",
+  "kv_heads": "model.n_kv_heads",
+  "kv": "model.head_dim",
+  "mlp": "model.d_ff",
+  "expert": "model.n_experts",
+  "layers": "model.n_layers",
 }
 
 
@@ -83,13 +88,13 @@ def make_mesh(cfg: MeshConfig, devices: Any = None) -> Mesh:
   described = ", ".join(f"{k}={v}" for k, v in sizes.items())
   if -1 in sizes.values():
     if len(devices) % known:
-      raise ValueError(f"mesh {described}: {known} does not divide the "
-                       f"{len(devices)} devices")
+      raise ValueError(f"mesh {described}: {known} does not divide the {len(devices)} devices")
     sizes = {k: len(devices) // known if v == -1 else v for k, v in sizes.items()}
   elif known != len(devices):
     raise ValueError(f"mesh {described} has {known} devices, but there are {len(devices)}")
-  return jax.make_mesh(tuple(sizes.values()), MESH_AXES, (AxisType.Auto,) * len(MESH_AXES),
-                       devices=devices)
+  return jax.make_mesh(
+    tuple(sizes.values()), MESH_AXES, (AxisType.Auto,) * len(MESH_AXES), devices=devices
+  )
 
 
 def _axis_names(axes: Any) -> tuple[str, ...]:
@@ -122,17 +127,21 @@ def check_divisible(boxed_params: Any, mesh: Mesh, rules: Rules) -> None:
       if dim % n:
         bad[_AXIS_FIELDS.get(name, f"axis {name!r}")] = ("*".join(mesh_axes), n, dim)
   if bad:
-    raise ValueError("; ".join(
+    raise ValueError(
+      "; ".join(
         f"mesh {axes}={n} does not divide {field}={dim} (next multiple: {-(-dim // n) * n})"
-        for field, (axes, n, dim) in bad.items()))
+        for field, (axes, n, dim) in bad.items()
+      )
+    )
 
 
 def _dict_keys(path: tuple) -> tuple[str, ...]:
   return tuple(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
 
 
-def _follow_params(opt_shapes: Any, param_shapes: Any, param_shardings: Any,
-                   default: NamedSharding) -> Any:
+def _follow_params(
+  opt_shapes: Any, param_shapes: Any, param_shardings: Any, default: NamedSharding
+) -> Any:
   """Shardings of optimizer-state leaves: a leaf whose dict-key path ends with a
   parameter's path and has its shape (a moment, a trace) takes that
   parameter's sharding; anything else (counts, masked-out groups) ``default``.
@@ -141,9 +150,11 @@ def _follow_params(opt_shapes: Any, param_shapes: Any, param_shardings: Any,
   combinator (``chain``, ``masked``, ``multi_transform``'s per-group states).
   """
   by_path = {
-      _dict_keys(path): (leaf.shape, sharding)
-      for (path, leaf), sharding in zip(jax.tree_util.tree_flatten_with_path(param_shapes)[0],
-                                        jax.tree.leaves(param_shardings))}
+    _dict_keys(path): (leaf.shape, sharding)
+    for (path, leaf), sharding in zip(
+      jax.tree_util.tree_flatten_with_path(param_shapes)[0], jax.tree.leaves(param_shardings)
+    )
+  }
 
   def pick(path, leaf):
     keys = _dict_keys(path)
@@ -156,9 +167,14 @@ def _follow_params(opt_shapes: Any, param_shapes: Any, param_shardings: Any,
   return jax.tree_util.tree_map_with_path(pick, opt_shapes)
 
 
-def abstract_train_state(model: nn.Module, tx: optax.GradientTransformation,
-                         precision: Precision, config: Config, mesh: Mesh,
-                         rng: jax.Array) -> TrainState:
+def abstract_train_state(
+  model: nn.Module,
+  tx: optax.GradientTransformation,
+  precision: Precision,
+  config: Config,
+  mesh: Mesh,
+  rng: jax.Array,
+) -> TrainState:
   """The TrainState as ``jax.ShapeDtypeStruct`` leaves carrying their target shardings.
 
   No FLOPs and no device memory: the target for :func:`create_sharded_state`
@@ -176,10 +192,13 @@ def abstract_train_state(model: nn.Module, tx: optax.GradientTransformation,
   shapes = jax.eval_shape(make_init_fn(model, tx, precision, config), rng)
   replicated = NamedSharding(mesh, PartitionSpec())
   shardings = jax.tree.map(lambda _: replicated, shapes).replace(
-      params=param_shardings, model_state=variable_shardings,
-      opt_state=_follow_params(shapes.opt_state, shapes.params, param_shardings, replicated))
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      shapes, shardings)
+    params=param_shardings,
+    model_state=variable_shardings,
+    opt_state=_follow_params(shapes.opt_state, shapes.params, param_shardings, replicated),
+  )
+  return jax.tree.map(
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings
+  )
 
 
 def with_rules(fn: Callable, mesh: Mesh, rules: Rules) -> Callable:
@@ -199,9 +218,14 @@ def with_rules(fn: Callable, mesh: Mesh, rules: Rules) -> Callable:
   return wrapped
 
 
-def create_sharded_state(model: nn.Module, tx: optax.GradientTransformation,
-                         precision: Precision, config: Config, mesh: Mesh,
-                         rng: jax.Array) -> tuple[TrainState, TrainState]:
+def create_sharded_state(
+  model: nn.Module,
+  tx: optax.GradientTransformation,
+  precision: Precision,
+  config: Config,
+  mesh: Mesh,
+  rng: jax.Array,
+) -> tuple[TrainState, TrainState]:
   """Initialises the TrainState directly in its sharded layout.
 
   Args:
@@ -223,15 +247,17 @@ def create_sharded_state(model: nn.Module, tx: optax.GradientTransformation,
   return jax.jit(init, out_shardings=shardings)(rng), shardings
 
 
-def batch_sharding(mesh: Mesh, rules: Rules = DEFAULT_RULES,
-                   axes: tuple = ("batch", "length")) -> NamedSharding:
+def batch_sharding(
+  mesh: Mesh, rules: Rules = DEFAULT_RULES, axes: tuple = ("batch", "length")
+) -> NamedSharding:
   """Sharding of one batch array with logical ``axes`` (default ``[B, T]``:
   rows over the "batch" rule's mesh axes)."""
   return NamedSharding(mesh, nn.logical_to_mesh_axes(axes, rules))
 
 
-def batch_shardings(keys: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES,
-                    batch_axes: BatchAxes = LM_BATCH_AXES) -> dict[str, NamedSharding]:
+def batch_shardings(
+  keys: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES, batch_axes: BatchAxes = LM_BATCH_AXES
+) -> dict[str, NamedSharding]:
   """``{key: NamedSharding}`` for the batch ``keys``, from the task's ``batch_axes``.
 
   Raises:
@@ -239,16 +265,24 @@ def batch_shardings(keys: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES,
   """
   unknown = sorted(set(keys) - set(batch_axes))
   if unknown:
-    raise ValueError(f"batch key(s) {unknown} have no declared sharding; the task "
-                     f"declares {sorted(batch_axes)}")
+    raise ValueError(
+      f"batch key(s) {unknown} have no declared sharding; the task declares {sorted(batch_axes)}"
+    )
   return {k: batch_sharding(mesh, rules, tuple(batch_axes[k])) for k in keys}
 
 
 class _JitPerBatchKeys:
   """A step jitted once per set of batch keys, each key with its declared sharding."""
 
-  def __init__(self, fn: Callable, mesh: Mesh, rules: Rules, batch_axes: BatchAxes,
-               first_sharding: Any, **jit_kwargs):
+  def __init__(
+    self,
+    fn: Callable,
+    mesh: Mesh,
+    rules: Rules,
+    batch_axes: BatchAxes,
+    first_sharding: Any,
+    **jit_kwargs,
+  ):
     self._fn, self._mesh, self._rules, self._axes = fn, mesh, rules, batch_axes
     self._first, self._kwargs = first_sharding, jit_kwargs
     self.jitted: dict[frozenset, Callable] = {}
@@ -257,8 +291,9 @@ class _JitPerBatchKeys:
     keys = frozenset(batch)
     if keys not in self.jitted:
       in_shardings = (self._first, batch_shardings(keys, self._mesh, self._rules, self._axes))
-      self.jitted[keys] = jax.jit(with_rules(self._fn, self._mesh, self._rules),
-                                  in_shardings=in_shardings, **self._kwargs)
+      self.jitted[keys] = jax.jit(
+        with_rules(self._fn, self._mesh, self._rules), in_shardings=in_shardings, **self._kwargs
+      )
     return self.jitted[keys]
 
   def __call__(self, first: Any, batch: Mapping[str, Any]):
@@ -269,9 +304,13 @@ class _JitPerBatchKeys:
     return self._get(batch).lower(first, batch)
 
 
-def jit_train_step(train_step: Callable, state_shardings: TrainState, mesh: Mesh,
-                   rules: Rules = DEFAULT_RULES, batch_axes: BatchAxes = LM_BATCH_AXES
-                   ) -> Callable:
+def jit_train_step(
+  train_step: Callable,
+  state_shardings: TrainState,
+  mesh: Mesh,
+  rules: Rules = DEFAULT_RULES,
+  batch_axes: BatchAxes = LM_BATCH_AXES,
+) -> Callable:
   """``train_step(state, batch) -> (state, metrics)`` jitted with explicit shardings.
 
   The state keeps ``state_shardings`` in and out and is donated (its buffers
@@ -282,21 +321,42 @@ def jit_train_step(train_step: Callable, state_shardings: TrainState, mesh: Mesh
   batch keys (a training run has one); ``.lower(state, batch)`` lowers it.
   """
   replicated = NamedSharding(mesh, PartitionSpec())
-  return _JitPerBatchKeys(train_step, mesh, rules, batch_axes, state_shardings,
-                          out_shardings=(state_shardings, replicated), donate_argnums=0)
+  return _JitPerBatchKeys(
+    train_step,
+    mesh,
+    rules,
+    batch_axes,
+    state_shardings,
+    out_shardings=(state_shardings, replicated),
+    donate_argnums=0,
+  )
 
 
-def jit_eval_step(eval_step: Callable, state_shardings: TrainState, mesh: Mesh,
-                  rules: Rules = DEFAULT_RULES, batch_axes: BatchAxes = LM_BATCH_AXES
-                  ) -> Callable:
+def jit_eval_step(
+  eval_step: Callable,
+  state_shardings: TrainState,
+  mesh: Mesh,
+  rules: Rules = DEFAULT_RULES,
+  batch_axes: BatchAxes = LM_BATCH_AXES,
+) -> Callable:
   """``eval_step(variables, batch) -> sums`` jitted like :func:`jit_train_step`,
   without donation; ``variables`` is ``state.variables``."""
-  return _JitPerBatchKeys(eval_step, mesh, rules, batch_axes, state_shardings.variables,
-                          out_shardings=NamedSharding(mesh, PartitionSpec()))
+  return _JitPerBatchKeys(
+    eval_step,
+    mesh,
+    rules,
+    batch_axes,
+    state_shardings.variables,
+    out_shardings=NamedSharding(mesh, PartitionSpec()),
+  )
 
 
-def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh, rules: Rules = DEFAULT_RULES,
-                batch_axes: BatchAxes = LM_BATCH_AXES) -> dict[str, jax.Array]:
+def shard_batch(
+  batch: Mapping[str, np.ndarray],
+  mesh: Mesh,
+  rules: Rules = DEFAULT_RULES,
+  batch_axes: BatchAxes = LM_BATCH_AXES,
+) -> dict[str, jax.Array]:
   """This process's rows -> global arrays split over the batch axes.
 
   Args:
@@ -323,9 +383,11 @@ def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh, rules: Rules = DEFA
     rows = math.prod(mesh.shape[a] for a in _axis_names(sharding.spec[0]))
     global_rows = local.shape[0] * jax.process_count()
     if global_rows % rows:
-      raise ValueError(f"a batch of {global_rows} rows does not split over the mesh's "
-                       f"{rows} batch shards (data*fsdp); make train.batch_size a "
-                       f"multiple of {rows}")
+      raise ValueError(
+        f"a batch of {global_rows} rows does not split over the mesh's "
+        f"{rows} batch shards (data*fsdp); make train.batch_size a "
+        f"multiple of {rows}"
+      )
     out[key] = jax.make_array_from_process_local_data(sharding, local)
   return out
 
@@ -346,13 +408,19 @@ def state_memory_report(state: Any) -> dict[str, int]:
   device = min(leaves[0].sharding.device_set, key=lambda d: d.id)
 
   def held(tree):
-    return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
-               for x in jax.tree.leaves(tree) if device in x.sharding.device_set)
+    return sum(
+      math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+      for x in jax.tree.leaves(tree)
+      if device in x.sharding.device_set
+    )
 
   params, opt_state = held(state.params), held(state.opt_state)
-  return {"params_bytes": params, "opt_state_bytes": opt_state,
-          "total_bytes": params + opt_state,
-          "unsharded_bytes": sum(x.size * x.dtype.itemsize for x in leaves)}
+  return {
+    "params_bytes": params,
+    "opt_state_bytes": opt_state,
+    "total_bytes": params + opt_state,
+    "unsharded_bytes": sum(x.size * x.dtype.itemsize for x in leaves),
+  }
 
 
 # Environment variables that make :func:`maybe_initialize_distributed` start JAX's

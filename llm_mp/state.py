@@ -74,8 +74,9 @@ def init_params_fn(model: nn.Module, config: Config) -> Callable[[jax.Array], An
   return lambda rng: init(rng)["params"]
 
 
-def make_init_fn(model: nn.Module, tx: optax.GradientTransformation, precision: Precision,
-                 config: Config) -> Callable[[jax.Array], TrainState]:
+def make_init_fn(
+  model: nn.Module, tx: optax.GradientTransformation, precision: Precision, config: Config
+) -> Callable[[jax.Array], TrainState]:
   """``rng -> TrainState`` (plain arrays), to be jitted, possibly with out_shardings.
 
   Call ``jax.eval_shape`` on it to get the state's shapes without FLOPs.
@@ -87,14 +88,15 @@ def make_init_fn(model: nn.Module, tx: optax.GradientTransformation, precision: 
     variables = dict(nn.unbox(init_variables(param_rng)))
     params = variables.pop("params")
     return TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=params,
-        opt_state=tx.init(params),
-        loss_scale=make_loss_scale(precision.loss_scale, config.train.init_loss_scale,
-                                   config.train.loss_scale_period),
-        rng=state_rng,
-        skipped_steps=jnp.zeros((), jnp.int32),
-        model_state=variables,
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      opt_state=tx.init(params),
+      loss_scale=make_loss_scale(
+        precision.loss_scale, config.train.init_loss_scale, config.train.loss_scale_period
+      ),
+      rng=state_rng,
+      skipped_steps=jnp.zeros((), jnp.int32),
+      model_state=variables,
     )
 
   return init

@@ -60,9 +60,13 @@ def _weighted(aux: dict[str, jax.Array]) -> dict[str, jax.Array]:
   return {k: v * w for k, v in aux.items() if k not in ("weight", "model_state")}
 
 
-def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule, config: Config, task: Task | None = None
-                    ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+def make_train_step(
+  model: nn.Module,
+  tx: optax.GradientTransformation,
+  schedule: optax.Schedule,
+  config: Config,
+  task: Task | None = None,
+) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
   """Builds ``train_step(state, batch) -> (state, metrics)``.
 
   Args:
@@ -95,6 +99,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
       grads, aux = grad_fn(state.params, state.model_state, batch, rng)
       weight, sums, model_state = aux["weight"], _weighted(aux), aux["model_state"]
     else:
+
       def accumulate(carry, xs):
         g_sum, w_sum, m_sum, model_state = carry
         micro, i = xs
@@ -107,11 +112,17 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
       micro = _split_micro(batch, k)
       first = jax.tree.map(lambda x: x[0], micro)
       m_shapes = jax.eval_shape(
-          lambda: _weighted(grad_fn(state.params, state.model_state, first, rng)[1]))
-      zeros = (jax.tree.map(jnp.zeros_like, state.params), jnp.zeros((), jnp.float32),
-               jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), m_shapes), state.model_state)
-      (grads, weight, sums, model_state), _ = jax.lax.scan(accumulate, zeros,
-                                                           (micro, jnp.arange(k)))
+        lambda: _weighted(grad_fn(state.params, state.model_state, first, rng)[1])
+      )
+      zeros = (
+        jax.tree.map(jnp.zeros_like, state.params),
+        jnp.zeros((), jnp.float32),
+        jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), m_shapes),
+        state.model_state,
+      )
+      (grads, weight, sums, model_state), _ = jax.lax.scan(
+        accumulate, zeros, (micro, jnp.arange(k))
+      )
       grads = jax.tree.map(lambda g: g / jnp.maximum(weight, 1.0).astype(g.dtype), grads)
 
     grads = state.loss_scale.unscale(grads)
@@ -120,16 +131,17 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
     new_params = optax.apply_updates(state.params, updates)
     skipped = state.skipped_steps + (~finite).astype(jnp.int32)
     new_state = state.replace(
-        step=state.step + 1,
-        params=select_tree(finite, new_params, state.params),
-        opt_state=select_tree(finite, new_opt_state, state.opt_state),
-        loss_scale=state.loss_scale.adjust(finite),
-        skipped_steps=skipped,
-        model_state=select_tree(finite, model_state, state.model_state),
+      step=state.step + 1,
+      params=select_tree(finite, new_params, state.params),
+      opt_state=select_tree(finite, new_opt_state, state.opt_state),
+      loss_scale=state.loss_scale.adjust(finite),
+      skipped_steps=skipped,
+      model_state=select_tree(finite, model_state, state.model_state),
     )
     n = jnp.maximum(weight, 1.0)
     metrics = {name: v / n for name, v in sums.items()}
-    metrics.update({
+    metrics.update(
+      {
         "grad_norm": optax.tree.norm(grads),
         # optax counts applied updates only, so the lr follows step - skipped.
         "lr": schedule(state.step - state.skipped_steps),
@@ -139,7 +151,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
         "grad_zero_fraction": _zero_fraction(grads),
         "skipped_steps": skipped,
         task.unit: weight,
-    })
+      }
+    )
     if config.train.layer_metrics:
       metrics.update(zero_fraction_by_layer(grads))
     return new_state, metrics
@@ -147,8 +160,9 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
   return train_step
 
 
-def make_eval_step(model: nn.Module, task: Task | None = None, config: Config | None = None
-                   ) -> Callable[[Any, Batch], dict[str, jax.Array]]:
+def make_eval_step(
+  model: nn.Module, task: Task | None = None, config: Config | None = None
+) -> Callable[[Any, Batch], dict[str, jax.Array]]:
   """Builds ``eval_step(variables, batch) -> sums`` (fp32 scalars).
 
   Args:

@@ -47,8 +47,10 @@ TRANSIENT_COLLECTIONS = ("losses", "metrics", "intermediates", "cache")
 
 TOKEN_AXES = ("batch", "length")
 LM_BATCH_AXES: Mapping[str, tuple[str, ...]] = {
-    "inputs": TOKEN_AXES, "targets": TOKEN_AXES, "segment_ids": TOKEN_AXES,
-    "positions": TOKEN_AXES,
+  "inputs": TOKEN_AXES,
+  "targets": TOKEN_AXES,
+  "segment_ids": TOKEN_AXES,
+  "positions": TOKEN_AXES,
 }
 
 
@@ -95,8 +97,9 @@ def collect_sown(losses: Any, metrics: Any) -> tuple[jax.Array, dict[str, jax.Ar
     each metric name the mean over the layers that recorded it (a sown vector,
     e.g. per-expert load ``[E]``, stays a vector).
   """
-  aux_loss = sum((jnp.sum(x, dtype=jnp.float32) for x in jax.tree.leaves(losses)),
-                 jnp.zeros((), jnp.float32))
+  aux_loss = sum(
+    (jnp.sum(x, dtype=jnp.float32) for x in jax.tree.leaves(losses)), jnp.zeros((), jnp.float32)
+  )
   grouped: dict[str, list[jax.Array]] = {}
   for path, value in jax.tree_util.tree_flatten_with_path(metrics)[0]:
     # The path ends (..., DictKey(name), SequenceKey(i)): sow keeps a tuple per name.
@@ -106,8 +109,9 @@ def collect_sown(losses: Any, metrics: Any) -> tuple[jax.Array, dict[str, jax.Ar
   return aux_loss, {k: sum(v) / len(v) for k, v in grouped.items()}
 
 
-def apply_model(model: nn.Module, variables: Mapping[str, Any], *args, rng: jax.Array | None,
-                **kwargs) -> tuple[Any, jax.Array, dict[str, jax.Array], dict[str, Any]]:
+def apply_model(
+  model: nn.Module, variables: Mapping[str, Any], *args, rng: jax.Array | None, **kwargs
+) -> tuple[Any, jax.Array, dict[str, jax.Array], dict[str, Any]]:
   """Runs ``model`` and gathers what its modules recorded.
 
   Args:
@@ -123,8 +127,13 @@ def apply_model(model: nn.Module, variables: Mapping[str, Any], *args, rng: jax.
   """
   state_names = [k for k in variables if k != "params"]
   out, written = model.apply(
-      variables, *args, deterministic=rng is None, rngs=None if rng is None else {"dropout": rng},
-      mutable=["losses", "metrics", *state_names], **kwargs)
+    variables,
+    *args,
+    deterministic=rng is None,
+    rngs=None if rng is None else {"dropout": rng},
+    mutable=["losses", "metrics", *state_names],
+    **kwargs,
+  )
   aux_loss, metrics = collect_sown(written.get("losses", {}), written.get("metrics", {}))
   model_state = {k: written[k] for k in state_names if k in written}
   return out, aux_loss, metrics, model_state
@@ -172,10 +181,16 @@ def lm_loss(model, variables, batch: Batch, rng, *, z_weight: float = 0.0):
   """Next-token prediction. ``batch``: int32 ``inputs, targets`` ``[B, T]``
   (targets -1 are ignored), optional ``segment_ids, positions`` ``[B, T]``."""
   logits, aux_loss, metrics, model_state = apply_model(
-      model, variables, batch["inputs"], segment_ids=batch.get("segment_ids"),
-      positions=batch.get("positions"), rng=rng)
-  return _token_loss(logits, batch["targets"], loss_mask(batch), aux_loss, metrics, model_state,
-                     z_weight)
+    model,
+    variables,
+    batch["inputs"],
+    segment_ids=batch.get("segment_ids"),
+    positions=batch.get("positions"),
+    rng=rng,
+  )
+  return _token_loss(
+    logits, batch["targets"], loss_mask(batch), aux_loss, metrics, model_state, z_weight
+  )
 
 
 # Eval batches are masked with this fixed key, so evaluations of different
@@ -183,15 +198,25 @@ def lm_loss(model, variables, batch: Batch, rng, *, z_weight: float = 0.0):
 _EVAL_MASK_SEED = 0
 
 
-def mlm_loss(model, variables, batch: Batch, rng, *, probability: float, mask_id: int,
-             random_ids: tuple[int, int], special_ids: tuple[int, ...],
-             z_weight: float = 0.0):
+def mlm_loss(
+  model,
+  variables,
+  batch: Batch,
+  rng,
+  *,
+  probability: float,
+  mask_id: int,
+  random_ids: tuple[int, int],
+  special_ids: tuple[int, ...],
+  z_weight: float = 0.0,
+):
   """Masked LM (BERT): a random ``probability`` of the real, non-special
   tokens of ``inputs [B, T]`` is selected (80% -> ``mask_id``, 10% -> a random
   token id in ``[random_ids[0], random_ids[1])``, 10% kept) and predicted; the
   loss counts the selected positions only. ``batch`` as for :func:`lm_loss`
   (``targets`` unused)."""
   from llm_mp.data.masking import mlm_mask  # pylint: disable=import-outside-toplevel
+
   inputs = batch["inputs"]
   maskable = ~jnp.isin(inputs, jnp.asarray(special_ids, inputs.dtype))
   if "segment_ids" in batch:
@@ -200,11 +225,23 @@ def mlm_loss(model, variables, batch: Batch, rng, *, probability: float, mask_id
     mask_rng, dropout_rng = jax.random.key(_EVAL_MASK_SEED), None
   else:
     mask_rng, dropout_rng = jax.random.split(rng)
-  masked, targets = mlm_mask(mask_rng, inputs, maskable, probability=probability,
-                             mask_id=mask_id, low=random_ids[0], vocab_size=random_ids[1])
+  masked, targets = mlm_mask(
+    mask_rng,
+    inputs,
+    maskable,
+    probability=probability,
+    mask_id=mask_id,
+    low=random_ids[0],
+    vocab_size=random_ids[1],
+  )
   logits, aux_loss, metrics, model_state = apply_model(
-      model, variables, masked, segment_ids=batch.get("segment_ids"),
-      positions=batch.get("positions"), rng=dropout_rng)
+    model,
+    variables,
+    masked,
+    segment_ids=batch.get("segment_ids"),
+    positions=batch.get("positions"),
+    rng=dropout_rng,
+  )
   return _token_loss(logits, targets, targets >= 0, aux_loss, metrics, model_state, z_weight)
 
 
@@ -213,22 +250,36 @@ def classify_loss(model, variables, batch: Batch, rng):
   positions [B, T]`` and ``labels [B]`` (-1: a padding row, not counted).
   Cross-entropy over the class logits in fp32; ``accuracy`` in aux."""
   logits, aux_loss, metrics, model_state = apply_model(
-      model, variables, batch["inputs"], segment_ids=batch.get("segment_ids"),
-      positions=batch.get("positions"), rng=rng)
+    model,
+    variables,
+    batch["inputs"],
+    segment_ids=batch.get("segment_ids"),
+    positions=batch.get("positions"),
+    rng=rng,
+  )
   labels = batch["labels"]
   nll, _, count = cross_entropy(logits, labels, jnp.ones_like(labels, bool))
   n = jnp.maximum(count, 1.0)
   correct = ((jnp.argmax(logits, -1) == labels) & (labels >= 0)).sum(dtype=jnp.float32)
-  aux = {**metrics, "weight": count, "loss": nll / n, "accuracy": correct / n,
-         "model_state": model_state}
+  aux = {
+    **metrics,
+    "weight": count,
+    "loss": nll / n,
+    "accuracy": correct / n,
+    "model_state": model_state,
+  }
   return nll / n + aux_loss, aux
 
 
 # Source and target lengths may differ; both are ("batch", "length") (length is not sharded).
 SEQ2SEQ_BATCH_AXES: Mapping[str, tuple[str, ...]] = {
-    "inputs": TOKEN_AXES, "segment_ids": TOKEN_AXES, "positions": TOKEN_AXES,
-    "decoder_inputs": TOKEN_AXES, "decoder_segment_ids": TOKEN_AXES,
-    "decoder_positions": TOKEN_AXES, "targets": TOKEN_AXES,
+  "inputs": TOKEN_AXES,
+  "segment_ids": TOKEN_AXES,
+  "positions": TOKEN_AXES,
+  "decoder_inputs": TOKEN_AXES,
+  "decoder_segment_ids": TOKEN_AXES,
+  "decoder_positions": TOKEN_AXES,
+  "targets": TOKEN_AXES,
 }
 
 
@@ -240,10 +291,16 @@ def seq2seq_loss(model, variables, batch: Batch, rng, *, z_weight: float = 0.0):
   ``positions [B, S]`` / ``decoder_positions [B, T]``. Mean cross-entropy
   over the real target tokens; ``accuracy`` (argmax == target) in aux."""
   logits, aux_loss, metrics, model_state = apply_model(
-      model, variables, batch["inputs"], segment_ids=batch.get("segment_ids"),
-      decoder_inputs=batch["decoder_inputs"],
-      decoder_segment_ids=batch.get("decoder_segment_ids"), positions=batch.get("positions"),
-      decoder_positions=batch.get("decoder_positions"), rng=rng)
+    model,
+    variables,
+    batch["inputs"],
+    segment_ids=batch.get("segment_ids"),
+    decoder_inputs=batch["decoder_inputs"],
+    decoder_segment_ids=batch.get("decoder_segment_ids"),
+    positions=batch.get("positions"),
+    decoder_positions=batch.get("decoder_positions"),
+    rng=rng,
+  )
   targets = batch["targets"]
   mask = targets >= 0
   if "decoder_segment_ids" in batch:
@@ -278,13 +335,16 @@ def make_task(config: Config, tokenizer: Any = None) -> Task:
   t = config.train
   if name == "lm":
     if config.model.family != "decoder":
-      raise ValueError(f"train.task='lm' needs model.family='decoder', got "
-                       f"{config.model.family!r} (encoders train with 'mlm')")
+      raise ValueError(
+        f"train.task='lm' needs model.family='decoder', got "
+        f"{config.model.family!r} (encoders train with 'mlm')"
+      )
     return Task("lm", "lm", LM_BATCH_AXES, functools.partial(lm_loss, z_weight=t.z_loss))
   if name == "mlm":
     if config.model.family != "encoder":
-      raise ValueError(f"train.task='mlm' needs model.family='encoder', got "
-                       f"{config.model.family!r}")
+      raise ValueError(
+        f"train.task='mlm' needs model.family='encoder', got {config.model.family!r}"
+      )
     if tokenizer is None:
       raise ValueError("train.task='mlm' needs the tokenizer (its pad/bos/eos ids)")
     tok = tokenizer
@@ -292,23 +352,35 @@ def make_task(config: Config, tokenizer: Any = None) -> Task:
     # Random replacements are ordinary tokens: the specials sit at the start
     # (BPE: 0..2) or the end (bytes: 256..258) of the vocabulary.
     low, high = (specials[-1] + 1, tok.vocab_size) if specials[0] == 0 else (0, specials[0])
-    loss = functools.partial(mlm_loss, probability=t.mlm_probability, mask_id=tok.pad_id,
-                             random_ids=(low, high), z_weight=t.z_loss,
-                             special_ids=tuple(specials))
+    loss = functools.partial(
+      mlm_loss,
+      probability=t.mlm_probability,
+      mask_id=tok.pad_id,
+      random_ids=(low, high),
+      z_weight=t.z_loss,
+      special_ids=tuple(specials),
+    )
     return Task("mlm", "lm", LM_BATCH_AXES, loss)
   if name == "classify":
     if config.model.family != "encoder":
-      raise ValueError(f"train.task='classify' needs model.family='encoder', got "
-                       f"{config.model.family!r}")
-    axes = {"inputs": TOKEN_AXES, "segment_ids": TOKEN_AXES, "positions": TOKEN_AXES,
-            "labels": ("batch",)}
+      raise ValueError(
+        f"train.task='classify' needs model.family='encoder', got {config.model.family!r}"
+      )
+    axes = {
+      "inputs": TOKEN_AXES,
+      "segment_ids": TOKEN_AXES,
+      "positions": TOKEN_AXES,
+      "labels": ("batch",),
+    }
     return Task("classify", "classify", axes, classify_loss, unit="examples", perplexity=False)
   if name == "seq2seq":
     if config.model.family != "encoder_decoder":
-      raise ValueError(f"train.task='seq2seq' needs model.family='encoder_decoder', got "
-                       f"{config.model.family!r}")
-    return Task("seq2seq", "lm", SEQ2SEQ_BATCH_AXES,
-                functools.partial(seq2seq_loss, z_weight=t.z_loss))
+      raise ValueError(
+        f"train.task='seq2seq' needs model.family='encoder_decoder', got {config.model.family!r}"
+      )
+    return Task(
+      "seq2seq", "lm", SEQ2SEQ_BATCH_AXES, functools.partial(seq2seq_loss, z_weight=t.z_loss)
+    )
   raise ValueError(f"unknown train.task={name!r}; known: {sorted(TASKS)}")
 
 

@@ -39,6 +39,7 @@ def bleu(hyps: Sequence[str], refs: Sequence[str]) -> float:
     BLEU in ``[0, 100]`` (sacrebleu's ``corpus_bleu(...).score``).
   """
   import sacrebleu
+
   _check_lengths(hyps, refs, "bleu")
   return float(sacrebleu.corpus_bleu(list(hyps), [list(refs)]).score)
 
@@ -54,6 +55,7 @@ def rouge(hyps: Sequence[str], refs: Sequence[str]) -> dict[str, float]:
     ``{"rouge1", "rouge2", "rougeL"}``: percentages, averaged over examples.
   """
   from rouge_score import rouge_scorer
+
   _check_lengths(hyps, refs, "rouge")
   keys = ("rouge1", "rouge2", "rougeL")
   scorer = rouge_scorer.RougeScorer(list(keys), use_stemmer=True)
@@ -123,7 +125,7 @@ def sentences(text: str) -> list[str]:
   for line in text.splitlines():
     start = 0
     for m in _SENTENCE_END.finditer(line):
-      out.append(line[start:m.start() + len(m.group(0).rstrip())].strip())
+      out.append(line[start : m.start() + len(m.group(0).rstrip())].strip())
       start = m.end()
     out.append(line[start:].strip())
   return [s for s in out if s]

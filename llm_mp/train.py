@@ -48,15 +48,25 @@ from llm_mp.tasks import LM_BATCH_AXES, Task, task_name
 
 # Fields that may change between runs on the same workdir (the run stays the same run).
 RESUMABLE_FIELDS = {
-    "train.steps", "train.log_every", "train.eval_every", "train.eval_batches",
-    "train.ckpt_every", "train.keep_checkpoints", "train.sample_prompt", "train.sample_tokens",
-    # The corpus may move: data.paths are stored absolute, and CORPUS_FILE's hash of
-    # the cleaned text is what must not change.
-    "data.paths",
-    # Checkpoints restore onto any mesh (orbax reshards); only reduction order changes.
-    "mesh.data", "mesh.fsdp", "mesh.tensor", "mesh.rules",
-    # Implementation choices: the same function, computed another way.
-    "model.attention_impl", "model.remat",
+  "train.steps",
+  "train.log_every",
+  "train.eval_every",
+  "train.eval_batches",
+  "train.ckpt_every",
+  "train.keep_checkpoints",
+  "train.sample_prompt",
+  "train.sample_tokens",
+  # The corpus may move: data.paths are stored absolute, and CORPUS_FILE's hash of
+  # the cleaned text is what must not change.
+  "data.paths",
+  # Checkpoints restore onto any mesh (orbax reshards); only reduction order changes.
+  "mesh.data",
+  "mesh.fsdp",
+  "mesh.tensor",
+  "mesh.rules",
+  # Implementation choices: the same function, computed another way.
+  "model.attention_impl",
+  "model.remat",
 }
 
 
@@ -104,8 +114,10 @@ def workdir_lock(workdir: str):
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
       holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
-      raise WorkdirBusyError(f"workdir {workdir} is in use by another trainer (pid {holder}); "
-                             "wait for it to finish or use another --workdir") from None
+      raise WorkdirBusyError(
+        f"workdir {workdir} is in use by another trainer (pid {holder}); "
+        "wait for it to finish or use another --workdir"
+      ) from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
     yield
@@ -120,8 +132,10 @@ def with_absolute_paths(config: Config) -> Config:
   absolute = lambda paths: tuple(os.path.abspath(p) for p in paths)
   init_from = os.path.abspath(t.init_from) if t.init_from else t.init_from
   return dataclasses.replace(
-      config, data=dataclasses.replace(d, paths=absolute(d.paths), val_paths=absolute(d.val_paths)),
-      train=dataclasses.replace(t, init_from=init_from))
+    config,
+    data=dataclasses.replace(d, paths=absolute(d.paths), val_paths=absolute(d.val_paths)),
+    train=dataclasses.replace(t, init_from=init_from),
+  )
 
 
 def with_schedule_steps(config: Config, old: Config | None) -> Config:
@@ -147,14 +161,16 @@ def check_corpus(workdir: str, paths: tuple[str, ...], sha256: str, write: bool)
         old = json.load(f)
       old_sha = old["sha256"]
     except (OSError, ValueError, KeyError, TypeError) as e:
-      raise ValueError(f"{path} is unreadable ({e}); delete it to accept the current "
-                       "corpus") from None
+      raise ValueError(
+        f"{path} is unreadable ({e}); delete it to accept the current corpus"
+      ) from None
     if old_sha != sha256:
       where = ", ".join(old.get("paths") or ["the embedded corpus"])
       raise ConfigConflictError(
-          f"workdir {workdir} was trained on a corpus ({where}) with sha256 {old_sha[:12]}, "
-          f"but the data now has sha256 {sha256[:12]}: its text changed; use a new --workdir "
-          "or the original data")
+        f"workdir {workdir} was trained on a corpus ({where}) with sha256 {old_sha[:12]}, "
+        f"but the data now has sha256 {sha256[:12]}: its text changed; use a new --workdir "
+        "or the original data"
+      )
   if write:
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
@@ -206,8 +222,9 @@ def check_config(workdir: str, config: Config) -> None:
   if diff:
     k = diff[0]
     raise ConfigConflictError(
-        f"workdir {workdir} was created with {k}={a[k]!r}, but {k}={b[k]!r} was requested "
-        f"({len(diff)} conflicting field(s)); use a new --workdir or the same settings")
+      f"workdir {workdir} was created with {k}={a[k]!r}, but {k}={b[k]!r} was requested "
+      f"({len(diff)} conflicting field(s)); use a new --workdir or the same settings"
+    )
 
 
 def write_config(workdir: str, config: Config) -> None:
@@ -246,20 +263,26 @@ def build(config: Config, ckpt, say=print, tokenizer: Any = None) -> Run:
   rules = sharding.logical_rules(config.mesh)
   recipe = build_recipe(config, tokenizer)
   rng = jax.random.key(config.train.seed)
-  abstract = sharding.abstract_train_state(recipe.model, recipe.tx, recipe.precision, config,
-                                           mesh, rng)
+  abstract = sharding.abstract_train_state(
+    recipe.model, recipe.tx, recipe.precision, config, mesh, rng
+  )
   shardings = jax.tree.map(lambda x: x.sharding, abstract)
-  say(f"model: {config.model.family}, task {recipe.task.name}, "
-      f"{param_count(abstract.params):,} parameters, attention "
-      f"{recipe.config.model.attention_impl} ({jax.default_backend()}); "
-      f"{recipe.precision.describe()}")
+  say(
+    f"model: {config.model.family}, task {recipe.task.name}, "
+    f"{param_count(abstract.params):,} parameters, attention "
+    f"{recipe.config.model.attention_impl} ({jax.default_backend()}); "
+    f"{recipe.precision.describe()}"
+  )
   mem = sharding.state_memory_report(abstract)
-  say(f"mesh: {dict(mesh.shape)}; per device: params {mem['params_bytes'] / 2**20:.1f} MiB, "
-      f"optimizer state {mem['opt_state_bytes'] / 2**20:.1f} MiB")
+  say(
+    f"mesh: {dict(mesh.shape)}; per device: params {mem['params_bytes'] / 2**20:.1f} MiB, "
+    f"optimizer state {mem['opt_state_bytes'] / 2**20:.1f} MiB"
+  )
   restored = checkpoint.restore_latest(ckpt, abstract)
   if restored is None:
-    state, _ = sharding.create_sharded_state(recipe.model, recipe.tx, recipe.precision, config,
-                                             mesh, rng)
+    state, _ = sharding.create_sharded_state(
+      recipe.model, recipe.tx, recipe.precision, config, mesh, rng
+    )
     source = config.train.init_from
     if source:
       source_config = stored_config(source)
@@ -275,8 +298,9 @@ def build(config: Config, ckpt, say=print, tokenizer: Any = None) -> Run:
   return Run(config, recipe, mesh, rules, state, shardings, data_state, step)
 
 
-def evaluate(eval_fn, variables: Any, batches: Iterator[dict], mesh, rules,
-             task: Task | None = None) -> dict[str, float]:
+def evaluate(
+  eval_fn, variables: Any, batches: Iterator[dict], mesh, rules, task: Task | None = None
+) -> dict[str, float]:
   """Exact means of the task loss and metrics of ``variables`` over ``batches``.
 
   Returns ``val_loss``, ``val_<unit>`` (tokens or examples counted),
@@ -308,8 +332,10 @@ def validate(config: Config) -> None:
   mesh = sharding.make_mesh(config.mesh)
   rows = mesh.shape["data"] * mesh.shape["fsdp"]
   if config.train.batch_size % rows:
-    raise ValueError(f"train.batch_size={config.train.batch_size} does not split over the "
-                     f"mesh's {rows} batch shards (data*fsdp)")
+    raise ValueError(
+      f"train.batch_size={config.train.batch_size} does not split over the "
+      f"mesh's {rows} batch shards (data*fsdp)"
+    )
 
 
 def prepare_task_data(config: Config, workdir: str):
@@ -326,22 +352,29 @@ def prepare_task_data(config: Config, workdir: str):
   if task_name(config) == "classify":
     prepared = data.prepare_labelled(config.data, workdir, tokenizer)
     if len(prepared.label_names) > config.model.n_classes:
-      raise ValueError(f"model.n_classes={config.model.n_classes} is smaller than the "
-                       f"{len(prepared.label_names)} classes of the data "
-                       f"{list(prepared.label_names)}")
-    return (prepared,
-            lambda: data.make_labelled_train_iterator(prepared.train, t.batch_size, t.seed),
-            lambda: data.make_labelled_eval_iterator(prepared.val, t.batch_size,
-                                                     t.eval_batches))
+      raise ValueError(
+        f"model.n_classes={config.model.n_classes} is smaller than the "
+        f"{len(prepared.label_names)} classes of the data "
+        f"{list(prepared.label_names)}"
+      )
+    return (
+      prepared,
+      lambda: data.make_labelled_train_iterator(prepared.train, t.batch_size, t.seed),
+      lambda: data.make_labelled_eval_iterator(prepared.val, t.batch_size, t.eval_batches),
+    )
   if task_name(config) == "seq2seq":
     prepared = text2text.prepare_text2text(config.data, workdir, tokenizer)
-    return (prepared,
-            lambda: text2text.make_text2text_train_iterator(prepared.train, t.batch_size, t.seed),
-            lambda: text2text.make_text2text_eval_iterator(prepared.val, t.batch_size,
-                                                           t.eval_batches))
+    return (
+      prepared,
+      lambda: text2text.make_text2text_train_iterator(prepared.train, t.batch_size, t.seed),
+      lambda: text2text.make_text2text_eval_iterator(prepared.val, t.batch_size, t.eval_batches),
+    )
   prepared = data.prepare_data(config.data, workdir, tokenizer)
-  return (prepared, lambda: data.make_train_iterator(prepared, t.batch_size, t.seed),
-          lambda: data.make_eval_iterator(prepared, t.batch_size, t.eval_batches))
+  return (
+    prepared,
+    lambda: data.make_train_iterator(prepared, t.batch_size, t.seed),
+    lambda: data.make_eval_iterator(prepared, t.batch_size, t.eval_batches),
+  )
 
 
 @contextlib.contextmanager
@@ -376,8 +409,10 @@ def check_data(config: Config, prepared: data.PreparedData | data.PreparedLabell
     ValueError: naming the field (and the split) at fault.
   """
   if config.model.vocab_size < prepared.tokenizer.vocab_size:
-    raise ValueError(f"model.vocab_size={config.model.vocab_size} is smaller than the "
-                     f"tokenizer's vocabulary ({prepared.tokenizer.vocab_size})")
+    raise ValueError(
+      f"model.vocab_size={config.model.vocab_size} is smaller than the "
+      f"tokenizer's vocabulary ({prepared.tokenizer.vocab_size})"
+    )
   if isinstance(prepared, (data.PreparedLabelled, text2text.PreparedText2Text)):
     return True
   seq_len, pad = config.data.seq_len, prepared.tokenizer.pad_id
@@ -385,9 +420,11 @@ def check_data(config: Config, prepared: data.PreparedData | data.PreparedLabell
   if config.data.val_fraction == 0:
     return False
   if prepared.val.num_tokens < 2:
-    raise ValueError(f"data.val_fraction={config.data.val_fraction} leaves no validation text "
-                     f"({prepared.summary.documents} document(s)); add data, or set "
-                     "data.val_fraction=0 to train without evaluation")
+    raise ValueError(
+      f"data.val_fraction={config.data.val_fraction} leaves no validation text "
+      f"({prepared.summary.documents} document(s)); add data, or set "
+      "data.val_fraction=0 to train without evaluation"
+    )
   return True
 
 
@@ -402,12 +439,21 @@ def _sample(config: Config, model: Any, params: Any, tokenizer: Any) -> str | No
   n = min(t.sample_tokens, room)
   if n < 1:
     return None
-  return generate_text(config.model, model.precision, params, tokenizer, t.sample_prompt,
-                       max_new_tokens=n, seed=t.seed, temperature=0.8)
+  return generate_text(
+    config.model,
+    model.precision,
+    params,
+    tokenizer,
+    t.sample_prompt,
+    max_new_tokens=n,
+    seed=t.seed,
+    temperature=0.8,
+  )
 
 
-def train(config: Config, workdir: str, verbose: bool = True,
-          until: int | None = None) -> dict[str, Any]:
+def train(
+  config: Config, workdir: str, verbose: bool = True, until: int | None = None
+) -> dict[str, Any]:
   """Trains (or resumes) a run in ``workdir``; returns the last logged metrics.
 
   Writes ``config.json``, ``corpus.json``, the tokenizer, ``metrics.jsonl``,
@@ -430,8 +476,9 @@ def train(config: Config, workdir: str, verbose: bool = True,
     return _train_locked(config, workdir, verbose, until, is_main)
 
 
-def _train_locked(config: Config, workdir: str, verbose: bool, until: int | None,
-                  is_main: bool) -> dict[str, Any]:
+def _train_locked(
+  config: Config, workdir: str, verbose: bool, until: int | None, is_main: bool
+) -> dict[str, Any]:
   say = print if verbose and is_main else (lambda *a, **k: None)
   prepared, make_train_iter, make_eval_iter = prepare_task_data(config, workdir)
   say(prepared)
@@ -452,13 +499,20 @@ def _train_locked(config: Config, workdir: str, verbose: bool, until: int | None
   if run.data_state is not None:
     train_iter.set_state(run.data_state)
   r = run.recipe
-  step_fn = sharding.jit_train_step(make_train_step(r.model, r.tx, r.schedule, config, r.task),
-                                    run.shardings, run.mesh, run.rules, r.task.batch_axes)
-  eval_fn = sharding.jit_eval_step(make_eval_step(r.model, r.task), run.shardings, run.mesh,
-                                   run.rules, r.task.batch_axes)
+  step_fn = sharding.jit_train_step(
+    make_train_step(r.model, r.tx, r.schedule, config, r.task),
+    run.shardings,
+    run.mesh,
+    run.rules,
+    r.task.batch_axes,
+  )
+  eval_fn = sharding.jit_eval_step(
+    make_eval_step(r.model, r.task), run.shardings, run.mesh, run.rules, r.task.batch_axes
+  )
   tokens_per_step = t.batch_size * config.data.seq_len
-  flops = flops_per_token(config.model, config.data.seq_len,
-                          params_without_positions(run.state.params))
+  flops = flops_per_token(
+    config.model, config.data.seq_len, params_without_positions(run.state.params)
+  )
   writer = MetricsWriter(workdir, enabled=is_main, purge_step=start + 1)
   last: dict[str, Any] = {}
   bar = progress_bar(t.steps, start, enabled=is_main and verbose)
@@ -495,6 +549,8 @@ def _train_locked(config: Config, workdir: str, verbose: bool, until: int | None
   checkpoint.wait(ckpt)
   writer.close()
   if is_main and verbose and "interrupted" in last:
-    print(f"{last['interrupted']}: checkpoint saved at step {int(state.step)}; "
-          "run the same command to resume")
+    print(
+      f"{last['interrupted']}: checkpoint saved at step {int(state.step)}; "
+      "run the same command to resume"
+    )
   return last

@@ -53,9 +53,12 @@ def build_tokenizer(vocab_size: int = 320) -> Tokenizer:
   tok = Tokenizer(models.BPE())
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
   tok.decoder = decoders.ByteLevel()
-  trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT],
-                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                show_progress=False)
+  trainer = trainers.BpeTrainer(
+    vocab_size=vocab_size,
+    special_tokens=[EOT],
+    initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    show_progress=False,
+  )
   tok.train_from_iterator(TEXT * 4, trainer)
   return tok
 
@@ -71,40 +74,90 @@ def randomise(model: torch.nn.Module, seed: int) -> None:
 
 
 FIXTURES = {
-    # GPT-2: fused c_attn, Conv1D, learned positions, tied head, tanh GELU.
-    "gpt2": lambda v, eot: transformers.GPT2Config(
-        vocab_size=v, n_positions=64, n_embd=32, n_layer=2, n_head=4, bos_token_id=eot,
-        eos_token_id=eot, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
-    # LLaMA 3 style: GQA, untied head, head_dim != d / n_heads, attention and MLP biases,
-    # llama3 RoPE scaling (original context 16 so that all three frequency bands occur).
-    "llama_gqa": lambda v, eot: transformers.LlamaConfig(
-        vocab_size=v, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64,
-        rms_norm_eps=1e-5, attention_bias=True, mlp_bias=True, tie_word_embeddings=False,
-        rope_scaling={"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0,
-                      "high_freq_factor": 4.0, "original_max_position_embeddings": 16},
-        rope_theta=500.0, bos_token_id=eot, eos_token_id=eot),
-    # Tied head, linear RoPE scaling, no biases; saved in shards with an index.
-    "llama_tied": lambda v, eot: transformers.LlamaConfig(
-        vocab_size=v, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
-        rms_norm_eps=1e-6, tie_word_embeddings=True,
-        rope_scaling={"rope_type": "linear", "factor": 2.0}, bos_token_id=eot,
-        eos_token_id=eot),
-    # Qwen2: q/k/v biases without an o_proj bias, GQA, tied head.
-    "qwen2": lambda v, eot: transformers.Qwen2Config(
-        vocab_size=v, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=64,
-        rms_norm_eps=1e-6, tie_word_embeddings=True, use_sliding_window=False,
-        bos_token_id=eot, eos_token_id=eot),
+  # GPT-2: fused c_attn, Conv1D, learned positions, tied head, tanh GELU.
+  "gpt2": lambda v, eot: transformers.GPT2Config(
+    vocab_size=v,
+    n_positions=64,
+    n_embd=32,
+    n_layer=2,
+    n_head=4,
+    bos_token_id=eot,
+    eos_token_id=eot,
+    resid_pdrop=0.0,
+    embd_pdrop=0.0,
+    attn_pdrop=0.0,
+  ),
+  # LLaMA 3 style: GQA, untied head, head_dim != d / n_heads, attention and MLP biases,
+  # llama3 RoPE scaling (original context 16 so that all three frequency bands occur).
+  "llama_gqa": lambda v, eot: transformers.LlamaConfig(
+    vocab_size=v,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=64,
+    rms_norm_eps=1e-5,
+    attention_bias=True,
+    mlp_bias=True,
+    tie_word_embeddings=False,
+    rope_scaling={
+      "rope_type": "llama3",
+      "factor": 4.0,
+      "low_freq_factor": 1.0,
+      "high_freq_factor": 4.0,
+      "original_max_position_embeddings": 16,
+    },
+    rope_theta=500.0,
+    bos_token_id=eot,
+    eos_token_id=eot,
+  ),
+  # Tied head, linear RoPE scaling, no biases; saved in shards with an index.
+  "llama_tied": lambda v, eot: transformers.LlamaConfig(
+    vocab_size=v,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    max_position_embeddings=64,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=True,
+    rope_scaling={"rope_type": "linear", "factor": 2.0},
+    bos_token_id=eot,
+    eos_token_id=eot,
+  ),
+  # Qwen2: q/k/v biases without an o_proj bias, GQA, tied head.
+  "qwen2": lambda v, eot: transformers.Qwen2Config(
+    vocab_size=v,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=1,
+    max_position_embeddings=64,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=True,
+    use_sliding_window=False,
+    bos_token_id=eot,
+    eos_token_id=eot,
+  ),
 }
 SHARDED = {"llama_tied"}
 
 
 def margins(model, prompt: torch.Tensor, n: int) -> float:
   """Smallest top-1 minus top-2 logit over the ``n`` greedy steps."""
-  out = model.generate(prompt, do_sample=False, max_new_tokens=n, min_new_tokens=n,
-                       output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+  out = model.generate(
+    prompt,
+    do_sample=False,
+    max_new_tokens=n,
+    min_new_tokens=n,
+    output_logits=True,
+    return_dict_in_generate=True,
+    pad_token_id=0,
+  )
   worst = float("inf")
   for step in out.logits:
     top = torch.topk(step[0].float(), 2).values
@@ -129,8 +182,17 @@ def make(name: str, tok: Tokenizer, seed: int) -> None:
   prompt = rng.integers(1, tok.get_vocab_size(), (1, 5)).astype(np.int32)
   with torch.no_grad():
     logits = model(torch.from_numpy(tokens).long()).logits.float().numpy()
-    greedy = model.generate(torch.from_numpy(prompt).long(), do_sample=False, max_new_tokens=32,
-                            min_new_tokens=32, pad_token_id=0).numpy().astype(np.int32)
+    greedy = (
+      model.generate(
+        torch.from_numpy(prompt).long(),
+        do_sample=False,
+        max_new_tokens=32,
+        min_new_tokens=32,
+        pad_token_id=0,
+      )
+      .numpy()
+      .astype(np.int32)
+    )
     margin = margins(model, torch.from_numpy(prompt).long(), 32)
   if margin < 1e-3:  # a near tie could flip on fp32 rounding: draw another model
     if seed >= 1000 * (list(FIXTURES).index(name) + 1) - 1:
@@ -141,14 +203,17 @@ def make(name: str, tok: Tokenizer, seed: int) -> None:
   np.save(os.path.join(out, "prompt.npy"), prompt)
   np.save(os.path.join(out, "greedy.npy"), greedy)
   size = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out))
-  print(f"{name}: seed {seed}, {sorted(os.listdir(out))}, {size / 1024:.0f} KiB, "
-        f"greedy margin {margin:.3g}")
+  print(
+    f"{name}: seed {seed}, {sorted(os.listdir(out))}, {size / 1024:.0f} KiB, "
+    f"greedy margin {margin:.3g}"
+  )
 
 
 def check_export(name: str) -> float:
   """llm_mp import -> export -> transformers from_pretrained: max |logit diff|."""
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   from llm_mp import hf  # pylint: disable=import-outside-toplevel
+
   src = os.path.join(ROOT, name)
   with tempfile.TemporaryDirectory() as tmp:
     out = os.path.join(tmp, "export")
@@ -163,16 +228,19 @@ def check_export(name: str) -> float:
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--check", action="store_true",
-                      help="also check that llm_mp's export loads in transformers")
+  parser.add_argument(
+    "--check", action="store_true", help="also check that llm_mp's export loads in transformers"
+  )
   args = parser.parse_args()
   tok = build_tokenizer()
   for i, name in enumerate(FIXTURES):
     make(name, tok, seed=1000 * i)
   if args.check:
     for name in FIXTURES:
-      print(f"{name}: exported by llm_mp, reloaded by transformers: max |dlogit| = "
-            f"{check_export(name):.3g}")
+      print(
+        f"{name}: exported by llm_mp, reloaded by transformers: max |dlogit| = "
+        f"{check_export(name):.3g}"
+      )
 
 
 if __name__ == "__main__":

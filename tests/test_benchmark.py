@@ -12,8 +12,18 @@ from llm_mp.config import apply_overrides, get_preset
 from llm_mp.state import make_init_fn
 from llm_mp.step import make_train_step
 
-ARGS = ["--preset", "nanogpt_cpu", "--precision", "fp32", "--steps", "2", "--warmup", "1",
-        "model.n_layers=1", "train.batch_size=2"]
+ARGS = [
+  "--preset",
+  "nanogpt_cpu",
+  "--precision",
+  "fp32",
+  "--steps",
+  "2",
+  "--warmup",
+  "1",
+  "model.n_layers=1",
+  "train.batch_size=2",
+]
 
 
 def test_bench_streams_phases_then_json_and_times_the_real_step(capsys):
@@ -45,11 +55,14 @@ def test_tune_malloc_applies_once_unless_the_user_set_the_variables(monkeypatch)
 
 
 def test_suite_table_lists_every_run(monkeypatch):
-  fake = dict(ms_per_step=10.0, tokens_per_s=1000.0, mfu_spec=None, init_s=1.0, compile_s=2.0,
-              device="cpu")
+  fake = dict(
+    ms_per_step=10.0, tokens_per_s=1000.0, mfu_spec=None, init_s=1.0, compile_s=2.0, device="cpu"
+  )
   monkeypatch.setitem(benchmark.SUITES, "test", [("tiny", "fp32", ()), ("tiny", "bf16", ())])
   monkeypatch.setattr(benchmark, "run", lambda *a, **k: dict(fake))
   table = benchmark.suite_table("test", 1, 0, reference="/nonexistent/torch_gpt.py")
   rows = [line for line in table.splitlines() if line.startswith("| llm_mp")]
-  assert rows == ["| llm_mp tiny fp32  | 10.0 | 1,000 | - | - | 1.0 | 2.0 |",
-                  "| llm_mp tiny bf16  | 10.0 | 1,000 | - | - | 1.0 | 2.0 |"]
+  assert rows == [
+    "| llm_mp tiny fp32  | 10.0 | 1,000 | - | - | 1.0 | 2.0 |",
+    "| llm_mp tiny bf16  | 10.0 | 1,000 | - | - | 1.0 | 2.0 |",
+  ]

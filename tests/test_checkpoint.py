@@ -23,13 +23,19 @@ DATA_STATE = {"epoch": 2, "position": 1234, "files": ["a.txt", "b.jsonl"], "rng"
 
 
 def _abstract(mesh_cfg, devices):
-  config = Config(model=ModelConfig.llama(vocab_size=64, d_model=32, n_layers=2, n_heads=4,
-                                          n_kv_heads=2, d_ff=64, max_len=16),
-                  optim=OptimConfig(), data=DataConfig(seq_len=16), mesh=mesh_cfg,
-                  train=TrainConfig(steps=10, precision="pure_bf16", loss_scale="dynamic"))
+  config = Config(
+    model=ModelConfig.llama(
+      vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_len=16
+    ),
+    optim=OptimConfig(),
+    data=DataConfig(seq_len=16),
+    mesh=mesh_cfg,
+    train=TrainConfig(steps=10, precision="pure_bf16", loss_scale="dynamic"),
+  )
   r = build_recipe(config)
-  return sharding.abstract_train_state(r.model, r.tx, r.precision, config,
-                                       sharding.make_mesh(mesh_cfg, devices), jax.random.key(0))
+  return sharding.abstract_train_state(
+    r.model, r.tx, r.precision, config, sharding.make_mesh(mesh_cfg, devices), jax.random.key(0)
+  )
 
 
 def _random_state(abstract, seed):
@@ -47,9 +53,14 @@ def _random_state(abstract, seed):
 
 def _host(state):
   """NumPy leaves (keys as their key data), for bitwise comparison."""
-  return jax.device_get(jax.tree.map(
-      lambda x: jax.random.key_data(x)
-      if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else x, state))
+  return jax.device_get(
+    jax.tree.map(
+      lambda x: (
+        jax.random.key_data(x) if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else x
+      ),
+      state,
+    )
+  )
 
 
 def _assert_bitwise_equal(a, b):
@@ -93,8 +104,9 @@ def test_async_save_is_unaffected_by_donating_the_state_right_after(fsdp8, tmp_p
   expected = _host(state)
   checkpoint.save(manager, 1, state, DATA_STATE)
   # What the trainer does next: a step that donates (deletes) the saved buffers.
-  bump = jax.jit(lambda s: s.replace(params=jax.tree.map(lambda p: p + 1, s.params)),
-                 donate_argnums=0)
+  bump = jax.jit(
+    lambda s: s.replace(params=jax.tree.map(lambda p: p + 1, s.params)), donate_argnums=0
+  )
   bump(state)
   checkpoint.wait(manager)
   restored, _, _ = checkpoint.restore_latest(manager, fsdp8)
@@ -102,8 +114,7 @@ def test_async_save_is_unaffected_by_donating_the_state_right_after(fsdp8, tmp_p
 
 
 def _files(step_dir):
-  return sorted(os.path.join(root, name) for root, _, names in os.walk(step_dir)
-                for name in names)
+  return sorted(os.path.join(root, name) for root, _, names in os.walk(step_dir) for name in names)
 
 
 def _truncate_largest(step_dir):
@@ -127,13 +138,17 @@ def _garbage_everywhere(step_dir):
 def _arrays_of_another_save(step_dir):
   # Every file is intact, so orbax and tensorstore restore it: only the fingerprint notices.
   shutil.rmtree(os.path.join(step_dir, "state"))
-  shutil.copytree(os.path.join(os.path.dirname(step_dir), "10", "state"),
-                  os.path.join(step_dir, "state"))
+  shutil.copytree(
+    os.path.join(os.path.dirname(step_dir), "10", "state"), os.path.join(step_dir, "state")
+  )
 
 
 @TENSORSTORE_NOISE
-@pytest.mark.parametrize("damage", [_truncate_largest, _delete_array_files, _garbage_everywhere,
-                                    _arrays_of_another_save], ids=lambda f: f.__name__.strip("_"))
+@pytest.mark.parametrize(
+  "damage",
+  [_truncate_largest, _delete_array_files, _garbage_everywhere, _arrays_of_another_save],
+  ids=lambda f: f.__name__.strip("_"),
+)
 def test_corrupt_latest_falls_back_to_previous_with_a_warning(damage, fsdp8, tmp_path):
   manager, states = _saved(tmp_path, fsdp8, [10, 20])
   damage(str(tmp_path / "20"))
@@ -166,8 +181,10 @@ def test_no_readable_checkpoint_is_a_clear_error(fsdp8, tmp_path):
   _saved(tmp_path, fsdp8, [1, 2])
   for step in (1, 2):
     _garbage_everywhere(str(tmp_path / str(step)))
-  with pytest.warns(UserWarning), pytest.raises(checkpoint.CheckpointError,
-                                                match="no readable checkpoint.*step 2.*step 1"):
+  with (
+    pytest.warns(UserWarning),
+    pytest.raises(checkpoint.CheckpointError, match="no readable checkpoint.*step 2.*step 1"),
+  ):
     checkpoint.restore_latest(str(tmp_path), fsdp8)
 
 

@@ -11,8 +11,11 @@ from llm_mp.config import PRESETS, Config, MeshConfig, apply_overrides, describe
 from llm_mp.data import ByteTokenizer
 from llm_mp.models import FAMILIES, EncoderDecoder, TransformerEncoder, TransformerLM
 
-FAMILY_CLASSES = {"decoder": TransformerLM, "encoder": TransformerEncoder,
-                  "encoder_decoder": EncoderDecoder}
+FAMILY_CLASSES = {
+  "decoder": TransformerLM,
+  "encoder": TransformerEncoder,
+  "encoder_decoder": EncoderDecoder,
+}
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -24,24 +27,49 @@ def test_every_preset_builds_and_round_trips_through_json(name):
   assert isinstance(model, FAMILY_CLASSES[config.model.family])
   example = FAMILIES[config.model.family].example_inputs(config.data.seq_len)
   shapes = jax.eval_shape(model.init, jax.random.key(0), *example)
-  assert shapes["params"]["embed"]["embedding"].value.shape == (config.model.padded_vocab,
-                                                               config.model.d_model)
+  assert shapes["params"]["embed"]["embedding"].value.shape == (
+    config.model.padded_vocab,
+    config.model.d_model,
+  )
 
 
 def test_overrides_parse_values_and_validate():
-  c = apply_overrides(get_preset("tiny"), ["model.n_layers=6", "optim.lr=3e-4",
-                                           "optim.clip_norm=none", "model.scan_layers=true",
-                                           "data.paths=a.txt", "train.loss_scale=none"])
+  c = apply_overrides(
+    get_preset("tiny"),
+    [
+      "model.n_layers=6",
+      "optim.lr=3e-4",
+      "optim.clip_norm=none",
+      "model.scan_layers=true",
+      "data.paths=a.txt",
+      "train.loss_scale=none",
+    ],
+  )
   assert (c.model.n_layers, c.optim.lr, c.optim.clip_norm, c.model.scan_layers) == (
-      6, 3e-4, None, True)
+    6,
+    3e-4,
+    None,
+    True,
+  )
   assert c.data.paths == ("a.txt",) and c.train.loss_scale == "none"
 
 
 def test_overrides_are_parsed_to_the_fields_declared_type():
-  c = apply_overrides(get_preset("tiny"), [
-      "train.steps=1e1", "optim.lr=1", "model.use_bias=yes", "model.tie_embeddings=0",
-      "model.d_ff=none", "data.paths=a.txt, b.txt", "train.init_from=null",
-      "data.max_docs=7", "mesh.rules=(('mlp', 'tensor'),)", "train.sample_prompt=1e1"])
+  c = apply_overrides(
+    get_preset("tiny"),
+    [
+      "train.steps=1e1",
+      "optim.lr=1",
+      "model.use_bias=yes",
+      "model.tie_embeddings=0",
+      "model.d_ff=none",
+      "data.paths=a.txt, b.txt",
+      "train.init_from=null",
+      "data.max_docs=7",
+      "mesh.rules=(('mlp', 'tensor'),)",
+      "train.sample_prompt=1e1",
+    ],
+  )
   assert type(c.train.steps) is int and c.train.steps == 10  # was 10.0, then a crash
   assert type(c.optim.lr) is float and c.optim.lr == 1.0
   assert c.model.use_bias is True and c.model.tie_embeddings is False
@@ -53,27 +81,33 @@ def test_overrides_are_parsed_to_the_fields_declared_type():
   assert json.loads(c.to_json())["train"]["steps"] == 10
 
 
-@pytest.mark.parametrize("override,message", [
+@pytest.mark.parametrize(
+  "override,message",
+  [
     ("model.n_layers=abc", "model.n_layers='abc' is not of type int"),
     ("model.n_layers=2.5", "model.n_layers='2.5' is not of type int"),
     ("model.use_bias=maybe", "model.use_bias='maybe' is not of type bool"),
     ("optim.lr=fast", "optim.lr='fast' is not of type float"),
     ("optim.clip_norm=off", "optim.clip_norm='off' is not of type float | None"),
     ("mesh.rules=[1, 2", "mesh.rules="),
-])
+  ],
+)
 def test_override_of_the_wrong_type_names_field_type_and_text(override, message):
   with pytest.raises(ValueError) as e:
     apply_overrides(get_preset("tiny"), [override])
   assert message in str(e.value)
 
 
-@pytest.mark.parametrize("section,values,message", [
+@pytest.mark.parametrize(
+  "section,values,message",
+  [
     ("train", {"steps": 10.0}, "train.steps=10.0 is not of type int"),
     ("model", {"use_bias": "yes"}, "model.use_bias='yes' is not of type bool"),
     ("data", {"paths": "a.txt"}, "data.paths='a.txt' is not of type tuple"),
     ("optim", {"clip_norm": "1"}, "optim.clip_norm='1' is not of type float | None"),
     ("train", [1], "config section 'train' must be an object"),
-])
+  ],
+)
 def test_from_dict_rejects_values_of_the_wrong_type(section, values, message):
   with pytest.raises(ValueError) as e:
     Config.from_dict({section: values})
@@ -102,7 +136,9 @@ def test_tiny_preset_widths_split_over_tensor_axes():
   assert Config().model.padded_vocab == 259  # vocab_multiple defaults to 1: no padding
 
 
-@pytest.mark.parametrize("override,message", [
+@pytest.mark.parametrize(
+  "override,message",
+  [
     ("model.n_layer=6", "model.n_layer"),
     ("modle.n_layers=6", "modle"),
     ("n_layers=6", "section.field"),
@@ -110,7 +146,8 @@ def test_tiny_preset_widths_split_over_tensor_axes():
     ("data.seq_len=4096", "max_len"),
     ("optim.name=lamb", "lamb"),
     ("train.loss_scale=huge", "huge"),
-])
+  ],
+)
 def test_bad_overrides_name_the_field_and_value(override, message):
   with pytest.raises(ValueError, match=message):
     apply_overrides(get_preset("tiny"), [override])
@@ -125,8 +162,9 @@ def test_config_reference_lists_every_field_with_type_value_and_meaning():
   text = describe(get_preset("tiny"))
   for section in dataclasses.fields(Config):
     for f in dataclasses.fields(type(getattr(Config(), section.name))):
-      row = next(line for line in text.splitlines() if line.startswith(f"| `{section.name}."
-                                                                           f"{f.name}` |"))
+      row = next(
+        line for line in text.splitlines() if line.startswith(f"| `{section.name}.{f.name}` |")
+      )
       assert len(row.split(" | ")) == 4 and not row.endswith("|  |"), row  # a meaning
   assert "| `model.vocab_multiple` | `int` | `64` |" in text  # the preset's value
   assert "| `optim.clip_norm` | `float or None` | `1.0` |" in text
@@ -134,6 +172,7 @@ def test_config_reference_lists_every_field_with_type_value_and_meaning():
 
 def test_docs_configuration_md_is_the_generated_reference():
   import os  # pylint: disable=import-outside-toplevel
+
   path = os.path.join(os.path.dirname(__file__), "..", "docs", "configuration.md")
   with open(path, encoding="utf-8") as f:
     assert describe() in f.read(), "regenerate with `llm-mp config`"
@@ -141,17 +180,18 @@ def test_docs_configuration_md_is_the_generated_reference():
 
 def test_cli_config_prints_the_reference(capsys):
   from llm_mp import cli  # pylint: disable=import-outside-toplevel
+
   assert cli.main(["config", "--preset", "nanogpt_cpu"]) == 0
   assert capsys.readouterr().out.strip() == describe(get_preset("nanogpt_cpu")).strip()
 
 
 def test_tiny_preset_shards_over_data_fsdp_and_tensor_axes_of_2():
   from llm_mp import sharding  # pylint: disable=import-outside-toplevel
+
   config = get_preset("tiny")
   config = dataclasses.replace(config, mesh=MeshConfig(data=2, fsdp=2, tensor=2))
   r = build_recipe(config)
   mesh = sharding.make_mesh(config.mesh)
   # Before: model.d_ff=341 and vocab_size=259 do not split over tensor=2.
-  state = sharding.abstract_train_state(r.model, r.tx, r.precision, config, mesh,
-                                        jax.random.key(0))
+  state = sharding.abstract_train_state(r.model, r.tx, r.precision, config, mesh, jax.random.key(0))
   assert state.params["embed"]["embedding"].shape == (320, 128)

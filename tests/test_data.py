@@ -31,14 +31,14 @@ from llm_mp.data import (
 from llm_mp.data.shards import token_dtype, tokenize
 
 UNICODE_SAMPLES = [
-    "",
-    "plain ascii",
-    "  leading and trailing   \t\n\n  whitespace runs \r\n ",
-    "emoji 🙂👍🏽👨‍👩‍👧 and flags 🇫🇷",
-    "CJK 你好，世界 日本語のテキスト 한국어",
-    "combining e\u0301 a\u0308 (not NFC) and precomposed é ä",
-    "RTL עברית العربية, math ∑∫√, nul \x00 and del \x7f",
-    "<|eos|> <|bos|> <|pad|> literal special strings",
+  "",
+  "plain ascii",
+  "  leading and trailing   \t\n\n  whitespace runs \r\n ",
+  "emoji 🙂👍🏽👨‍👩‍👧 and flags 🇫🇷",
+  "CJK 你好，世界 日本語のテキスト 한국어",
+  "combining e\u0301 a\u0308 (not NFC) and precomposed é ä",
+  "RTL עברית العربية, math ∑∫√, nul \x00 and del \x7f",
+  "<|eos|> <|bos|> <|pad|> literal special strings",
 ]
 
 
@@ -54,18 +54,18 @@ def _write(path, data):
 
 def test_cleaning_normalises_strips_and_counts():
   docs = [
-      "cafe\u0301 is a long enough document",  # NFD: becomes NFC
-      "caf\u00e9 is a long enough document",  # the same text once NFC: a duplicate
-      "bell\x07 and nul\x00 go, tab\tand\nnewline stay, C1\x85 goes",
-      "tiny",
-      "   \n\t  ",
-      "windows\r\nline\rendings become newlines",
+    "cafe\u0301 is a long enough document",  # NFD: becomes NFC
+    "caf\u00e9 is a long enough document",  # the same text once NFC: a duplicate
+    "bell\x07 and nul\x00 go, tab\tand\nnewline stay, C1\x85 goes",
+    "tiny",
+    "   \n\t  ",
+    "windows\r\nline\rendings become newlines",
   ]
   kept, summary = clean_documents(docs, min_doc_chars=10)
   assert kept == [
-      "caf\u00e9 is a long enough document",
-      "bell and nul go, tab\tand\nnewline stay, C1 goes",
-      "windows\nline\nendings become newlines",
+    "caf\u00e9 is a long enough document",
+    "bell and nul go, tab\tand\nnewline stay, C1 goes",
+    "windows\nline\nendings become newlines",
   ]
   assert all(unicodedata.is_normalized("NFC", d) for d in kept)
   assert summary.removed == {"too_short": 2, "duplicate": 1, "max_docs": 0}
@@ -81,14 +81,22 @@ def test_max_docs_keeps_the_first_documents():
 
 
 def test_reads_txt_and_jsonl_recursively_in_sorted_order(tmp_path):
-  _write(tmp_path / "b" / "two.jsonl",
-         json.dumps({"text": "json doc one"}) + "\n\n" + json.dumps({"text": "json doc two"}))
-  _write(tmp_path / "a.txt",
-         "first doc\n\nstill first (one blank line)\n\n\nsecond doc\n \n\t\nthird")
+  _write(
+    tmp_path / "b" / "two.jsonl",
+    json.dumps({"text": "json doc one"}) + "\n\n" + json.dumps({"text": "json doc two"}),
+  )
+  _write(
+    tmp_path / "a.txt", "first doc\n\nstill first (one blank line)\n\n\nsecond doc\n \n\t\nthird"
+  )
   _write(tmp_path / "ignored.md", "not read")
   docs, n_files, skipped = read_documents([str(tmp_path)])
-  assert docs == ["first doc\n\nstill first (one blank line)", "second doc", "third",
-                  "json doc one", "json doc two"]
+  assert docs == [
+    "first doc\n\nstill first (one blank line)",
+    "second doc",
+    "third",
+    "json doc one",
+    "json doc two",
+  ]
   assert (n_files, skipped) == (2, ())
 
 
@@ -133,7 +141,7 @@ def test_default_corpus_is_deterministic_and_large_enough():
   chars = sum(map(len, first))
   assert 1_000_000 < chars < 5_000_000
   assert len(first) > 100 and all(first)
-  assert any("The \"if\" statement" in d for d in first)  # the language-reference topics
+  assert any('The "if" statement' in d for d in first)  # the language-reference topics
 
 
 # ---------------------------------------------------------------- tokenizers
@@ -264,15 +272,16 @@ def test_prepare_data_reuses_run_tokenizer_and_rejects_another_kind(tmp_path):
 
 def test_packing_hand_made_example():
   b, e, p = 1, 2, 0  # bos, eos, pad;  stream: B a b E | B c E | B d e f E
-  split = TokenSplit(np.array([b, 10, 11, e, b, 12, e, b, 13, 14, 15, e], np.uint16),
-                     np.array([0, 4, 7]))
+  split = TokenSplit(
+    np.array([b, 10, 11, e, b, 12, e, b, 13, 14, 15, e], np.uint16), np.array([0, 4, 7])
+  )
   rows = PackedRows(split, seq_len=5, pad_id=p)
   assert len(rows) == 3  # 11 targets in rows of 5
   expect = [
-      # inputs             targets                 segment_ids      positions
-      ([b, 10, 11, e, b], [10, 11, e, -1, 12], [1, 1, 1, 1, 2], [0, 1, 2, 3, 0]),
-      ([12, e, b, 13, 14], [e, -1, 13, 14, 15], [1, 1, 2, 2, 2], [0, 1, 0, 1, 2]),
-      ([15, p, p, p, p], [e, -1, -1, -1, -1], [1, 0, 0, 0, 0], [0, 0, 0, 0, 0]),
+    # inputs             targets                 segment_ids      positions
+    ([b, 10, 11, e, b], [10, 11, e, -1, 12], [1, 1, 1, 1, 2], [0, 1, 2, 3, 0]),
+    ([12, e, b, 13, 14], [e, -1, 13, 14, 15], [1, 1, 2, 2, 2], [0, 1, 0, 1, 2]),
+    ([15, p, p, p, p], [e, -1, -1, -1, -1], [1, 0, 0, 0, 0], [0, 0, 0, 0, 0]),
   ]
   for r, (inputs, targets, segments, positions) in enumerate(expect):
     row = rows[r]
@@ -343,13 +352,13 @@ def test_train_iterator_shape_determinism_and_epochs(prepared):
   assert set(batches[0]) == {"inputs", "targets", "segment_ids", "positions"}
   assert all(v.dtype == np.int32 and v.shape == (B, T) for b in batches for v in b.values())
   _assert_batches_equal(
-      batches, _take(make_train_iterator(prepared, B, seed=3, process_index=0,
-                                         process_count=1), 24))
-  other = next(make_train_iterator(prepared, B, seed=4, seq_len=T, process_index=0,
-                                   process_count=1))
+    batches, _take(make_train_iterator(prepared, B, seed=3, process_index=0, process_count=1), 24)
+  )
+  other = next(
+    make_train_iterator(prepared, B, seed=4, seq_len=T, process_index=0, process_count=1)
+  )
   assert not np.array_equal(other["inputs"], batches[0]["inputs"])
-  short = next(make_train_iterator(prepared, B, seq_len=T // 2, process_index=0,
-                                   process_count=1))
+  short = next(make_train_iterator(prepared, B, seq_len=T // 2, process_index=0, process_count=1))
   assert short["inputs"].shape == (B, T // 2)
   # The first len(rows) rows drawn are a permutation of all rows; the next epoch reshuffles.
   rows = PackedRows(prepared.train, T, prepared.tokenizer.pad_id)
@@ -357,9 +366,9 @@ def test_train_iterator_shape_determinism_and_epochs(prepared):
   n = len(rows)
   assert 2 * n <= len(drawn)
   everything = rows.gather(np.arange(n))["inputs"]
-  for epoch in (drawn[:n], drawn[n:2 * n]):
+  for epoch in (drawn[:n], drawn[n : 2 * n]):
     np.testing.assert_array_equal(np.unique(epoch, axis=0), np.unique(everything, axis=0))
-  assert not np.array_equal(drawn[:n], drawn[n:2 * n])
+  assert not np.array_equal(drawn[:n], drawn[n : 2 * n])
 
 
 def test_train_iterator_resumes_exactly_from_json_state(prepared):
@@ -393,7 +402,8 @@ def test_eval_iterator_is_one_ordered_padded_pass(prepared):
   assert len(batches) == -(-len(rows) // B)
   assert all(b["targets"].shape == (B, T) for b in batches)
   targets = np.concatenate([b["targets"] for b in batches])
-  np.testing.assert_array_equal(targets[:len(rows)], rows.gather(np.arange(len(rows)))["targets"])
-  assert len(targets) > len(rows) and (targets[len(rows):] == -1).all()
-  assert len(list(make_eval_iterator(prepared, B, max_batches=1, process_index=0,
-                                     process_count=1))) == 1
+  np.testing.assert_array_equal(targets[: len(rows)], rows.gather(np.arange(len(rows)))["targets"])
+  assert len(targets) > len(rows) and (targets[len(rows) :] == -1).all()
+  assert (
+    len(list(make_eval_iterator(prepared, B, max_batches=1, process_index=0, process_count=1))) == 1
+  )

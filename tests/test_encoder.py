@@ -19,10 +19,19 @@ from llm_mp.models.encoder import HEAD_PARAMS
 from llm_mp.precision import Precision, make_precision
 
 V = 61
-BERT = ModelConfig.gpt2(family="encoder", vocab_size=V, d_model=32, n_layers=2, n_heads=4,
-                        max_len=24, n_classes=3)
-ROPE = ModelConfig.llama(family="encoder", vocab_size=V, d_model=32, n_layers=2, n_heads=4,
-                         n_kv_heads=2, max_len=24, n_classes=3)  # untied Dense lm_head
+BERT = ModelConfig.gpt2(
+  family="encoder", vocab_size=V, d_model=32, n_layers=2, n_heads=4, max_len=24, n_classes=3
+)
+ROPE = ModelConfig.llama(
+  family="encoder",
+  vocab_size=V,
+  d_model=32,
+  n_layers=2,
+  n_heads=4,
+  n_kv_heads=2,
+  max_len=24,
+  n_classes=3,
+)  # untied Dense lm_head
 CONFIGS = {"bert": BERT, "rope": ROPE}
 # Row 0: 10 real tokens then 6 padding; row 1: two packed documents, no padding.
 SEGMENTS = jnp.array([[1] * 10 + [0] * 6, [1] * 7 + [2] * 9])
@@ -57,8 +66,9 @@ def test_a_later_token_changes_earlier_outputs_unlike_the_decoder(name):
   np.testing.assert_array_equal(np.asarray(before[:, :9]), np.asarray(after[:, :9]))
 
 
-@pytest.mark.parametrize("head,pool_kind", [("lm", "first"), ("classify", "first"),
-                                            ("classify", "mean")])
+@pytest.mark.parametrize(
+  "head,pool_kind", [("lm", "first"), ("classify", "first"), ("classify", "mean")]
+)
 def test_padding_ids_never_change_real_outputs(head, pool_kind):
   cfg = dataclasses.replace(BERT, pool=pool_kind)
   model, params = _init(cfg, head)
@@ -77,8 +87,9 @@ def test_padding_ids_never_change_real_outputs(head, pool_kind):
 def test_packed_documents_do_not_see_each_other():
   model, params = _init(BERT)
   row = _tokens(b=1)
-  packed = _apply(model, params, row, SEGMENTS[1:],
-                  positions=jnp.array([list(range(7)) + list(range(9))]))
+  packed = _apply(
+    model, params, row, SEGMENTS[1:], positions=jnp.array([list(range(7)) + list(range(9))])
+  )
   chex.assert_trees_all_close(packed[:, :7], _apply(model, params, row[:, :7]), atol=1e-5)
   chex.assert_trees_all_close(packed[:, 7:], _apply(model, params, row[:, 7:]), atol=1e-5)
 
@@ -142,10 +153,15 @@ def test_bf16_classifier_close_to_fp32():
   chex.assert_trees_all_close(out, ref, atol=0.02)
 
 
-@pytest.mark.parametrize("name,head,pool_kind", [("bert", "lm", "first"),
-                                                 ("rope", "lm", "first"),
-                                                 ("bert", "classify", "mean"),
-                                                 ("rope", "classify", "first")])
+@pytest.mark.parametrize(
+  "name,head,pool_kind",
+  [
+    ("bert", "lm", "first"),
+    ("rope", "lm", "first"),
+    ("bert", "classify", "mean"),
+    ("rope", "classify", "first"),
+  ],
+)
 def test_fp32_forward_matches_float64_reference(name, head, pool_kind):
   cfg = dataclasses.replace(CONFIGS[name], pool=pool_kind)
   model, params = _init(cfg, head)
@@ -157,8 +173,7 @@ def test_fp32_forward_matches_float64_reference(name, head, pool_kind):
     ref = _apply(TransformerEncoder(cfg, f64, head=head), p64, tokens, SEGMENTS)
     assert ref.dtype == jnp.float64
     # fp32 matmuls over d=32..128 accumulate ~1e-6 relative error per op (as test_model).
-    np.testing.assert_allclose(np.asarray(out, np.float64), np.asarray(ref), atol=2e-5,
-                               rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(out, np.float64), np.asarray(ref), atol=2e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("head", ["lm", "classify"])
@@ -173,30 +188,40 @@ def test_dropout_only_when_not_deterministic_and_positive(head):
   np.testing.assert_array_equal(np.asarray(train_out), np.asarray(again))  # a function of the key
   if head == "classify":  # the head's own dropout, between pooler and classifier
     for det, rngs in ((True, {}), (False, key)):
-      logits, state = model.apply({"params": params}, tokens, SEGMENTS, deterministic=det,
-                                  rngs=rngs, capture_intermediates=True,
-                                  mutable=["intermediates"])
+      logits, state = model.apply(
+        {"params": params},
+        tokens,
+        SEGMENTS,
+        deterministic=det,
+        rngs=rngs,
+        capture_intermediates=True,
+        mutable=["intermediates"],
+      )
       pooled = state["intermediates"]["pooler"]["__call__"][0]
       cls = params["classifier"]
       direct = pooled @ cls["kernel"] + cls["bias"]
       assert np.allclose(logits, direct, atol=1e-6) == det  # fp32 rounding only when equal
   no_drop = TransformerEncoder(BERT, make_precision("fp32"), head=head)  # dropout 0.0
   np.testing.assert_array_equal(
-      np.asarray(_apply(no_drop, params, tokens, SEGMENTS)),
-      np.asarray(_apply(no_drop, params, tokens, SEGMENTS, deterministic=False, rngs=key)))
+    np.asarray(_apply(no_drop, params, tokens, SEGMENTS)),
+    np.asarray(_apply(no_drop, params, tokens, SEGMENTS, deterministic=False, rngs=key)),
+  )
 
 
 def test_unknown_head_and_too_long_input_are_rejected():
   with pytest.raises(ValueError, match="head='pooled'"):
     TransformerEncoder(BERT, make_precision("fp32"), head="pooled").init(
-        jax.random.key(0), _tokens())
+      jax.random.key(0), _tokens()
+    )
   with pytest.raises(ValueError, match="model.max_len=24"):
     _init(BERT)[0].init(jax.random.key(0), _tokens(t=25))
 
 
 def _param_paths(tree):
-  return {"/".join(str(k.key) for k in path): leaf.shape
-          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+  return {
+    "/".join(str(k.key) for k in path): leaf.shape
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+  }
 
 
 @pytest.mark.parametrize("preset", ["encoder_tiny", "bert_base"])
@@ -205,9 +230,16 @@ def test_presets_build_both_heads_on_one_backbone(preset):
   assert config.model.family == "encoder" and config.train.task == "mlm"
   prec = make_precision(config.train.precision)
   tokens = jnp.zeros((1, config.data.seq_len), jnp.int32)
-  shapes = {head: _param_paths(nn.unbox(jax.eval_shape(
-      TransformerEncoder(config.model, prec, head=head).init, jax.random.key(0), tokens)
-      ["params"])) for head in ("lm", "classify")}
+  shapes = {
+    head: _param_paths(
+      nn.unbox(
+        jax.eval_shape(
+          TransformerEncoder(config.model, prec, head=head).init, jax.random.key(0), tokens
+        )["params"]
+      )
+    )
+    for head in ("lm", "classify")
+  }
 
   def is_head(path):
     return path.split("/")[0] in HEAD_PARAMS
@@ -240,8 +272,9 @@ def test_mlm_mask_statistics_over_many_draws():
   rng = np.random.default_rng(0)
   inputs = jnp.asarray(rng.integers(low, vocab, (64, 128)), jnp.int32)
   maskable = jnp.asarray(rng.random((64, 128)) < 0.8)
-  fn = jax.jit(functools.partial(mlm_mask, probability=p, mask_id=mask_id, vocab_size=vocab,
-                                 low=low))
+  fn = jax.jit(
+    functools.partial(mlm_mask, probability=p, mask_id=mask_id, vocab_size=vocab, low=low)
+  )
   draws = [fn(jax.random.key(i), inputs, maskable) for i in range(16)]
   x, m = np.asarray(inputs), np.asarray(maskable)
   n_maskable = n_selected = n_mask = n_random = n_kept = 0
@@ -271,8 +304,9 @@ def test_mlm_mask_statistics_over_many_draws():
   assert within_binomial(n_kept, n_selected, 0.1 + 0.1 * hit), n_kept / n_selected
   # Different keys give different draws; the same key the same draw.
   assert not np.array_equal(np.asarray(draws[0][1]), np.asarray(draws[1][1]))
-  np.testing.assert_array_equal(np.asarray(fn(jax.random.key(0), inputs, maskable)[0]),
-                                np.asarray(draws[0][0]))
+  np.testing.assert_array_equal(
+    np.asarray(fn(jax.random.key(0), inputs, maskable)[0]), np.asarray(draws[0][0])
+  )
 
 
 def test_mlm_mask_rejects_bad_arguments():

@@ -11,8 +11,12 @@ from experiments import finetune_classify
 
 def test_finetune_classify_fast_writes_table_and_plot(tmp_path):
   out = str(tmp_path / "ft")
-  assert finetune_classify.main(["--fast", "--builtin", "--seeds", "1", "--precisions", "fp32",
-                                 "--out", out]) == 0
+  assert (
+    finetune_classify.main(
+      ["--fast", "--builtin", "--seeds", "1", "--precisions", "fp32", "--out", out]
+    )
+    == 0
+  )
   results = json.load(open(os.path.join(out, "results.json"), encoding="utf-8"))
   assert results["labelled"] == "built-in sentiment set"
   assert results["bow"]["accuracy"] >= 0.95  # the yardstick separates the built-in set
@@ -26,6 +30,7 @@ def test_finetune_classify_fast_writes_table_and_plot(tmp_path):
 
 def test_precision_study_fast_writes_table_and_figures(tmp_path):
   from experiments import precision_study  # pylint: disable=import-outside-toplevel
+
   out = str(tmp_path / "ps")
   settings = ["fp32", "fp16 + dynamic scale", "fp16, no scaling"]
   assert precision_study.main(["--fast", "--out", out, "--settings", *settings]) == 0
@@ -45,10 +50,15 @@ SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "
 @pytest.mark.skipif(not os.path.isdir(SHARED), reason="needs ../shared/data/multi30k")
 def test_seq2seq_translate_fast_writes_its_table(tmp_path, monkeypatch):
   from experiments import seq2seq  # pylint: disable=import-outside-toplevel
+
   out = str(tmp_path / "tr")
   root = os.path.dirname(SHARED)
-  assert seq2seq.main(["--task", "translate", "--fast", "--precisions", "fp32", "--root", root,
-                       "--out", out]) == 0
+  assert (
+    seq2seq.main(
+      ["--task", "translate", "--fast", "--precisions", "fp32", "--root", root, "--out", out]
+    )
+    == 0
+  )
   results = json.load(open(os.path.join(out, "results.json"), encoding="utf-8"))
   assert results["test_examples"] == 8 and "bleu" in results["baseline"]
   assert 0.0 <= results["runs"]["fp32"]["metric"]["bleu"] <= 100.0
@@ -60,15 +70,27 @@ def test_seq2seq_task_trains_and_evaluates_from_pair_files(tmp_path):
   from llm_mp.data import DataError  # pylint: disable=import-outside-toplevel
   from llm_mp.inference import evaluate_run  # pylint: disable=import-outside-toplevel
   from llm_mp.train import train  # pylint: disable=import-outside-toplevel
+
   words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"]
   rows = [" ".join(words[(i + j) % 8] for j in range(4)) for i in range(64)]
   (tmp_path / "src.txt").write_text("\n".join(rows) + "\n", encoding="utf-8")
   (tmp_path / "tgt.txt").write_text("\n".join(r.upper() for r in rows) + "\n", encoding="utf-8")
-  config = apply_overrides(get_preset("seq2seq_tiny"), [
-      "model.d_model=32", "model.n_heads=2", "model.n_layers=1", "model.n_decoder_layers=1",
-      "data.seq_len=32", "model.max_len=32", "train.steps=2", "train.batch_size=8",
-      "train.eval_every=2", "train.sample_tokens=0",
-      f"data.paths={tmp_path / 'src.txt'},{tmp_path / 'tgt.txt'}"])
+  config = apply_overrides(
+    get_preset("seq2seq_tiny"),
+    [
+      "model.d_model=32",
+      "model.n_heads=2",
+      "model.n_layers=1",
+      "model.n_decoder_layers=1",
+      "data.seq_len=32",
+      "model.max_len=32",
+      "train.steps=2",
+      "train.batch_size=8",
+      "train.eval_every=2",
+      "train.sample_tokens=0",
+      f"data.paths={tmp_path / 'src.txt'},{tmp_path / 'tgt.txt'}",
+    ],
+  )
   last = train(config, str(tmp_path / "run"), verbose=False)
   assert last["val_tokens"] > 0 and np.isfinite(last["val_loss"])
   result = evaluate_run(str(tmp_path / "run"))

@@ -46,7 +46,7 @@ def plain_attention(q, k, v, mask=None, causal=False):
   s, kh = k.shape[1], k.shape[2]
   q = q.reshape(b, t, kh, n // kh, h)  # (B, T, K, G, H)
   acc = jnp.promote_types(q.dtype, jnp.float32)
-  logits = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=acc) * (h ** -0.5)
+  logits = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=acc) * (h**-0.5)
   if causal:
     tril = jnp.arange(s)[None, :] <= jnp.arange(t)[:, None]
     mask = tril[None, None] if mask is None else mask & tril
@@ -80,10 +80,8 @@ def _rel_err(a, b) -> float:
 
 
 class DenseGradientTest(chex.TestCase):
-
   @chex.variants(with_jit=True, without_jit=True)
-  @parameterized.product(act=[None, "gelu", "relu", "swiglu"], n_in=[1, 2],
-                         use_bias=[True, False])
+  @parameterized.product(act=[None, "gelu", "relu", "swiglu"], n_in=[1, 2], use_bias=[True, False])
   def test_fp32_equals_autodiff(self, act, n_in, use_bias):
     x, kernel, bias, ct = _inputs(jnp.float32, n_in)
     bias = bias if use_bias else None
@@ -159,14 +157,17 @@ def test_norm_grads_equal_autodiff_of_normalize(kind):
   params = nn.unbox(norm.init(jax.random.key(0), x)["params"])
   params = jax.tree.map(lambda p: p + jnp.asarray(rng.normal(size=p.shape), p.dtype), params)
   got = _grads(lambda p, x: norm.apply({"params": p}, x), ct, params, x, argnums=(0, 1))
-  want = _grads(lambda p, x: normalize(x, p["scale"], p.get("bias"), kind, 1e-5), ct, params, x,
-                argnums=(0, 1))
+  want = _grads(
+    lambda p, x: normalize(x, p["scale"], p.get("bias"), kind, 1e-5), ct, params, x, argnums=(0, 1)
+  )
   # Rematerialisation recomputes the same ops: equal up to XLA's fusion choices.
   chex.assert_trees_all_close(got, want, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("kv_heads,causal,segments", [
-    (4, True, False), (2, True, True), (1, False, True), (2, False, False)])
+@pytest.mark.parametrize(
+  "kv_heads,causal,segments",
+  [(4, True, False), (2, True, True), (1, False, True), (2, False, False)],
+)
 def test_attention_equals_grouped_einsum(kv_heads, causal, segments):
   rng = np.random.default_rng(0)
   q = rng.normal(size=(2, 6, 4, 8))
@@ -189,8 +190,9 @@ def test_attention_equals_grouped_einsum(kv_heads, causal, segments):
 
 
 TINY = ModelConfig.gpt2(vocab_size=61, d_model=32, n_layers=2, n_heads=4, max_len=16)
-SWIGLU = ModelConfig.llama(vocab_size=61, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
-                           max_len=16)
+SWIGLU = ModelConfig.llama(
+  vocab_size=61, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_len=16
+)
 
 
 def _model_grads(cfg, fn, tokens, params=None):
@@ -208,12 +210,16 @@ def _model_grads(cfg, fn, tokens, params=None):
   return params, jax.jit(jax.grad(loss))(params)
 
 
-@pytest.mark.parametrize("cfg", [
+@pytest.mark.parametrize(
+  "cfg",
+  [
     dataclasses.replace(TINY, scan_layers=True, remat="full"),
     dataclasses.replace(TINY, scan_layers=True, remat="dots"),
     dataclasses.replace(TINY, remat="dots"),
     dataclasses.replace(SWIGLU, scan_layers=True, remat="full"),
-], ids=["gpt2-scan-full", "gpt2-scan-dots", "gpt2-remat-dots", "llama-scan-full"])
+  ],
+  ids=["gpt2-scan-full", "gpt2-scan-dots", "gpt2-remat-dots", "llama-scan-full"],
+)
 def test_model_grads_through_scan_and_remat_equal_autodiff(cfg):
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, 61, (2, 16)), jnp.int32)
   params, got = _model_grads(cfg, dense, tokens)
@@ -229,8 +235,9 @@ def test_dense_under_jit_with_named_shardings():
   """Batch split over "data", kernel columns over "tensor" (8 fake CPU devices)."""
   mesh = Mesh(np.asarray(jax.devices()[:8]).reshape(4, 2), ("data", "tensor"))
   rng = np.random.default_rng(0)
-  x, kernel, bias, ct = (jnp.asarray(rng.normal(size=s), jnp.float32)
-                         for s in ((8, 5, 16), (16, 24), (24,), (8, 5, 24)))
+  x, kernel, bias, ct = (
+    jnp.asarray(rng.normal(size=s), jnp.float32) for s in ((8, 5, 16), (16, 24), (24,), (8, 5, 24))
+  )
   shard = lambda a, *spec: jax.device_put(a, NamedSharding(mesh, P(*spec)))
   args = (shard(x, "data"), shard(kernel, None, "tensor"), shard(bias, "tensor"))
   ct_sharded = shard(ct, "data", None, "tensor")

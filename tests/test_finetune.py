@@ -14,8 +14,15 @@ from llm_mp.config import apply_overrides, get_preset
 from llm_mp.inference import evaluate_run, load_run
 from llm_mp.train import train
 
-TINY = ("model.d_model=32", "model.n_layers=2", "model.n_heads=2", "data.seq_len=32",
-        "train.batch_size=16", "data.max_docs=300", "train.log_every=5")
+TINY = (
+  "model.d_model=32",
+  "model.n_layers=2",
+  "model.n_heads=2",
+  "data.seq_len=32",
+  "train.batch_size=16",
+  "data.max_docs=300",
+  "train.log_every=5",
+)
 
 
 def _config(*overrides):
@@ -25,8 +32,9 @@ def _config(*overrides):
 @functools.cache
 def _pretrained(tmp_root):
   workdir = f"{tmp_root}/mlm"
-  train(_config("train.steps=6", "train.eval_every=6", "train.ckpt_every=6"), workdir,
-        verbose=False)
+  train(
+    _config("train.steps=6", "train.eval_every=6", "train.ckpt_every=6"), workdir, verbose=False
+  )
   return workdir
 
 
@@ -45,30 +53,43 @@ def test_mlm_pretraining_counts_only_selected_tokens(pretrained):
 
 def test_finetuning_loads_the_backbone_and_keeps_frozen_layers(pretrained, tmp_path):
   workdir = str(tmp_path / "cls")
-  config = _config("train.task=classify", "train.steps=3", "train.eval_every=3",
-                   f"train.init_from={pretrained}", "train.freeze=embed/*,encoder/blocks_0/*")
+  config = _config(
+    "train.task=classify",
+    "train.steps=3",
+    "train.eval_every=3",
+    f"train.init_from={pretrained}",
+    "train.freeze=embed/*,encoder/blocks_0/*",
+  )
   train(config, workdir, verbose=False)
   source, tuned = load_run(pretrained), load_run(workdir)
   src, new = jax.device_get(source.params), jax.device_get(tuned.params)
   chex.assert_trees_all_equal(new["embed"], src["embed"])
   chex.assert_trees_all_equal(new["encoder"]["blocks_0"], src["encoder"]["blocks_0"])
-  assert not np.array_equal(new["encoder"]["blocks_1"]["mlp"]["up"]["kernel"],
-                            src["encoder"]["blocks_1"]["mlp"]["up"]["kernel"])
+  assert not np.array_equal(
+    new["encoder"]["blocks_1"]["mlp"]["up"]["kernel"],
+    src["encoder"]["blocks_1"]["mlp"]["up"]["kernel"],
+  )
   assert set(new) - set(src) == {"pooler", "classifier"}
   # The fine-tuned run keeps its source's tokenizer.
   assert open(f"{workdir}/tokenizer.json").read() == open(f"{pretrained}/tokenizer.json").read()
 
 
 def test_init_from_a_different_architecture_is_a_clear_error(pretrained, tmp_path):
-  config = _config("train.task=classify", "train.steps=1", "model.d_model=64",
-                   f"train.init_from={pretrained}")
+  config = _config(
+    "train.task=classify", "train.steps=1", "model.d_model=64", f"train.init_from={pretrained}"
+  )
   with pytest.raises(ValueError, match=r"its model.d_model=32 differs from model.d_model=64"):
     train(config, str(tmp_path / "x"), verbose=False)
-  decoder = dataclasses.replace(config, model=dataclasses.replace(config.model, d_model=32,
-                                                                  family="decoder"),
-                                train=dataclasses.replace(config.train, task="lm"))
-  with pytest.raises(ValueError, match=r"its model.family='encoder' differs from "
-                                       r"model.family='decoder'"):
+  decoder = dataclasses.replace(
+    config,
+    model=dataclasses.replace(config.model, d_model=32, family="decoder"),
+    train=dataclasses.replace(config.train, task="lm"),
+  )
+  with pytest.raises(
+    ValueError,
+    match=r"its model.family='encoder' differs from "
+    r"model.family='decoder'",
+  ):
     train(decoder, str(tmp_path / "y"), verbose=False)
 
 
@@ -76,10 +97,18 @@ def test_classifier_beats_chance_on_the_builtin_set(tmp_path):
   # From scratch on the built-in sentiment set (balanced: chance is 0.5).
   workdir = str(tmp_path / "scratch")
   # Measured: 0.79 after 800 steps, ~0.75 after 600 (seed 0); 0.5 is chance.
-  config = _config("train.task=classify", "train.steps=600", "train.eval_every=600",
-                   "optim.lr=2e-3", "optim.warmup_steps=20", "model.dropout=0.0",
-                   "model.pool=mean", "model.d_model=64", "model.n_heads=4",
-                   "train.eval_batches=100")
+  config = _config(
+    "train.task=classify",
+    "train.steps=600",
+    "train.eval_every=600",
+    "optim.lr=2e-3",
+    "optim.warmup_steps=20",
+    "model.dropout=0.0",
+    "model.pool=mean",
+    "model.d_model=64",
+    "model.n_heads=4",
+    "train.eval_batches=100",
+  )
   last = train(config, workdir, verbose=False)
   assert last["val_accuracy"] >= 0.7, last
   result = evaluate_run(workdir)  # the whole dev set (500 examples)
@@ -91,7 +120,6 @@ def test_bad_labelled_rows_name_the_file_and_line(tmp_path):
   path = tmp_path / "train.tsv"
   path.write_text("sentence\tlabel\ngood film\t1\nbad film\t\n", encoding="utf-8")
   config = _config("train.task=classify", "train.steps=1", "data.text_field=sentence")
-  config = dataclasses.replace(config, data=dataclasses.replace(config.data,
-                                                                paths=(str(path),)))
+  config = dataclasses.replace(config, data=dataclasses.replace(config.data, paths=(str(path),)))
   with pytest.raises(ValueError, match=r"train.tsv:3: "):
     train(config, str(tmp_path / "run"), verbose=False)

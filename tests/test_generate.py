@@ -17,13 +17,14 @@ from llm_mp.models import TransformerLM
 from llm_mp.precision import make_precision
 
 GPT2 = ModelConfig.gpt2(vocab_size=61, d_model=32, n_layers=2, n_heads=4, max_len=24)
-LLAMA = ModelConfig.llama(vocab_size=61, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
-                          max_len=24)
+LLAMA = ModelConfig.llama(
+  vocab_size=61, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_len=24
+)
 CONFIGS = {
-    "gpt2": GPT2,
-    "llama": LLAMA,  # RoPE, grouped-query attention (2 kv heads for 4 query heads)
-    "gpt2_scan": dataclasses.replace(GPT2, scan_layers=True),
-    "llama_scan": dataclasses.replace(LLAMA, scan_layers=True),
+  "gpt2": GPT2,
+  "llama": LLAMA,  # RoPE, grouped-query attention (2 kv heads for 4 query heads)
+  "gpt2_scan": dataclasses.replace(GPT2, scan_layers=True),
+  "llama_scan": dataclasses.replace(LLAMA, scan_layers=True),
 }
 FP32 = make_precision("fp32")
 
@@ -52,7 +53,7 @@ def test_greedy_tokens_are_argmax_of_the_full_forward_pass(name):
   chex.assert_type(out, jnp.int32)
   np.testing.assert_array_equal(out[:, :p], _tokens(2, p))
   logits = jax.jit(model.apply)({"params": params}, out[:, :-1])  # no cache
-  np.testing.assert_array_equal(out[:, p:], jnp.argmax(logits[:, p - 1:], axis=-1))
+  np.testing.assert_array_equal(out[:, p:], jnp.argmax(logits[:, p - 1 :], axis=-1))
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
@@ -62,8 +63,11 @@ def test_cached_logits_equal_full_forward_logits(name):
   decoder = TransformerLM(cfg, FP32, decode=True)
   tokens, p = _tokens(2, 16), 6
   full = jax.jit(model.apply)({"params": params}, tokens)
-  step = jax.jit(lambda cache, chunk, positions: decoder.apply(
-      {"params": params, "cache": cache}, chunk, positions=positions, mutable=["cache"]))
+  step = jax.jit(
+    lambda cache, chunk, positions: decoder.apply(
+      {"params": params, "cache": cache}, chunk, positions=positions, mutable=["cache"]
+    )
+  )
   cache = gen.init_cache(decoder, 2)
   chunks = [(0, p)] + [(t, t + 1) for t in range(p, tokens.shape[1])]  # prefill, then 1 by 1
   for start, stop in chunks:
@@ -93,19 +97,23 @@ def _after_eos(tokens, p, eos):
   return np.concatenate([tokens[:, :p], np.where(seen, eos, new)], axis=1)
 
 
-@pytest.mark.parametrize("temperature,rows", [
+@pytest.mark.parametrize(
+  "temperature,rows",
+  [
     (1.0, _tokens(2, 4)),  # rows end at different steps, or never
     (0.0, jnp.tile(_tokens(1, 4), (2, 1))),  # both rows end together: the loop stops early
-])
+  ],
+)
 def test_rows_emit_only_eos_after_eos(temperature, rows):
   _, params = _params(GPT2)
-  run = lambda eos: gen.generate(GPT2, FP32, params, rows, 12, jax.random.key(3),
-                                 temperature=temperature, eos_id=eos)
+  run = lambda eos: gen.generate(
+    GPT2, FP32, params, rows, 12, jax.random.key(3), temperature=temperature, eos_id=eos
+  )
   free = np.asarray(run(None))
   eos = int(free[0, 4 + 2])  # row 0 emits it by step 2
   out = np.asarray(run(eos))
   np.testing.assert_array_equal(out, _after_eos(free, 4, eos))
-  assert (out[0, 4 + 2:] == eos).all()
+  assert (out[0, 4 + 2 :] == eos).all()
 
 
 def test_sampling_is_reproducible_and_depends_on_the_key():
@@ -117,8 +125,9 @@ def test_sampling_is_reproducible_and_depends_on_the_key():
 
 def test_second_call_with_the_same_shapes_does_not_recompile():
   _, params = _params(GPT2)
-  call = lambda seed: gen.generate(GPT2, FP32, params, _tokens(3, 7, seed=seed), 5,
-                                   jax.random.key(seed), top_p=0.9)
+  call = lambda seed: gen.generate(
+    GPT2, FP32, params, _tokens(3, 7, seed=seed), 5, jax.random.key(seed), top_p=0.9
+  )
   call(0)
   size = gen._generate._cache_size()  # pylint: disable=protected-access
   call(1)  # new prompt values and key
@@ -132,7 +141,7 @@ def test_generate_text_continues_a_string_prompt():
   ids = jnp.asarray([[tok.bos_id, *tok.encode("ab")]])
   greedy = gen.generate(cfg, FP32, params, ids, 10, jax.random.key(0), temperature=0.0)
   new = [int(t) for t in greedy[0, 3:]]
-  expected = tok.decode(new[:new.index(tok.eos_id)] if tok.eos_id in new else new)
+  expected = tok.decode(new[: new.index(tok.eos_id)] if tok.eos_id in new else new)
   assert gen.generate_text(cfg, FP32, params, tok, "ab", 10, temperature=0.0) == expected
   assert isinstance(gen.generate_text(cfg, FP32, params, tok, "", 10, seed=1), str)  # bos only
 
@@ -152,7 +161,9 @@ def test_top_k_1_and_temperature_0_are_argmax():
 PROBS = np.array([0.05, 0.3, 0.1, 0.4, 0.15])
 
 
-@pytest.mark.parametrize("temperature,top_k,top_p,kept", [
+@pytest.mark.parametrize(
+  "temperature,top_k,top_p,kept",
+  [
     (1.0, None, None, [0, 1, 2, 3, 4]),
     (1.0, 2, None, [1, 3]),
     (1.0, None, 0.3, [3]),  # .4 alone reaches .3
@@ -161,7 +172,8 @@ PROBS = np.array([0.05, 0.3, 0.1, 0.4, 0.15])
     (1.0, 3, 0.8, [1, 3]),  # after top-3, (.4 + .3) / .85 = .82 >= .8
     (0.5, None, 0.8, [1, 3]),  # probs^2 renormalised: .56 + .32 >= .8
     (2.0, 4, None, [1, 2, 3, 4]),
-])
+  ],
+)
 def test_sampled_frequencies_match_the_truncated_distribution(temperature, top_k, top_p, kept):
   n = 4000
   logits = jnp.broadcast_to(jnp.log(jnp.asarray(PROBS, jnp.float32)), (n, PROBS.size))
@@ -176,12 +188,15 @@ def test_sampled_frequencies_match_the_truncated_distribution(temperature, top_k
   np.testing.assert_array_less(np.abs(counts / n - expected), tol + 1e-12)
 
 
-@pytest.mark.parametrize("kw,match", [
+@pytest.mark.parametrize(
+  "kw,match",
+  [
     (dict(temperature=-1.0), "temperature=-1.0"),
     (dict(top_k=0), "top_k=0"),
     (dict(top_p=0.0), "top_p=0.0"),
     (dict(top_p=1.5), "top_p=1.5"),
-])
+  ],
+)
 def test_bad_sampling_settings_are_rejected(kw, match):
   with pytest.raises(ValueError, match=match):
     gen.sample_logits(jnp.zeros((1, 5)), jax.random.key(0), **kw)

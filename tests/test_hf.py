@@ -67,8 +67,9 @@ def test_greedy_generation_matches_transformers(imported):
   name, (config, params, _) = imported
   prompt = np.load(os.path.join(_fixture(name), "prompt.npy"))
   ref = np.load(os.path.join(_fixture(name), "greedy.npy"))
-  out = generate(config.model, FP32, params, jnp.asarray(prompt), 32, jax.random.key(0),
-                 temperature=0.0)
+  out = generate(
+    config.model, FP32, params, jnp.asarray(prompt), 32, jax.random.key(0), temperature=0.0
+  )
   np.testing.assert_array_equal(np.asarray(out), ref)
 
 
@@ -78,8 +79,11 @@ def test_export_then_import_is_bit_exact(imported, tmp_path):
   hf.export_hf((config, params, tokenizer), out)
   config2, params2, tokenizer2 = hf.import_hf(out)
   assert config2.model == config.model
-  jax.tree.map(lambda a, b: np.testing.assert_array_equal(a.view(np.uint32), b.view(np.uint32)),
-               params, params2)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_array_equal(a.view(np.uint32), b.view(np.uint32)),
+    params,
+    params2,
+  )
   assert tokenizer2.to_json() == tokenizer.to_json()
   # The exported tensors equal the fixture's own, name for name (the HF layout is kept).
   ours, _ = hf.read_weights(out)
@@ -114,14 +118,14 @@ def test_rope_llama3_frequencies_by_hand():
   """llama3 scaling: long wavelengths / factor, short ones kept, the middle blended."""
   # head_dim 8, theta 100: freqs 1, 100^-1/4, 100^-1/2, 100^-3/4; wavelengths 2pi/f.
   base = 100.0 ** -(np.arange(4) / 4)
-  f = rope_frequencies(8, 100.0, "llama3", factor=4.0, low_freq_factor=1.0,
-                       high_freq_factor=4.0, original_max_len=32)
+  f = rope_frequencies(
+    8, 100.0, "llama3", factor=4.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_len=32
+  )
   wavelen = 2 * np.pi / base  # 6.3, 19.9, 62.8, 198.7: kept below 32/4, scaled above 32/1
   smooth = (32 / wavelen[1] - 1) / 3
   want = [base[0], (1 - smooth) * base[1] / 4 + smooth * base[1], base[2] / 4, base[3] / 4]
   np.testing.assert_allclose(f, want, rtol=1e-6)  # fp32 arithmetic
-  np.testing.assert_allclose(rope_frequencies(8, 100.0, "linear", factor=2.0), base / 2,
-                             rtol=1e-6)
+  np.testing.assert_allclose(rope_frequencies(8, 100.0, "linear", factor=2.0), base / 2, rtol=1e-6)
 
 
 def test_defaults_keep_todays_models():
@@ -135,6 +139,7 @@ def test_gelu_exact_is_erf_gelu():
   from math import erf  # pylint: disable=import-outside-toplevel
 
   from llm_mp.models.layers import ACTIVATIONS  # pylint: disable=import-outside-toplevel
+
   x = np.array([-3.0, -0.5, 0.0, 0.7, 2.5])
   want = [v * 0.5 * (1 + erf(v / np.sqrt(2))) for v in x]
   np.testing.assert_allclose(ACTIVATIONS["gelu_exact"](jnp.asarray(x)), want, rtol=1e-6)
@@ -155,17 +160,21 @@ def _edit_config(**kw):
     cfg.update(kw)
     with open(path, "w", encoding="utf-8") as f:
       json.dump(cfg, f)
+
   return edit
 
 
-@pytest.mark.parametrize("edit, message", [
+@pytest.mark.parametrize(
+  "edit, message",
+  [
     (_edit_config(architectures=["BertForMaskedLM"]), "config.json: field architectures="),
     (_edit_config(n_embd=64), "transformer.wte.weight has shape [320, 32] but config.json"),
     (_edit_config(activation_function="swish"), "config.json: field activation_function="),
     (lambda s: os.remove(os.path.join(s, "model.safetensors")), "model.safetensors: file not"),
     (lambda s: os.remove(os.path.join(s, "tokenizer.json")), "tokenizer.json: file not found"),
     (_edit_config(n_layer=3), "tensor transformer.h.2.attn.c_attn.weight is missing"),
-])
+  ],
+)
 def test_bad_checkpoints_are_one_line_errors(tmp_path, edit, message):
   src = _broken(tmp_path, edit)
   with pytest.raises(hf.HFError, match=None) as e:
@@ -182,8 +191,11 @@ def test_bad_dtype_names_file_and_tensor(tmp_path):
     tensors["transformer.ln_f.bias"] = tensors["transformer.ln_f.bias"].astype(np.int32)
     save_file(tensors, path)
 
-  with pytest.raises(hf.HFError, match=r"model.safetensors: tensor transformer.ln_f.bias has "
-                                       r"dtype I32"):
+  with pytest.raises(
+    hf.HFError,
+    match=r"model.safetensors: tensor transformer.ln_f.bias has "
+    r"dtype I32",
+  ):
     hf.import_hf(_broken(tmp_path, edit))
 
 
@@ -191,6 +203,7 @@ def test_bf16_checkpoint_imports_exactly(tmp_path):
   """bf16 tensors (read without safetensors.numpy, which lacks bf16) widen exactly."""
   import ml_dtypes  # pylint: disable=import-outside-toplevel
   from safetensors import numpy as stnp  # pylint: disable=import-outside-toplevel
+
   src = str(tmp_path / "src")
   shutil.copytree(_fixture("gpt2"), src)
   tensors, _ = hf.read_weights(src)
@@ -198,15 +211,16 @@ def test_bf16_checkpoint_imports_exactly(tmp_path):
   # Write the bf16 file by hand: safetensors' numpy API rejects ml_dtypes arrays.
   blob = stnp.save({k: v.view(np.uint16) for k, v in half.items()})
   n = int.from_bytes(blob[:8], "little")
-  header = json.loads(blob[8:8 + n])
+  header = json.loads(blob[8 : 8 + n])
   for k in half:
     header[k]["dtype"] = "BF16"
   text = json.dumps(header).encode()
   with open(os.path.join(src, "model.safetensors"), "wb") as f:
-    f.write(len(text).to_bytes(8, "little") + text + blob[8 + n:])
+    f.write(len(text).to_bytes(8, "little") + text + blob[8 + n :])
   _, params, _ = hf.import_hf(src)
-  np.testing.assert_array_equal(params["embed"]["embedding"],
-                                half["transformer.wte.weight"].astype(np.float32))
+  np.testing.assert_array_equal(
+    params["embed"]["embedding"], half["transformer.wte.weight"].astype(np.float32)
+  )
 
 
 def test_export_refuses_what_hf_cannot_load(tmp_path):
@@ -225,11 +239,29 @@ def test_cli_import_generate_export(tmp_path, capsys):
   """import-hf writes a run that generate reads; export-hf reproduces the weights."""
   run, out = str(tmp_path / "run"), str(tmp_path / "out")
   assert cli.main(["import-hf", _fixture("llama_gqa"), "--workdir", run]) == 0
-  assert sorted(os.listdir(run)) == ["checkpoints", "config.json", "tokenizer.json",
-                                     "tokenizer_config.json"]
+  assert sorted(os.listdir(run)) == [
+    "checkpoints",
+    "config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+  ]
   capsys.readouterr()
-  assert cli.main(["generate", "--workdir", run, "--prompt", "The quick",
-                   "--max-new-tokens", "4", "--temperature", "0"]) == 0
+  assert (
+    cli.main(
+      [
+        "generate",
+        "--workdir",
+        run,
+        "--prompt",
+        "The quick",
+        "--max-new-tokens",
+        "4",
+        "--temperature",
+        "0",
+      ]
+    )
+    == 0
+  )
   # The step-0 checkpoint holds the imported parameters: same greedy text as in memory.
   config, params, tok = hf.import_hf(_fixture("llama_gqa"))
   want = generate_text(config.model, FP32, params, tok, "The quick", 4, temperature=0.0)
@@ -258,9 +290,11 @@ def test_padded_vocabulary_keeps_logits_sampling_and_export(name, tmp_path):
   assert (out[..., v:] <= -1e8).all()  # padded ids are masked: never sampled, no loss mass
   prompt = jnp.asarray(np.load(os.path.join(_fixture(name), "prompt.npy")))
   np.testing.assert_array_equal(
-      np.asarray(generate(padded.model, FP32, pparams, prompt, 32, jax.random.key(0),
-                          temperature=0.0)),
-      np.load(os.path.join(_fixture(name), "greedy.npy")))
+    np.asarray(
+      generate(padded.model, FP32, pparams, prompt, 32, jax.random.key(0), temperature=0.0)
+    ),
+    np.load(os.path.join(_fixture(name), "greedy.npy")),
+  )
   hf.export_hf((padded, pparams, tokenizer), str(tmp_path / "out"))  # padding stripped
   ours, _ = hf.read_weights(str(tmp_path / "out"))
   theirs, _ = hf.read_weights(_fixture(name))

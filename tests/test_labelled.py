@@ -34,30 +34,35 @@ def _write(path, data):
 
 
 def test_tsv_is_unquoted_cleaned_and_labels_sorted(tmp_path):
-  path = _write(tmp_path / "a.tsv",
-                "sentence\tlabel\n"
-                'a "quoted" word stays literal \tpos\n'
-                "cafe\u0301 with a bell\x07 \tneg\n"
-                "\n"  # blank lines are skipped
-                "third one\tpos\n")
+  path = _write(
+    tmp_path / "a.tsv",
+    "sentence\tlabel\n"
+    'a "quoted" word stays literal \tpos\n'
+    "cafe\u0301 with a bell\x07 \tneg\n"
+    "\n"  # blank lines are skipped
+    "third one\tpos\n",
+  )
   texts, labels, names, skipped = read_labelled(path, "sentence", "label")
   assert texts == ['a "quoted" word stays literal', "caf\u00e9 with a bell", "third one"]
   assert names == ("neg", "pos")
   np.testing.assert_array_equal(labels, [1, 0, 1])
   assert labels.dtype == np.int32 and skipped == 0
   # Given names map by position; the files are read in order.
-  texts2, labels2, names2, _ = read_labelled([path, path], "sentence", "label",
-                                             labels=("pos", "neg"))
+  texts2, labels2, names2, _ = read_labelled(
+    [path, path], "sentence", "label", labels=("pos", "neg")
+  )
   assert texts2 == texts * 2 and names2 == ("pos", "neg")
   np.testing.assert_array_equal(labels2, [0, 1, 0] * 2)
 
 
 def test_csv_quoted_fields_and_line_numbers_after_a_multiline_field(tmp_path):
-  rows = ["id,text,label",  # line 1
-          '1,"hello, world",b',  # line 2
-          '2,"two\nlines with ""quotes""",a',  # lines 3-4
-          "3,plain,b",  # line 5
-          "4,,a"]  # line 6: no text
+  rows = [
+    "id,text,label",  # line 1
+    '1,"hello, world",b',  # line 2
+    '2,"two\nlines with ""quotes""",a',  # lines 3-4
+    "3,plain,b",  # line 5
+    "4,,a",
+  ]  # line 6: no text
   path = _write(tmp_path / "a.csv", "\n".join(rows) + "\n")
   with pytest.raises(DataError, match=rf"^{path}:6: missing text \(field 'text'"):
     read_labelled(path, "text", "label")
@@ -68,8 +73,12 @@ def test_csv_quoted_fields_and_line_numbers_after_a_multiline_field(tmp_path):
 
 
 def test_jsonl_integer_and_string_labels_sort_numerically(tmp_path):
-  lines = [{"text": "ten", "label": 10}, {"text": "two", "label": "2"},
-           {"text": "zero", "label": 0, "extra": [1]}, {"text": "one", "label": " 1 "}]
+  lines = [
+    {"text": "ten", "label": 10},
+    {"text": "two", "label": "2"},
+    {"text": "zero", "label": 0, "extra": [1]},
+    {"text": "one", "label": " 1 "},
+  ]
   path = _write(tmp_path / "a.jsonl", "\n\n".join(json.dumps(x) for x in lines))
   texts, labels, names, _ = read_labelled(path, "text", "label")
   assert texts == ["ten", "two", "zero", "one"]
@@ -78,19 +87,19 @@ def test_jsonl_integer_and_string_labels_sort_numerically(tmp_path):
 
 
 BAD_ROWS = [  # (suffix, the bad line 3, expected problem)
-    (".tsv", "\t1", "missing text"),
-    (".tsv", "some text\t", "missing label"),
-    (".tsv", "  \t \t", "expected 2 fields as in the header, found 3"),
-    (".tsv", "no tab here", "expected 2 fields as in the header, found 1"),
-    (".tsv", "fine text\t7", "label '7' is not one of ('0', '1')"),
-    (".csv", '"quoted, text",', "missing label"),
-    (".jsonl", "{not json", "invalid JSON"),
-    (".jsonl", "[1, 2]", "expected a JSON object, found list"),
-    (".jsonl", '{"sentence": "no label"}', "missing label"),
-    (".jsonl", '{"label": 1}', "missing text"),
-    (".jsonl", '{"sentence": 5, "label": 1}', "field 'sentence' is not a string"),
-    (".jsonl", '{"sentence": "x", "label": 1.5}', "label 1.5 is not a string or an integer"),
-    (".jsonl", '{"sentence": "x", "label": true}', "label True is not a string or an integer"),
+  (".tsv", "\t1", "missing text"),
+  (".tsv", "some text\t", "missing label"),
+  (".tsv", "  \t \t", "expected 2 fields as in the header, found 3"),
+  (".tsv", "no tab here", "expected 2 fields as in the header, found 1"),
+  (".tsv", "fine text\t7", "label '7' is not one of ('0', '1')"),
+  (".csv", '"quoted, text",', "missing label"),
+  (".jsonl", "{not json", "invalid JSON"),
+  (".jsonl", "[1, 2]", "expected a JSON object, found list"),
+  (".jsonl", '{"sentence": "no label"}', "missing label"),
+  (".jsonl", '{"label": 1}', "missing text"),
+  (".jsonl", '{"sentence": 5, "label": 1}', "field 'sentence' is not a string"),
+  (".jsonl", '{"sentence": "x", "label": 1.5}', "label 1.5 is not a string or an integer"),
+  (".jsonl", '{"sentence": "x", "label": true}', "label True is not a string or an integer"),
 ]
 
 
@@ -106,17 +115,20 @@ def test_bad_row_names_file_and_line_or_is_skipped(tmp_path, suffix, bad, proble
   with pytest.raises(DataError) as e:
     read_labelled(path, "sentence", "label", labels=("0", "1"))
   assert str(e.value).startswith(f"{path}:3: {problem}"), str(e.value)
-  texts, labels, names, skipped = read_labelled(path, "sentence", "label", bad_rows="skip",
-                                                labels=("0", "1"))
-  assert (texts, labels.tolist(), names, skipped) == (["good 0", "good 1"], [0, 1],
-                                                      ("0", "1"), 1)
+  texts, labels, names, skipped = read_labelled(
+    path, "sentence", "label", bad_rows="skip", labels=("0", "1")
+  )
+  assert (texts, labels.tolist(), names, skipped) == (["good 0", "good 1"], [0, 1], ("0", "1"), 1)
 
 
 def test_header_without_the_columns_is_an_error_even_when_skipping(tmp_path):
   path = _write(tmp_path / "a.tsv", "sentence\tlabel\nhello\t1\n")
   for bad_rows in ("error", "skip"):
-    with pytest.raises(DataError, match=rf"^{path}:1: header \['sentence', 'label'\] lacks "
-                                        r"column\(s\) \['text'\]"):
+    with pytest.raises(
+      DataError,
+      match=rf"^{path}:1: header \['sentence', 'label'\] lacks "
+      r"column\(s\) \['text'\]",
+    ):
       read_labelled(path, "text", "label", bad_rows=bad_rows)
 
 
@@ -143,12 +155,14 @@ def test_file_level_errors(tmp_path):
 @pytest.mark.skipif(not os.path.isdir(SST2), reason="../shared/data/sst2 not present")
 def test_reads_sst2_train_and_dev():
   # Counts from `wc -l` minus the header and `cut -f2 | sort | uniq -c` (see SOURCES.md).
-  texts, labels, names, skipped = read_labelled(os.path.join(SST2, "train.tsv"), "sentence",
-                                                "label")
+  texts, labels, names, skipped = read_labelled(
+    os.path.join(SST2, "train.tsv"), "sentence", "label"
+  )
   assert (len(texts), int(labels.sum()), names, skipped) == (67349, 37569, ("0", "1"), 0)
   assert texts[0] == "hide new secretions from the parental units"  # trailing space stripped
-  dev, dev_labels, dev_names, _ = read_labelled([os.path.join(SST2, "dev.tsv")], "sentence",
-                                                "label", labels=names)
+  dev, dev_labels, dev_names, _ = read_labelled(
+    [os.path.join(SST2, "dev.tsv")], "sentence", "label", labels=names
+  )
   assert (len(dev), int(dev_labels.sum()), dev_names) == (872, 444, ("0", "1"))
 
 
@@ -158,14 +172,21 @@ def test_reads_sst2_train_and_dev():
 def test_encode_labelled_adds_bos_eos_truncates_and_pads():
   rows, n_truncated = encode_labelled(["ab", "abcdef", "abc", ""], [1, 0, 1, 0], BYTE, 5)
   a, b, c = ord("a"), ord("b"), ord("c")
-  np.testing.assert_array_equal(rows["inputs"], [[BOS, a, b, EOS, PAD],
-                                                 [BOS, a, b, c, EOS],  # truncated
-                                                 [BOS, a, b, c, EOS],  # fits exactly
-                                                 [BOS, EOS, PAD, PAD, PAD]])
-  np.testing.assert_array_equal(rows["segment_ids"], [[1, 1, 1, 1, 0], [1] * 5, [1] * 5,
-                                                      [1, 1, 0, 0, 0]])
-  np.testing.assert_array_equal(rows["positions"], [[0, 1, 2, 3, 0], [0, 1, 2, 3, 4],
-                                                    [0, 1, 2, 3, 4], [0, 1, 0, 0, 0]])
+  np.testing.assert_array_equal(
+    rows["inputs"],
+    [
+      [BOS, a, b, EOS, PAD],
+      [BOS, a, b, c, EOS],  # truncated
+      [BOS, a, b, c, EOS],  # fits exactly
+      [BOS, EOS, PAD, PAD, PAD],
+    ],
+  )
+  np.testing.assert_array_equal(
+    rows["segment_ids"], [[1, 1, 1, 1, 0], [1] * 5, [1] * 5, [1, 1, 0, 0, 0]]
+  )
+  np.testing.assert_array_equal(
+    rows["positions"], [[0, 1, 2, 3, 0], [0, 1, 2, 3, 4], [0, 1, 2, 3, 4], [0, 1, 0, 0, 0]]
+  )
   np.testing.assert_array_equal(rows["labels"], [1, 0, 1, 0])
   assert n_truncated == rows.truncated == 1
   assert len(rows) == 4 and rows.seq_len == 5
@@ -204,8 +225,11 @@ def test_train_iterator_shapes_epochs_and_exact_resume(rows):
   batches = _take(it, 10)  # 80 rows: two full epochs of 37 and a part of the third
   for b in batches:
     assert {k: (v.dtype, v.shape) for k, v in b.items()} == {
-        "inputs": (np.int32, (B, T)), "segment_ids": (np.int32, (B, T)),
-        "positions": (np.int32, (B, T)), "labels": (np.int32, (B,))}
+      "inputs": (np.int32, (B, T)),
+      "segment_ids": (np.int32, (B, T)),
+      "positions": (np.int32, (B, T)),
+      "labels": (np.int32, (B,)),
+    }
   drawn = np.concatenate([b["inputs"] for b in batches])
   epochs = drawn[:37], drawn[37:74]
   for epoch in epochs:  # every epoch is a permutation of all rows, each reshuffled
@@ -230,8 +254,10 @@ def test_eval_iterator_is_ordered_and_pads_with_label_minus_one(rows):
     np.testing.assert_array_equal(got[k][:37], rows[k])
   assert (got["labels"][37:] == -1).all() and (got["segment_ids"][37:] == 0).all()
   assert (got["inputs"][37:] == PAD).all() and (got["positions"][37:] == 0).all()
-  assert len(list(make_labelled_eval_iterator(rows, B, max_batches=2, process_index=0,
-                                              process_count=1))) == 2
+  assert (
+    len(list(make_labelled_eval_iterator(rows, B, max_batches=2, process_index=0, process_count=1)))
+    == 2
+  )
 
 
 def test_processes_get_disjoint_slices_of_the_global_batch(rows):
@@ -254,8 +280,10 @@ def test_builtin_set_is_fixed_balanced_disjoint_and_labelled_by_adjective():
   assert (train_y.sum(), dev_y.sum()) == (1000, 250)
   assert not set(train) & set(dev) and len(set(train)) == 2000
   # Ordered by SHA-256, so the same on every machine; pinned to catch accidental changes.
-  assert train[:2] == ["the story seemed very lifeless , as expected",
-                       "the cast was clumsy in the end"]
+  assert train[:2] == [
+    "the story seemed very lifeless , as expected",
+    "the cast was clumsy in the end",
+  ]
   for text, y in zip(train + dev, np.concatenate([train_y, dev_y])):
     words = set(text.split())
     own = words & set(labelled_lib._ADJECTIVES[names[y]])
@@ -288,9 +316,17 @@ def test_metrics_against_hand_computation():
 
 
 def test_bow_baseline_separates_a_tiny_hand_built_set():
-  train = ["the match was won", "a goal in the match", "the team won the cup",
-           "soup with bread", "bread and cheese", "a bowl of soup",
-           "rain and wind today", "sunny with wind", "heavy rain tonight"]
+  train = [
+    "the match was won",
+    "a goal in the match",
+    "the team won the cup",
+    "soup with bread",
+    "bread and cheese",
+    "a bowl of soup",
+    "rain and wind today",
+    "sunny with wind",
+    "heavy rain tonight",
+  ]
   labels = np.array([0, 0, 0, 1, 1, 1, 2, 2, 2])
   test = ["the team scored a goal", "cheese soup", "wind and rain", "the cup match"]
   for tokenizer in (None, BYTE):

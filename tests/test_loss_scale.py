@@ -17,8 +17,9 @@ from llm_mp.loss_scale import (
 
 
 def _dynamic(scale=2.0**10, period=3, factor=2.0, min_loss_scale=1.0):
-  return DynamicLossScale(jnp.float32(scale), jnp.int32(0), period=period, factor=factor,
-                          min_loss_scale=min_loss_scale)
+  return DynamicLossScale(
+    jnp.float32(scale), jnp.int32(0), period=period, factor=factor, min_loss_scale=min_loss_scale
+  )
 
 
 def _run(scale, finite_flags):
@@ -28,9 +29,15 @@ def _run(scale, finite_flags):
   return scale
 
 
-@pytest.mark.parametrize("scale", [NoOpLossScale(), StaticLossScale(jnp.float32(8.0)),
-                                   _dynamic(period=7, factor=3.0, min_loss_scale=4.0)],
-                         ids=["none", "static", "dynamic"])
+@pytest.mark.parametrize(
+  "scale",
+  [
+    NoOpLossScale(),
+    StaticLossScale(jnp.float32(8.0)),
+    _dynamic(period=7, factor=3.0, min_loss_scale=4.0),
+  ],
+  ids=["none", "static", "dynamic"],
+)
 def test_every_loss_scale_survives_jit_with_its_fields(scale):
   out = jax.jit(lambda s: s)(scale)
   assert type(out) is type(scale)
@@ -75,8 +82,9 @@ def test_dynamic_growth_stays_finite():
   assert np.isfinite(float(s.loss_scale))
 
 
-@pytest.mark.parametrize("scale", [NoOpLossScale(), StaticLossScale(jnp.float32(8.0))],
-                         ids=["none", "static"])
+@pytest.mark.parametrize(
+  "scale", [NoOpLossScale(), StaticLossScale(jnp.float32(8.0))], ids=["none", "static"]
+)
 def test_static_and_noop_never_change(scale):
   out = _run(scale, [False, True, False])
   chex.assert_trees_all_equal(out, scale)
@@ -85,8 +93,10 @@ def test_static_and_noop_never_change(scale):
 @pytest.mark.parametrize("kind", ["none", "static", "dynamic"])
 def test_scale_unscale_round_trip_is_exact_for_powers_of_two(kind):
   scale = make_loss_scale(kind, 2.0**15, 10)
-  tree = {"w": jnp.asarray(np.random.default_rng(0).normal(size=(4, 5)), jnp.float32),
-          "b": jnp.float32(-0.0)}
+  tree = {
+    "w": jnp.asarray(np.random.default_rng(0).normal(size=(4, 5)), jnp.float32),
+    "b": jnp.float32(-0.0),
+  }
   back = jax.jit(lambda s, t: s.unscale(s.scale(t)))(scale, tree)
   chex.assert_trees_all_equal(back, tree)
 
@@ -130,16 +140,21 @@ def _bits(tree):
 
 def _old_and_new():
   nans = np.array([0x7FC00000, 0x7F800001, 0xFFC00123], np.uint32).view(np.float32)
-  old = {"params": {"w": jnp.asarray([-0.0, 0.0, 1.5], jnp.float32),
-                    "h": jnp.asarray([-0.0, 2.0], jnp.bfloat16)},
-         "count": jnp.int32(7)}
-  new = {"params": {"w": jnp.asarray(nans), "h": jnp.asarray([0.0, jnp.nan], jnp.bfloat16)},
-         "count": jnp.int32(8)}
+  old = {
+    "params": {
+      "w": jnp.asarray([-0.0, 0.0, 1.5], jnp.float32),
+      "h": jnp.asarray([-0.0, 2.0], jnp.bfloat16),
+    },
+    "count": jnp.int32(7),
+  }
+  new = {
+    "params": {"w": jnp.asarray(nans), "h": jnp.asarray([0.0, jnp.nan], jnp.bfloat16)},
+    "count": jnp.int32(8),
+  }
   return old, new
 
 
 class SelectTreeTest(chex.TestCase):
-
   @chex.variants(with_jit=True, without_jit=True)
   def test_rejected_step_keeps_old_tree_bit_for_bit(self):
     old, new = _old_and_new()

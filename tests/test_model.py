@@ -16,8 +16,9 @@ from llm_mp.models import TransformerLM, dot_product_attention
 from llm_mp.precision import Precision, make_precision, precision_report
 
 GPT2 = ModelConfig.gpt2(vocab_size=61, d_model=32, n_layers=2, n_heads=4, max_len=24)
-LLAMA = ModelConfig.llama(vocab_size=61, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
-                          max_len=24)
+LLAMA = ModelConfig.llama(
+  vocab_size=61, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_len=24
+)
 SINUSOIDAL = dataclasses.replace(GPT2, position="sinusoidal", mlp="relu")
 # Capacity factor E / top_k: room for every token, so no drops and the layer is
 # per-token (exactly causal); capacity routing itself is tested in test_moe.py.
@@ -49,12 +50,14 @@ def test_fp32_forward_matches_float64_reference(name):
   tokens = _tokens()
   logits = model.apply({"params": params}, tokens)
   with jax.enable_x64(True):
-    ref = _f64_model(cfg).apply({"params": jax.tree.map(lambda p: p.astype(jnp.float64), params)},
-                                tokens)
+    ref = _f64_model(cfg).apply(
+      {"params": jax.tree.map(lambda p: p.astype(jnp.float64), params)}, tokens
+    )
     assert ref.dtype == jnp.float64
     # fp32 matmuls over d=32..128 accumulate ~1e-6 relative error per op.
-    np.testing.assert_allclose(np.asarray(logits, np.float64), np.asarray(ref), atol=2e-5,
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+      np.asarray(logits, np.float64), np.asarray(ref), atol=2e-5, rtol=1e-5
+    )
 
 
 @pytest.mark.parametrize("precision,tol", [("bf16", 0.06), ("fp16", 0.008), ("pure_bf16", 0.06)])
@@ -80,8 +83,9 @@ def test_policy_dtypes_of_params_and_intermediates(precision):
   prec = make_precision(precision)
   model, params = _init(GPT2, precision)
   chex.assert_type(jax.tree.leaves(params), [prec.param_dtype] * len(jax.tree.leaves(params)))
-  _, state = model.apply({"params": params}, _tokens(), capture_intermediates=True,
-                         mutable=["intermediates"])
+  _, state = model.apply(
+    {"params": params}, _tokens(), capture_intermediates=True, mutable=["intermediates"]
+  )
   inter = state["intermediates"]
   c = prec.compute_dtype
   block = inter["decoder"]["blocks_0"]
@@ -124,8 +128,9 @@ def test_override_changes_exactly_the_named_modules():
   prec = make_precision("bf16", overrides="*mlp/up=c=f32,o=f32")
   model = TransformerLM(GPT2, prec)
   params = nn.unbox(model.init(jax.random.key(0), _tokens())["params"])
-  _, state = model.apply({"params": params}, _tokens(), capture_intermediates=True,
-                         mutable=["intermediates"])
+  _, state = model.apply(
+    {"params": params}, _tokens(), capture_intermediates=True, mutable=["intermediates"]
+  )
   block = state["intermediates"]["decoder"]["blocks_0"]
   chex.assert_type(block["mlp"]["up"]["__call__"][0], jnp.float32)
   chex.assert_type(block["mlp"]["down"]["__call__"][0], jnp.bfloat16)
@@ -186,8 +191,12 @@ def test_attention_matches_naive_softmax_reference():
   q = rng.normal(size=(2, 5, 4, 8))
   k = rng.normal(size=(2, 7, 2, 8))  # grouped-query: 2 kv heads for 4 query heads
   v = rng.normal(size=(2, 7, 2, 8))
-  out = dot_product_attention(jnp.asarray(q, jnp.float32), jnp.asarray(k, jnp.float32),
-                              jnp.asarray(v, jnp.float32), causal=True)
+  out = dot_product_attention(
+    jnp.asarray(q, jnp.float32),
+    jnp.asarray(k, jnp.float32),
+    jnp.asarray(v, jnp.float32),
+    causal=True,
+  )
   ref = np.zeros((2, 5, 4, 8))
   for h in range(4):
     kv = h // 2
@@ -201,24 +210,29 @@ def test_attention_matches_naive_softmax_reference():
 
 def test_scan_and_remat_give_the_same_logits_as_the_plain_stack():
   model, params = _init(GPT2)
-  scanned = TransformerLM(dataclasses.replace(GPT2, scan_layers=True, remat="dots"),
-                          make_precision("fp32"))
+  scanned = TransformerLM(
+    dataclasses.replace(GPT2, scan_layers=True, remat="dots"), make_precision("fp32")
+  )
   blocks = [params["decoder"][f"blocks_{i}"] for i in range(GPT2.n_layers)]
   stacked = dict(params)
   stacked["decoder"] = {"blocks": {"block": jax.tree.map(lambda *x: jnp.stack(x), *blocks)}}
   tokens = _tokens()
-  chex.assert_trees_all_close(scanned.apply({"params": stacked}, tokens),
-                              model.apply({"params": params}, tokens), atol=1e-5)
+  chex.assert_trees_all_close(
+    scanned.apply({"params": stacked}, tokens), model.apply({"params": params}, tokens), atol=1e-5
+  )
 
 
-@pytest.mark.parametrize("kw,field", [
+@pytest.mark.parametrize(
+  "kw,field",
+  [
     (dict(d_model=30, n_heads=4), "n_heads"),
     (dict(n_heads=4, n_kv_heads=3), "n_kv_heads"),
     (dict(norm="batchnorm"), "norm"),
     (dict(mlp="tanh"), "mlp"),
     (dict(position="alibi"), "position"),
     (dict(attention_impl="flash"), "attention_impl"),
-])
+  ],
+)
 def test_bad_model_config_names_field_and_value(kw, field):
   with pytest.raises(ValueError, match=field):
     ModelConfig(**kw)
@@ -265,6 +279,7 @@ def _pad_rows(params, path, n_rows, axis, seed):
 @pytest.mark.parametrize("name", ["gpt2", "llama"])  # tied and untied heads
 def test_padded_vocabulary_leaves_loss_and_samples_unchanged(name):
   from llm_mp.generate import generate  # pylint: disable=import-outside-toplevel
+
   cfg = CONFIGS[name]
   padded = dataclasses.replace(cfg, vocab_multiple=64)
   assert padded.padded_vocab == 64
@@ -290,6 +305,7 @@ def test_padded_vocabulary_leaves_loss_and_samples_unchanged(name):
 
 def test_mask_padded_vocab_is_finite_in_fp16():
   from llm_mp.models.layers import mask_padded_vocab  # pylint: disable=import-outside-toplevel
+
   z = mask_padded_vocab(jnp.full((2, 8), 3.0, jnp.float16), 5)
   assert z.dtype == jnp.float16 and bool(jnp.isfinite(z).all())
   p = jax.nn.softmax(z.astype(jnp.float32))

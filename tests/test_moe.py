@@ -24,15 +24,24 @@ from llm_mp.step import cross_entropy
 
 E = 4
 # d_model == n_experts, so a router kernel scale * I makes the logits scale * x.
-CFG = ModelConfig.gpt2(vocab_size=61, d_model=E, n_heads=1, n_layers=1, d_ff=8, max_len=16,
-                       n_experts=E, expert_top_k=1, expert_capacity_factor=float(E))
+CFG = ModelConfig.gpt2(
+  vocab_size=61,
+  d_model=E,
+  n_heads=1,
+  n_layers=1,
+  d_ff=8,
+  max_len=16,
+  n_experts=E,
+  expert_top_k=1,
+  expert_capacity_factor=float(E),
+)
 COLLECTIONS = ["losses", "metrics", "intermediates"]
 # fp32 against float64 NumPy through two small matmuls (d <= 8, f = 8).
 ATOL = 1e-5
 
 
 def _gelu(x):
-  return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
+  return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
 
 
 def _silu(x):
@@ -111,8 +120,9 @@ def test_top1_sends_each_token_to_its_argmax_expert_weighted_by_its_probability(
   for b, t in np.ndindex(best.shape):
     ref[b, t] = probs[b, t, best[b, t]] * _expert(params, best[b, t], x[b, t])
   np.testing.assert_allclose(y, ref, atol=ATOL)
-  np.testing.assert_allclose(metrics["moe_expert_load"],
-                             np.bincount(best.ravel(), minlength=E) / best.size, atol=1e-7)
+  np.testing.assert_allclose(
+    metrics["moe_expert_load"], np.bincount(best.ravel(), minlength=E) / best.size, atol=1e-7
+  )
 
 
 def _gate1(x, scale):
@@ -161,10 +171,16 @@ def test_top2_first_choices_take_priority_over_earlier_second_choices():
   # N = 4, top-2, factor 0.5: C = ceil(0.5 * 2 * 4 / 4) = 1 slot per expert.
   cfg = dataclasses.replace(CFG, expert_top_k=2, expert_capacity_factor=0.5)
   model, params = _moe(cfg, scale=1.0)
-  x = np.array([[[2., 3., 0., -5.],  # first 1, second 0
-                 [3., 0., 2., -5.],  # first 0, second 2
-                 [-5., 0., 2., 3.],  # first 3, second 2
-                 [-5., 0., 3., 2.]]])  # first 2, second 3
+  x = np.array(
+    [
+      [
+        [2.0, 3.0, 0.0, -5.0],  # first 1, second 0
+        [3.0, 0.0, 2.0, -5.0],  # first 0, second 2
+        [-5.0, 0.0, 2.0, 3.0],  # first 3, second 2
+        [-5.0, 0.0, 3.0, 2.0],
+      ]
+    ]
+  )  # first 2, second 3
   y, metrics, _, _ = _apply(model, params, x)
   # Every expert is filled by a first choice, so every second choice is
   # dropped, including token 0's (expert 0), which comes before token 1's first choice.
@@ -172,13 +188,13 @@ def test_top2_first_choices_take_priority_over_earlier_second_choices():
   top2 = np.sort(p, -1)[:, -2:].sum(-1)
   for n in range(4):
     e = int(x[0, n].argmax())
-    np.testing.assert_allclose(y[0, n], p[n, e] / top2[n] * _expert(params, e, x[0, n]),
-                               atol=ATOL, err_msg=f"token {n}")
+    np.testing.assert_allclose(
+      y[0, n], p[n, e] / top2[n] * _expert(params, e, x[0, n]), atol=ATOL, err_msg=f"token {n}"
+    )
   np.testing.assert_allclose(metrics["moe_dropped_fraction"], 0.5, rtol=1e-6)
   # Load counts the router's choices before the cut: expert 0 has token 1's
   # first and token 0's second, expert 2 token 3's first and two seconds.
-  np.testing.assert_allclose(metrics["moe_expert_load"], [2 / 8, 1 / 8, 3 / 8, 2 / 8],
-                             rtol=1e-6)
+  np.testing.assert_allclose(metrics["moe_expert_load"], [2 / 8, 1 / 8, 3 / 8, 2 / 8], rtol=1e-6)
 
 
 def test_top2_with_room_mixes_both_experts_with_renormalised_gates():
@@ -211,7 +227,7 @@ def test_aux_and_z_losses_equal_their_formulas_and_drive_the_router_gradient():
   f = np.bincount(p.argmax(-1), minlength=E) / n  # first choices only
   aux = E * np.sum(f * p.mean(0))
   lse = np.log(np.exp(logits).sum(-1))
-  z = np.mean(lse ** 2)
+  z = np.mean(lse**2)
   np.testing.assert_allclose(metrics["moe_aux_loss"], aux, rtol=1e-5)
   np.testing.assert_allclose(metrics["moe_z_loss"], z, rtol=1e-5)
   np.testing.assert_allclose(losses["moe_aux_loss"], 0.1 * aux, rtol=1e-5)
@@ -226,8 +242,10 @@ def test_aux_and_z_losses_equal_their_formulas_and_drive_the_router_gradient():
   grad = np.asarray(jax.grad(summed_losses)(params["router"]["kernel"]), np.float64)
   # By hand: d aux / d logit_nj = (E / N) p_nj (f_j - sum_e f_e p_ne) (f is a
   # constant count); d z / d logit_nj = (2 / N) lse_n p_nj.
-  g_logits = (0.1 * E / n * p * (f[None] - (p * f[None]).sum(-1, keepdims=True))
-              + 0.01 * 2 / n * lse[:, None] * p)
+  g_logits = (
+    0.1 * E / n * p * (f[None] - (p * f[None]).sum(-1, keepdims=True))
+    + 0.01 * 2 / n * lse[:, None] * p
+  )
   expected = xs.T @ g_logits
   assert np.abs(expected).max() > 1e-3  # a real, non-zero gradient
   np.testing.assert_allclose(grad, expected, rtol=1e-4, atol=1e-7)
@@ -235,35 +253,56 @@ def test_aux_and_z_losses_equal_their_formulas_and_drive_the_router_gradient():
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_router_runs_in_fp32_under_low_precision(precision):
-  cfg = ModelConfig.gpt2(vocab_size=61, d_model=16, n_heads=2, n_layers=1, d_ff=32, max_len=16,
-                         n_experts=4, expert_top_k=2)
+  cfg = ModelConfig.gpt2(
+    vocab_size=61,
+    d_model=16,
+    n_heads=2,
+    n_layers=1,
+    d_ff=32,
+    max_len=16,
+    n_experts=4,
+    expert_top_k=2,
+  )
   model = TransformerLM(cfg, make_precision(precision))
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, 61, (2, 8)), jnp.int32)
   params = nn.unbox(model.init(jax.random.key(0), tokens)["params"])
-  _, state = jax.jit(lambda p: model.apply({"params": p}, tokens, capture_intermediates=True,
-                                           mutable=COLLECTIONS))(params)
+  _, state = jax.jit(
+    lambda p: model.apply({"params": p}, tokens, capture_intermediates=True, mutable=COLLECTIONS)
+  )(params)
   mlp = state["intermediates"]["decoder"]["blocks_0"]["mlp"]
   compute = make_precision(precision).compute_dtype
   chex.assert_type(mlp["router"]["__call__"][0], jnp.float32)  # the logits
   chex.assert_type([mlp["router_logits"][0], mlp["router_probs"][0]], jnp.float32)
   chex.assert_type(mlp["__call__"][0], compute)  # the experts stay in the compute dtype
-  chex.assert_type(jax.tree.leaves(state["losses"]) + jax.tree.leaves(state["metrics"]),
-                   jnp.float32)
+  chex.assert_type(
+    jax.tree.leaves(state["losses"]) + jax.tree.leaves(state["metrics"]), jnp.float32
+  )
 
 
-LM = ModelConfig.gpt2(vocab_size=64, d_model=16, n_heads=4, n_layers=2, d_ff=32, max_len=16,
-                      n_experts=4, expert_top_k=2, expert_capacity_factor=1.0)
+LM = ModelConfig.gpt2(
+  vocab_size=64,
+  d_model=16,
+  n_heads=4,
+  n_layers=2,
+  d_ff=32,
+  max_len=16,
+  n_experts=4,
+  expert_top_k=2,
+  expert_capacity_factor=1.0,
+)
 
 
 def test_scan_and_remat_stack_the_sown_values_over_layers():
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, 61, (2, 12)), jnp.int32)
   plain = TransformerLM(LM, make_precision("fp32"))
   params = nn.unbox(plain.init(jax.random.key(0), tokens)["params"])
-  scanned = TransformerLM(dataclasses.replace(LM, scan_layers=True, remat="full"),
-                          make_precision("fp32"))
+  scanned = TransformerLM(
+    dataclasses.replace(LM, scan_layers=True, remat="full"), make_precision("fp32")
+  )
   blocks = [params["decoder"][f"blocks_{i}"] for i in range(LM.n_layers)]
-  stacked = dict(params, decoder={"blocks": {"block": jax.tree.map(lambda *a: jnp.stack(a),
-                                                                   *blocks)}})
+  stacked = dict(
+    params, decoder={"blocks": {"block": jax.tree.map(lambda *a: jnp.stack(a), *blocks)}}
+  )
 
   def run(model, p):
     logits, state = model.apply({"params": p}, tokens, mutable=["losses", "metrics"])
@@ -275,12 +314,19 @@ def test_scan_and_remat_stack_the_sown_values_over_layers():
   for col in ("losses", "metrics"):
     per_layer = [state[col]["decoder"][f"blocks_{i}"]["mlp"] for i in range(LM.n_layers)]
     expected = jax.tree.map(lambda *a: jnp.stack(a), *per_layer)
-    chex.assert_trees_all_close(s_state[col]["decoder"]["blocks"]["block"]["mlp"], expected,
-                                atol=1e-6)
-  assert s_state["metrics"]["decoder"]["blocks"]["block"]["mlp"]["moe_expert_load"][0].shape \
-      == (LM.n_layers, LM.n_experts)
-  assert float(jnp.max(s_state["metrics"]["decoder"]["blocks"]["block"]["mlp"][
-      "moe_dropped_fraction"][0])) > 0  # factor 1 with random routing: some drops
+    chex.assert_trees_all_close(
+      s_state[col]["decoder"]["blocks"]["block"]["mlp"], expected, atol=1e-6
+    )
+  assert s_state["metrics"]["decoder"]["blocks"]["block"]["mlp"]["moe_expert_load"][0].shape == (
+    LM.n_layers,
+    LM.n_experts,
+  )
+  assert (
+    float(
+      jnp.max(s_state["metrics"]["decoder"]["blocks"]["block"]["mlp"]["moe_dropped_fraction"][0])
+    )
+    > 0
+  )  # factor 1 with random routing: some drops
 
   def aux(model, p):  # scanned, each leaf is [n_layers]: sum every element
     return sum(jnp.sum(v) for v in jax.tree.leaves(run(model, p)[1]["losses"]))
@@ -288,8 +334,11 @@ def test_scan_and_remat_stack_the_sown_values_over_layers():
   g = jax.jit(jax.grad(lambda p: aux(plain, p)))(params)
   g_scanned = jax.jit(jax.grad(lambda p: aux(scanned, p)))(stacked)
   g_blocks = [g["decoder"][f"blocks_{i}"] for i in range(LM.n_layers)]
-  chex.assert_trees_all_close(g_scanned["decoder"]["blocks"]["block"],
-                              jax.tree.map(lambda *a: jnp.stack(a), *g_blocks), atol=1e-6)
+  chex.assert_trees_all_close(
+    g_scanned["decoder"]["blocks"]["block"],
+    jax.tree.map(lambda *a: jnp.stack(a), *g_blocks),
+    atol=1e-6,
+  )
   assert float(jnp.abs(g["decoder"]["blocks_0"]["mlp"]["router"]["kernel"]).max()) > 0
 
 
@@ -305,8 +354,7 @@ def test_experts_shard_on_a_mesh_with_the_single_device_loss():
   def loss_fn(p, batch):
     logits, state = model.apply({"params": p}, batch["inputs"], mutable=["losses", "metrics"])
     nll, _, count = cross_entropy(logits, batch["targets"], jnp.ones_like(batch["targets"]))
-    return nll / count + sum(jnp.sum(v) for v in jax.tree.leaves(state["losses"])), \
-        state["metrics"]
+    return nll / count + sum(jnp.sum(v) for v in jax.tree.leaves(state["losses"])), state["metrics"]
 
   ref_loss, ref_metrics = jax.jit(loss_fn)(params, batch)
 
@@ -317,9 +365,10 @@ def test_experts_shard_on_a_mesh_with_the_single_device_loss():
   w_in = sharded["decoder"]["blocks_0"]["mlp"]["w_in"]
   assert w_in.sharding.spec[0] == "tensor"  # one expert per tensor shard
   assert w_in.addressable_shards[0].data.shape[0] == cfg.n_experts // 4
-  loss, metrics = jax.jit(sharding.with_rules(loss_fn, mesh, rules),
-                          in_shardings=(shardings, sharding.batch_sharding(mesh, rules)))(
-                              sharded, batch)
+  loss, metrics = jax.jit(
+    sharding.with_rules(loss_fn, mesh, rules),
+    in_shardings=(shardings, sharding.batch_sharding(mesh, rules)),
+  )(sharded, batch)
   # The same fp32 arithmetic with reductions split over devices: a few ulps.
   np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-6)
   chex.assert_trees_all_close(metrics, ref_metrics, atol=1e-6)

@@ -36,11 +36,15 @@ def test_notebook_runs_with_fast_settings(name, monkeypatch):
   monkeypatch.setenv("XLA_FLAGS", "")
   monkeypatch.setenv("MPLBACKEND", "Agg")
   nb = nbformat.read(os.path.join(ROOT, "notebooks", name), as_version=4)
-  client = nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
-                                   resources={"metadata": {"path": os.path.join(ROOT,
-                                                                                "notebooks")}})
+  client = nbclient.NotebookClient(
+    nb,
+    timeout=300,
+    kernel_name="python3",
+    resources={"metadata": {"path": os.path.join(ROOT, "notebooks")}},
+  )
   client.execute()  # raises CellExecutionError naming the failing cell
   outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
   assert not [o for o in outputs if o.output_type == "error"]
-  assert not any(f for f in os.listdir(os.path.join(ROOT, "notebooks"))
-                 if not f.endswith(".ipynb")), "a notebook wrote into the repository"
+  assert not any(
+    f for f in os.listdir(os.path.join(ROOT, "notebooks")) if not f.endswith(".ipynb")
+  ), "a notebook wrote into the repository"

@@ -21,10 +21,10 @@ from llm_mp.train import train
 
 # (smallest subnormal, smallest normal, max), written out from each format's bit layout.
 HAND_RANGES = {
-    "fp16": (2.0**-24, 2.0**-14, 65504.0),  # 5 exponent bits (bias 15), 10 mantissa bits
-    "bf16": (2.0**-133, 2.0**-126, (2 - 2**-7) * 2.0**127),  # 8 exponent bits, 7 mantissa
-    "fp8_e4m3": (2.0**-9, 2.0**-6, 448.0),  # bias 7, 3 mantissa bits; 1.111b x 2^8 is NaN
-    "fp8_e5m2": (2.0**-16, 2.0**-14, 57344.0),  # bias 15, 2 mantissa bits
+  "fp16": (2.0**-24, 2.0**-14, 65504.0),  # 5 exponent bits (bias 15), 10 mantissa bits
+  "bf16": (2.0**-133, 2.0**-126, (2 - 2**-7) * 2.0**127),  # 8 exponent bits, 7 mantissa
+  "fp8_e4m3": (2.0**-9, 2.0**-6, 448.0),  # bias 7, 3 mantissa bits; 1.111b x 2^8 is NaN
+  "fp8_e5m2": (2.0**-16, 2.0**-14, 57344.0),  # bias 15, 2 mantissa bits
 }
 # ulp of the top binade: 2^(emax - mantissa bits).
 HAND_ULP_MAX = {"fp16": 2.0**5, "bf16": 2.0**120, "fp8_e4m3": 2.0**5, "fp8_e5m2": 2.0**13}
@@ -45,20 +45,36 @@ def test_under_and_overflow_counts_on_values_around_each_threshold(fmt):
   sub, normal, top = HAND_RANGES[fmt]
   tie = top + HAND_ULP_MAX[fmt] / 2
   up, down = (lambda v: np.nextafter(v, np.inf)), (lambda v: np.nextafter(v, 0))
-  values = np.array([
+  values = np.array(
+    [
       0.0,  # zeros: 1
-      sub / 2, -sub / 4, down(sub / 2),  # flush: 3 (sub/2 ties to the even neighbour 0)
-      up(sub / 2), -sub, down(normal - sub / 2),  # subnormal: 3
-      normal - sub / 2, normal, -top,  # normal: rounds to a normal number
+      sub / 2,
+      -sub / 4,
+      down(sub / 2),  # flush: 3 (sub/2 ties to the even neighbour 0)
+      up(sub / 2),
+      -sub,
+      down(normal - sub / 2),  # subnormal: 3
+      normal - sub / 2,
+      normal,
+      -top,  # normal: rounds to a normal number
       down(tie),  # rounds down to max: not an overflow
       tie,  # overflow for fp16/bf16/e5m2 (max's mantissa is odd), max for e4m3
-      -up(tie), 1e300,  # overflow: 2
-      np.inf, np.nan,  # nonfinite: 2
-  ])
+      -up(tie),
+      1e300,  # overflow: 2
+      np.inf,
+      np.nan,  # nonfinite: 2
+    ]
+  )
   counts = numerics.classify(values, fmt)
   overflow = 2 + (fmt != "fp8_e4m3")
-  assert counts == {"size": 16, "zeros": 1, "flush": 3, "subnormal": 3, "overflow": overflow,
-                    "nonfinite": 2}
+  assert counts == {
+    "size": 16,
+    "zeros": 1,
+    "flush": 3,
+    "subnormal": 3,
+    "overflow": overflow,
+    "nonfinite": 2,
+  }
   fractions = numerics.format_fractions(values, [fmt])[fmt]
   assert fractions == {"flush": 3 / 16, "subnormal": 3 / 16, "overflow": overflow / 16}
 
@@ -67,8 +83,9 @@ def test_under_and_overflow_counts_on_values_around_each_threshold(fmt):
 def test_classification_agrees_with_the_actual_cast(fmt):
   # float32 values spread over exponents -148..+20 (every format's edges), cast by ml_dtypes.
   rng = np.random.default_rng(0)
-  x = (rng.uniform(1, 2, 20000) * 2.0**rng.integers(-148, 20, 20000)
-       * rng.choice([-1, 1], 20000)).astype(np.float32)
+  x = (
+    rng.uniform(1, 2, 20000) * 2.0 ** rng.integers(-148, 20, 20000) * rng.choice([-1, 1], 20000)
+  ).astype(np.float32)
   y = np.abs(x.astype(numerics.FORMATS[fmt]).astype(np.float64))
   counts = numerics.classify(x, fmt)
   assert counts["flush"] == np.sum(y == 0) > 0
@@ -78,13 +95,15 @@ def test_classification_agrees_with_the_actual_cast(fmt):
 
 
 def test_exponent_histogram_of_powers_of_two():
-  x = np.array([2.0**-3, -2.0**-3, 1.0, 1.5, 1.999, 2.0**5, 0.0, -0.0, np.inf, 2.0**-140],
-               np.float32)
+  x = np.array(
+    [2.0**-3, -(2.0**-3), 1.0, 1.5, 1.999, 2.0**5, 0.0, -0.0, np.inf, 2.0**-140], np.float32
+  )
   h = numerics.exponent_histogram(x)
   counts = [1] + [0] * 136 + [2, 0, 0, 3] + [0] * 4 + [1]  # exponents -140, -3, 0, 5
   assert h == {"min_exponent": -140, "counts": counts, "zeros": 2, "nonfinite": 1, "size": 10}
-  merged = numerics.merge_histograms([numerics.exponent_histogram(x[:4]),
-                                      numerics.exponent_histogram(x[4:])])
+  merged = numerics.merge_histograms(
+    [numerics.exponent_histogram(x[:4]), numerics.exponent_histogram(x[4:])]
+  )
   assert merged == h
   assert numerics.exponent_histogram(np.zeros(3))["min_exponent"] is None
 
@@ -137,26 +156,38 @@ def test_fp32_error_against_float64_is_rounding_level_and_bf16_is_larger():
 def test_scanned_params_unscan_to_the_unrolled_layout():
   cfg = dataclasses.replace(GPT2, n_layers=2, scan_layers=True)
   tokens = jnp.zeros((1, 8), jnp.int32)
-  scanned = nn.unbox(build_model(cfg, make_precision("fp32")).init(jax.random.key(0),
-                                                                   tokens)["params"])
-  unrolled = nn.unbox(numerics.diagnostic_model(cfg, make_precision("fp32")).init(
-      jax.random.key(0), tokens)["params"])
+  scanned = nn.unbox(
+    build_model(cfg, make_precision("fp32")).init(jax.random.key(0), tokens)["params"]
+  )
+  unrolled = nn.unbox(
+    numerics.diagnostic_model(cfg, make_precision("fp32")).init(jax.random.key(0), tokens)["params"]
+  )
   flat = numerics.unscan_params(scanned, 2)
   chex.assert_trees_all_equal_shapes_and_dtypes(flat, unrolled)
-  np.testing.assert_array_equal(flat["decoder"]["blocks_1"]["attn"]["query"]["kernel"],
-                                scanned["decoder"]["blocks"]["block"]["attn"]["query"]["kernel"][1])
+  np.testing.assert_array_equal(
+    flat["decoder"]["blocks_1"]["attn"]["query"]["kernel"],
+    scanned["decoder"]["blocks"]["block"]["attn"]["query"]["kernel"][1],
+  )
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
   corpus = tmp_path_factory.mktemp("corpus")
-  (corpus / "a.txt").write_text("".join(f"Document {i}: the quick brown fox jumps over the "
-                                        f"lazy dog. " * 6 + "\n\n\n" for i in range(20)),
-                                encoding="utf-8")
-  config = Config(model=dataclasses.replace(GPT2, vocab_size=259), optim=OptimConfig(lr=3e-3),
-                  data=DataConfig(paths=(str(corpus),), seq_len=32, val_fraction=0.2),
-                  train=TrainConfig(steps=2, batch_size=8, log_every=1, eval_every=2,
-                                    ckpt_every=2, precision="fp16"))
+  (corpus / "a.txt").write_text(
+    "".join(
+      f"Document {i}: the quick brown fox jumps over the lazy dog. " * 6 + "\n\n\n"
+      for i in range(20)
+    ),
+    encoding="utf-8",
+  )
+  config = Config(
+    model=dataclasses.replace(GPT2, vocab_size=259),
+    optim=OptimConfig(lr=3e-3),
+    data=DataConfig(paths=(str(corpus),), seq_len=32, val_fraction=0.2),
+    train=TrainConfig(
+      steps=2, batch_size=8, log_every=1, eval_every=2, ckpt_every=2, precision="fp16"
+    ),
+  )
   workdir = str(tmp_path_factory.mktemp("run"))
   train(config, workdir, verbose=False)
   return workdir
@@ -164,8 +195,21 @@ def tiny_run(tmp_path_factory):
 
 def test_diagnose_cli_writes_json_and_png(tiny_run, tmp_path, capsys):
   out = str(tmp_path / "diag")
-  code = cli.main(["diagnose", "--workdir", tiny_run, "--out", out, "--loss-scale", "1024",
-                   "--policies", "fp32", "--batch-size", "2"])
+  code = cli.main(
+    [
+      "diagnose",
+      "--workdir",
+      tiny_run,
+      "--out",
+      out,
+      "--loss-scale",
+      "1024",
+      "--policies",
+      "fp32",
+      "--batch-size",
+      "2",
+    ]
+  )
   assert code == 0
   printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   with open(os.path.join(out, "diagnose.json"), encoding="utf-8") as f:
@@ -192,7 +236,18 @@ def test_diagnose_cli_writes_json_and_png(tiny_run, tmp_path, capsys):
 
 
 def test_diagnose_cli_bad_loss_scale_is_one_line(tiny_run, tmp_path, capsys):
-  code = cli.main(["diagnose", "--workdir", tiny_run, "--out", str(tmp_path), "--loss-scale",
-                   "-1", "--policies", ""])
+  code = cli.main(
+    [
+      "diagnose",
+      "--workdir",
+      tiny_run,
+      "--out",
+      str(tmp_path),
+      "--loss-scale",
+      "-1",
+      "--policies",
+      "",
+    ]
+  )
   err = capsys.readouterr().err
   assert code == 2 and "--loss-scale" in err and len(err.strip().splitlines()) == 1

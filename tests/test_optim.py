@@ -21,16 +21,24 @@ RTOL = 1e-6
 def _params():
   rng = np.random.default_rng(0)
   arr = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)
-  return {"blocks_0": {"attn": {"query": {"kernel": arr(3, 2), "bias": arr(2)}},
-                       "attn_norm": {"scale": arr(3), "bias": arr(3)}},
-          "embed": {"embedding": arr(5, 3)},
-          "pos_embed": {"pos_embedding": arr(4, 3)}}
+  return {
+    "blocks_0": {
+      "attn": {"query": {"kernel": arr(3, 2), "bias": arr(2)}},
+      "attn_norm": {"scale": arr(3), "bias": arr(3)},
+    },
+    "embed": {"embedding": arr(5, 3)},
+    "pos_embed": {"pos_embedding": arr(4, 3)},
+  }
 
 
-DEFAULT_MASK = {"blocks_0": {"attn": {"query": {"kernel": True, "bias": False}},
-                             "attn_norm": {"scale": False, "bias": False}},
-                "embed": {"embedding": False},
-                "pos_embed": {"pos_embedding": False}}
+DEFAULT_MASK = {
+  "blocks_0": {
+    "attn": {"query": {"kernel": True, "bias": False}},
+    "attn_norm": {"scale": False, "bias": False},
+  },
+  "embed": {"embedding": False},
+  "pos_embed": {"pos_embedding": False},
+}
 
 
 def _grads(params, seed=1):
@@ -49,14 +57,23 @@ def test_schedule_closed_form(schedule):
   cfg = OptimConfig(lr=LR, warmup_steps=WARMUP, schedule=schedule, end_lr_ratio=END)
   sched = make_schedule(cfg, TOTAL)
   frac = (55 - WARMUP) / (TOTAL - WARMUP)
-  mid = {"cosine": LR * (END + (1 - END) * 0.5 * (1 + math.cos(math.pi * frac))),
-         "linear": LR + (LR * END - LR) * frac,
-         "constant": LR}[schedule]
+  mid = {
+    "cosine": LR * (END + (1 - END) * 0.5 * (1 + math.cos(math.pi * frac))),
+    "linear": LR + (LR * END - LR) * frac,
+    "constant": LR,
+  }[schedule]
   end = LR if schedule == "constant" else LR * END
-  for step, want in [(0, 0.0), (WARMUP // 2, LR / 2), (WARMUP, LR), (55, mid), (TOTAL, end),
-                     (TOTAL + 50, end)]:
-    np.testing.assert_allclose(float(sched(step)), want, rtol=RTOL, atol=1e-12,
-                               err_msg=f"step {step}")
+  for step, want in [
+    (0, 0.0),
+    (WARMUP // 2, LR / 2),
+    (WARMUP, LR),
+    (55, mid),
+    (TOTAL, end),
+    (TOTAL + 50, end),
+  ]:
+    np.testing.assert_allclose(
+      float(sched(step)), want, rtol=RTOL, atol=1e-12, err_msg=f"step {step}"
+    )
 
 
 def test_schedule_without_warmup_starts_at_peak():
@@ -65,8 +82,9 @@ def test_schedule_without_warmup_starts_at_peak():
 
 
 def test_optimizer_follows_its_schedule():
-  cfg = OptimConfig(name="sgd", lr=LR, momentum=0.0, warmup_steps=WARMUP, weight_decay=0.0,
-                    clip_norm=None)
+  cfg = OptimConfig(
+    name="sgd", lr=LR, momentum=0.0, warmup_steps=WARMUP, weight_decay=0.0, clip_norm=None
+  )
   tx, sched = make_optimizer(cfg, TOTAL)
   params = _params()
   grads = _grads(params)
@@ -79,8 +97,9 @@ def test_optimizer_follows_its_schedule():
 
 def _decayed(grads, params, wd):
   """g + wd * p on the default mask (float64)."""
-  return jax.tree.map(lambda g, p, m: np.float64(g) + (wd * np.float64(p) if m else 0.0),
-                      grads, params, DEFAULT_MASK)
+  return jax.tree.map(
+    lambda g, p, m: np.float64(g) + (wd * np.float64(p) if m else 0.0), grads, params, DEFAULT_MASK
+  )
 
 
 def _adam_first_step(g, eps):
@@ -91,20 +110,32 @@ def _adam_first_step(g, eps):
 @pytest.mark.parametrize("name", ["adamw", "adam", "sgd", "rmsprop", "adagrad"])
 def test_first_step_matches_closed_form(name):
   wd, eps, b2 = 0.1, 1e-8, 0.95
-  cfg = OptimConfig(name=name, lr=LR, warmup_steps=0, schedule="constant", b2=b2, eps=eps,
-                    momentum=0.9, weight_decay=wd, clip_norm=None)
+  cfg = OptimConfig(
+    name=name,
+    lr=LR,
+    warmup_steps=0,
+    schedule="constant",
+    b2=b2,
+    eps=eps,
+    momentum=0.9,
+    weight_decay=wd,
+    clip_norm=None,
+  )
   params = _params()
   grads = _grads(params)
   if name == "adamw":  # decoupled: -lr * (adam direction + wd * p) on decayed leaves
     want = jax.tree.map(
-        lambda g, p, m: -LR * (_adam_first_step(np.float64(g), eps) + (wd * p if m else 0.0)),
-        grads, params, DEFAULT_MASK)
+      lambda g, p, m: -LR * (_adam_first_step(np.float64(g), eps) + (wd * p if m else 0.0)),
+      grads,
+      params,
+      DEFAULT_MASK,
+    )
   else:  # L2: the optimizer sees g' = g + wd * p on decayed leaves
     direction = {
-        "adam": lambda g: _adam_first_step(g, eps),
-        "sgd": lambda g: g,  # momentum trace starts at g
-        "rmsprop": lambda g: g / np.sqrt((1 - b2) * g**2 + eps),
-        "adagrad": lambda g: g / np.sqrt(0.1 + g**2 + eps),  # optax's initial accumulator
+      "adam": lambda g: _adam_first_step(g, eps),
+      "sgd": lambda g: g,  # momentum trace starts at g
+      "rmsprop": lambda g: g / np.sqrt((1 - b2) * g**2 + eps),
+      "adagrad": lambda g: g / np.sqrt(0.1 + g**2 + eps),  # optax's initial accumulator
     }[name]
     want = jax.tree.map(lambda g: -LR * direction(g), _decayed(grads, params, wd))
   updates = _one_step(cfg, params, grads)
@@ -113,13 +144,16 @@ def test_first_step_matches_closed_form(name):
 
 @pytest.mark.parametrize("name", ["adamw", "adam", "sgd", "rmsprop", "adagrad"])
 def test_no_weight_decay_matches_optax_reference(name):
-  cfg = OptimConfig(name=name, lr=LR, warmup_steps=0, schedule="constant", weight_decay=0.0,
-                    clip_norm=None)
-  ref = {"adamw": optax.adam(LR, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps),
-         "adam": optax.adam(LR, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps),
-         "sgd": optax.sgd(LR, momentum=cfg.momentum),
-         "rmsprop": optax.rmsprop(LR, decay=cfg.b2, eps=cfg.eps, momentum=cfg.momentum),
-         "adagrad": optax.adagrad(LR, eps=cfg.eps)}[name]
+  cfg = OptimConfig(
+    name=name, lr=LR, warmup_steps=0, schedule="constant", weight_decay=0.0, clip_norm=None
+  )
+  ref = {
+    "adamw": optax.adam(LR, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps),
+    "adam": optax.adam(LR, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps),
+    "sgd": optax.sgd(LR, momentum=cfg.momentum),
+    "rmsprop": optax.rmsprop(LR, decay=cfg.b2, eps=cfg.eps, momentum=cfg.momentum),
+    "adagrad": optax.adagrad(LR, eps=cfg.eps),
+  }[name]
   tx, _ = make_optimizer(cfg, TOTAL)
   params = _params()
   state, ref_state = tx.init(params), ref.init(params)
@@ -155,19 +189,34 @@ def test_decay_mask_sees_through_logical_boxes():
 
 
 def test_weight_decay_skips_masked_params():
-  cfg = OptimConfig(name="sgd", lr=LR, warmup_steps=0, schedule="constant", momentum=0.0,
-                    weight_decay=0.5, clip_norm=None)
+  cfg = OptimConfig(
+    name="sgd",
+    lr=LR,
+    warmup_steps=0,
+    schedule="constant",
+    momentum=0.0,
+    weight_decay=0.5,
+    clip_norm=None,
+  )
   params = _params()
   zero = jax.tree.map(jnp.zeros_like, params)
   updates = _one_step(cfg, params, zero)
-  for (path, u), m in zip(jax.tree_util.tree_leaves_with_path(updates),
-                          jax.tree.leaves(DEFAULT_MASK)):
+  for (path, u), m in zip(
+    jax.tree_util.tree_leaves_with_path(updates), jax.tree.leaves(DEFAULT_MASK)
+  ):
     assert bool(jnp.any(u != 0)) is m, jax.tree_util.keystr(path)
 
 
 def test_clipping_limits_a_huge_gradient_to_clip_norm():
-  cfg = OptimConfig(name="sgd", lr=1.0, warmup_steps=0, schedule="constant", momentum=0.0,
-                    weight_decay=0.0, clip_norm=0.5)
+  cfg = OptimConfig(
+    name="sgd",
+    lr=1.0,
+    warmup_steps=0,
+    schedule="constant",
+    momentum=0.0,
+    weight_decay=0.0,
+    clip_norm=0.5,
+  )
   params = _params()
   grads = jax.tree.map(lambda g: 1e6 * g, _grads(params))
   updates = _one_step(cfg, params, grads)
@@ -178,8 +227,15 @@ def test_clipping_limits_a_huge_gradient_to_clip_norm():
 
 
 def test_small_gradient_is_not_clipped():
-  cfg = OptimConfig(name="sgd", lr=1.0, warmup_steps=0, schedule="constant", momentum=0.0,
-                    weight_decay=0.0, clip_norm=1e6)
+  cfg = OptimConfig(
+    name="sgd",
+    lr=1.0,
+    warmup_steps=0,
+    schedule="constant",
+    momentum=0.0,
+    weight_decay=0.0,
+    clip_norm=1e6,
+  )
   params = _params()
   grads = _grads(params)
   chex.assert_trees_all_close(_one_step(cfg, params, grads), jax.tree.map(jnp.negative, grads))

@@ -32,17 +32,26 @@ FP32 = make_precision("fp32")
 
 
 def _config(**kw):
-  base = dict(family="encoder_decoder", vocab_size=V, d_model=32, n_layers=2, n_decoder_layers=1,
-              n_heads=4, max_len=16, position="relative", relative_buckets=8,
-              relative_max_distance=16, init_std=0.3)
+  base = dict(
+    family="encoder_decoder",
+    vocab_size=V,
+    d_model=32,
+    n_layers=2,
+    n_decoder_layers=1,
+    n_heads=4,
+    max_len=16,
+    position="relative",
+    relative_buckets=8,
+    relative_max_distance=16,
+    init_std=0.3,
+  )
   return ModelConfig(**{**base, **kw})
 
 
 CONFIGS = {
-    "relative": _config(),
-    "learned_separate": _config(position="learned", share_embeddings=False,
-                                tie_embeddings=False),
-    "rope_gqa": _config(position="rope", n_kv_heads=2, norm="rmsnorm", use_bias=False),
+  "relative": _config(),
+  "learned_separate": _config(position="learned", share_embeddings=False, tie_embeddings=False),
+  "rope_gqa": _config(position="rope", n_kv_heads=2, norm="rmsnorm", use_bias=False),
 }
 
 
@@ -52,8 +61,9 @@ def _tokens(shape, seed):
 
 def _init(cfg, s=7, t=6):
   model = EncoderDecoder(cfg, FP32)
-  params = nn.unbox(model.init(jax.random.key(0), _tokens((2, s), 0), None,
-                               _tokens((2, t), 1))["params"])
+  params = nn.unbox(
+    model.init(jax.random.key(0), _tokens((2, s), 0), None, _tokens((2, t), 1))["params"]
+  )
   return model, params
 
 
@@ -97,17 +107,48 @@ def test_padding_never_changes_real_positions_on_either_side(name):
 # Bidirectional, 8 buckets, max distance 16: per side 4 buckets, distances 0,1 exact,
 # then floor(2 + 2 * log(d / 2) / log(8)): d = 2..5 -> 2, d = 6.. -> 3; keys after the
 # query add 4.
-BIDIRECTIONAL_8_16 = {0: 0, -1: 1, -2: 2, -3: 2, -4: 2, -5: 2, -6: 3, -8: 3, -40: 3,
-                      1: 5, 2: 6, 3: 6, 4: 6, 5: 6, 6: 7, 8: 7, 40: 7}
+BIDIRECTIONAL_8_16 = {
+  0: 0,
+  -1: 1,
+  -2: 2,
+  -3: 2,
+  -4: 2,
+  -5: 2,
+  -6: 3,
+  -8: 3,
+  -40: 3,
+  1: 5,
+  2: 6,
+  3: 6,
+  4: 6,
+  5: 6,
+  6: 7,
+  8: 7,
+  40: 7,
+}
 # Causal, 8 buckets, max distance 20: distances 0..3 exact, then
 # floor(4 + 4 * log(d / 4) / log(5)): 4, 5 -> 4; 6..8 -> 5; 9..13 -> 6; 14.. -> 7;
 # keys after the query (masked anyway) -> 0.
-CAUSAL_8_20 = {0: 0, -1: 1, -3: 3, -4: 4, -5: 4, -6: 5, -8: 5, -9: 6, -13: 6, -14: 7,
-               -100: 7, 1: 0, 5: 0}
+CAUSAL_8_20 = {
+  0: 0,
+  -1: 1,
+  -3: 3,
+  -4: 4,
+  -5: 4,
+  -6: 5,
+  -8: 5,
+  -9: 6,
+  -13: 6,
+  -14: 7,
+  -100: 7,
+  1: 0,
+  5: 0,
+}
 
 
-@pytest.mark.parametrize("bidirectional,max_distance,table",
-                         [(True, 16, BIDIRECTIONAL_8_16), (False, 20, CAUSAL_8_20)])
+@pytest.mark.parametrize(
+  "bidirectional,max_distance,table", [(True, 16, BIDIRECTIONAL_8_16), (False, 20, CAUSAL_8_20)]
+)
 def test_relative_buckets_match_the_hand_table(bidirectional, max_distance, table):
   rel = jnp.asarray(list(table), jnp.int32)
   got = relative_position_bucket(rel, bidirectional, 8, max_distance)
@@ -150,8 +191,14 @@ def test_cached_decoding_equals_uncached_step_by_step(name):
   step = jax.jit(functools.partial(dec.apply, method=dec.decoder_logits, mutable=["cache"]))
   for i in range(tgt.shape[1]):
     # Only the first step sees the encoder output; later ones read the cached K/V.
-    logits, mutated = step({"params": params, "cache": cache}, tgt[:, i:i + 1],
-                           encoded if i == 0 else None, seg, None, jnp.full((3, 1), i, jnp.int32))
+    logits, mutated = step(
+      {"params": params, "cache": cache},
+      tgt[:, i : i + 1],
+      encoded if i == 0 else None,
+      seg,
+      None,
+      jnp.full((3, 1), i, jnp.int32),
+    )
     cache = mutated["cache"]
     # fp32; the cached path sums attention over the masked cache slots too.
     chex.assert_trees_all_close(logits[:, 0], full[:, i], atol=1e-5, rtol=1e-5)
@@ -163,12 +210,13 @@ def test_cached_decoding_equals_uncached_step_by_step(name):
   cached = cache["decoder"]["stack"]["blocks_0"]["cross_attn"]["context_key"]
   chex.assert_trees_all_close(cached, key, atol=1e-5, rtol=1e-5)
   # And generate_seq2seq (jitted, one while_loop) writes the same tokens.
-  out = generate_seq2seq(cfg, FP32, params, src, seg, max_new_tokens=6, bos_id=BOS,
-                         eos_id=EOS, pad_id=0)
+  out = generate_seq2seq(
+    cfg, FP32, params, src, seg, max_new_tokens=6, bos_id=BOS, eos_id=EOS, pad_id=0
+  )
   expected = np.asarray(tgt[:, 1:])
   for row in expected:  # greedy stops at EOS and pads after it
     if EOS in row:
-      row[list(row).index(EOS) + 1:] = 0
+      row[list(row).index(EOS) + 1 :] = 0
   np.testing.assert_array_equal(np.asarray(out), expected)
 
 
@@ -180,20 +228,27 @@ def test_cross_attention_keys_and_values_are_projected_once_per_generation():
   def count(next_fun, args, kwargs, context):
     m = context.module
     # Concrete inputs only: the cache's shapes come from an abstract (FLOP-free) init.
-    if (context.method_name == "__call__" and m.name in ("key", "value")
-        and "cross_attn" in m.scope.path and not isinstance(args[0], jax.core.Tracer)):
+    if (
+      context.method_name == "__call__"
+      and m.name in ("key", "value")
+      and "cross_attn" in m.scope.path
+      and not isinstance(args[0], jax.core.Tracer)
+    ):
       calls.append("/".join(m.scope.path))
     return next_fun(*args, **kwargs)
 
   # Unjitted, the while loop runs in Python, so every real call is counted.
   with jax.disable_jit(), nn.intercept_methods(count):
-    out = generate_seq2seq(cfg, FP32, params, _tokens((2, 5), 9), max_new_tokens=5,
-                           bos_id=BOS, eos_id=V + 5, beam_size=2)  # an EOS never drawn
+    out = generate_seq2seq(
+      cfg, FP32, params, _tokens((2, 5), 9), max_new_tokens=5, bos_id=BOS, eos_id=V + 5, beam_size=2
+    )  # an EOS never drawn
   assert out.shape == (2, 5)
   # Once per decoder layer (key and value), however many steps ran.
   assert sorted(calls) == sorted(
-      f"decoder/stack/blocks_{i}/cross_attn/{kv}" for i in range(cfg.decoder_layers)
-      for kv in ("key", "value"))
+    f"decoder/stack/blocks_{i}/cross_attn/{kv}"
+    for i in range(cfg.decoder_layers)
+    for kv in ("key", "value")
+  )
 
 
 def test_beam_size_one_is_greedy():
@@ -237,8 +292,17 @@ def _brute_force(table, n, alpha):
 def _run_beam(table, beam_size, n, alpha, batch=1):
   table, step, reorder = _markov_fns(table)
   logits = jnp.repeat(table[M_BOS][None], batch * beam_size, axis=0)
-  return beam_search(step, reorder, None, logits, beam_size=beam_size, max_new_tokens=n,
-                     eos_id=M_EOS, pad_id=-1, length_penalty=alpha)
+  return beam_search(
+    step,
+    reorder,
+    None,
+    logits,
+    beam_size=beam_size,
+    max_new_tokens=n,
+    eos_id=M_EOS,
+    pad_id=-1,
+    length_penalty=alpha,
+  )
 
 
 def test_beam_search_finds_the_best_sequence_that_greedy_misses():
@@ -254,8 +318,15 @@ def test_beam_search_finds_the_best_sequence_that_greedy_misses():
   # fp32 log-softmax against the float64 brute force.
   np.testing.assert_allclose(float(score[0]), want_score, rtol=1e-5)
   _, step, _ = _markov_fns(table)
-  greedy, _ = sample_search(step, None, jnp.asarray(table[M_BOS][None], jnp.float32),
-                            max_new_tokens=4, eos_id=M_EOS, pad_id=-1, rng=jax.random.key(0))
+  greedy, _ = sample_search(
+    step,
+    None,
+    jnp.asarray(table[M_BOS][None], jnp.float32),
+    max_new_tokens=4,
+    eos_id=M_EOS,
+    pad_id=-1,
+    rng=jax.random.key(0),
+  )
   assert list(np.asarray(greedy[0])[:2]) == [1, 0]  # greedy: 1 then EOS, worse
 
 
@@ -283,7 +354,7 @@ def test_length_penalty_prefers_longer_hypotheses_as_alpha_grows():
   # strong penalty it beats the one-token EOS: log(0.49*0.9^3) / 1.5^4 > log(0.5) / 1.
   long, score, _ = _run_beam(table, 3, 4, 4.0)
   assert list(np.asarray(long[0])) == [1, 1, 1, 1]
-  np.testing.assert_allclose(float(score[0]), math.log(0.49 * 0.9 ** 3) / 1.5 ** 4, rtol=1e-4)
+  np.testing.assert_allclose(float(score[0]), math.log(0.49 * 0.9**3) / 1.5**4, rtol=1e-4)
 
 
 def test_eos_ends_rows_pads_after_and_stops_the_loop_early():
@@ -296,8 +367,9 @@ def test_eos_ends_rows_pads_after_and_stops_the_loop_early():
   assert int(steps) < 10  # finished hypotheses can no longer be beaten
   _, step, _ = _markov_fns(table)
   logits = jnp.repeat(jnp.asarray(table[M_BOS], jnp.float32)[None], 3, 0)
-  greedy, steps = sample_search(step, None, logits, max_new_tokens=10, eos_id=M_EOS, pad_id=-1,
-                                rng=jax.random.key(0))
+  greedy, steps = sample_search(
+    step, None, logits, max_new_tokens=10, eos_id=M_EOS, pad_id=-1, rng=jax.random.key(0)
+  )
   np.testing.assert_array_equal(np.asarray(greedy), [[1, M_EOS] + [-1] * 8] * 3)
   assert int(steps) == 2
 
@@ -331,21 +403,34 @@ def _reverse_batch(rng, b):
   for i, n in enumerate(lens):
     s = rng.integers(3, 13, n)
     src[i, :n], seg[i, :n] = s, 1
-    tgt[i, :n], tgt[i, n], dseg[i, :n + 1] = s[::-1], EOS, 1
+    tgt[i, :n], tgt[i, n], dseg[i, : n + 1] = s[::-1], EOS, 1
   dec = np.concatenate([np.full((b, 1), BOS), np.maximum(tgt[:, :-1], PAD)], 1)
-  return dict(inputs=src, segment_ids=seg, decoder_inputs=dec.astype(np.int32),
-              decoder_segment_ids=dseg, targets=tgt)
+  return dict(
+    inputs=src,
+    segment_ids=seg,
+    decoder_inputs=dec.astype(np.int32),
+    decoder_segment_ids=dseg,
+    targets=tgt,
+  )
 
 
 def _reverse_config(steps=400):
   # Learned positions: cross-attention has no position bias, so reversing needs
   # absolute positions on both sides (relative bias alone reached ~75% here).
   return Config(
-      model=ModelConfig(family="encoder_decoder", vocab_size=13, d_model=64, n_layers=2,
-                        n_heads=4, max_len=16, position="learned"),
-      optim=OptimConfig(lr=3e-3, warmup_steps=20, weight_decay=0.0, b2=0.98),
-      data=DataConfig(seq_len=L_MAX),
-      train=TrainConfig(task="seq2seq", steps=steps, batch_size=64))
+    model=ModelConfig(
+      family="encoder_decoder",
+      vocab_size=13,
+      d_model=64,
+      n_layers=2,
+      n_heads=4,
+      max_len=16,
+      position="learned",
+    ),
+    optim=OptimConfig(lr=3e-3, warmup_steps=20, weight_decay=0.0, b2=0.98),
+    data=DataConfig(seq_len=L_MAX),
+    train=TrainConfig(task="seq2seq", steps=steps, batch_size=64),
+  )
 
 
 def test_seq2seq_loss_counts_only_real_target_tokens():
@@ -356,16 +441,28 @@ def test_seq2seq_loss_counts_only_real_target_tokens():
   loss, aux = r.task.loss_fn(r.model, state.variables, batch, None)
   assert float(aux["weight"]) == float((batch["targets"] >= 0).sum())
   # Whatever sits in the padding of the decoder inputs, the loss is the same.
-  junk = dict(batch, decoder_inputs=np.where(batch["decoder_segment_ids"] > 0,
-                                             batch["decoder_inputs"], 7).astype(np.int32))
+  junk = dict(
+    batch,
+    decoder_inputs=np.where(batch["decoder_segment_ids"] > 0, batch["decoder_inputs"], 7).astype(
+      np.int32
+    ),
+  )
   loss2, _ = r.task.loss_fn(r.model, state.variables, junk, None)
   np.testing.assert_allclose(float(loss2), float(loss), rtol=1e-6)
   # Hand reference: mean -log softmax at the real targets.
-  logits = r.model.apply(state.variables, batch["inputs"], batch["segment_ids"],
-                         batch["decoder_inputs"], batch["decoder_segment_ids"])
+  logits = r.model.apply(
+    state.variables,
+    batch["inputs"],
+    batch["segment_ids"],
+    batch["decoder_inputs"],
+    batch["decoder_segment_ids"],
+  )
   logits = np.asarray(logits, np.float64)
-  logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
-      - logits.max(-1, keepdims=True)
+  logp = (
+    logits
+    - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True))
+    - logits.max(-1, keepdims=True)
+  )
   real = batch["targets"] >= 0
   want = -np.take_along_axis(logp, np.maximum(batch["targets"], 0)[..., None], -1)[..., 0][real]
   np.testing.assert_allclose(float(loss), want.mean(), rtol=1e-5)
@@ -384,16 +481,29 @@ def test_reverse_task_is_learned_to_95_percent_token_accuracy():
   accuracy = float(sums["accuracy_sum"] / sums["tokens"])
   assert accuracy >= 0.95, accuracy  # measured 0.999 at 400 steps (seed 0)
   # Greedy decoding writes whole reversals (EOS included) for most held-out rows.
-  out = np.asarray(generate_seq2seq(config.model, r.precision, state.params, test["inputs"][:64],
-                                    test["segment_ids"][:64], max_new_tokens=L_MAX + 1,
-                                    bos_id=BOS, eos_id=EOS, pad_id=-1))
+  out = np.asarray(
+    generate_seq2seq(
+      config.model,
+      r.precision,
+      state.params,
+      test["inputs"][:64],
+      test["segment_ids"][:64],
+      max_new_tokens=L_MAX + 1,
+      bos_id=BOS,
+      eos_id=EOS,
+      pad_id=-1,
+    )
+  )
   want = test["targets"][:64]
   assert (out == want).all(axis=1).mean() >= 0.9
 
 
 def test_family_and_task_must_match():
-  with pytest.raises(ValueError, match=r"train.task='seq2seq' needs model.family in "
-                                       r"\['encoder_decoder'\], got model.family='decoder'"):
+  with pytest.raises(
+    ValueError,
+    match=r"train.task='seq2seq' needs model.family in "
+    r"\['encoder_decoder'\], got model.family='decoder'",
+  ):
     Config(train=TrainConfig(task="seq2seq"))
   with pytest.raises(ValueError, match=r"train.task='lm' needs model.family in \['decoder'\]"):
     Config(model=_config(), data=DataConfig(seq_len=8), train=TrainConfig(task="lm"))
@@ -404,8 +514,9 @@ def test_presets_have_their_published_shapes():
   def count(name):
     config = get_preset(name)
     r = build_recipe(config)
-    shapes = jax.eval_shape(make_init_fn(r.model, r.tx, r.precision, config),
-                            jax.random.key(0)).params
+    shapes = jax.eval_shape(
+      make_init_fn(r.model, r.tx, r.precision, config), jax.random.key(0)
+    ).params
     return param_count(shapes)
 
   # T5-small v1.0 (shared, tied 32128 x 512 embedding, no biases, 2 x 32 x 8 relative bias):
@@ -413,8 +524,14 @@ def test_presets_have_their_published_shapes():
   assert count("t5_small") == 60_506_624
   assert 0 < count("seq2seq_tiny") < 2_000_000
   base = get_preset("transformer_base").model
-  assert (base.n_layers, base.decoder_layers, base.d_model, base.n_heads, base.ff_dim,
-          base.position) == (6, 6, 512, 8, 2048, "sinusoidal")
+  assert (
+    base.n_layers,
+    base.decoder_layers,
+    base.d_model,
+    base.n_heads,
+    base.ff_dim,
+    base.position,
+  ) == (6, 6, 512, 8, 2048, "sinusoidal")
 
 
 def test_scanned_layers_decode_like_unscanned():
@@ -428,8 +545,12 @@ def test_scanned_layers_decode_like_unscanned():
       if isinstance(v, dict) and "blocks_0" in v:
         n = sum(1 for name in v if name.startswith("blocks_"))
         rest = {name: x for name, x in v.items() if not name.startswith("blocks_")}
-        out[k] = {**rest, "blocks": {"block": jax.tree.map(
-            lambda *xs: jnp.stack(xs), *[v[f"blocks_{i}"] for i in range(n)])}}
+        out[k] = {
+          **rest,
+          "blocks": {
+            "block": jax.tree.map(lambda *xs: jnp.stack(xs), *[v[f"blocks_{i}"] for i in range(n)])
+          },
+        }
       elif isinstance(v, dict):
         out[k] = stack(v)
       else:
@@ -439,5 +560,6 @@ def test_scanned_layers_decode_like_unscanned():
   src = _tokens((2, 6), 12)
   kw = dict(max_new_tokens=6, bos_id=BOS, eos_id=EOS, beam_size=3)
   np.testing.assert_array_equal(
-      np.asarray(generate_seq2seq(scanned, FP32, stack(params), src, **kw)),
-      np.asarray(generate_seq2seq(cfg, FP32, params, src, **kw)))
+    np.asarray(generate_seq2seq(scanned, FP32, stack(params), src, **kw)),
+    np.asarray(generate_seq2seq(cfg, FP32, params, src, **kw)),
+  )

@@ -43,21 +43,27 @@ from llm_mp.step import make_eval_step, make_train_step
 T, B, VOCAB, STEPS = 16, 16, 64, 3
 LOSS_RTOL, PARAM_ATOL = 1e-6, 5e-5  # see the module docstring
 SINGLE = MeshConfig(data=1)
-MESHES = [MeshConfig(data=8), MeshConfig(data=1, fsdp=8), MeshConfig(data=4, tensor=2),
-          MeshConfig(data=2, fsdp=2, tensor=2)]
+MESHES = [
+  MeshConfig(data=8),
+  MeshConfig(data=1, fsdp=8),
+  MeshConfig(data=4, tensor=2),
+  MeshConfig(data=2, fsdp=2, tensor=2),
+]
 ALL3 = MESHES[-1]
 
 
 def _config(mesh=SINGLE, grad_accum_steps=1, **model_kw):
-  model = dict(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
-               max_len=T)
+  model = dict(
+    vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_len=T
+  )
   return Config(
-      model=ModelConfig.llama(**{**model, **model_kw}),
-      optim=OptimConfig(lr=1e-2, warmup_steps=0, schedule="constant",
-                        grad_accum_steps=grad_accum_steps),
-      data=DataConfig(seq_len=T),
-      train=TrainConfig(batch_size=B, steps=STEPS),
-      mesh=mesh,
+    model=ModelConfig.llama(**{**model, **model_kw}),
+    optim=OptimConfig(
+      lr=1e-2, warmup_steps=0, schedule="constant", grad_accum_steps=grad_accum_steps
+    ),
+    data=DataConfig(seq_len=T),
+    train=TrainConfig(batch_size=B, steps=STEPS),
+    mesh=mesh,
   )
 
 
@@ -67,7 +73,7 @@ def _batch():
 
 
 def _mesh(cfg):
-  return sharding.make_mesh(cfg, jax.devices()[:cfg.data * cfg.fsdp * cfg.tensor])
+  return sharding.make_mesh(cfg, jax.devices()[: cfg.data * cfg.fsdp * cfg.tensor])
 
 
 def _model(config):
@@ -77,16 +83,18 @@ def _model(config):
 
 def _abstract(config):
   model, tx, _, precision = _model(config)
-  return sharding.abstract_train_state(model, tx, precision, config, _mesh(config.mesh),
-                                       jax.random.key(0))
+  return sharding.abstract_train_state(
+    model, tx, precision, config, _mesh(config.mesh), jax.random.key(0)
+  )
 
 
 @functools.cache
 def _initial_state():
   """The single-device initial state; runs start from copies (it is never donated)."""
   model, tx, _, precision = _model(_config())
-  state, _ = sharding.create_sharded_state(model, tx, precision, _config(), _mesh(SINGLE),
-                                           jax.random.key(0))
+  state, _ = sharding.create_sharded_state(
+    model, tx, precision, _config(), _mesh(SINGLE), jax.random.key(0)
+  )
   return state
 
 
@@ -147,11 +155,13 @@ def test_grad_accumulation_under_sharding_matches_one_big_batch():
 def test_create_sharded_state_matches_single_device_init():
   config = _config(ALL3)
   model, tx, _, precision = _model(config)
-  state, shardings = sharding.create_sharded_state(model, tx, precision, config, _mesh(ALL3),
-                                                   jax.random.key(0))
+  state, shardings = sharding.create_sharded_state(
+    model, tx, precision, config, _mesh(ALL3), jax.random.key(0)
+  )
   ref = _initial_state()
-  chex.assert_trees_all_equal(jax.device_get((state.params, state.opt_state)),
-                              jax.device_get((ref.params, ref.opt_state)))
+  chex.assert_trees_all_equal(
+    jax.device_get((state.params, state.opt_state)), jax.device_get((ref.params, ref.opt_state))
+  )
   np.testing.assert_array_equal(jax.random.key_data(state.rng), jax.random.key_data(ref.rng))
   chex.assert_trees_all_equal(jax.tree.map(lambda x: x.sharding, state), shardings)
 
@@ -168,8 +178,9 @@ def test_param_and_optimizer_shardings_follow_the_rules():
   assert params["final_norm"]["scale"].sharding.spec == P("fsdp")
   assert params["lm_head"]["kernel"].sharding.spec == P("fsdp", "tensor")  # (embed, vocab)
   adam = state.opt_state[-1][0]  # the ScaleByAdamState of the chain
-  chex.assert_trees_all_equal(jax.tree.map(lambda x: x.sharding, adam.mu),
-                              jax.tree.map(lambda x: x.sharding, params))
+  chex.assert_trees_all_equal(
+    jax.tree.map(lambda x: x.sharding, adam.mu), jax.tree.map(lambda x: x.sharding, params)
+  )
   for replicated in (adam.count, state.step, state.rng, state.skipped_steps):
     assert replicated.sharding.is_fully_replicated
 
@@ -178,14 +189,18 @@ def test_activation_constraints_reach_the_jitted_step():
   config = _config(ALL3)
   model, tx, schedule, _ = _model(config)
   mesh, abstract = _mesh(ALL3), _abstract(config)
-  step = sharding.jit_train_step(make_train_step(model, tx, schedule, config),
-                                 jax.tree.map(lambda x: x.sharding, abstract), mesh)
+  step = sharding.jit_train_step(
+    make_train_step(model, tx, schedule, config), jax.tree.map(lambda x: x.sharding, abstract), mesh
+  )
   batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), _batch())
   hlo = step.lower(abstract, batch).as_text()
   # (batch, length, embed): the residual stream; (batch, length, heads, kv): the
   # queries; (batch, length, mlp): the MLP hidden units.
-  for spec in ('[{"data", "fsdp"}, {}, {}]', '[{"data", "fsdp"}, {}, {"tensor"}, {}]',
-               '[{"data", "fsdp"}, {}, {"tensor"}]'):
+  for spec in (
+    '[{"data", "fsdp"}, {}, {}]',
+    '[{"data", "fsdp"}, {}, {"tensor"}, {}]',
+    '[{"data", "fsdp"}, {}, {"tensor"}]',
+  ):
     assert re.search(rf"sharding_constraint %\S+ <@mesh, {re.escape(spec)}>", hlo), spec
 
 
@@ -213,24 +228,39 @@ def test_fsdp_divides_per_device_state_memory():
   assert sharding.state_memory_report(_abstract(_config(MeshConfig(data=1, fsdp=8)))) == fsdp
 
 
-@pytest.mark.parametrize("mesh,needle", [
+@pytest.mark.parametrize(
+  "mesh,needle",
+  [
     (MeshConfig(data=3), "data=3, fsdp=1, tensor=1 has 3 devices, but there are 8"),
     (MeshConfig(data=-1, tensor=3), "3 does not divide the 8 devices"),
-])
+  ],
+)
 def test_bad_mesh_sizes_are_rejected(mesh, needle):
   with pytest.raises(ValueError, match=needle):
     sharding.make_mesh(mesh)
 
 
-@pytest.mark.parametrize("mesh,model_kw,fields", [
-    (MeshConfig(data=2, tensor=4), dict(n_heads=2, n_kv_heads=None),
-     ["mesh tensor=4 does not divide model.n_heads=2", "model.n_kv_heads=2"]),
+@pytest.mark.parametrize(
+  "mesh,model_kw,fields",
+  [
+    (
+      MeshConfig(data=2, tensor=4),
+      dict(n_heads=2, n_kv_heads=None),
+      ["mesh tensor=4 does not divide model.n_heads=2", "model.n_kv_heads=2"],
+    ),
     (MeshConfig(data=2, tensor=4), dict(d_ff=66), ["model.d_ff=66"]),
-    (MeshConfig(data=1, tensor=8), dict(n_heads=8, n_kv_heads=8, vocab_size=60),
-     ["model.vocab_size=60"]),
-    (MeshConfig(data=1, fsdp=8), dict(d_model=36, n_heads=2, n_kv_heads=2),
-     ["mesh fsdp=8 does not divide model.d_model=36"]),
-])
+    (
+      MeshConfig(data=1, tensor=8),
+      dict(n_heads=8, n_kv_heads=8, vocab_size=60),
+      ["model.vocab_size=60"],
+    ),
+    (
+      MeshConfig(data=1, fsdp=8),
+      dict(d_model=36, n_heads=2, n_kv_heads=2),
+      ["mesh fsdp=8 does not divide model.d_model=36"],
+    ),
+  ],
+)
 def test_indivisible_model_dims_name_the_field(mesh, model_kw, fields):
   with pytest.raises(ValueError) as err:
     _abstract(_config(mesh, **model_kw))
@@ -262,12 +292,14 @@ def _two_process_worker(out_dir):
   config = _config(ALL3)
   model, tx, schedule, precision = _model(config)
   mesh, rules = sharding.make_mesh(ALL3), sharding.logical_rules(ALL3)
-  state, shardings = sharding.create_sharded_state(model, tx, precision, config, mesh,
-                                                   jax.random.key(0))
-  step = sharding.jit_train_step(make_train_step(model, tx, schedule, config), shardings, mesh,
-                                 rules)
+  state, shardings = sharding.create_sharded_state(
+    model, tx, precision, config, mesh, jax.random.key(0)
+  )
+  step = sharding.jit_train_step(
+    make_train_step(model, tx, schedule, config), shardings, mesh, rules
+  )
   rows = B // jax.process_count()  # this process's rows of the global batch
-  local = {k: v[jax.process_index() * rows:][:rows] for k, v in _batch().items()}
+  local = {k: v[jax.process_index() * rows :][:rows] for k, v in _batch().items()}
   losses = []
   for _ in range(STEPS):
     state, metrics = step(state, sharding.shard_batch(local, mesh, rules))
@@ -281,17 +313,30 @@ def test_two_processes_train_and_checkpoint_like_one(tmp_path):
   with socket.socket() as s:
     s.bind(("localhost", 0))
     port = s.getsockname()[1]
-  env = {**os.environ, "JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": "2",
-         "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
-         "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
-  procs = [subprocess.Popen([sys.executable, __file__, str(tmp_path)],
-                            env={**env, "JAX_PROCESS_ID": str(i)}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  env = {
+    **os.environ,
+    "JAX_COORDINATOR_ADDRESS": f"localhost:{port}",
+    "JAX_NUM_PROCESSES": "2",
+    "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+    "JAX_PLATFORMS": "cpu",
+    "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+  }
+  procs = [
+    subprocess.Popen(
+      [sys.executable, __file__, str(tmp_path)],
+      env={**env, "JAX_PROCESS_ID": str(i)},
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for i in range(2)
+  ]
   outputs = [p.communicate(timeout=300)[0] for p in procs]
   assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
   ref = _run(ALL3)
-  state, data_state, step = checkpoint.restore_latest(str(tmp_path / "checkpoints"),
-                                                      _abstract(_config(ALL3)))
+  state, data_state, step = checkpoint.restore_latest(
+    str(tmp_path / "checkpoints"), _abstract(_config(ALL3))
+  )
   assert step == STEPS
   np.testing.assert_allclose(data_state["losses"], ref.losses, rtol=LOSS_RTOL)
   chex.assert_trees_all_close(jax.device_get(state.params), ref.params, rtol=0, atol=PARAM_ATOL)

@@ -19,24 +19,27 @@ T = 16
 
 def _config(**train_kw):
   return Config(
-      model=ModelConfig.gpt2(vocab_size=64, d_model=32, n_layers=2, n_heads=4, max_len=T),
-      optim=OptimConfig(lr=3e-3, warmup_steps=0, schedule="constant", weight_decay=0.0),
-      data=DataConfig(seq_len=T),
-      train=TrainConfig(batch_size=8, **train_kw),
+    model=ModelConfig.gpt2(vocab_size=64, d_model=32, n_layers=2, n_heads=4, max_len=T),
+    optim=OptimConfig(lr=3e-3, warmup_steps=0, schedule="constant", weight_decay=0.0),
+    data=DataConfig(seq_len=T),
+    train=TrainConfig(batch_size=8, **train_kw),
   )
 
 
 def _batch(b=8, seed=0, vocab=64):
   tokens = np.random.default_rng(seed).integers(0, vocab, (b, T + 1))
-  return {"inputs": jnp.asarray(tokens[:, :-1], jnp.int32),
-          "targets": jnp.asarray(tokens[:, 1:], jnp.int32),
-          "segment_ids": jnp.ones((b, T), jnp.int32),
-          "positions": jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (b, T))}
+  return {
+    "inputs": jnp.asarray(tokens[:, :-1], jnp.int32),
+    "targets": jnp.asarray(tokens[:, 1:], jnp.int32),
+    "segment_ids": jnp.ones((b, T), jnp.int32),
+    "positions": jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (b, T)),
+  }
 
 
 def _setup(config, precision="fp32", loss_scale=None):
-  train = dataclasses.replace(config.train, precision=precision,
-                              loss_scale=loss_scale or config.train.loss_scale)
+  train = dataclasses.replace(
+    config.train, precision=precision, loss_scale=loss_scale or config.train.loss_scale
+  )
   config = dataclasses.replace(config, train=train)
   r = build_recipe(config)
   state = jax.jit(make_init_fn(r.model, r.tx, r.precision, config))(jax.random.key(0))
@@ -55,15 +58,16 @@ def test_cross_entropy_matches_numpy_with_ignored_targets():
   targets[0, 1] = -1  # ignored
   mask = np.ones((2, 5), bool)
   mask[1, 4] = False  # padding
-  nll, z, count = cross_entropy(jnp.asarray(logits, jnp.bfloat16), jnp.asarray(targets),
-                                jnp.asarray(mask))
+  nll, z, count = cross_entropy(
+    jnp.asarray(logits, jnp.bfloat16), jnp.asarray(targets), jnp.asarray(mask)
+  )
   chex.assert_type([nll, z, count], jnp.float32)
   lg = np.asarray(jnp.asarray(logits, jnp.bfloat16).astype(jnp.float32), np.float64)
   logz = np.log(np.exp(lg).sum(-1))
   keep = (targets >= 0) & mask
   ref = (logz - np.take_along_axis(lg, np.maximum(targets, 0)[..., None], -1)[..., 0])[keep]
   np.testing.assert_allclose(float(nll), ref.sum(), rtol=1e-5)
-  np.testing.assert_allclose(float(z), (logz ** 2)[keep].sum(), rtol=1e-5)
+  np.testing.assert_allclose(float(z), (logz**2)[keep].sum(), rtol=1e-5)
   assert float(count) == keep.sum()
 
 
@@ -116,8 +120,7 @@ def test_fp16_with_dynamic_scaling_matches_fp32_where_no_scaling_does_not():
   for precision, scale in (("fp32", None), ("fp16", "dynamic"), ("fp16", "none")):
     state, _ = _train(config, precision, 5, loss_scale=scale)
     moved[scale] = np.asarray(ravel_pytree(state.params)[0], np.float64)
-  dist = lambda scale: np.linalg.norm(moved[scale] - moved[None]) / np.linalg.norm(
-      moved[None] - p0)
+  dist = lambda scale: np.linalg.norm(moved[scale] - moved[None]) / np.linalg.norm(moved[None] - p0)
   # Measured: 0.03 with dynamic scaling (fp16 rounding), 0.29 without.
   assert dist("dynamic") < 0.1
   assert dist("none") > 0.2  # the setting does tell scaling from no scaling
@@ -132,10 +135,16 @@ def test_fp16_with_tiny_static_scale_underflows():
   state, m = step(state, _batch())
   state32, _ = step32(state32, _batch())
   assert bool(m["grads_finite"])
-  unchanged = np.mean(np.concatenate([np.ravel(a == b) for a, b in
-                                      zip(jax.tree.leaves(state.params), jax.tree.leaves(p0))]))
-  unchanged32 = np.mean(np.concatenate([np.ravel(a == b) for a, b in
-                                        zip(jax.tree.leaves(state32.params), jax.tree.leaves(p0))]))
+  unchanged = np.mean(
+    np.concatenate(
+      [np.ravel(a == b) for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(p0))]
+    )
+  )
+  unchanged32 = np.mean(
+    np.concatenate(
+      [np.ravel(a == b) for a, b in zip(jax.tree.leaves(state32.params), jax.tree.leaves(p0))]
+    )
+  )
   # Adam moves every parameter whose gradient is non-zero; fp32 moves ~all.
   assert unchanged32 < 0.01
   assert unchanged > 0.5, unchanged
@@ -183,24 +192,36 @@ def test_eval_step_sums_match_train_loss():
   out = jax.jit(make_eval_step(model))(state.params, batch)
   _, m = step(state, batch)
   assert float(out["tokens"]) == 8 * T
-  np.testing.assert_allclose(float(out["loss_sum"]) / float(out["tokens"]), float(m["loss"]),
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    float(out["loss_sum"]) / float(out["tokens"]), float(m["loss"]), rtol=1e-6
+  )
 
 
 def test_layer_metrics_count_zero_gradients_per_layer():
   from llm_mp.step import zero_fraction_by_layer  # pylint: disable=import-outside-toplevel
-  grads = {"embed": {"embedding": jnp.array([[0.0, 1.0], [0.0, 0.0]])},
-           "decoder": {"blocks_0": {"attn": {"kernel": jnp.zeros((3,))},
-                                    "mlp": {"kernel": jnp.ones((1,))}},
-                       "blocks_1": {"mlp": {"kernel": jnp.array([0.0, 2.0])}}},
-           "lm_head": {"kernel": jnp.ones((2,))}}
+
+  grads = {
+    "embed": {"embedding": jnp.array([[0.0, 1.0], [0.0, 0.0]])},
+    "decoder": {
+      "blocks_0": {"attn": {"kernel": jnp.zeros((3,))}, "mlp": {"kernel": jnp.ones((1,))}},
+      "blocks_1": {"mlp": {"kernel": jnp.array([0.0, 2.0])}},
+    },
+    "lm_head": {"kernel": jnp.ones((2,))},
+  }
   out = {k: float(v) for k, v in zero_fraction_by_layer(grads).items()}
-  assert out == {"grad_zero_fraction/embed": 0.75, "grad_zero_fraction/decoder/blocks_0": 0.75,
-                 "grad_zero_fraction/decoder/blocks_1": 0.5, "grad_zero_fraction/lm_head": 0.0}
+  assert out == {
+    "grad_zero_fraction/embed": 0.75,
+    "grad_zero_fraction/decoder/blocks_0": 0.75,
+    "grad_zero_fraction/decoder/blocks_1": 0.5,
+    "grad_zero_fraction/lm_head": 0.0,
+  }
   config = _config(layer_metrics=True)
   _, state, step = _setup(config)
   _, m = step(state, _batch())
   assert {k for k in m if k.startswith("grad_zero_fraction/")} == {
-      "grad_zero_fraction/embed", "grad_zero_fraction/decoder/blocks_0",
-      "grad_zero_fraction/decoder/blocks_1", "grad_zero_fraction/final_norm",
-      "grad_zero_fraction/pos_embed"}  # GPT-2 style: learned positions, tied head
+    "grad_zero_fraction/embed",
+    "grad_zero_fraction/decoder/blocks_0",
+    "grad_zero_fraction/decoder/blocks_1",
+    "grad_zero_fraction/final_norm",
+    "grad_zero_fraction/pos_embed",
+  }  # GPT-2 style: learned positions, tied head

@@ -41,8 +41,11 @@ def test_parallel_files_align_by_newline_only(tmp_path):
 def test_misaligned_parallel_files_name_both_files_and_counts(tmp_path):
   src = _write(tmp_path / "a.de", "a\nb\nc\n")
   tgt = _write(tmp_path / "a.en", "a\nb\n")
-  with pytest.raises(DataError, match=rf"^misaligned parallel files: {src} has 3 lines but "
-                                      rf"{tgt} has 2$"):
+  with pytest.raises(
+    DataError,
+    match=rf"^misaligned parallel files: {src} has 3 lines but "
+    rf"{tgt} has 2$",
+  ):
     t2t.read_parallel(src, tgt)
 
 
@@ -85,13 +88,13 @@ def test_jsonl_fields_and_reference_lists(tmp_path):
 
 
 BAD_JSONL = [  # (bad line 2, expected problem)
-    ("{not json", "invalid JSON"),
-    ("[1, 2]", "expected a JSON object, found list"),
-    ('{"target": "t"}', "missing field 'input'"),
-    ('{"input": " ", "target": "t"}', "field 'input' is empty"),
-    ('{"input": "i", "target": 3}', "field 'target' is not a string: 3"),
-    ('{"input": "i", "target": []}', "field 'target' is an empty list"),
-    ('{"input": "i", "target": ["ok", null]}', "missing field 'target'"),
+  ("{not json", "invalid JSON"),
+  ("[1, 2]", "expected a JSON object, found list"),
+  ('{"target": "t"}', "missing field 'input'"),
+  ('{"input": " ", "target": "t"}', "field 'input' is empty"),
+  ('{"input": "i", "target": 3}', "field 'target' is not a string: 3"),
+  ('{"input": "i", "target": []}', "field 'target' is an empty list"),
+  ('{"input": "i", "target": ["ok", null]}', "missing field 'target'"),
 ]
 
 
@@ -111,8 +114,11 @@ def test_jsonl_bad_rows_name_file_and_line_or_are_skipped(tmp_path, line, proble
 @needs_data
 def test_task_splits_have_the_documented_sizes_and_are_disjoint():
   # Computed once from the files and pinned (also documented in llm_mp/data/text2text.py).
-  sizes = {"translate": (29_000, 1_014, 1_000), "summarize": (1_765, 244, 216),
-           "qa": (8_391, 601, 1_578)}
+  sizes = {
+    "translate": (29_000, 1_014, 1_000),
+    "summarize": (1_765, 244, 216),
+    "qa": (8_391, 601, 1_578),
+  }
   loaded = {task: {s: t2t.load_task_data(task, s, DATA) for s in t2t.SPLITS} for task in sizes}
   for task, expected in sizes.items():
     got = tuple(len(loaded[task][s].inputs) for s in t2t.SPLITS)
@@ -128,28 +134,41 @@ def test_task_splits_have_the_documented_sizes_and_are_disjoint():
   assert sum(len(r) for s in qa.values() for r in s.references) == 34_726
   contexts = {s: {x.split(" context: ", 1)[1] for x in qa[s].inputs} for s in qa}
   assert not contexts["train"] & contexts["test"] and not contexts["validation"] & (
-      contexts["train"] | contexts["test"])
-  assert qa["test"].inputs[0].startswith("question: What was Maria Curie the first female "
-                                         "recipient of? context: One of the most famous")
+    contexts["train"] | contexts["test"]
+  )
+  assert (
+    qa["test"]
+    .inputs[0]
+    .startswith(
+      "question: What was Maria Curie the first female "
+      "recipient of? context: One of the most famous"
+    )
+  )
   assert qa["test"].references[0] == ["Nobel Prize"] * 3
   # BBC: duplicate articles stay on one side; summaries get their sentence spaces back.
   bbc = loaded["summarize"]
   articles = {s: set(bbc[s].inputs) for s in bbc}
   assert not articles["train"] & articles["test"] and not articles["validation"] & (
-      articles["train"] | articles["test"])
+    articles["train"] | articles["test"]
+  )
   assert len(bbc["train"].inputs) - len(articles["train"]) > 0  # duplicates exist, in train
   assert "from $10.9bn. For the full-year" in bbc["test"].targets[0]
 
 
 def test_fix_summary_spacing_uses_the_article():
-  article = ('Title\n\nProfits rose to $10.9bn. For the year, fine.\n\nHe said it "went well". '
-             'Sales at the U.S. unit grew. Markets were "tuned". The end. Analysts were calm. '
-             '"I think so," he said.')
-  summary = ('Profits rose to $10.9bn.For the year, fine.He said it "went well".Sales at the '
-             'U.S. unit grew.Analysts were calm."I think so," he said.')
+  article = (
+    'Title\n\nProfits rose to $10.9bn. For the year, fine.\n\nHe said it "went well". '
+    'Sales at the U.S. unit grew. Markets were "tuned". The end. Analysts were calm. '
+    '"I think so," he said.'
+  )
+  summary = (
+    'Profits rose to $10.9bn.For the year, fine.He said it "went well".Sales at the '
+    'U.S. unit grew.Analysts were calm."I think so," he said.'
+  )
   assert t2t.fix_summary_spacing(summary, article) == (
-      'Profits rose to $10.9bn. For the year, fine. He said it "went well". Sales at the '
-      'U.S. unit grew. Analysts were calm. "I think so," he said.')
+    'Profits rose to $10.9bn. For the year, fine. He said it "went well". Sales at the '
+    'U.S. unit grew. Analysts were calm. "I think so," he said.'
+  )
 
 
 def test_load_task_data_rejects_unknown_names(tmp_path):
@@ -213,8 +232,9 @@ def test_shared_and_separate_bpe_tokenizers_round_trip(tmp_path):
 
 
 def _rows(n=7):
-  return t2t.encode_text2text([f"s{i}" for i in range(n)], [f"t{i}" * (i % 3 + 1) for i in
-                                                            range(n)], BYTE, BYTE, 6, 8)
+  return t2t.encode_text2text(
+    [f"s{i}" for i in range(n)], [f"t{i}" * (i % 3 + 1) for i in range(n)], BYTE, BYTE, 6, 8
+  )
 
 
 def test_train_iterator_resumes_exactly_and_slices_by_process():
@@ -234,8 +254,10 @@ def test_train_iterator_resumes_exactly_and_slices_by_process():
   assert expected[0]["inputs"].shape == (4, 6) and expected[0]["targets"].shape == (4, 8)
   # Two processes' slices concatenate to the global batch.
   full = next(t2t.make_text2text_train_iterator(rows, 4, seed=3))
-  halves = [next(t2t.make_text2text_train_iterator(rows, 4, seed=3, process_index=p,
-                                                   process_count=2)) for p in range(2)]
+  halves = [
+    next(t2t.make_text2text_train_iterator(rows, 4, seed=3, process_index=p, process_count=2))
+    for p in range(2)
+  ]
   for k in t2t.FIELDS:
     np.testing.assert_array_equal(np.concatenate([h[k] for h in halves]), full[k])
 
@@ -291,23 +313,34 @@ def test_bleu_by_hand():
   assert bleu(["the cat sat on the mat"], ["the cat sat on the mat"]) == pytest.approx(100, abs=tol)
   # n-gram precisions 5/6, 3/5, 2/4, 1/3; equal lengths so no brevity penalty.
   assert bleu(["the cat sat on the mat"], ["the cat sat on a mat"]) == pytest.approx(
-      100 * (1 / 12) ** 0.25, abs=tol)
+    100 * (1 / 12) ** 0.25, abs=tol
+  )
   # Corpus BLEU pools counts: precisions 9/10, 6/8, 4/6, 2/4; lengths 10 vs 12: BP exp(-0.2).
-  got = bleu(["the cat sat on the mat", "the cat sat on"],
-             ["the cat sat on a mat", "the cat sat on the mat"])
+  got = bleu(
+    ["the cat sat on the mat", "the cat sat on"], ["the cat sat on a mat", "the cat sat on the mat"]
+  )
   assert got == pytest.approx(100 * math.exp(-0.2) * (0.9 * 0.75 * (4 / 6) * 0.5) ** 0.25, abs=tol)
   with pytest.raises(ValueError, match=r"bleu: no predictions"):
     bleu([], [])
 
 
 def test_lead3_by_hand():
-  article = ('Headline here\n\nFirst sentence, with 3.5 numbers. He said "stop." Then we left!\n'
-             'New para? Fifth.')
-  assert sentences(article) == ["Headline here", "First sentence, with 3.5 numbers.",
-                                'He said "stop."', "Then we left!", "New para?", "Fifth."]
+  article = (
+    'Headline here\n\nFirst sentence, with 3.5 numbers. He said "stop." Then we left!\n'
+    "New para? Fifth."
+  )
+  assert sentences(article) == [
+    "Headline here",
+    "First sentence, with 3.5 numbers.",
+    'He said "stop."',
+    "Then we left!",
+    "New para?",
+    "Fifth.",
+  ]
   assert lead3(article) == 'Headline here First sentence, with 3.5 numbers. He said "stop."'
   assert lead3(article, skip_title=True) == (
-      'First sentence, with 3.5 numbers. He said "stop." Then we left!')
+    'First sentence, with 3.5 numbers. He said "stop." Then we left!'
+  )
   assert lead3("One line only", skip_title=True) == ""
 
 

@@ -17,25 +17,36 @@ from llm_mp.metrics import read_metrics
 from llm_mp.train import ConfigConflictError, train
 
 TEXT = ("The quick brown fox jumps over the lazy dog. " * 8 + "\n\n\n") * 3 + (
-    "Pack my box with five dozen liquor jugs. " * 8 + "\n\n\n") * 3
+  "Pack my box with five dozen liquor jugs. " * 8 + "\n\n\n"
+) * 3
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
   d = tmp_path_factory.mktemp("corpus")
   (d / "a.txt").write_text(TEXT, encoding="utf-8")
-  (d / "b.jsonl").write_text("\n".join(json.dumps({"text": f"Document number {i}. " * 10})
-                                       for i in range(20)), encoding="utf-8")
+  (d / "b.jsonl").write_text(
+    "\n".join(json.dumps({"text": f"Document number {i}. " * 10}) for i in range(20)),
+    encoding="utf-8",
+  )
   return str(d)
 
 
 def _config(corpus, steps=12):
   return Config(
-      model=ModelConfig.gpt2(d_model=32, n_layers=2, n_heads=2, max_len=32),
-      optim=OptimConfig(lr=3e-3, warmup_steps=2),
-      data=DataConfig(paths=(corpus,), seq_len=32, val_fraction=0.2),
-      train=TrainConfig(steps=steps, batch_size=8, log_every=1, eval_every=6, eval_batches=2,
-                        ckpt_every=4, keep_checkpoints=2, sample_tokens=0),
+    model=ModelConfig.gpt2(d_model=32, n_layers=2, n_heads=2, max_len=32),
+    optim=OptimConfig(lr=3e-3, warmup_steps=2),
+    data=DataConfig(paths=(corpus,), seq_len=32, val_fraction=0.2),
+    train=TrainConfig(
+      steps=steps,
+      batch_size=8,
+      log_every=1,
+      eval_every=6,
+      eval_batches=2,
+      ckpt_every=4,
+      keep_checkpoints=2,
+      sample_tokens=0,
+    ),
   )
 
 
@@ -99,8 +110,7 @@ def test_resume_on_a_different_mesh(corpus, straight, tmp_path):
   a, b = straight, _losses(moved)
   assert [a[s] for s in range(1, 5)] == [b[s] for s in range(1, 5)]
   # Another mesh sums gradients in another order: fp32 rounding, not a different run.
-  np.testing.assert_allclose([b[s] for s in range(5, 13)], [a[s] for s in range(5, 13)],
-                             rtol=1e-4)
+  np.testing.assert_allclose([b[s] for s in range(5, 13)], [a[s] for s in range(5, 13)], rtol=1e-4)
 
 
 def test_corrupt_latest_checkpoint_falls_back_to_previous(corpus, straight, tmp_path):
@@ -121,8 +131,12 @@ def test_conflicting_workdir_config_is_rejected_without_damage(corpus, tmp_path)
   train(_config(corpus, 2), workdir, verbose=False)
   before = open(os.path.join(workdir, "config.json")).read()
   cfg = _config(corpus, 2)
-  bigger = Config(model=ModelConfig.gpt2(d_model=64, n_layers=2, n_heads=2, max_len=32),
-                  optim=cfg.optim, data=cfg.data, train=cfg.train)
+  bigger = Config(
+    model=ModelConfig.gpt2(d_model=64, n_layers=2, n_heads=2, max_len=32),
+    optim=cfg.optim,
+    data=cfg.data,
+    train=cfg.train,
+  )
   with pytest.raises(ConfigConflictError, match="model.d_model=32"):
     train(bigger, workdir, verbose=False)
   assert open(os.path.join(workdir, "config.json")).read() == before
@@ -136,18 +150,45 @@ def _cli(args, capsys):
 
 def test_cli_train_generate_eval(corpus, tmp_path, capsys):
   workdir = str(tmp_path / "cli")
-  code, out, _ = _cli(["train", "--workdir", workdir, "--data", corpus, "model.d_model=32",
-                       "model.n_layers=1", "model.max_len=32", "data.seq_len=32",
-                       "train.batch_size=8", "--steps", "3"], capsys)
+  code, out, _ = _cli(
+    [
+      "train",
+      "--workdir",
+      workdir,
+      "--data",
+      corpus,
+      "model.d_model=32",
+      "model.n_layers=1",
+      "model.max_len=32",
+      "data.seq_len=32",
+      "train.batch_size=8",
+      "--steps",
+      "3",
+    ],
+    capsys,
+  )
   assert code == 0 and json.loads(out.strip().splitlines()[-1])["loss"] > 0
-  code, out, _ = _cli(["generate", "--workdir", workdir, "--prompt", "The quick",
-                       "--max-new-tokens", "8", "--temperature", "0"], capsys)
+  code, out, _ = _cli(
+    [
+      "generate",
+      "--workdir",
+      workdir,
+      "--prompt",
+      "The quick",
+      "--max-new-tokens",
+      "8",
+      "--temperature",
+      "0",
+    ],
+    capsys,
+  )
   assert code == 0 and out.startswith("The quick") and len(out.strip()) > len("The quick")
   code, out, _ = _cli(["eval", "--workdir", workdir], capsys)
   result = json.loads(out)
   assert code == 0 and result["val_loss"] > 0 and result["val_ppl"] > 1
-  code, _, err = _cli(["generate", "--workdir", workdir, "--prompt", "x" * 40,
-                       "--max-new-tokens", "8"], capsys)
+  code, _, err = _cli(
+    ["generate", "--workdir", workdir, "--prompt", "x" * 40, "--max-new-tokens", "8"], capsys
+  )
   assert code == 2 and "max_len" in err and len(err.strip().splitlines()) == 1
   code, _, err = _cli(["generate", "--workdir", workdir, "--prompt", "x" * 40], capsys)
   assert code == 2 and "prompt is 41 tokens" in err and "model.max_len=32" in err
@@ -176,8 +217,9 @@ def test_eval_and_generate_write_nothing_into_the_run(corpus, tmp_path, capsys):
   code, out, _ = _cli(["eval", "--workdir", workdir, "--data", str(one)], capsys)
   # All of the one document counts: its bytes plus eos are targets (bos is not).
   assert code == 0 and json.loads(out)["val_tokens"] == len(one.read_text().strip()) + 1
-  code, _, _ = _cli(["generate", "--workdir", workdir, "--prompt", "The", "--max-new-tokens",
-                     "2"], capsys)
+  code, _, _ = _cli(
+    ["generate", "--workdir", workdir, "--prompt", "The", "--max-new-tokens", "2"], capsys
+  )
   assert code == 0 and _tree(workdir) == before
 
 
@@ -189,29 +231,44 @@ def test_every_checkpoint_unreadable_is_one_line_saying_what_to_do(corpus, tmp_p
       with open(os.path.join(root, name), "wb") as f:
         f.write(b"garbage")
   # One checkpoint: nothing to fall back to, so no warning, only the error.
-  code, _, err = _cli(["generate", "--workdir", workdir, "--prompt", "T", "--max-new-tokens", "2"],
-                      capsys)
+  code, _, err = _cli(
+    ["generate", "--workdir", workdir, "--prompt", "T", "--max-new-tokens", "2"], capsys
+  )
   assert code == 2 and "step 4" in err and "train it again" in err
   assert len(err.strip().splitlines()) == 1
 
 
 def test_nanogpt_cpu_preset_trains_on_the_default_data(tmp_path, capsys):
   # batch_size=8: the 8 fake devices do not split 12 rows; the vocabulary is what failed.
-  code, out, err = _cli(["train", "--workdir", str(tmp_path / "run"), "--preset", "nanogpt_cpu",
-                         "--steps", "1", "train.batch_size=8", "train.eval_batches=1",
-                         "train.sample_tokens=0"],
-                        capsys)
+  code, out, err = _cli(
+    [
+      "train",
+      "--workdir",
+      str(tmp_path / "run"),
+      "--preset",
+      "nanogpt_cpu",
+      "--steps",
+      "1",
+      "train.batch_size=8",
+      "train.eval_batches=1",
+      "train.sample_tokens=0",
+    ],
+    capsys,
+  )
   assert code == 0, err
   assert json.loads(out.strip().splitlines()[-1])["val_loss"] > 0
 
 
-@pytest.mark.parametrize("args,needle", [
+@pytest.mark.parametrize(
+  "args,needle",
+  [
     (["--data", "/no/such/file.txt"], "/no/such/file.txt"),
     (["model.no_such_key=1"], "model.no_such_key"),
     (["--precision", "fp8"], "fp8"),
     (["--mesh", "data=3"], "data"),
     (["--preset", "gpt5"], "gpt5"),
-])
+  ],
+)
 def test_cli_bad_input_is_one_line_and_exit_2(args, needle, tmp_path, capsys):
   workdir = str(tmp_path / "bad")
   code, _, err = _cli(["train", "--workdir", workdir, "--steps", "1"] + args, capsys)

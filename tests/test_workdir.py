@@ -27,17 +27,31 @@ from llm_mp.train import (
   write_config,
 )
 
-TEXT = "\n\n\n".join(f"Document {i}: the quick brown fox jumps over the lazy dog. " * 3
-                     for i in range(12))
+TEXT = "\n\n\n".join(
+  f"Document {i}: the quick brown fox jumps over the lazy dog. " * 3 for i in range(12)
+)
 
 
 def _config(path, steps=3, **train_kw):
   return Config(
-      model=ModelConfig.gpt2(d_model=16, n_layers=1, n_heads=2, max_len=16),
-      optim=OptimConfig(warmup_steps=1),
-      data=DataConfig(paths=(path,), seq_len=16, val_fraction=0.2),
-      train=TrainConfig(**{**dict(steps=steps, batch_size=8, log_every=100, eval_every=100,
-                                  eval_batches=1, ckpt_every=100, sample_tokens=0), **train_kw}))
+    model=ModelConfig.gpt2(d_model=16, n_layers=1, n_heads=2, max_len=16),
+    optim=OptimConfig(warmup_steps=1),
+    data=DataConfig(paths=(path,), seq_len=16, val_fraction=0.2),
+    train=TrainConfig(
+      **{
+        **dict(
+          steps=steps,
+          batch_size=8,
+          log_every=100,
+          eval_every=100,
+          eval_batches=1,
+          ckpt_every=100,
+          sample_tokens=0,
+        ),
+        **train_kw,
+      }
+    ),
+  )
 
 
 @pytest.fixture
@@ -61,8 +75,9 @@ def test_a_second_trainer_is_refused_naming_the_holders_pid(corpus, tmp_path):
     pass
 
 
-def test_resume_from_another_directory_and_a_changed_corpus_conflicts(corpus, tmp_path,
-                                                                      monkeypatch):
+def test_resume_from_another_directory_and_a_changed_corpus_conflicts(
+  corpus, tmp_path, monkeypatch
+):
   workdir = str(tmp_path / "run")
   monkeypatch.chdir(corpus.parent)
   train(_config("text.txt", steps=2), workdir, verbose=False)
@@ -71,16 +86,22 @@ def test_resume_from_another_directory_and_a_changed_corpus_conflicts(corpus, tm
   monkeypatch.chdir(tmp_path)
   (tmp_path / "text.txt").write_text("A different corpus entirely. " * 40, encoding="utf-8")
   # The stored config resumes from another directory, on the original corpus.
-  train(dataclasses.replace(stored, train=dataclasses.replace(stored.train, steps=3)),
-        workdir, verbose=False)
+  train(
+    dataclasses.replace(stored, train=dataclasses.replace(stored.train, steps=3)),
+    workdir,
+    verbose=False,
+  )
   assert read_metrics(workdir)[-1]["step"] == 3
   before = open(os.path.join(workdir, "config.json"), encoding="utf-8").read()
   assert train(stored, workdir, verbose=False) == {}  # steps=2 < 3: nothing to do...
   assert open(os.path.join(workdir, "config.json"), encoding="utf-8").read() == before  # ...kept
   corpus.write_text(TEXT.replace("fox", "cat"), encoding="utf-8")
   with pytest.raises(ConfigConflictError, match="sha256"):
-    train(dataclasses.replace(stored, train=dataclasses.replace(stored.train, steps=4)),
-          workdir, verbose=False)
+    train(
+      dataclasses.replace(stored, train=dataclasses.replace(stored.train, steps=4)),
+      workdir,
+      verbose=False,
+    )
 
 
 def test_one_document_trains_and_nothing_to_evaluate_fails_before_step_1(tmp_path):
@@ -95,8 +116,9 @@ def test_one_document_trains_and_nothing_to_evaluate_fails_before_step_1(tmp_pat
   assert check_data(config, prepared) is True
   last = train(config, workdir, verbose=False)  # evaluates at step 3, the last
   assert last["val_loss"] > 0
-  empty = dataclasses.replace(prepared, val=TokenSplit(np.zeros(0, np.uint16),
-                                                       np.zeros(0, np.int64)))
+  empty = dataclasses.replace(
+    prepared, val=TokenSplit(np.zeros(0, np.uint16), np.zeros(0, np.int64))
+  )
   with pytest.raises(ValueError, match="data.val_fraction=0.2 leaves no validation text"):
     check_data(config, empty)
   off = dataclasses.replace(config, data=dataclasses.replace(config.data, val_fraction=0.0))
@@ -116,18 +138,24 @@ def test_notebook_runs_are_ignored_by_git():
   # nothing lands in the repository); a run made by hand under notebooks/runs is ignored too.
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   for name in sorted(os.listdir(os.path.join(root, "notebooks"))):
-    source = "".join("".join(c["source"]) for c in json.load(
-        open(os.path.join(root, "notebooks", name), encoding="utf-8"))["cells"])
+    source = "".join(
+      "".join(c["source"])
+      for c in json.load(open(os.path.join(root, "notebooks", name), encoding="utf-8"))["cells"]
+    )
     assert "tempfile.mkdtemp" in source, name
-  r = subprocess.run(["git", "check-ignore", "-q", "notebooks/runs/x/config.json"], cwd=root,
-                     check=False)
+  r = subprocess.run(
+    ["git", "check-ignore", "-q", "notebooks/runs/x/config.json"], cwd=root, check=False
+  )
   assert r.returncode == 0, "notebooks/runs/ is not ignored by .gitignore"
 
 
 def test_evaluation_runs_at_eval_steps_that_are_not_log_steps_with_a_sample(corpus, tmp_path):
   workdir = str(tmp_path / "run")
-  train(_config(str(corpus), steps=5, log_every=2, eval_every=3, sample_tokens=4), workdir,
-        verbose=False)
+  train(
+    _config(str(corpus), steps=5, log_every=2, eval_every=3, sample_tokens=4),
+    workdir,
+    verbose=False,
+  )
   records = {r["step"]: r for r in read_metrics(workdir)}
   assert sorted(records) == [2, 3, 4, 5]
   assert [s for s in records if "val_loss" in records[s]] == [3, 5]
@@ -162,8 +190,9 @@ def test_resume_truncates_metrics_to_the_restored_step_and_whole_lines(tmp_path)
 
 
 def test_read_metrics_skips_a_broken_line_with_a_warning(tmp_path):
-  (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2, "lo{"step": 3}\n[4]\n'
-                                          '{"step": 5}\n', encoding="utf-8")
+  (tmp_path / "metrics.jsonl").write_text(
+    '{"step": 1}\n{"step": 2, "lo{"step": 3}\n[4]\n{"step": 5}\n', encoding="utf-8"
+  )
   with pytest.warns(UserWarning) as caught:
     records = read_metrics(str(tmp_path))
   assert [str(w.message).split(": ")[0].rsplit(":", 1)[1] for w in caught] == ["2", "3"]
@@ -183,12 +212,15 @@ def test_unusable_workdirs_are_one_line_errors(tmp_path):
   assert not (tmp_path / "new").exists()  # ...and nothing is created yet
 
 
-@pytest.mark.parametrize("text,message", [
+@pytest.mark.parametrize(
+  "text,message",
+  [
     ("", "the file is empty"),
     ("{", "invalid JSON at line 1"),
     ('{"train": {"steps": 10.0}}', "train.steps=10.0 is not of type int"),
     ('{"model": {"n_heads": 3}}', "model.n_heads=3"),
-])
+  ],
+)
 def test_bad_config_json_is_named(text, message, tmp_path):
   (tmp_path / "config.json").write_text(text)
   with pytest.raises(ValueError) as e:
@@ -202,12 +234,15 @@ def _cli(args, capsys):
   return code, out.out, out.err
 
 
-@pytest.mark.parametrize("args,needle", [
+@pytest.mark.parametrize(
+  "args,needle",
+  [
     (["--steps", "0"], "train.steps=0"),
     (["--mesh", "data=abc"], "--mesh data='abc'"),
     (["train.steps=2.5"], "train.steps='2.5' is not of type int"),
     (["--workdir", ""], "--workdir is empty"),
-])
+  ],
+)
 def test_cli_bad_arguments_are_named(args, needle, tmp_path, capsys):
   workdir = ["--workdir", str(tmp_path / "w")] if "--workdir" not in args else []
   code, _, err = _cli(["train"] + workdir + args, capsys)

@@ -91,8 +91,9 @@ def _list_files(paths: Sequence[str]) -> list[str]:
     found = []
     for root, dirs, names in os.walk(path):
       dirs[:] = [d for d in dirs if not d.startswith(".")]
-      found += [os.path.join(root, n) for n in names
-                if n.endswith(SUFFIXES) and not n.startswith(".")]
+      found += [
+        os.path.join(root, n) for n in names if n.endswith(SUFFIXES) and not n.startswith(".")
+      ]
     files += sorted(found)
   return files
 
@@ -122,8 +123,9 @@ def _parse_jsonl(path: str, text: str) -> list[str]:
   return docs
 
 
-def read_documents(paths: Sequence[str], skip_bad_files: bool = False
-                   ) -> tuple[list[str], int, tuple[str, ...]]:
+def read_documents(
+  paths: Sequence[str], skip_bad_files: bool = False
+) -> tuple[list[str], int, tuple[str, ...]]:
   """Reads raw documents from ``.txt``/``.jsonl`` files and directories.
 
   Args:
@@ -167,8 +169,11 @@ def clean_text(text: str) -> tuple[str, int]:
   return text.strip(), n_control
 
 
-def clean_documents(docs: Iterable[str], min_doc_chars: int = 0, max_docs: int | None = None,
-                    ) -> tuple[list[str], CorpusSummary]:
+def clean_documents(
+  docs: Iterable[str],
+  min_doc_chars: int = 0,
+  max_docs: int | None = None,
+) -> tuple[list[str], CorpusSummary]:
   """Cleans documents (:func:`clean_text`) and drops short, duplicate and surplus ones.
 
   Args:
@@ -195,8 +200,9 @@ def clean_documents(docs: Iterable[str], min_doc_chars: int = 0, max_docs: int |
     else:
       seen.add(text)
       kept.append(text)
-  summary = CorpusSummary(documents=len(kept), characters=sum(map(len, kept)),
-                          removed=removed, control_chars=n_control)
+  summary = CorpusSummary(
+    documents=len(kept), characters=sum(map(len, kept)), removed=removed, control_chars=n_control
+  )
   return kept, summary
 
 
@@ -217,6 +223,8 @@ def load_corpus(cfg: DataConfig) -> tuple[list[str], CorpusSummary]:
   summary = dataclasses.replace(summary, files=n_files, skipped_files=skipped)
   if not docs:
     where = ", ".join(cfg.paths) if cfg.paths else "the embedded corpus"
-    raise DataError(f"empty corpus: no documents of at least {cfg.min_doc_chars} chars in "
-                    f"{where} ({n_files} file(s) read, {len(skipped)} skipped)")
+    raise DataError(
+      f"empty corpus: no documents of at least {cfg.min_doc_chars} chars in "
+      f"{where} ({n_files} file(s) read, {len(skipped)} skipped)"
+    )
   return docs, summary

@@ -91,8 +91,9 @@ def _example(text: object, label: object, text_field: str) -> tuple[str, str]:
   return cleaned, _label_text(label)
 
 
-def _table_rows(path: str, text: str, text_field: str, label_field: str
-                ) -> Iterator[tuple[int, tuple[str, str] | _BadRow]]:
+def _table_rows(
+  path: str, text: str, text_field: str, label_field: str
+) -> Iterator[tuple[int, tuple[str, str] | _BadRow]]:
   """``(line, example or problem)`` for each row of a .tsv/.csv file with a header."""
   if path.endswith(".tsv"):
     reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t", quoting=csv.QUOTE_NONE)
@@ -105,8 +106,10 @@ def _table_rows(path: str, text: str, text_field: str, label_field: str
   header = [h.strip() for h in header or []]
   missing = [f for f in (text_field, label_field) if f not in header]
   if missing:
-    raise DataError(f"{path}:1: header {header} lacks column(s) {missing} (data.text_field="
-                    f"{text_field!r}, data.label_field={label_field!r})")
+    raise DataError(
+      f"{path}:1: header {header} lacks column(s) {missing} (data.text_field="
+      f"{text_field!r}, data.label_field={label_field!r})"
+    )
   i_text, i_label = header.index(text_field), header.index(label_field)
   line = reader.line_num  # the line a row starts on: a quoted field may span lines
   while True:
@@ -130,8 +133,9 @@ def _table_rows(path: str, text: str, text_field: str, label_field: str
       yield start, e
 
 
-def _jsonl_rows(text: str, text_field: str, label_field: str
-                ) -> Iterator[tuple[int, tuple[str, str] | _BadRow]]:
+def _jsonl_rows(
+  text: str, text_field: str, label_field: str
+) -> Iterator[tuple[int, tuple[str, str] | _BadRow]]:
   """``(line, example or problem)`` for each non-blank line of a .jsonl file."""
   for lineno, line in enumerate(text.splitlines(), 1):
     if not line.strip():
@@ -157,9 +161,13 @@ def _sorted_labels(names: set[str]) -> tuple[str, ...]:
   return tuple(sorted(names))
 
 
-def read_labelled(paths: str | Sequence[str], text_field: str, label_field: str,
-                  bad_rows: str = "error", labels: Sequence[str] | None = None
-                  ) -> tuple[list[str], np.ndarray, tuple[str, ...], int]:
+def read_labelled(
+  paths: str | Sequence[str],
+  text_field: str,
+  label_field: str,
+  bad_rows: str = "error",
+  labels: Sequence[str] | None = None,
+) -> tuple[list[str], np.ndarray, tuple[str, ...], int]:
   """Reads labelled examples from ``.tsv``/``.csv``/``.jsonl`` files, in the given order.
 
   Args:
@@ -192,8 +200,11 @@ def read_labelled(paths: str | Sequence[str], text_field: str, label_field: str,
     if not path.endswith(SUFFIXES):
       raise DataError(f"{path}: unsupported file type (expected {', '.join(SUFFIXES)})")
     text = _decode(path)
-    rows = (_jsonl_rows(text, text_field, label_field) if path.endswith(".jsonl")
-            else _table_rows(path, text, text_field, label_field))
+    rows = (
+      _jsonl_rows(text, text_field, label_field)
+      if path.endswith(".jsonl")
+      else _table_rows(path, text, text_field, label_field)
+    )
     for line, example in rows:
       if not isinstance(example, _BadRow) and known is not None and example[1] not in known:
         example = _BadRow(f"label {example[1]!r} is not one of {tuple(known)}")
@@ -205,8 +216,9 @@ def read_labelled(paths: str | Sequence[str], text_field: str, label_field: str,
       texts.append(example[0])
       names.append(example[1])
   if not texts:
-    raise DataError(f"no labelled examples in {', '.join(paths) or 'no files'} "
-                    f"({skipped} bad row(s) skipped)")
+    raise DataError(
+      f"no labelled examples in {', '.join(paths) or 'no files'} ({skipped} bad row(s) skipped)"
+    )
   label_names = tuple(labels) if labels is not None else _sorted_labels(set(names))
   index = {name: i for i, name in enumerate(label_names)}
   return texts, np.array([index[n] for n in names], np.int32), label_names, skipped
@@ -228,8 +240,11 @@ class LabelledRows:
   def __init__(self, arrays: Mapping[str, np.ndarray], pad_id: int, truncated: int = 0):
     self._arrays = {k: np.asarray(arrays[k], np.int32) for k in FIELDS}
     n, t = self._arrays["inputs"].shape
-    if n < 1 or any(self._arrays[k].shape != (n, t) for k in FIELDS[:3]) or (
-        self._arrays["labels"].shape != (n,)):
+    if (
+      n < 1
+      or any(self._arrays[k].shape != (n, t) for k in FIELDS[:3])
+      or (self._arrays["labels"].shape != (n,))
+    ):
       shapes = {k: v.shape for k, v in self._arrays.items()}
       raise ValueError(f"inconsistent labelled arrays: {shapes}")
     self.pad_id = pad_id
@@ -272,8 +287,9 @@ class LabelledRows:
     return out
 
 
-def encode_labelled(texts: Sequence[str], label_ids: Sequence[int] | np.ndarray,
-                    tokenizer: Tokenizer, seq_len: int) -> tuple[LabelledRows, int]:
+def encode_labelled(
+  texts: Sequence[str], label_ids: Sequence[int] | np.ndarray, tokenizer: Tokenizer, seq_len: int
+) -> tuple[LabelledRows, int]:
   """Tokenises examples into rows ``BOS tokens EOS pad...`` of ``seq_len`` tokens.
 
   Texts longer than ``seq_len - 2`` tokens are cut at the end so that BOS and
@@ -305,12 +321,16 @@ def encode_labelled(texts: Sequence[str], label_ids: Sequence[int] | np.ndarray,
   truncated = 0
   for i, tokens in enumerate(ids):
     truncated += len(tokens) > seq_len - 2
-    row = [tokenizer.bos_id, *tokens[:seq_len - 2], tokenizer.eos_id]
-    inputs[i, :len(row)] = row
+    row = [tokenizer.bos_id, *tokens[: seq_len - 2], tokenizer.eos_id]
+    inputs[i, : len(row)] = row
     lengths[i] = len(row)
   real = np.arange(seq_len) < lengths[:, None]  # (N, T)
-  arrays = {"inputs": inputs, "segment_ids": real.astype(np.int32),
-            "positions": np.where(real, np.arange(seq_len), 0), "labels": labels}
+  arrays = {
+    "inputs": inputs,
+    "segment_ids": real.astype(np.int32),
+    "positions": np.where(real, np.arange(seq_len), 0),
+    "labels": labels,
+  }
   return LabelledRows(arrays, tokenizer.pad_id, truncated), truncated
 
 
@@ -318,9 +338,14 @@ def encode_labelled(texts: Sequence[str], label_ids: Sequence[int] | np.ndarray,
 _READ_OPTIONS = grain.ReadOptions(num_threads=1, prefetch_buffer_size=4)
 
 
-def make_labelled_train_iterator(data: LabelledRows, batch_size: int, seed: int = 0, *,
-                                 process_index: int | None = None,
-                                 process_count: int | None = None) -> grain.DatasetIterator:
+def make_labelled_train_iterator(
+  data: LabelledRows,
+  batch_size: int,
+  seed: int = 0,
+  *,
+  process_index: int | None = None,
+  process_count: int | None = None,
+) -> grain.DatasetIterator:
   """An infinite iterator of training batches, shuffled differently in each epoch.
 
   Args:
@@ -341,10 +366,14 @@ def make_labelled_train_iterator(data: LabelledRows, batch_size: int, seed: int 
   return _batches(data, order.batch(batch_size, drop_remainder=True), local)
 
 
-def make_labelled_eval_iterator(data: LabelledRows, batch_size: int,
-                                max_batches: int | None = None, *,
-                                process_index: int | None = None,
-                                process_count: int | None = None) -> grain.DatasetIterator:
+def make_labelled_eval_iterator(
+  data: LabelledRows,
+  batch_size: int,
+  max_batches: int | None = None,
+  *,
+  process_index: int | None = None,
+  process_count: int | None = None,
+) -> grain.DatasetIterator:
   """One ordered pass over ``data``; the last batch is filled with padding rows.
 
   Padding rows have label -1 and segment_ids 0 everywhere, so every batch has
@@ -364,19 +393,56 @@ def make_labelled_eval_iterator(data: LabelledRows, batch_size: int,
 # A generated two-class sentiment set: "<subject> <verb> [<intensifier>] <adjective>[<tail>]",
 # labelled by the adjective's polarity. Only the adjective carries the label, so a model must
 # find it among varying neighbours and positions; dev sentences never occur in train.
-_SUBJECTS = ("the film", "this movie", "the story", "the acting", "the script", "the music",
-             "the ending", "the cast", "the plot", "the dialogue", "the director's work",
-             "the final scene")
+_SUBJECTS = (
+  "the film",
+  "this movie",
+  "the story",
+  "the acting",
+  "the script",
+  "the music",
+  "the ending",
+  "the cast",
+  "the plot",
+  "the dialogue",
+  "the director's work",
+  "the final scene",
+)
 _VERBS = ("is", "was", "feels", "seemed", "turned out")
 _INTENSIFIERS = ("", "very ", "really ", "quite ", "truly ")
 _ADJECTIVES = {
-    "negative": ("bad", "awful", "boring", "dull", "weak", "tedious", "clumsy", "ugly",
-                 "lifeless", "annoying"),
-    "positive": ("good", "great", "wonderful", "charming", "funny", "brilliant", "moving",
-                 "clever", "beautiful", "delightful"),
+  "negative": (
+    "bad",
+    "awful",
+    "boring",
+    "dull",
+    "weak",
+    "tedious",
+    "clumsy",
+    "ugly",
+    "lifeless",
+    "annoying",
+  ),
+  "positive": (
+    "good",
+    "great",
+    "wonderful",
+    "charming",
+    "funny",
+    "brilliant",
+    "moving",
+    "clever",
+    "beautiful",
+    "delightful",
+  ),
 }
-_TAILS = ("", " overall", " from start to finish", " in the end", " for most of its length",
-          " , as expected")
+_TAILS = (
+  "",
+  " overall",
+  " from start to finish",
+  " in the end",
+  " for most of its length",
+  " , as expected",
+)
 BUILTIN_LABELS = ("negative", "positive")
 BUILTIN_SIZES = {"train": 2000, "dev": 500}  # balanced: half of each split per class
 
@@ -417,12 +483,18 @@ def _builtin_examples() -> dict[str, tuple[tuple[str, ...], tuple[int, ...]]]:
   per_class = {s: n // len(BUILTIN_LABELS) for s, n in BUILTIN_SIZES.items()}
   pairs = {"train": [], "dev": []}
   for label, name in enumerate(BUILTIN_LABELS):
-    texts = sorted((f"{subj} {verb} {inten}{adj}{tail}" for subj, verb, inten, adj, tail in
-                    itertools.product(_SUBJECTS, _VERBS, _INTENSIFIERS, _ADJECTIVES[name],
-                                      _TAILS)), key=_digest)
+    texts = sorted(
+      (
+        f"{subj} {verb} {inten}{adj}{tail}"
+        for subj, verb, inten, adj, tail in itertools.product(
+          _SUBJECTS, _VERBS, _INTENSIFIERS, _ADJECTIVES[name], _TAILS
+        )
+      ),
+      key=_digest,
+    )
     n_train = per_class["train"]
     pairs["train"] += [(t, label) for t in texts[:n_train]]
-    pairs["dev"] += [(t, label) for t in texts[n_train:n_train + per_class["dev"]]]
+    pairs["dev"] += [(t, label) for t in texts[n_train : n_train + per_class["dev"]]]
   out = {}
   for split, examples in pairs.items():
     examples.sort(key=lambda p: _digest(p[0]))
@@ -456,10 +528,12 @@ class PreparedLabelled:
   sha256: str = ""
 
   def __str__(self) -> str:
-    return (f"labelled data: {self.source}; train {len(self.train):,} / val {len(self.val):,} "
-            f"examples, classes {list(self.label_names)}, {self.skipped} bad row(s) skipped, "
-            f"truncated to {self.train.seq_len} tokens: "
-            f"{self.train.truncated + self.val.truncated}")
+    return (
+      f"labelled data: {self.source}; train {len(self.train):,} / val {len(self.val):,} "
+      f"examples, classes {list(self.label_names)}, {self.skipped} bad row(s) skipped, "
+      f"truncated to {self.train.seq_len} tokens: "
+      f"{self.train.truncated + self.val.truncated}"
+    )
 
 
 def _holdout(n: int, fraction: float) -> np.ndarray:
@@ -479,8 +553,9 @@ def _examples_sha256(*splits: tuple[Sequence[str], np.ndarray]) -> str:
   return h.hexdigest()
 
 
-def prepare_labelled(cfg: DataConfig, workdir: str, tokenizer: Tokenizer | None = None,
-                     write: bool = True) -> PreparedLabelled:
+def prepare_labelled(
+  cfg: DataConfig, workdir: str, tokenizer: Tokenizer | None = None, write: bool = True
+) -> PreparedLabelled:
   """Reads, tokenises and splits the labelled data of ``cfg`` for a run in ``workdir``.
 
   ``cfg.paths`` are the training files (none: :func:`builtin_labelled`);
@@ -494,15 +569,17 @@ def prepare_labelled(cfg: DataConfig, workdir: str, tokenizer: Tokenizer | None 
     DataError: as :func:`read_labelled`, or an empty validation split.
   """
   if cfg.paths:
-    texts, labels, names, skipped = read_labelled(cfg.paths, cfg.text_field, cfg.label_field,
-                                                  cfg.bad_rows)
+    texts, labels, names, skipped = read_labelled(
+      cfg.paths, cfg.text_field, cfg.label_field, cfg.bad_rows
+    )
     source = ", ".join(cfg.paths)
   else:
     texts, labels, names = builtin_labelled("train")
     skipped, source = 0, "the built-in sentiment set"
   if cfg.val_paths:
     val_texts, val_labels, _, val_skipped = read_labelled(
-        cfg.val_paths, cfg.text_field, cfg.label_field, cfg.bad_rows, labels=names)
+      cfg.val_paths, cfg.text_field, cfg.label_field, cfg.bad_rows, labels=names
+    )
     skipped += val_skipped
   elif not cfg.paths:
     val_texts, val_labels, _ = builtin_labelled("dev")
@@ -512,8 +589,10 @@ def prepare_labelled(cfg: DataConfig, workdir: str, tokenizer: Tokenizer | None 
     val_labels = labels[held]
     texts, labels = [t for t, h in zip(texts, held) if not h], labels[~held]
   if not val_texts:
-    raise DataError(f"no validation examples: set data.val_paths or data.val_fraction > 0 "
-                    f"(data.val_fraction={cfg.val_fraction})")
+    raise DataError(
+      f"no validation examples: set data.val_paths or data.val_fraction > 0 "
+      f"(data.val_fraction={cfg.val_fraction})"
+    )
   if tokenizer is None:
     tokenizer = _run_tokenizer(cfg, workdir, list(texts))
   if write:

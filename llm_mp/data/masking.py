@@ -20,8 +20,9 @@ import jax
 import jax.numpy as jnp
 
 
-def maskable_tokens(inputs: jax.Array, segment_ids: jax.Array | None,
-                    special_ids: Sequence[int]) -> jax.Array:
+def maskable_tokens(
+  inputs: jax.Array, segment_ids: jax.Array | None, special_ids: Sequence[int]
+) -> jax.Array:
   """bool ``[B, T]``: real tokens (``segment_ids > 0``) that are not special.
 
   Args:
@@ -33,9 +34,18 @@ def maskable_tokens(inputs: jax.Array, segment_ids: jax.Array | None,
   return ok if segment_ids is None else ok & (segment_ids > 0)
 
 
-def mlm_mask(rng: jax.Array, inputs: jax.Array, maskable: jax.Array, *, probability: float,
-             mask_id: int, vocab_size: int, low: int = 0, mask_fraction: float = 0.8,
-             random_fraction: float = 0.1) -> tuple[jax.Array, jax.Array]:
+def mlm_mask(
+  rng: jax.Array,
+  inputs: jax.Array,
+  maskable: jax.Array,
+  *,
+  probability: float,
+  mask_id: int,
+  vocab_size: int,
+  low: int = 0,
+  mask_fraction: float = 0.8,
+  random_fraction: float = 0.1,
+) -> tuple[jax.Array, jax.Array]:
   """Masked-LM inputs and targets for one batch (pure ``jnp``; jit-able).
 
   Args:
@@ -65,21 +75,28 @@ def mlm_mask(rng: jax.Array, inputs: jax.Array, maskable: jax.Array, *, probabil
   """
   if isinstance(probability, (int, float)) and not 0.0 < probability < 1.0:
     raise ValueError(f"mlm_mask probability={probability!r} must be in (0, 1)")
-  if not (0.0 <= mask_fraction and 0.0 <= random_fraction
-          and mask_fraction + random_fraction <= 1.0):
-    raise ValueError(f"mlm_mask mask_fraction={mask_fraction!r} and random_fraction="
-                     f"{random_fraction!r} must be >= 0 and sum to <= 1")
+  if not (
+    0.0 <= mask_fraction and 0.0 <= random_fraction and mask_fraction + random_fraction <= 1.0
+  ):
+    raise ValueError(
+      f"mlm_mask mask_fraction={mask_fraction!r} and random_fraction="
+      f"{random_fraction!r} must be >= 0 and sum to <= 1"
+    )
   if not 0 <= low < vocab_size:
-    raise ValueError(f"mlm_mask needs 0 <= low < vocab_size, got low={low}, "
-                     f"vocab_size={vocab_size}")
+    raise ValueError(
+      f"mlm_mask needs 0 <= low < vocab_size, got low={low}, vocab_size={vocab_size}"
+    )
   inputs = inputs.astype(jnp.int32)
   k_select, k_kind, k_token = jax.random.split(rng, 3)
   selected = jax.random.bernoulli(k_select, probability, inputs.shape) & maskable
   # One uniform draw per position picks its fate: [0, m) mask, [m, m+r) random, else keep.
   u = jax.random.uniform(k_kind, inputs.shape)
   random_tokens = jax.random.randint(k_token, inputs.shape, low, vocab_size, jnp.int32)
-  replaced = jnp.where(u < mask_fraction, jnp.asarray(mask_id, jnp.int32),
-                       jnp.where(u < mask_fraction + random_fraction, random_tokens, inputs))
+  replaced = jnp.where(
+    u < mask_fraction,
+    jnp.asarray(mask_id, jnp.int32),
+    jnp.where(u < mask_fraction + random_fraction, random_tokens, inputs),
+  )
   masked_inputs = jnp.where(selected, replaced, inputs)
   targets = jnp.where(selected, inputs, jnp.int32(-1))
   return masked_inputs, targets

@@ -45,8 +45,10 @@ class PackedRows:
     if seq_len < 1:
       raise ValueError(f"seq_len={seq_len} must be >= 1")
     if split.num_tokens < 2:
-      raise DataError(f"cannot pack {split.num_docs} documents ({split.num_tokens} tokens) "
-                      "into rows; add documents or change data.val_fraction")
+      raise DataError(
+        f"cannot pack {split.num_docs} documents ({split.num_tokens} tokens) "
+        "into rows; add documents or change data.val_fraction"
+      )
     self.split = split
     self.seq_len = seq_len
     self.pad_id = pad_id
@@ -83,9 +85,9 @@ class PackedRows:
     same_doc = doc[:, 1:] == doc[:, :-1]
     doc_first = np.maximum(starts[doc[:, :-1]], first[:, None])  # position 0 of each input
     batch = {
-        "inputs": np.where(has_next, tok[:, :-1], self.pad_id),
-        "targets": np.where(has_next & same_doc, tok[:, 1:], -1),
-        "segment_ids": np.where(has_next, doc[:, :-1] - doc[:, :1] + 1, 0),
-        "positions": np.where(has_next, idx[:, :-1] - doc_first, 0),
+      "inputs": np.where(has_next, tok[:, :-1], self.pad_id),
+      "targets": np.where(has_next & same_doc, tok[:, 1:], -1),
+      "segment_ids": np.where(has_next, doc[:, :-1] - doc[:, :1] + 1, 0),
+      "positions": np.where(has_next, idx[:, :-1] - doc_first, 0),
     }
     return {k: v.astype(np.int32) for k, v in batch.items()}

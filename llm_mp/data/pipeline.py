@@ -78,12 +78,14 @@ class PreparedData:
     """Two lines for a log: the corpus summary, then tokens and cache."""
     kind = "byte" if isinstance(self.tokenizer, ByteTokenizer) else "bpe"
     total = self.train.num_tokens + self.val.num_tokens
-    return (f"{self.summary}\n"
-            f"tokens: train {self.train.num_tokens:,} ({self.train.num_docs} docs), "
-            f"val {self.val.num_tokens:,} ({self.val.num_docs} docs, "
-            f"{100 * self.val.num_tokens / max(total, 1):.1f}% of tokens); "
-            f"tokenizer {kind}, vocab {self.tokenizer.vocab_size}; "
-            f"{'reused' if self.reused else 'wrote'} {self.cache_dir}")
+    return (
+      f"{self.summary}\n"
+      f"tokens: train {self.train.num_tokens:,} ({self.train.num_docs} docs), "
+      f"val {self.val.num_tokens:,} ({self.val.num_docs} docs, "
+      f"{100 * self.val.num_tokens / max(total, 1):.1f}% of tokens); "
+      f"tokenizer {kind}, vocab {self.tokenizer.vocab_size}; "
+      f"{'reused' if self.reused else 'wrote'} {self.cache_dir}"
+    )
 
 
 def _run_tokenizer(cfg: DataConfig, workdir: str, train_docs: list[str]) -> Tokenizer:
@@ -93,13 +95,16 @@ def _run_tokenizer(cfg: DataConfig, workdir: str, train_docs: list[str]) -> Toke
   tokenizer = load_tokenizer(workdir)
   kind = "byte" if isinstance(tokenizer, ByteTokenizer) else "bpe"
   if kind != cfg.tokenizer:
-    raise DataError(f"{os.path.join(workdir, TOKENIZER_FILE)} holds a {kind} tokenizer but "
-                    f"data.tokenizer={cfg.tokenizer!r}; use a new run directory")
+    raise DataError(
+      f"{os.path.join(workdir, TOKENIZER_FILE)} holds a {kind} tokenizer but "
+      f"data.tokenizer={cfg.tokenizer!r}; use a new run directory"
+    )
   return tokenizer
 
 
-def prepare_data(cfg: DataConfig, workdir: str, tokenizer: Tokenizer | None = None,
-                 write: bool = True) -> PreparedData:
+def prepare_data(
+  cfg: DataConfig, workdir: str, tokenizer: Tokenizer | None = None, write: bool = True
+) -> PreparedData:
   """Reads, cleans, splits and tokenises the corpus of ``cfg``, caching under ``workdir``.
 
   Args:
@@ -126,20 +131,30 @@ def prepare_data(cfg: DataConfig, workdir: str, tokenizer: Tokenizer | None = No
     tokenizer = _run_tokenizer(cfg, workdir, train_docs)
   if write:
     tokenizer.save(workdir)
-  shards = build_token_shards(train_docs, val_docs, tokenizer, os.path.join(workdir, "data"),
-                              write=write)
-  return PreparedData(cfg, tokenizer, shards.train, shards.val, summary, shards.directory,
-                      shards.reused, corpus_sha256(docs))
+  shards = build_token_shards(
+    train_docs, val_docs, tokenizer, os.path.join(workdir, "data"), write=write
+  )
+  return PreparedData(
+    cfg,
+    tokenizer,
+    shards.train,
+    shards.val,
+    summary,
+    shards.directory,
+    shards.reused,
+    corpus_sha256(docs),
+  )
 
 
-def _local_slice(batch_size: int, process_index: int | None, process_count: int | None
-                 ) -> slice:
+def _local_slice(batch_size: int, process_index: int | None, process_count: int | None) -> slice:
   """This process's rows of a global batch."""
   index = jax.process_index() if process_index is None else process_index
   count = jax.process_count() if process_count is None else process_count
   if batch_size % count or not 0 <= index < count:
-    raise ValueError(f"batch_size={batch_size} must be divisible by process_count={count}, "
-                     f"and process_index={index} must be in [0, {count})")
+    raise ValueError(
+      f"batch_size={batch_size} must be divisible by process_count={count}, "
+      f"and process_index={index} must be in [0, {count})"
+    )
   local = batch_size // count
   return slice(index * local, (index + 1) * local)
 
@@ -149,16 +164,23 @@ def _rows(prepared: PreparedData, split: TokenSplit, seq_len: int | None) -> Pac
   return PackedRows(split, seq_len, prepared.tokenizer.pad_id)
 
 
-def _batches(rows: PackedRows, index_batches: grain.MapDataset, local: slice
-             ) -> grain.DatasetIterator:
+def _batches(
+  rows: PackedRows, index_batches: grain.MapDataset, local: slice
+) -> grain.DatasetIterator:
   """Maps batches of global row indices to this process's stacked rows."""
   batches = index_batches.map(lambda idx: rows.gather(np.asarray(idx)[local]))
   return iter(batches.to_iter_dataset(_READ_OPTIONS))
 
 
-def make_train_iterator(prepared: PreparedData, batch_size: int, seed: int = 0, *,
-                        seq_len: int | None = None, process_index: int | None = None,
-                        process_count: int | None = None) -> grain.DatasetIterator:
+def make_train_iterator(
+  prepared: PreparedData,
+  batch_size: int,
+  seed: int = 0,
+  *,
+  seq_len: int | None = None,
+  process_index: int | None = None,
+  process_count: int | None = None,
+) -> grain.DatasetIterator:
   """An infinite, shuffled iterator of training batches.
 
   Args:
@@ -179,9 +201,15 @@ def make_train_iterator(prepared: PreparedData, batch_size: int, seed: int = 0, 
   return _batches(rows, order.batch(batch_size, drop_remainder=True), local)
 
 
-def make_eval_iterator(prepared: PreparedData, batch_size: int, max_batches: int | None = None,
-                       *, seq_len: int | None = None, process_index: int | None = None,
-                       process_count: int | None = None) -> grain.DatasetIterator:
+def make_eval_iterator(
+  prepared: PreparedData,
+  batch_size: int,
+  max_batches: int | None = None,
+  *,
+  seq_len: int | None = None,
+  process_index: int | None = None,
+  process_count: int | None = None,
+) -> grain.DatasetIterator:
   """One ordered pass over the validation rows.
 
   Arguments are as for :func:`make_train_iterator`; ``max_batches`` stops

@@ -72,8 +72,7 @@ def token_dtype(vocab_size: int) -> np.dtype:
   return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
 
 
-def split_documents(docs: Sequence[str], val_fraction: float
-                    ) -> tuple[list[str], list[str]]:
+def split_documents(docs: Sequence[str], val_fraction: float) -> tuple[list[str], list[str]]:
   """Splits documents into ``(train, val)`` holding out ``val_fraction`` of the text.
 
   Whole documents where there are enough of them: in order of their SHA-256
@@ -141,8 +140,9 @@ def cache_key(splits: dict[str, Sequence[str]], tokenizer: Tokenizer) -> str:
   return h.hexdigest()
 
 
-def tokenize(docs: Sequence[str], tokenizer: Tokenizer, desc: str = "tokenizing"
-             ) -> tuple[np.ndarray, np.ndarray]:
+def tokenize(
+  docs: Sequence[str], tokenizer: Tokenizer, desc: str = "tokenizing"
+) -> tuple[np.ndarray, np.ndarray]:
   """Encodes documents into one BOS/EOS-delimited stream.
 
   Returns:
@@ -153,25 +153,37 @@ def tokenize(docs: Sequence[str], tokenizer: Tokenizer, desc: str = "tokenizing"
   bos, eos = [tokenizer.bos_id], [tokenizer.eos_id]
   with tqdm.tqdm(total=len(docs), desc=desc, unit="doc", disable=None, leave=False) as bar:
     for i in range(0, len(docs), _CHUNK_DOCS):
-      chunk = tokenizer.encode_batch(docs[i:i + _CHUNK_DOCS])
+      chunk = tokenizer.encode_batch(docs[i : i + _CHUNK_DOCS])
       pieces += [np.asarray(bos + ids + eos, dtype) for ids in chunk]
       lengths += [len(ids) + 2 for ids in chunk]
       bar.update(len(chunk))
   tokens = np.concatenate(pieces) if pieces else np.zeros(0, dtype)
-  starts = np.concatenate([[0], np.cumsum(lengths[:-1])]).astype(np.int64) if lengths \
-      else np.zeros(0, np.int64)
+  starts = (
+    np.concatenate([[0], np.cumsum(lengths[:-1])]).astype(np.int64)
+    if lengths
+    else np.zeros(0, np.int64)
+  )
   return tokens, starts
 
 
 def _load(directory: str, reused: bool) -> TokenShards:
-  splits = {name: TokenSplit(np.load(os.path.join(directory, f"{name}.tokens.npy"), mmap_mode="r"),
-                             np.load(os.path.join(directory, f"{name}.starts.npy")))
-            for name in SPLITS}
+  splits = {
+    name: TokenSplit(
+      np.load(os.path.join(directory, f"{name}.tokens.npy"), mmap_mode="r"),
+      np.load(os.path.join(directory, f"{name}.starts.npy")),
+    )
+    for name in SPLITS
+  }
   return TokenShards(splits["train"], splits["val"], directory, reused)
 
 
-def build_token_shards(train_docs: Sequence[str], val_docs: Sequence[str],
-                       tokenizer: Tokenizer, cache_dir: str, write: bool = True) -> TokenShards:
+def build_token_shards(
+  train_docs: Sequence[str],
+  val_docs: Sequence[str],
+  tokenizer: Tokenizer,
+  cache_dir: str,
+  write: bool = True,
+) -> TokenShards:
   """Tokenises both splits into ``cache_dir/<key>/``, or reuses what is there.
 
   Args:
@@ -195,17 +207,20 @@ def build_token_shards(train_docs: Sequence[str], val_docs: Sequence[str],
       if json.load(f).get("key") == key:
         return _load(directory, reused=True)
   if not write:
-    splits = {name: TokenSplit(*tokenize(docs, tokenizer, desc=f"tokenizing {name}"))
-              for name, docs in splits.items()}
+    splits = {
+      name: TokenSplit(*tokenize(docs, tokenizer, desc=f"tokenizing {name}"))
+      for name, docs in splits.items()
+    }
     return TokenShards(splits["train"], splits["val"], directory, reused=False)
   meta = {"key": key, "format": FORMAT_VERSION, "vocab_size": tokenizer.vocab_size}
   for name, docs in splits.items():
     tokens, starts = tokenize(docs, tokenizer, desc=f"tokenizing {name}")
     for suffix, array in (("tokens", tokens), ("starts", starts)):
-      write_atomic(os.path.join(directory, f"{name}.{suffix}.npy"),
-                   lambda f, a=array: np.save(f, a, allow_pickle=False))
+      write_atomic(
+        os.path.join(directory, f"{name}.{suffix}.npy"),
+        lambda f, a=array: np.save(f, a, allow_pickle=False),
+      )
     meta[name] = {"documents": len(starts), "tokens": len(tokens), "dtype": str(tokens.dtype)}
   text = json.dumps(meta, indent=2)
   write_atomic(meta_path, lambda f: f.write(text.encode("utf-8")))
   return _load(directory, reused=False)
-

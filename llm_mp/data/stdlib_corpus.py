@@ -25,20 +25,113 @@ import sysconfig
 # Top-level modules and package directories, relative to the stdlib directory.
 # Chosen for long English docstrings; none of them is split off by Linux
 # distributions (unlike tkinter, idlelib, distutils, lib2to3, venv, ensurepip).
-MODULES = tuple(sorted(f"{m}.py" for m in (
-    "argparse", "ast", "base64", "bdb", "bisect", "calendar", "cmd", "code", "codecs",
-    "configparser", "contextlib", "copy", "csv", "dataclasses", "datetime", "difflib", "dis",
-    "doctest", "enum", "filecmp", "fileinput", "fnmatch", "fractions", "ftplib", "functools",
-    "getopt", "gettext", "glob", "graphlib", "gzip", "heapq", "hmac", "imaplib", "inspect",
-    "ipaddress", "locale", "mailbox", "mimetypes", "netrc", "numbers", "operator", "optparse",
-    "os", "pathlib", "pdb", "pickle", "pickletools", "pkgutil", "platform", "plistlib",
-    "poplib", "pprint", "profile", "pstats", "pydoc", "queue", "random", "reprlib", "sched",
-    "secrets", "selectors", "shelve", "shlex", "shutil", "smtplib", "socket", "socketserver",
-    "statistics", "string", "subprocess", "tarfile", "tempfile", "textwrap", "threading",
-    "timeit", "tokenize", "trace", "traceback", "tracemalloc", "types", "typing", "uuid",
-    "warnings", "weakref", "zipfile")))
-PACKAGES = ("asyncio", "collections", "concurrent", "email", "http", "importlib", "json",
-            "logging", "multiprocessing", "unittest", "urllib", "xml", "xmlrpc")
+MODULES = tuple(
+  sorted(
+    f"{m}.py"
+    for m in (
+      "argparse",
+      "ast",
+      "base64",
+      "bdb",
+      "bisect",
+      "calendar",
+      "cmd",
+      "code",
+      "codecs",
+      "configparser",
+      "contextlib",
+      "copy",
+      "csv",
+      "dataclasses",
+      "datetime",
+      "difflib",
+      "dis",
+      "doctest",
+      "enum",
+      "filecmp",
+      "fileinput",
+      "fnmatch",
+      "fractions",
+      "ftplib",
+      "functools",
+      "getopt",
+      "gettext",
+      "glob",
+      "graphlib",
+      "gzip",
+      "heapq",
+      "hmac",
+      "imaplib",
+      "inspect",
+      "ipaddress",
+      "locale",
+      "mailbox",
+      "mimetypes",
+      "netrc",
+      "numbers",
+      "operator",
+      "optparse",
+      "os",
+      "pathlib",
+      "pdb",
+      "pickle",
+      "pickletools",
+      "pkgutil",
+      "platform",
+      "plistlib",
+      "poplib",
+      "pprint",
+      "profile",
+      "pstats",
+      "pydoc",
+      "queue",
+      "random",
+      "reprlib",
+      "sched",
+      "secrets",
+      "selectors",
+      "shelve",
+      "shlex",
+      "shutil",
+      "smtplib",
+      "socket",
+      "socketserver",
+      "statistics",
+      "string",
+      "subprocess",
+      "tarfile",
+      "tempfile",
+      "textwrap",
+      "threading",
+      "timeit",
+      "tokenize",
+      "trace",
+      "traceback",
+      "tracemalloc",
+      "types",
+      "typing",
+      "uuid",
+      "warnings",
+      "weakref",
+      "zipfile",
+    )
+  )
+)
+PACKAGES = (
+  "asyncio",
+  "collections",
+  "concurrent",
+  "email",
+  "http",
+  "importlib",
+  "json",
+  "logging",
+  "multiprocessing",
+  "unittest",
+  "urllib",
+  "xml",
+  "xmlrpc",
+)
 TOPICS = "pydoc_data/topics.py"
 _SKIP_DIRS = ("test", "tests", "__pycache__")
 
@@ -48,8 +141,7 @@ def _package_files(stdlib: str, package: str) -> list[str]:
   found = []
   for root, dirs, names in os.walk(os.path.join(stdlib, package)):
     dirs[:] = [d for d in dirs if d not in _SKIP_DIRS]
-    found += [os.path.relpath(os.path.join(root, n), stdlib) for n in names
-              if n.endswith(".py")]
+    found += [os.path.relpath(os.path.join(root, n), stdlib) for n in names if n.endswith(".py")]
   return sorted(p.replace(os.sep, "/") for p in found)
 
 

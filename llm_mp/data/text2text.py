@@ -86,9 +86,9 @@ SPLITS = ("train", "validation", "test")
 FIELDS = ("inputs", "segment_ids", "decoder_inputs", "decoder_segment_ids", "targets")
 # Sizes of the fixed splits, pinned by tests/test_text2text.py.
 SPLIT_SIZES = {
-    "translate": {"train": 29_000, "validation": 1_014, "test": 1_000},
-    "summarize": {"train": 1_765, "validation": 244, "test": 216},
-    "qa": {"train": 8_391, "validation": 601, "test": 1_578},
+  "translate": {"train": 29_000, "validation": 1_014, "test": 1_000},
+  "summarize": {"train": 1_765, "validation": 244, "test": 216},
+  "qa": {"train": 8_391, "validation": 601, "test": 1_578},
 }
 QA_SPLIT_ARTICLES = {"test": 10, "validation": 4}  # the rest (34 of 48) is train
 TARGET_TOKENIZER_DIR = "target"  # a separate target tokenizer lives in <dir>/target/
@@ -133,8 +133,9 @@ def _lines(text: str) -> list[str]:
   return [line.removesuffix("\r") for line in lines]
 
 
-def read_parallel(source_path: str, target_path: str, bad_rows: str = "error"
-                  ) -> tuple[TaskSplit, int]:
+def read_parallel(
+  source_path: str, target_path: str, bad_rows: str = "error"
+) -> tuple[TaskSplit, int]:
   """Reads two aligned files: line ``i`` of ``source_path`` translates to line ``i`` of the other.
 
   Args:
@@ -155,8 +156,10 @@ def read_parallel(source_path: str, target_path: str, bad_rows: str = "error"
   src = _lines(_read(source_path, "parallel source"))
   tgt = _lines(_read(target_path, "parallel target"))
   if len(src) != len(tgt):
-    raise DataError(f"misaligned parallel files: {source_path} has {len(src)} lines but "
-                    f"{target_path} has {len(tgt)}")
+    raise DataError(
+      f"misaligned parallel files: {source_path} has {len(src)} lines but "
+      f"{target_path} has {len(tgt)}"
+    )
   inputs, targets, skipped = [], [], 0
   for lineno, (s, t) in enumerate(zip(src, tgt), 1):
     s, t = clean_text(s)[0], clean_text(t)[0]
@@ -169,8 +172,7 @@ def read_parallel(source_path: str, target_path: str, bad_rows: str = "error"
     inputs.append(s)
     targets.append(t)
   if not inputs:
-    raise DataError(f"no examples in {source_path} / {target_path} ({skipped} bad pair(s) "
-                    "skipped)")
+    raise DataError(f"no examples in {source_path} / {target_path} ({skipped} bad pair(s) skipped)")
   return TaskSplit(inputs, targets, [[t] for t in targets]), skipped
 
 
@@ -195,9 +197,12 @@ def _references(record: dict, field: str) -> list[str]:
   return [_field_text(record, field)]
 
 
-def read_text2text_jsonl(paths: str | Sequence[str], input_field: str = "input",
-                         target_field: str = "target", bad_rows: str = "error"
-                         ) -> tuple[TaskSplit, int]:
+def read_text2text_jsonl(
+  paths: str | Sequence[str],
+  input_field: str = "input",
+  target_field: str = "target",
+  bad_rows: str = "error",
+) -> tuple[TaskSplit, int]:
   """Reads ``.jsonl`` files of ``{input_field: str, target_field: str | [str, ...]}`` objects.
 
   Args:
@@ -231,15 +236,15 @@ def read_text2text_jsonl(paths: str | Sequence[str], input_field: str = "input",
         example = _field_text(record, input_field), _references(record, target_field)
       except _BadRow as e:
         if bad_rows == "error":
-          raise DataError(f"{path}:{lineno}: {e} (data.bad_rows='skip' skips such rows)"
-                          ) from None
+          raise DataError(f"{path}:{lineno}: {e} (data.bad_rows='skip' skips such rows)") from None
         skipped += 1
         continue
       inputs.append(example[0])
       refs.append(example[1])
   if not inputs:
-    raise DataError(f"no examples in {', '.join(paths) or 'no files'} ({skipped} bad row(s) "
-                    "skipped)")
+    raise DataError(
+      f"no examples in {', '.join(paths) or 'no files'} ({skipped} bad row(s) skipped)"
+    )
   return TaskSplit(inputs, [r[0] for r in refs], refs), skipped
 
 
@@ -273,7 +278,7 @@ def fix_summary_spacing(summary: str, article: str) -> str:
   for k in range(1, len(summary)):
     if summary[k - 1] not in ".!?\"'" or summary[k].isspace():
       continue
-    left, right = summary[max(0, k - _JOIN_WINDOW):k], summary[k:k + _JOIN_WINDOW]
+    left, right = summary[max(0, k - _JOIN_WINDOW) : k], summary[k : k + _JOIN_WINDOW]
     if left + " " in text and " " + right in text and left + right not in text:
       out += [summary[last:k], " "]
       last = k
@@ -298,8 +303,10 @@ def _summarize(root: str, split: str) -> TaskSplit:
       record = json.loads(line)
       article, summary = record["article"], record["summary"]
     except (json.JSONDecodeError, TypeError, KeyError) as e:
-      raise DataError(f"{path}:{lineno}: expected an object with 'article' and 'summary' "
-                      f"({type(e).__name__}: {e})") from None
+      raise DataError(
+        f"{path}:{lineno}: expected an object with 'article' and 'summary' "
+        f"({type(e).__name__}: {e})"
+      ) from None
     bucket = _bucket(article, 10)
     if bucket == wanted or (wanted is None and bucket > 1):
       inputs.append(clean_text(article)[0])
@@ -320,8 +327,11 @@ def _qa(root: str, split: str) -> TaskSplit:
     raise DataError(f"{path}: not a SQuAD v1.1 file ({type(e).__name__}: {e})") from None
   ranked = sorted(articles, key=lambda a: hashlib.sha256(a["title"].encode("utf-8")).digest())
   n_test, n_val = QA_SPLIT_ARTICLES["test"], QA_SPLIT_ARTICLES["validation"]
-  chosen = {"test": ranked[:n_test], "validation": ranked[n_test:n_test + n_val],
-            "train": ranked[n_test + n_val:]}[split]
+  chosen = {
+    "test": ranked[:n_test],
+    "validation": ranked[n_test : n_test + n_val],
+    "train": ranked[n_test + n_val :],
+  }[split]
   titles = {a["title"] for a in chosen}
   inputs, refs = [], []
   for article in articles:  # file order within a split
@@ -335,8 +345,9 @@ def _qa(root: str, split: str) -> TaskSplit:
   return TaskSplit(inputs, [r[0] for r in refs], refs)
 
 
-def load_task_data(task: str, split: str, root: str = DEFAULT_ROOT, *,
-                   direction: str = "de-en") -> TaskSplit:
+def load_task_data(
+  task: str, split: str, root: str = DEFAULT_ROOT, *, direction: str = "de-en"
+) -> TaskSplit:
   """One fixed split of a text-to-text task (see the module docstring for the splits).
 
   Args:
@@ -364,9 +375,13 @@ def load_task_data(task: str, split: str, root: str = DEFAULT_ROOT, *,
 # ---------------------------------------------------------------- tokenizers
 
 
-def build_text2text_tokenizers(sources: Sequence[str], targets: Sequence[str],
-                               kind: str = "bpe", vocab_size: int = 8000, shared: bool = True
-                               ) -> tuple[Tokenizer, Tokenizer]:
+def build_text2text_tokenizers(
+  sources: Sequence[str],
+  targets: Sequence[str],
+  kind: str = "bpe",
+  vocab_size: int = 8000,
+  shared: bool = True,
+) -> tuple[Tokenizer, Tokenizer]:
   """``(source_tokenizer, target_tokenizer)`` for a text-to-text run.
 
   Args:
@@ -386,8 +401,9 @@ def build_text2text_tokenizers(sources: Sequence[str], targets: Sequence[str],
   if shared:
     tok = BpeTokenizer.train(list(sources) + list(targets), vocab_size)
     return tok, tok
-  return BpeTokenizer.train(list(sources), vocab_size), BpeTokenizer.train(list(targets),
-                                                                           vocab_size)
+  return BpeTokenizer.train(list(sources), vocab_size), BpeTokenizer.train(
+    list(targets), vocab_size
+  )
 
 
 def save_text2text_tokenizers(directory: str, source: Tokenizer, target: Tokenizer) -> None:
@@ -419,13 +435,24 @@ class Text2TextRows:
   ``target_pad_id``, ``truncated_sources``, ``truncated_targets``.
   """
 
-  def __init__(self, arrays: Mapping[str, np.ndarray], source_pad_id: int, target_pad_id: int,
-               truncated_sources: int = 0, truncated_targets: int = 0):
+  def __init__(
+    self,
+    arrays: Mapping[str, np.ndarray],
+    source_pad_id: int,
+    target_pad_id: int,
+    truncated_sources: int = 0,
+    truncated_targets: int = 0,
+  ):
     self._arrays = {k: np.asarray(arrays[k], np.int32) for k in FIELDS}
     n, s = self._arrays["inputs"].shape
     t = self._arrays["targets"].shape[1]
-    expected = {"inputs": (n, s), "segment_ids": (n, s), "decoder_inputs": (n, t),
-                "decoder_segment_ids": (n, t), "targets": (n, t)}
+    expected = {
+      "inputs": (n, s),
+      "segment_ids": (n, s),
+      "decoder_inputs": (n, t),
+      "decoder_segment_ids": (n, t),
+      "targets": (n, t),
+    }
     if n < 1 or any(self._arrays[k].shape != shape for k, shape in expected.items()):
       shapes = {k: v.shape for k, v in self._arrays.items()}
       raise ValueError(f"inconsistent text-to-text arrays: {shapes}")
@@ -468,13 +495,19 @@ class Text2TextRows:
     rows = np.asarray(rows, np.int64)
     valid = ((rows >= 0) & (rows < len(self)))[:, None]
     idx = np.where(valid[:, 0], rows, 0)
-    fill = {"inputs": self.source_pad_id, "segment_ids": 0,
-            "decoder_inputs": self.target_pad_id, "decoder_segment_ids": 0, "targets": -1}
+    fill = {
+      "inputs": self.source_pad_id,
+      "segment_ids": 0,
+      "decoder_inputs": self.target_pad_id,
+      "decoder_segment_ids": 0,
+      "targets": -1,
+    }
     return {k: np.where(valid, v[idx], fill[k]).astype(np.int32) for k, v in self._arrays.items()}
 
 
-def _pad_rows(ids: list[list[int]], length: int, eos_id: int, pad_id: int
-              ) -> tuple[np.ndarray, np.ndarray, int]:
+def _pad_rows(
+  ids: list[list[int]], length: int, eos_id: int, pad_id: int
+) -> tuple[np.ndarray, np.ndarray, int]:
   """``(tokens + [EOS])[:length]`` padded: ``(int32[N, length] ids, int64[N] lengths, n_cut)``."""
   out = np.full((len(ids), length), pad_id, np.int32)
   lengths = np.empty(len(ids), np.int64)
@@ -483,14 +516,19 @@ def _pad_rows(ids: list[list[int]], length: int, eos_id: int, pad_id: int
     row = [*tokens, eos_id]
     cut += len(row) > length
     row = row[:length]
-    out[i, :len(row)] = row
+    out[i, : len(row)] = row
     lengths[i] = len(row)
   return out, lengths, cut
 
 
-def encode_text2text(sources: Sequence[str], targets: Sequence[str], source_tokenizer: Tokenizer,
-                     target_tokenizer: Tokenizer, source_len: int, target_len: int
-                     ) -> Text2TextRows:
+def encode_text2text(
+  sources: Sequence[str],
+  targets: Sequence[str],
+  source_tokenizer: Tokenizer,
+  target_tokenizer: Tokenizer,
+  source_len: int,
+  target_len: int,
+) -> Text2TextRows:
   """Tokenises pairs into teacher-forcing rows.
 
   A source row is ``tokens + [EOS]`` cut to ``S = source_len``; the target row
@@ -518,24 +556,39 @@ def encode_text2text(sources: Sequence[str], targets: Sequence[str], source_toke
     raise ValueError(f"{len(sources)} sources but {len(targets)} targets")
   if not len(sources):
     raise DataError("no text-to-text examples to encode")
-  src, src_lengths, src_cut = _pad_rows(source_tokenizer.encode_batch(list(sources)), source_len,
-                                        source_tokenizer.eos_id, source_tokenizer.pad_id)
+  src, src_lengths, src_cut = _pad_rows(
+    source_tokenizer.encode_batch(list(sources)),
+    source_len,
+    source_tokenizer.eos_id,
+    source_tokenizer.pad_id,
+  )
   tgt_pad = target_tokenizer.pad_id
-  tgt, tgt_lengths, tgt_cut = _pad_rows(target_tokenizer.encode_batch(list(targets)), target_len,
-                                        target_tokenizer.eos_id, tgt_pad)
+  tgt, tgt_lengths, tgt_cut = _pad_rows(
+    target_tokenizer.encode_batch(list(targets)), target_len, target_tokenizer.eos_id, tgt_pad
+  )
   src_real = np.arange(source_len) < src_lengths[:, None]  # (N, S)
   tgt_real = np.arange(target_len) < tgt_lengths[:, None]  # (N, T)
-  shifted = np.concatenate([np.full((len(tgt), 1), target_tokenizer.bos_id, np.int32),
-                            tgt[:, :-1]], axis=1)  # (N, T)
-  arrays = {"inputs": src, "segment_ids": src_real,
-            "decoder_inputs": np.where(tgt_real, shifted, tgt_pad),
-            "decoder_segment_ids": tgt_real, "targets": np.where(tgt_real, tgt, -1)}
+  shifted = np.concatenate(
+    [np.full((len(tgt), 1), target_tokenizer.bos_id, np.int32), tgt[:, :-1]], axis=1
+  )  # (N, T)
+  arrays = {
+    "inputs": src,
+    "segment_ids": src_real,
+    "decoder_inputs": np.where(tgt_real, shifted, tgt_pad),
+    "decoder_segment_ids": tgt_real,
+    "targets": np.where(tgt_real, tgt, -1),
+  }
   return Text2TextRows(arrays, source_tokenizer.pad_id, tgt_pad, src_cut, tgt_cut)
 
 
-def make_text2text_train_iterator(data: Text2TextRows, batch_size: int, seed: int = 0, *,
-                                  process_index: int | None = None,
-                                  process_count: int | None = None) -> grain.DatasetIterator:
+def make_text2text_train_iterator(
+  data: Text2TextRows,
+  batch_size: int,
+  seed: int = 0,
+  *,
+  process_index: int | None = None,
+  process_count: int | None = None,
+) -> grain.DatasetIterator:
   """An infinite iterator of training batches, shuffled differently in each epoch.
 
   Args:
@@ -554,10 +607,14 @@ def make_text2text_train_iterator(data: Text2TextRows, batch_size: int, seed: in
   return _batches(data, order.batch(batch_size, drop_remainder=True), local)
 
 
-def make_text2text_eval_iterator(data: Text2TextRows, batch_size: int,
-                                 max_batches: int | None = None, *,
-                                 process_index: int | None = None,
-                                 process_count: int | None = None) -> grain.DatasetIterator:
+def make_text2text_eval_iterator(
+  data: Text2TextRows,
+  batch_size: int,
+  max_batches: int | None = None,
+  *,
+  process_index: int | None = None,
+  process_count: int | None = None,
+) -> grain.DatasetIterator:
   """One ordered pass over ``data``; the last batch is filled with padding rows.
 
   Global batch ``b`` holds examples ``b * batch_size ...`` in order, so
@@ -598,9 +655,11 @@ class PreparedText2Text:
   sha256: str = ""
 
   def __str__(self) -> str:
-    return (f"text-to-text data: {self.source}; train {len(self.train):,} / val "
-            f"{len(self.val):,} pairs, {self.skipped} bad row(s) skipped, "
-            f"vocab {self.tokenizer.vocab_size}")
+    return (
+      f"text-to-text data: {self.source}; train {len(self.train):,} / val "
+      f"{len(self.val):,} pairs, {self.skipped} bad row(s) skipped, "
+      f"vocab {self.tokenizer.vocab_size}"
+    )
 
 
 def read_pairs(paths: Sequence[str], bad_rows: str = "error") -> tuple[TaskSplit, int]:
@@ -615,12 +674,15 @@ def read_pairs(paths: Sequence[str], bad_rows: str = "error") -> tuple[TaskSplit
     return read_text2text_jsonl(paths, bad_rows=bad_rows)
   if len(paths) == 2 and not any(p.endswith(".jsonl") for p in paths):
     return read_parallel(paths[0], paths[1], bad_rows=bad_rows)
-  raise DataError(f"text-to-text data {list(paths)}: give .jsonl files with input/target "
-                  "fields, or two aligned text files (source, target)")
+  raise DataError(
+    f"text-to-text data {list(paths)}: give .jsonl files with input/target "
+    "fields, or two aligned text files (source, target)"
+  )
 
 
-def prepare_text2text(cfg: Any, workdir: str, tokenizer: Tokenizer | None = None,
-                      write: bool = True) -> PreparedText2Text:
+def prepare_text2text(
+  cfg: Any, workdir: str, tokenizer: Tokenizer | None = None, write: bool = True
+) -> PreparedText2Text:
   """Reads, tokenises and splits the text-to-text data of ``cfg`` (a DataConfig).
 
   ``cfg.paths``: the training pairs (:func:`read_pairs`); ``cfg.val_paths``
@@ -633,8 +695,10 @@ def prepare_text2text(cfg: Any, workdir: str, tokenizer: Tokenizer | None = None
     DataError: no data, unreadable data, or an empty validation split.
   """
   if not cfg.paths:
-    raise DataError("train.task='seq2seq' needs data: --data train.jsonl (input/target fields) "
-                    "or two aligned files, and data.val_paths likewise")
+    raise DataError(
+      "train.task='seq2seq' needs data: --data train.jsonl (input/target fields) "
+      "or two aligned files, and data.val_paths likewise"
+    )
   split, skipped = read_pairs(cfg.paths, cfg.bad_rows)
   if cfg.val_paths:
     val, val_skipped = read_pairs(cfg.val_paths, cfg.bad_rows)
@@ -643,28 +707,35 @@ def prepare_text2text(cfg: Any, workdir: str, tokenizer: Tokenizer | None = None
     step = max(int(round(1 / cfg.val_fraction)), 2) if cfg.val_fraction > 0 else 0
     held = [step and i % step == step - 1 for i in range(len(split.inputs))]
     pick = lambda xs, keep: [x for x, h in zip(xs, held) if h == keep]
-    val = TaskSplit(pick(split.inputs, True), pick(split.targets, True),
-                    pick(split.references, True))
-    split = TaskSplit(pick(split.inputs, False), pick(split.targets, False),
-                      pick(split.references, False))
+    val = TaskSplit(
+      pick(split.inputs, True), pick(split.targets, True), pick(split.references, True)
+    )
+    split = TaskSplit(
+      pick(split.inputs, False), pick(split.targets, False), pick(split.references, False)
+    )
   if not val.inputs:
-    raise DataError(f"no validation pairs: set data.val_paths or data.val_fraction > 0 "
-                    f"(data.val_fraction={cfg.val_fraction})")
+    raise DataError(
+      f"no validation pairs: set data.val_paths or data.val_fraction > 0 "
+      f"(data.val_fraction={cfg.val_fraction})"
+    )
   if tokenizer is None:
     if os.path.isfile(os.path.join(workdir, TOKENIZER_FILE)):
       tokenizer = load_tokenizer(workdir)
     else:
-      tokenizer, _ = build_text2text_tokenizers(split.inputs, split.targets, kind=cfg.tokenizer,
-                                                vocab_size=cfg.bpe_vocab_size, shared=True)
+      tokenizer, _ = build_text2text_tokenizers(
+        split.inputs, split.targets, kind=cfg.tokenizer, vocab_size=cfg.bpe_vocab_size, shared=True
+      )
   if write:
     tokenizer.save(workdir)
-  encode = lambda s: encode_text2text(s.inputs, s.targets, tokenizer, tokenizer, cfg.seq_len,
-                                      cfg.seq_len)
+  encode = lambda s: encode_text2text(
+    s.inputs, s.targets, tokenizer, tokenizer, cfg.seq_len, cfg.seq_len
+  )
   h = hashlib.sha256()
   for s in (split, val):
     for x, y in zip(s.inputs, s.targets):
       h.update(f"{x}\t{y}\n".encode())
     h.update(b"\0")
   source = ", ".join(cfg.paths)
-  return PreparedText2Text(tokenizer, encode(split), encode(val), val, source, skipped,
-                           h.hexdigest())
+  return PreparedText2Text(
+    tokenizer, encode(split), encode(val), val, source, skipped, h.hexdigest()
+  )

@@ -84,8 +84,15 @@ class ByteTokenizer:
     return bytes(int(i) for i in ids if 0 <= i < BYTE_ALPHABET).decode("utf-8", errors="replace")
 
   def to_json(self) -> str:
-    return json.dumps({"type": "byte", "vocab_size": self.vocab_size, "pad_id": self.pad_id,
-                       "bos_id": self.bos_id, "eos_id": self.eos_id})
+    return json.dumps(
+      {
+        "type": "byte",
+        "vocab_size": self.vocab_size,
+        "pad_id": self.pad_id,
+        "bos_id": self.bos_id,
+        "eos_id": self.eos_id,
+      }
+    )
 
   def save(self, directory: str) -> str:
     return _save_json(directory, self.to_json())
@@ -123,15 +130,18 @@ class BpeTokenizer:
     """
     floor = BYTE_ALPHABET + len(SPECIAL_TOKENS)
     if vocab_size < floor:
-      raise DataError(f"data.bpe_vocab_size={vocab_size} must be >= {floor} "
-                      "(256 byte symbols + 3 specials)")
+      raise DataError(
+        f"data.bpe_vocab_size={vocab_size} must be >= {floor} (256 byte symbols + 3 specials)"
+      )
     hf = HFTokenizer(models.BPE())
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     hf.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=sys.stderr.isatty())
+      vocab_size=vocab_size,
+      special_tokens=list(SPECIAL_TOKENS),
+      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+      show_progress=sys.stderr.isatty(),
+    )
     hf.train_from_iterator(docs, trainer, length=len(docs))
     return cls(hf)
 
@@ -158,8 +168,9 @@ class BpeTokenizer:
   def save(self, directory: str) -> str:
     if self.specials is not None:
       config = json.dumps(self.tokenizer_config(), indent=2)
-      write_atomic(os.path.join(directory, TOKENIZER_CONFIG_FILE),
-                   lambda f: f.write(config.encode("utf-8")))
+      write_atomic(
+        os.path.join(directory, TOKENIZER_CONFIG_FILE), lambda f: f.write(config.encode("utf-8"))
+      )
     return _save_json(directory, self.hf.to_str())
 
 

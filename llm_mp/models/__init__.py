@@ -66,21 +66,22 @@ def _encoder(config: ModelConfig, precision: Precision, head: str, decode: bool)
   return TransformerEncoder(config, precision, head=head)
 
 
-def _encoder_decoder(config: ModelConfig, precision: Precision, head: str,
-                     decode: bool) -> nn.Module:
+def _encoder_decoder(
+  config: ModelConfig, precision: Precision, head: str, decode: bool
+) -> nn.Module:
   return EncoderDecoder(config, precision, decode=decode)
 
 
 FAMILIES: dict[str, Family] = {
-    "decoder": Family(_decoder, heads=("lm",), example_inputs=_tokens),
-    "encoder": Family(_encoder, heads=("lm", "classify", "hidden"), example_inputs=_tokens),
-    "encoder_decoder": Family(_encoder_decoder, heads=("lm",),
-                              example_inputs=_source_and_target),
+  "decoder": Family(_decoder, heads=("lm",), example_inputs=_tokens),
+  "encoder": Family(_encoder, heads=("lm", "classify", "hidden"), example_inputs=_tokens),
+  "encoder_decoder": Family(_encoder_decoder, heads=("lm",), example_inputs=_source_and_target),
 }
 
 
-def build_model(config: ModelConfig, precision: Precision, head: str = "lm",
-                decode: bool = False) -> nn.Module:
+def build_model(
+  config: ModelConfig, precision: Precision, head: str = "lm", decode: bool = False
+) -> nn.Module:
   """The model of ``config.family`` with ``head`` ("lm" or "classify").
 
   Raises:
@@ -88,15 +89,33 @@ def build_model(config: ModelConfig, precision: Precision, head: str = "lm",
   """
   family = FAMILIES[config.family]
   if head not in family.heads:
-    raise ValueError(f"model.family={config.family!r} has no {head!r} head; "
-                     f"it has {list(family.heads)}")
+    raise ValueError(
+      f"model.family={config.family!r} has no {head!r} head; it has {list(family.heads)}"
+    )
   return family.build(config, precision, head, decode)
 
 
 __all__ = [
-    "Attention", "Block", "Dense", "Embed", "EncoderDecoder", "FAMILIES", "Family", "HEAD_PARAMS",
-    "LearnedPositions", "MLP", "MoE", "Norm", "RelativePositionBias", "Stack",
-    "TransformerEncoder", "TransformerLM",
-    "apply_rope", "build_model", "dot_product_attention", "pool", "relative_position_bucket",
-    "segment_mask",
+  "Attention",
+  "Block",
+  "Dense",
+  "Embed",
+  "EncoderDecoder",
+  "FAMILIES",
+  "Family",
+  "HEAD_PARAMS",
+  "LearnedPositions",
+  "MLP",
+  "MoE",
+  "Norm",
+  "RelativePositionBias",
+  "Stack",
+  "TransformerEncoder",
+  "TransformerLM",
+  "apply_rope",
+  "build_model",
+  "dot_product_attention",
+  "pool",
+  "relative_position_bucket",
+  "segment_mask",
 ]

@@ -25,8 +25,9 @@ def segment_mask(q_segments: jax.Array, kv_segments: jax.Array) -> jax.Array:
   return (same & (kv_segments[:, None, :] > 0))[:, None]
 
 
-def relative_position_bucket(relative: jax.Array, bidirectional: bool, num_buckets: int,
-                             max_distance: int) -> jax.Array:
+def relative_position_bucket(
+  relative: jax.Array, bidirectional: bool, num_buckets: int, max_distance: int
+) -> jax.Array:
   """T5's bucket of each ``relative = key_position - query_position`` (int array, any shape).
 
   Bidirectional: half the buckets for keys at or before the query, half for
@@ -45,8 +46,11 @@ def relative_position_bucket(relative: jax.Array, bidirectional: bool, num_bucke
     n = jnp.maximum(n, 0)
   max_exact = num_buckets // 2
   # fp32 as in T5 (eps keeps log(0) out of the branch that `where` discards).
-  scaled = (jnp.log(n.astype(jnp.float32) / max_exact + jnp.finfo(jnp.float32).eps)
-            / math.log(max_distance / max_exact) * (num_buckets - max_exact))
+  scaled = (
+    jnp.log(n.astype(jnp.float32) / max_exact + jnp.finfo(jnp.float32).eps)
+    / math.log(max_distance / max_exact)
+    * (num_buckets - max_exact)
+  )
   large = jnp.minimum(max_exact + scaled.astype(jnp.int32), num_buckets - 1)
   return ret + jnp.where(n < max_exact, n, large)
 
@@ -67,18 +71,30 @@ class RelativePositionBias(nn.Module):
   @nn.compact
   def __call__(self, q_positions: jax.Array, k_positions: jax.Array) -> jax.Array:
     c = self.config
-    table = self.param("embedding", normal_init(c.init_std, (None, "heads")),
-                       (c.relative_buckets, c.n_heads), module_policy(self).param_dtype)
-    buckets = relative_position_bucket(k_positions[:, None, :] - q_positions[:, :, None],
-                                       self.bidirectional, c.relative_buckets,
-                                       c.relative_max_distance)  # (B, T, S)
+    table = self.param(
+      "embedding",
+      normal_init(c.init_std, (None, "heads")),
+      (c.relative_buckets, c.n_heads),
+      module_policy(self).param_dtype,
+    )
+    buckets = relative_position_bucket(
+      k_positions[:, None, :] - q_positions[:, :, None],
+      self.bidirectional,
+      c.relative_buckets,
+      c.relative_max_distance,
+    )  # (B, T, S)
     bias = jnp.take(table.astype(jnp.float32), buckets, axis=0)  # (B, T, S, N)
     return bias.transpose(0, 3, 1, 2)
 
 
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
-                          mask: jax.Array | None = None, causal: bool = False,
-                          bias: jax.Array | None = None) -> jax.Array:
+def dot_product_attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  mask: jax.Array | None = None,
+  causal: bool = False,
+  bias: jax.Array | None = None,
+) -> jax.Array:
   """Softmax attention with grouped-query heads.
 
   Args:
@@ -102,7 +118,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # (B, K, S, H)
   acc = jnp.promote_types(q.dtype, jnp.float32)  # fp32, or fp64 for references
   logits = jnp.einsum("bkqh,bksh->bkqs", q, k, preferred_element_type=acc)
-  logits = logits * (h ** -0.5)  # (B, K, G*T, S)
+  logits = logits * (h**-0.5)  # (B, K, G*T, S)
   if bias is not None:  # head n = k * G + g, as the query reshape above
     bias = bias.astype(acc).reshape(bias.shape[0], kh, g * t, s)
     logits = logits + bias
@@ -141,17 +157,24 @@ class Attention(nn.Module):
   cross: bool = False
 
   @nn.compact
-  def __call__(self, x: jax.Array, context: jax.Array | None = None,
-               mask: jax.Array | None = None, positions: jax.Array | None = None,
-               deterministic: bool = True, bias: jax.Array | None = None) -> jax.Array:
+  def __call__(
+    self,
+    x: jax.Array,
+    context: jax.Array | None = None,
+    mask: jax.Array | None = None,
+    positions: jax.Array | None = None,
+    deterministic: bool = True,
+    bias: jax.Array | None = None,
+  ) -> jax.Array:
     """``x [B, T, d]``, ``context [B, S, d]`` (None = self-attention, or a
     cached cross-attention), ``mask`` bool broadcastable to ``[B, N, T, S]``,
     int ``positions [B, T]`` (for RoPE), ``bias`` float ``[1 | B, N, T, S]``
     added to the logits (decoding: ``S`` = the cache length) -> ``[B, T, d]``."""
     c = self.config
     cross = self.cross or context is not None
-    dense = lambda feats, axes, name: Dense(feats, axes, self.precision, use_bias=c.bias("qkv"),
-                                            init_std=c.init_std, name=name)
+    dense = lambda feats, axes, name: Dense(
+      feats, axes, self.precision, use_bias=c.bias("qkv"), init_std=c.init_std, name=name
+    )
     q = dense((c.n_heads, c.head_dim), ("embed", "heads", "kv"), "query")(x)  # (B, T, N, H)
     if cross and self.decode:
       k, v = self._context_cache(context, dense)  # (B, S, K, H)
@@ -168,15 +191,23 @@ class Attention(nn.Module):
       k, v, mask = self._update_cache(k, v)
       causal = False  # the cache mask already hides future and empty slots
       if bias is not None:  # at init the keys are the input alone, not the whole cache
-        bias = bias[..., :k.shape[1]]
+        bias = bias[..., : k.shape[1]]
     q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
     if c.attention_impl == "cudnn":
-      out = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, is_causal=causal,
-                                         implementation="cudnn")
+      out = jax.nn.dot_product_attention(
+        q, k, v, bias=bias, mask=mask, is_causal=causal, implementation="cudnn"
+      )
     else:
       out = dot_product_attention(q, k, v, mask=mask, causal=causal, bias=bias)  # (B, T, N, H)
-    out = Dense(c.d_model, ("heads", "kv", "embed"), self.precision, use_bias=c.bias("attn_out"),
-                n_in=2, init_std=c.init_std / (2 * c.n_layers) ** 0.5, name="out")(out)
+    out = Dense(
+      c.d_model,
+      ("heads", "kv", "embed"),
+      self.precision,
+      use_bias=c.bias("attn_out"),
+      n_in=2,
+      init_std=c.init_std / (2 * c.n_layers) ** 0.5,
+      name="out",
+    )(out)
     return nn.Dropout(c.dropout)(out, deterministic=deterministic)
 
   def _context_cache(self, context: jax.Array | None, dense):
@@ -185,10 +216,14 @@ class Attention(nn.Module):
     c = self.config
     if context is None:
       if not self.has_variable("cache", "context_key"):
-        raise ValueError("cached cross-attention called with context=None before a call "
-                         "with the context filled its cache")
-      return (self.get_variable("cache", "context_key"),
-              self.get_variable("cache", "context_value"))
+        raise ValueError(
+          "cached cross-attention called with context=None before a call "
+          "with the context filled its cache"
+        )
+      return (
+        self.get_variable("cache", "context_key"),
+        self.get_variable("cache", "context_value"),
+      )
     k = dense((c.kv_heads, c.head_dim), ("embed", "kv_heads", "kv"), "key")(context)
     v = dense((c.kv_heads, c.head_dim), ("embed", "kv_heads", "kv"), "value")(context)
     self.put_variable("cache", "context_key", k)

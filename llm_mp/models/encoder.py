@@ -102,14 +102,23 @@ class TransformerEncoder(nn.Module):
       if c.tie_embeddings:
         logits = embed.attend(x, p.for_path(_child(self, "lm_head")))
       else:
-        logits = Dense(c.padded_vocab, ("embed", "vocab"), p, use_bias=False,
-                       init_std=c.init_std, name="lm_head")(x)
+        logits = Dense(
+          c.padded_vocab, ("embed", "vocab"), p, use_bias=False, init_std=c.init_std, name="lm_head"
+        )(x)
       return mask_padded_vocab(logits, c.vocab_size)
     pooled = pool(x, segment_ids, c.pool)  # (B, d) fp32
     self.sow("intermediates", "pooled", pooled)
     # Head kernels are small ([d, d], [d, n_classes]): only their input axis is sharded.
-    h = Dense(c.d_model, ("embed", None), p, use_bias=True, init_std=c.init_std,
-              activation=jnp.tanh, name="pooler")(pooled)
+    h = Dense(
+      c.d_model,
+      ("embed", None),
+      p,
+      use_bias=True,
+      init_std=c.init_std,
+      activation=jnp.tanh,
+      name="pooler",
+    )(pooled)
     h = nn.Dropout(c.dropout)(h, deterministic=deterministic)
-    return Dense(c.n_classes, (None, None), p, use_bias=True, init_std=c.init_std,
-                 name="classifier")(h)  # (B, n_classes), fp32 by the "classifier" override
+    return Dense(
+      c.n_classes, (None, None), p, use_bias=True, init_std=c.init_std, name="classifier"
+    )(h)  # (B, n_classes), fp32 by the "classifier" override

@@ -58,9 +58,15 @@ def _dense_2d(x, kernel, bias, out_dtype, activation):
 _dense_2d.defvjp(_dense_2d_fwd, _dense_2d_bwd)
 
 
-def dense(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None, *, n_in: int = 1,
-          out_dtype=None, activation: Callable[[jax.Array], jax.Array] | None = None
-          ) -> jax.Array:
+def dense(
+  x: jax.Array,
+  kernel: jax.Array,
+  bias: jax.Array | None = None,
+  *,
+  n_in: int = 1,
+  out_dtype=None,
+  activation: Callable[[jax.Array], jax.Array] | None = None,
+) -> jax.Array:
   """``activation((x @ kernel + bias).astype(out_dtype))`` contracting ``n_in`` axes.
 
   The forward pass is the plain ``dot_general`` formulation (same ops, same
@@ -83,12 +89,16 @@ def dense(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None, *, n_i
   Returns:
     ``[..., *out_shape]`` in ``out_dtype``.
   """
-  batch_shape, in_shape = x.shape[:x.ndim - n_in], x.shape[x.ndim - n_in:]
+  batch_shape, in_shape = x.shape[: x.ndim - n_in], x.shape[x.ndim - n_in :]
   out_shape = kernel.shape[n_in:]
   k, n = math.prod(in_shape), math.prod(out_shape)
-  y = _dense_2d(x.reshape(-1, k), kernel.reshape(k, n),  # (M, K) @ (K, N)
-                None if bias is None else bias.reshape(n), jnp.dtype(out_dtype or x.dtype),
-                activation)
+  y = _dense_2d(
+    x.reshape(-1, k),
+    kernel.reshape(k, n),  # (M, K) @ (K, N)
+    None if bias is None else bias.reshape(n),
+    jnp.dtype(out_dtype or x.dtype),
+    activation,
+  )
   return y.reshape(batch_shape + out_shape)
 
 
@@ -118,18 +128,22 @@ class Dense(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     policy = module_policy(self)
     features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
-    in_shape = x.shape[-self.n_in:]
-    kernel = self.param("kernel", normal_init(self.init_std, self.axes), in_shape + features,
-                        policy.param_dtype)
+    in_shape = x.shape[-self.n_in :]
+    kernel = self.param(
+      "kernel", normal_init(self.init_std, self.axes), in_shape + features, policy.param_dtype
+    )
     bias = None
     if self.use_bias:
       bias = self.param(
-          "bias", nn.with_logical_partitioning(nn.initializers.zeros,
-                                               tuple(self.axes[self.n_in:])),
-          features, policy.param_dtype)
+        "bias",
+        nn.with_logical_partitioning(nn.initializers.zeros, tuple(self.axes[self.n_in :])),
+        features,
+        policy.param_dtype,
+      )
     x, kernel, bias = policy.cast_to_compute((x, kernel, bias))
-    return dense(x, kernel, bias, n_in=self.n_in, out_dtype=policy.output_dtype,
-                 activation=self.activation)
+    return dense(
+      x, kernel, bias, n_in=self.n_in, out_dtype=policy.output_dtype, activation=self.activation
+    )
 
 
 class Norm(nn.Module):
@@ -148,12 +162,20 @@ class Norm(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     policy = module_policy(self)
     d = x.shape[-1]
-    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
-                       (d,), policy.param_dtype)
+    scale = self.param(
+      "scale",
+      nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+      (d,),
+      policy.param_dtype,
+    )
     bias = None
     if self.kind == "layernorm" and self.use_bias:
-      bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
-                        (d,), policy.param_dtype)
+      bias = self.param(
+        "bias",
+        nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+        (d,),
+        policy.param_dtype,
+      )
     x, scale, bias = policy.cast_to_compute((x, scale, bias))
     # Rematerialised: the backward pass recomputes the statistics from x (one
     # reduction over d) rather than keeping x - mean and the normalised x alive;
@@ -162,8 +184,9 @@ class Norm(nn.Module):
     return policy.cast_to_output(y)
 
 
-def normalize(x: jax.Array, scale: jax.Array, bias: jax.Array | None, kind: str,
-              eps: float) -> jax.Array:
+def normalize(
+  x: jax.Array, scale: jax.Array, bias: jax.Array | None, kind: str, eps: float
+) -> jax.Array:
   """LayerNorm (``kind="layernorm"``) or RMSNorm of ``x [..., d]`` over its last axis.
 
   ``scale``, ``bias`` (None: no bias; RMSNorm takes none): ``[d]``. Everything
@@ -206,9 +229,12 @@ class Embed(nn.Module):
   init_std: float = 0.02
 
   def setup(self):
-    self.embedding = self.param("embedding", normal_init(self.init_std, ("vocab", "embed")),
-                                (self.vocab_size, self.d_model),
-                                module_policy(self).param_dtype)
+    self.embedding = self.param(
+      "embedding",
+      normal_init(self.init_std, ("vocab", "embed")),
+      (self.vocab_size, self.d_model),
+      module_policy(self).param_dtype,
+    )
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
     policy = module_policy(self)
@@ -230,8 +256,12 @@ class LearnedPositions(nn.Module):
   @nn.compact
   def __call__(self, positions: jax.Array) -> jax.Array:
     policy = module_policy(self)
-    table = self.param("pos_embedding", normal_init(0.01, (None, "embed")),
-                       (self.max_len, self.d_model), policy.param_dtype)
+    table = self.param(
+      "pos_embedding",
+      normal_init(0.01, (None, "embed")),
+      (self.max_len, self.d_model),
+      policy.param_dtype,
+    )
     return policy.cast_to_output(jnp.take(policy.cast_to_compute(table), positions, axis=0))
 
 
@@ -246,9 +276,15 @@ def sinusoidal_positions(positions: jax.Array, d_model: int) -> jax.Array:
   return enc
 
 
-def rope_frequencies(head_dim: int, theta: float, scaling: str = "none", factor: float = 1.0,
-                     low_freq_factor: float = 1.0, high_freq_factor: float = 4.0,
-                     original_max_len: int = 8192) -> np.ndarray:
+def rope_frequencies(
+  head_dim: int,
+  theta: float,
+  scaling: str = "none",
+  factor: float = 1.0,
+  low_freq_factor: float = 1.0,
+  high_freq_factor: float = 4.0,
+  original_max_len: int = 8192,
+) -> np.ndarray:
   """float32 ``[head_dim / 2]`` rotation frequencies ``theta^(-2i/head_dim)``, scaled.
 
   ``scaling`` as HF's ``rope_scaling``: "none"; "linear" (all divided by
@@ -273,13 +309,20 @@ def rope_frequencies(head_dim: int, theta: float, scaling: str = "none", factor:
 
 def config_rope_frequencies(c: ModelConfig) -> np.ndarray:
   """:func:`rope_frequencies` of a model config's head dim, theta and scaling."""
-  return rope_frequencies(c.head_dim, c.rope_theta, c.rope_scaling, c.rope_factor,
-                          c.rope_low_freq_factor, c.rope_high_freq_factor,
-                          c.rope_original_max_len)
+  return rope_frequencies(
+    c.head_dim,
+    c.rope_theta,
+    c.rope_scaling,
+    c.rope_factor,
+    c.rope_low_freq_factor,
+    c.rope_high_freq_factor,
+    c.rope_original_max_len,
+  )
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, theta: float,
-               freqs: np.ndarray | None = None) -> jax.Array:
+def apply_rope(
+  x: jax.Array, positions: jax.Array, theta: float, freqs: np.ndarray | None = None
+) -> jax.Array:
   """Rotary embedding (rotate-half form) of ``x [B, T, N, H]`` at int ``positions [B, T]``.
 
   ``freqs`` (float ``[H/2]``, e.g. from :func:`rope_frequencies` with a
@@ -299,11 +342,11 @@ def apply_rope(x: jax.Array, positions: jax.Array, theta: float,
 
 
 ACTIVATIONS = {
-    "gelu": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_exact": lambda x: jax.nn.gelu(x, approximate=False),
-    "relu": jax.nn.relu,
-    "swiglu": jax.nn.silu,
-    "geglu": lambda x: jax.nn.gelu(x, approximate=True),
+  "gelu": lambda x: jax.nn.gelu(x, approximate=True),
+  "gelu_exact": lambda x: jax.nn.gelu(x, approximate=False),
+  "relu": jax.nn.relu,
+  "swiglu": jax.nn.silu,
+  "geglu": lambda x: jax.nn.gelu(x, approximate=True),
 }
 
 
@@ -322,9 +365,15 @@ class MLP(nn.Module):
     c = self.config
     # The activation runs inside the layer that feeds it, so its derivative is
     # fused into that layer's gradient.
-    inner = lambda name, act=None: Dense(c.ff_dim, ("embed", "mlp"), self.precision,
-                                         use_bias=c.bias("mlp"), init_std=c.init_std,
-                                         activation=act, name=name)
+    inner = lambda name, act=None: Dense(
+      c.ff_dim,
+      ("embed", "mlp"),
+      self.precision,
+      use_bias=c.bias("mlp"),
+      init_std=c.init_std,
+      activation=act,
+      name=name,
+    )
     act = ACTIVATIONS[c.mlp]
     if c.mlp in ("swiglu", "geglu"):
       h = inner("gate", act)(x) * inner("up")(x)
@@ -332,6 +381,12 @@ class MLP(nn.Module):
       h = inner("up", act)(x)
     h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
     # GPT-2 scales the init of residual-branch outputs by 1/sqrt(2 * n_layers).
-    out = Dense(c.d_model, ("mlp", "embed"), self.precision, use_bias=c.bias("mlp"),
-                init_std=c.init_std / np.sqrt(2 * c.n_layers), name="down")(h)
+    out = Dense(
+      c.d_model,
+      ("mlp", "embed"),
+      self.precision,
+      use_bias=c.bias("mlp"),
+      init_std=c.init_std / np.sqrt(2 * c.n_layers),
+      name="down",
+    )(h)
     return nn.Dropout(c.dropout)(out, deterministic=deterministic)

@@ -107,8 +107,9 @@ class MoE(nn.Module):
   precision: Precision
 
   @nn.compact
-  def __call__(self, x: jax.Array, deterministic: bool = True,
-               mask: jax.Array | None = None) -> jax.Array:
+  def __call__(
+    self, x: jax.Array, deterministic: bool = True, mask: jax.Array | None = None
+  ) -> jax.Array:
     c = self.config
     e, f, k = c.n_experts, c.ff_dim, c.expert_top_k
     b, t, d = x.shape
@@ -116,8 +117,9 @@ class MoE(nn.Module):
     capacity = expert_capacity(n, e, k, c.expert_capacity_factor)
     real = jnp.ones((n,), bool) if mask is None else mask.reshape(n).astype(bool)
 
-    logits = Dense(e, ("embed", None), self.precision, use_bias=False, init_std=c.init_std,
-                   name="router")(x)
+    logits = Dense(
+      e, ("embed", None), self.precision, use_bias=False, init_std=c.init_std, name="router"
+    )(x)
     # At least fp32 whatever the policy says (float64 stays float64 in reference tests).
     logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32)).reshape(n, e)
     probs = jax.nn.softmax(logits, axis=-1)  # (N, E)
@@ -142,8 +144,12 @@ class MoE(nn.Module):
     if not self.is_initializing():
       self.sow("losses", "moe_aux_loss", (c.moe_aux_weight * aux).astype(jnp.float32))
       self.sow("losses", "moe_z_loss", (c.moe_z_weight * z).astype(jnp.float32))
-      for name, value in (("moe_aux_loss", aux), ("moe_z_loss", z),
-                          ("moe_dropped_fraction", dropped), ("moe_expert_load", load)):
+      for name, value in (
+        ("moe_aux_loss", aux),
+        ("moe_z_loss", z),
+        ("moe_dropped_fraction", dropped),
+        ("moe_expert_load", load),
+      ):
         self.sow("metrics", name, jax.lax.stop_gradient(value).astype(jnp.float32))
 
     policy = module_policy(self)
@@ -152,11 +158,15 @@ class MoE(nn.Module):
       return self.param(name, normal_init(std, axes), shape, policy.param_dtype)
 
     w_in = expert_param("w_in", c.init_std, ("expert", "embed", "mlp"), (e, d, f))
-    w_gate = (expert_param("w_gate", c.init_std, ("expert", "embed", "mlp"), (e, d, f))
-              if c.mlp in GATED else None)
+    w_gate = (
+      expert_param("w_gate", c.init_std, ("expert", "embed", "mlp"), (e, d, f))
+      if c.mlp in GATED
+      else None
+    )
     # GPT-2 scales the init of residual-branch outputs by 1/sqrt(2 * n_layers).
-    w_out = expert_param("w_out", c.init_std / (2 * c.n_layers) ** 0.5,
-                         ("expert", "mlp", "embed"), (e, f, d))
+    w_out = expert_param(
+      "w_out", c.init_std / (2 * c.n_layers) ** 0.5, ("expert", "mlp", "embed"), (e, f, d)
+    )
     tokens, w_in, w_gate, w_out = policy.cast_to_compute((x.reshape(n, d), w_in, w_gate, w_out))
     cdt = tokens.dtype
     # Gather each expert's slots: exact, every slot holds one token or zeros.

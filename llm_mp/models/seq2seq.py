@@ -59,8 +59,9 @@ class _Side(nn.Module):
   decode: bool = False
 
   @nn.compact
-  def __call__(self, tokens, positions, mask=None, context=None, context_mask=None,
-               deterministic=True):
+  def __call__(
+    self, tokens, positions, mask=None, context=None, context_mask=None, deterministic=True
+  ):
     c, p = self.config, self.precision
     x = self.embed(tokens)
     if c.position == "learned":
@@ -70,9 +71,15 @@ class _Side(nn.Module):
     residual = p.for_path(_child(self, "residual"))
     x = nn.Dropout(c.dropout)(x.astype(residual.compute_dtype), deterministic=deterministic)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-    x = Stack(c, p, causal=self.causal, cross_attention=self.cross_attention,
-              decode=self.decode, deterministic=deterministic, name="stack")(
-                  x, mask, positions, context, context_mask)
+    x = Stack(
+      c,
+      p,
+      causal=self.causal,
+      cross_attention=self.cross_attention,
+      decode=self.decode,
+      deterministic=deterministic,
+      name="stack",
+    )(x, mask, positions, context, context_mask)
     return make_norm(c, p, "final_norm")(x)
 
 
@@ -105,11 +112,19 @@ class EncoderDecoder(nn.Module):
     source_embed = self.embed if c.share_embeddings else make_embed("source_embed")
     self.encoder = _Side(c, p, source_embed, causal=False, name="encoder")
     decoder_config = dataclasses.replace(c, n_layers=c.decoder_layers)
-    self.decoder = _Side(decoder_config, p, self.embed, causal=True, cross_attention=True,
-                         decode=self.decode, name="decoder")
+    self.decoder = _Side(
+      decoder_config,
+      p,
+      self.embed,
+      causal=True,
+      cross_attention=True,
+      decode=self.decode,
+      name="decoder",
+    )
     if not c.tie_embeddings:
-      self.lm_head = Dense(c.padded_vocab, ("embed", "vocab"), p, use_bias=False,
-                           init_std=c.init_std, name="lm_head")
+      self.lm_head = Dense(
+        c.padded_vocab, ("embed", "vocab"), p, use_bias=False, init_std=c.init_std, name="lm_head"
+      )
 
   def encode(self, src_tokens, src_segment_ids=None, positions=None, deterministic=True):
     """Source ``int[B, S]`` (segment ids 0 = padding) -> hidden ``[B, S, d]``
@@ -120,8 +135,15 @@ class EncoderDecoder(nn.Module):
     mask = None if src_segment_ids is None else segment_mask(src_segment_ids, src_segment_ids)
     return self.encoder(src_tokens, positions, mask, deterministic=deterministic)
 
-  def decoder_logits(self, tgt_tokens, encoded, src_segment_ids=None, tgt_segment_ids=None,
-             positions=None, deterministic=True):
+  def decoder_logits(
+    self,
+    tgt_tokens,
+    encoded,
+    src_segment_ids=None,
+    tgt_segment_ids=None,
+    positions=None,
+    deterministic=True,
+  ):
     """Decoder logits ``[B, T, vocab]`` (fp32 by default) for target ``int[B, T]``.
 
     Args:
@@ -146,19 +168,34 @@ class EncoderDecoder(nn.Module):
         context_mask = segment_mask(tgt_segment_ids, src_segment_ids)
     if context_mask is None and src_segment_ids is not None:
       context_mask = (src_segment_ids > 0)[:, None, None, :]  # (B, 1, 1, S)
-    x = self.decoder(tgt_tokens, positions, mask, encoded, context_mask,
-                     deterministic=deterministic)
+    x = self.decoder(
+      tgt_tokens, positions, mask, encoded, context_mask, deterministic=deterministic
+    )
     if c.tie_embeddings:
       logits = self.embed.attend(x, self.precision.for_path(_child(self, "lm_head")))
     else:
       logits = self.lm_head(x)
     return mask_padded_vocab(logits, c.vocab_size)
 
-  def __call__(self, inputs, segment_ids=None, decoder_inputs=None, decoder_segment_ids=None,
-               positions=None, decoder_positions=None, deterministic=True):
+  def __call__(
+    self,
+    inputs,
+    segment_ids=None,
+    decoder_inputs=None,
+    decoder_segment_ids=None,
+    positions=None,
+    decoder_positions=None,
+    deterministic=True,
+  ):
     """Teacher-forced logits ``[B, T, vocab]``; see the class docstring."""
     if decoder_inputs is None:
       raise ValueError("EncoderDecoder needs decoder_inputs (BOS + shifted targets)")
     encoded = self.encode(inputs, segment_ids, positions, deterministic=deterministic)
-    return self.decoder_logits(decoder_inputs, encoded, segment_ids, decoder_segment_ids,
-                               decoder_positions, deterministic=deterministic)
+    return self.decoder_logits(
+      decoder_inputs,
+      encoded,
+      segment_ids,
+      decoder_segment_ids,
+      decoder_positions,
+      deterministic=deterministic,
+    )

@@ -27,8 +27,8 @@ from llm_mp.models.layers import (
 from llm_mp.precision import Precision, module_path
 
 REMAT_POLICIES = {
-    "full": None,  # save nothing: recompute the whole block in the backward pass
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  "full": None,  # save nothing: recompute the whole block in the backward pass
+  "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 
 
@@ -40,6 +40,7 @@ def make_feed_forward(config: ModelConfig, precision: Precision, name: str) -> n
   """The MLP, or a mixture of experts when ``config.n_experts > 0``."""
   if config.n_experts:
     from llm_mp.models.moe import MoE  # pylint: disable=import-outside-toplevel
+
     return MoE(config, precision, name=name)
   return MLP(config, precision, name=name)
 
@@ -65,12 +66,14 @@ class Block(nn.Module):
     c, p = self.config, self.precision
     h = make_norm(c, p, "attn_norm")(x)
     h = Attention(c, p, causal=self.causal, decode=self.decode, name="attn")(
-        h, mask=mask, positions=positions, deterministic=self.deterministic, bias=bias)
+      h, mask=mask, positions=positions, deterministic=self.deterministic, bias=bias
+    )
     x = x + h.astype(x.dtype)
     if self.cross_attention:
       h = make_norm(c, p, "cross_norm")(x)
       h = Attention(c, p, causal=False, decode=self.decode, cross=True, name="cross_attn")(
-          h, context=context, mask=context_mask, deterministic=self.deterministic)
+        h, context=context, mask=context_mask, deterministic=self.deterministic
+      )
       x = x + h.astype(x.dtype)
     h = make_feed_forward(c, p, "mlp")(make_norm(c, p, "mlp_norm")(x), self.deterministic)
     x = x + h.astype(x.dtype)
@@ -111,23 +114,32 @@ class Stack(nn.Module):
     block = Block
     if c.remat != "none":
       block = nn.remat(Block, policy=REMAT_POLICIES[c.remat], prevent_cse=not c.scan_layers)
-    kwargs = dict(config=c, precision=self.precision, causal=self.causal,
-                  cross_attention=self.cross_attention, decode=self.decode,
-                  deterministic=self.deterministic)
+    kwargs = dict(
+      config=c,
+      precision=self.precision,
+      causal=self.causal,
+      cross_attention=self.cross_attention,
+      decode=self.decode,
+      deterministic=self.deterministic,
+    )
     bias = None
     if c.position == "relative":
       k_positions = positions
       if self.decode:
         k_positions = jnp.broadcast_to(jnp.arange(c.max_len), (positions.shape[0], c.max_len))
-      bias = RelativePositionBias(c, self.precision, bidirectional=not self.causal,
-                                  name="relative_bias")(positions, k_positions)
+      bias = RelativePositionBias(
+        c, self.precision, bidirectional=not self.causal, name="relative_bias"
+      )(positions, k_positions)
     args = (mask, positions, context, context_mask, bias)
     if c.scan_layers:
-      scanned = nn.scan(_ScanBlock, variable_axes={"params": 0, "cache": 0, "intermediates": 0,
-                                                    "losses": 0, "metrics": 0},
-                        split_rngs={"params": True, "dropout": True},
-                        in_axes=(nn.broadcast,) * len(args), length=c.n_layers,
-                        metadata_params={nn.PARTITION_NAME: "layers"})
+      scanned = nn.scan(
+        _ScanBlock,
+        variable_axes={"params": 0, "cache": 0, "intermediates": 0, "losses": 0, "metrics": 0},
+        split_rngs={"params": True, "dropout": True},
+        in_axes=(nn.broadcast,) * len(args),
+        length=c.n_layers,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+      )
       x, _ = scanned(block, tuple(sorted(kwargs.items())), name="blocks")(x, *args)
       return x
     for i in range(c.n_layers):
@@ -135,8 +147,14 @@ class Stack(nn.Module):
     return x
 
 
-def embed_tokens(module: nn.Module, config: ModelConfig, precision: Precision,
-                 tokens: jax.Array, positions: jax.Array, deterministic: bool):
+def embed_tokens(
+  module: nn.Module,
+  config: ModelConfig,
+  precision: Precision,
+  tokens: jax.Array,
+  positions: jax.Array,
+  deterministic: bool,
+):
   """Token (+ position) embedding in the residual-stream dtype.
 
   Returns ``(x [B, T, d], embed)``; ``embed`` is the :class:`Embed` module
@@ -162,8 +180,9 @@ def _child(module: nn.Module, name: str) -> str:
 
 def check_length(config: ModelConfig, tokens: jax.Array) -> None:
   if tokens.shape[-1] > config.max_len:
-    raise ValueError(f"sequence length {tokens.shape[-1]} is longer than "
-                     f"model.max_len={config.max_len}")
+    raise ValueError(
+      f"sequence length {tokens.shape[-1]} is longer than model.max_len={config.max_len}"
+    )
 
 
 class TransformerLM(nn.Module):
@@ -191,12 +210,24 @@ class TransformerLM(nn.Module):
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     x, embed = embed_tokens(self, c, self.precision, tokens, positions, deterministic)
     mask = None if segment_ids is None or self.decode else segment_mask(segment_ids, segment_ids)
-    x = Stack(c, self.precision, causal=True, decode=self.decode, deterministic=deterministic,
-              name="decoder")(x, mask, positions)
+    x = Stack(
+      c,
+      self.precision,
+      causal=True,
+      decode=self.decode,
+      deterministic=deterministic,
+      name="decoder",
+    )(x, mask, positions)
     x = make_norm(c, self.precision, "final_norm")(x)
     if c.tie_embeddings:
       logits = embed.attend(x, self.precision.for_path(_child(self, "lm_head")))
     else:
-      logits = Dense(c.padded_vocab, ("embed", "vocab"), self.precision, use_bias=False,
-                     init_std=c.init_std, name="lm_head")(x)
+      logits = Dense(
+        c.padded_vocab,
+        ("embed", "vocab"),
+        self.precision,
+        use_bias=False,
+        init_std=c.init_std,
+        name="lm_head",
+      )(x)
     return mask_padded_vocab(logits, c.vocab_size)
