@@ -205,10 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--steps", type=int, help="shorthand for train.steps=N")
   p.add_argument(
     "--task",
-    choices=("lm", "mlm", "classify"),
-    help="training objective (default: lm for decoders, mlm for encoders); "
-    "classify reads labelled .tsv/.csv/.jsonl (data.text_field, "
-    "data.label_field, data.val_paths)",
+    choices=("lm", "mlm", "classify", "seq2seq"),
+    help="training objective (default: lm for decoders, mlm for encoders, seq2seq for "
+    "encoder-decoders); classify reads labelled .tsv/.csv/.jsonl (data.text_field, "
+    "data.label_field, data.val_paths); seq2seq reads input/target .jsonl or two aligned files",
   )
   p.add_argument(
     "--init-from",
