@@ -163,16 +163,20 @@ def restore_latest(
     return _restore_newest(manager, target)
 
 
-def _restore_newest(manager: ocp.CheckpointManager, target: Any) -> tuple[Any, Any, int] | None:
+def _newest_readable(manager: ocp.CheckpointManager, restore: Any, what_to_do: str) -> Any:
+  """``(restore(step), step)`` for the newest step ``restore`` can read, falling
+  back step by step (a warning each time), or None without checkpoints.
+
+  Raises:
+    CheckpointError: none is readable; the message gives each step's reason
+      and ``what_to_do``.
+  """
   _warn_unfinished(manager.directory)
-  abstract = jax.tree.map(
-    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), target
-  )
   failures = []
   steps = sorted(manager.all_steps(), reverse=True)
   for i, step in enumerate(steps):
     try:
-      return (*_restore(manager, step, abstract), step)
+      return restore(step), step
     except Exception as e:  # pylint: disable=broad-except  # orbax/tensorstore raise many types
       reason = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
       failures.append(f"step {step}: {reason}")
@@ -180,17 +184,29 @@ def _restore_newest(manager: ocp.CheckpointManager, target: Any) -> tuple[Any, A
         warnings.warn(
           f"checkpoint step {step} in {manager.directory} is unreadable ({reason}); "
           f"falling back to step {steps[i + 1]}",
-          stacklevel=3,
+          stacklevel=4,
         )
   if failures:
     raise CheckpointError(
-      f"no readable checkpoint in {manager.directory} ("
-      + "; ".join(failures)
-      + "); if the run's config or code changed, "
-      "use the matching version; otherwise move that directory away to "
-      "restart from step 0"
+      f"no readable checkpoint in {manager.directory} ({'; '.join(failures)}); if the run's "
+      f"config or code changed, use the matching version; otherwise {what_to_do}"
     )
   return None
+
+
+def _restore_newest(manager: ocp.CheckpointManager, target: Any) -> tuple[Any, Any, int] | None:
+  abstract = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), target
+  )
+  found = _newest_readable(
+    manager,
+    lambda step: _restore(manager, step, abstract),
+    "move that directory away to restart from step 0",
+  )
+  if found is None:
+    return None
+  (state, data_state), step = found
+  return state, data_state, step
 
 
 def _restore_params_at(manager: ocp.CheckpointManager, step: int, abstract_params: Any) -> Any:
@@ -234,27 +250,12 @@ def restore_params(directory: str, abstract_params: Any) -> tuple[Any, int]:
   if not path.exists():
     raise CheckpointError(f"{directory} has no checkpoint yet: train first")
   options = ocp.CheckpointManagerOptions(read_only=True)
-  failures = []
   with ocp.CheckpointManager(path, options=options) as manager:
-    _warn_unfinished(manager.directory)
-    steps = sorted(manager.all_steps(), reverse=True)
-    for i, step in enumerate(steps):
-      try:
-        return _restore_params_at(manager, step, abstract_params), step
-      except Exception as e:  # pylint: disable=broad-except  # orbax/tensorstore raise many types
-        reason = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
-        failures.append(f"step {step}: {reason}")
-        if i + 1 < len(steps):  # the last failure is reported by the error below
-          warnings.warn(
-            f"checkpoint step {step} in {path} is unreadable ({reason}); "
-            f"falling back to step {steps[i + 1]}",
-            stacklevel=2,
-          )
-  if failures:
-    raise CheckpointError(
-      f"no readable checkpoint in {path} ("
-      + "; ".join(failures)
-      + "); if the run's config or code changed, use the matching version; "
-      "otherwise the run has no usable parameters: train it again"
+    found = _newest_readable(
+      manager,
+      lambda step: _restore_params_at(manager, step, abstract_params),
+      "the run has no usable parameters: train it again",
     )
+  if found is not None:
+    return found
   raise CheckpointError(f"{directory} has no checkpoint yet: train first")

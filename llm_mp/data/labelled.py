@@ -51,7 +51,7 @@ import numpy as np
 from llm_mp.config import DataConfig
 from llm_mp.data.corpus import _decode, clean_text
 from llm_mp.data.files import DataError
-from llm_mp.data.pipeline import _batches, _local_slice, _run_tokenizer
+from llm_mp.data.pipeline import _run_tokenizer, ordered_batches, shuffled_batches
 from llm_mp.data.tokenizer import Tokenizer
 
 SUFFIXES = (".tsv", ".csv", ".jsonl")
@@ -361,9 +361,9 @@ def make_labelled_train_iterator(
     ``get_state()``/``set_state()`` (JSON-able) for exact resumption. Batches
     may span an epoch boundary.
   """
-  local = _local_slice(batch_size, process_index, process_count)
-  order = grain.MapDataset.range(len(data)).shuffle(seed=seed).repeat()
-  return _batches(data, order.batch(batch_size, drop_remainder=True), local)
+  return shuffled_batches(
+    data, batch_size, seed, process_index=process_index, process_count=process_count
+  )
 
 
 def make_labelled_eval_iterator(
@@ -381,11 +381,9 @@ def make_labelled_eval_iterator(
   Arguments and batches are as for :func:`make_labelled_train_iterator`;
   ``max_batches`` stops early (None = all ``ceil(N / batch_size)`` batches).
   """
-  local = _local_slice(batch_size, process_index, process_count)
-  n_batches = -(-len(data) // batch_size)
-  if max_batches is not None:
-    n_batches = min(n_batches, max_batches)
-  return _batches(data, grain.MapDataset.range(n_batches * batch_size).batch(batch_size), local)
+  return ordered_batches(
+    data, batch_size, max_batches, process_index=process_index, process_count=process_count
+  )
 
 
 # ---------------------------------------------------------------- the built-in set

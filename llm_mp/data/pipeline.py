@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from typing import Any
 
 import grain
 import jax
@@ -164,12 +165,45 @@ def _rows(prepared: PreparedData, split: TokenSplit, seq_len: int | None) -> Pac
   return PackedRows(split, seq_len, prepared.tokenizer.pad_id)
 
 
-def _batches(
-  rows: PackedRows, index_batches: grain.MapDataset, local: slice
-) -> grain.DatasetIterator:
+def _batches(rows: Any, index_batches: grain.MapDataset, local: slice) -> grain.DatasetIterator:
   """Maps batches of global row indices to this process's stacked rows."""
   batches = index_batches.map(lambda idx: rows.gather(np.asarray(idx)[local]))
   return iter(batches.to_iter_dataset(_READ_OPTIONS))
+
+
+def shuffled_batches(
+  rows: Any,
+  batch_size: int,
+  seed: int = 0,
+  *,
+  process_index: int | None = None,
+  process_count: int | None = None,
+) -> grain.DatasetIterator:
+  """Infinite batches of any row source (``len(rows)`` and ``rows.gather(indices)``:
+  packed LM rows, labelled rows, text-to-text rows), reshuffled every epoch with
+  ``seed``; each process gets its contiguous slice of every global batch.
+  Deterministic and resumable (``get_state()``/``set_state()``)."""
+  local = _local_slice(batch_size, process_index, process_count)
+  order = grain.MapDataset.range(len(rows)).shuffle(seed=seed).repeat()
+  return _batches(rows, order.batch(batch_size, drop_remainder=True), local)
+
+
+def ordered_batches(
+  rows: Any,
+  batch_size: int,
+  max_batches: int | None = None,
+  *,
+  process_index: int | None = None,
+  process_count: int | None = None,
+) -> grain.DatasetIterator:
+  """One ordered pass over a row source (as :func:`shuffled_batches`); the last
+  batch is completed with the source's padding rows (``gather`` of index -1);
+  ``max_batches`` stops early (None = all ``ceil(len(rows) / batch_size)``)."""
+  local = _local_slice(batch_size, process_index, process_count)
+  n_batches = -(-len(rows) // batch_size)
+  if max_batches is not None:
+    n_batches = min(n_batches, max_batches)
+  return _batches(rows, grain.MapDataset.range(n_batches * batch_size).batch(batch_size), local)
 
 
 def make_train_iterator(
@@ -195,10 +229,10 @@ def make_train_iterator(
     A grain ``DatasetIterator`` of dicts of ``np.int32[batch_size / process_count, T]``
     with ``get_state()``/``set_state()``. Batches may span an epoch boundary.
   """
-  local = _local_slice(batch_size, process_index, process_count)
   rows = _rows(prepared, prepared.train, seq_len)
-  order = grain.MapDataset.range(len(rows)).shuffle(seed=seed).repeat()
-  return _batches(rows, order.batch(batch_size, drop_remainder=True), local)
+  return shuffled_batches(
+    rows, batch_size, seed, process_index=process_index, process_count=process_count
+  )
 
 
 def make_eval_iterator(
@@ -220,9 +254,7 @@ def make_eval_iterator(
   Raises:
     DataError: the validation split is empty.
   """
-  local = _local_slice(batch_size, process_index, process_count)
   rows = _rows(prepared, prepared.val, seq_len)
-  n_batches = -(-len(rows) // batch_size)
-  if max_batches is not None:
-    n_batches = min(n_batches, max_batches)
-  return _batches(rows, grain.MapDataset.range(n_batches * batch_size).batch(batch_size), local)
+  return ordered_batches(
+    rows, batch_size, max_batches, process_index=process_index, process_count=process_count
+  )

@@ -71,7 +71,7 @@ import numpy as np
 
 from llm_mp.data.corpus import _decode, clean_text
 from llm_mp.data.files import DataError
-from llm_mp.data.pipeline import _batches, _local_slice
+from llm_mp.data.pipeline import ordered_batches, shuffled_batches
 from llm_mp.data.tokenizer import (
   TOKENIZER_FILE,
   BpeTokenizer,
@@ -602,9 +602,9 @@ def make_text2text_train_iterator(
     A grain ``DatasetIterator`` of batches as :meth:`Text2TextRows.gather`
     (``B_local`` rows), with ``get_state()``/``set_state()`` for exact resumption.
   """
-  local = _local_slice(batch_size, process_index, process_count)
-  order = grain.MapDataset.range(len(data)).shuffle(seed=seed).repeat()
-  return _batches(data, order.batch(batch_size, drop_remainder=True), local)
+  return shuffled_batches(
+    data, batch_size, seed, process_index=process_index, process_count=process_count
+  )
 
 
 def make_text2text_eval_iterator(
@@ -623,11 +623,9 @@ def make_text2text_eval_iterator(
   (None = all ``ceil(N / batch_size)`` batches). Other arguments as for
   :func:`make_text2text_train_iterator`.
   """
-  local = _local_slice(batch_size, process_index, process_count)
-  n_batches = -(-len(data) // batch_size)
-  if max_batches is not None:
-    n_batches = min(n_batches, max_batches)
-  return _batches(data, grain.MapDataset.range(n_batches * batch_size).batch(batch_size), local)
+  return ordered_batches(
+    data, batch_size, max_batches, process_index=process_index, process_count=process_count
+  )
 
 
 # ---------------------------------------------------------------- a run's text-to-text data
