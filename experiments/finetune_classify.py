@@ -88,8 +88,8 @@ FAST = Setting(
 def _common(setting: Setting, precision: str, scale: str, seed: int, steps: int) -> list[str]:
   return [
     *setting.model,
-    f"train.precision={precision}",
-    f"train.loss_scale={scale}",
+    f"precision.policy={precision}",
+    f"precision.loss_scale={scale}",
     f"train.seed={seed}",
     f"train.steps={steps}",
     f"data.seq_len={setting.seq_len}",

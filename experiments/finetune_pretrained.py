@@ -61,7 +61,7 @@ def run(args) -> dict[str, Any]:
     config = apply_overrides(
       source,
       [
-        f"train.precision={precision}",
+        f"precision.policy={precision}",
         f"train.steps={args.steps}",
         f"train.init_from={os.path.abspath(base)}",
         "train.sample_tokens=0",

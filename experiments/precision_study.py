@@ -33,21 +33,21 @@ from llm_mp.metrics import read_metrics
 from llm_mp.train import train
 
 SETTINGS = {  # name -> overrides
-  "fp32": ("train.precision=fp32", "train.loss_scale=none"),
-  "bf16": ("train.precision=bf16", "train.loss_scale=none"),
-  "pure_bf16": ("train.precision=pure_bf16", "train.loss_scale=none"),
-  "fp16 + dynamic scale": ("train.precision=fp16", "train.loss_scale=dynamic"),
+  "fp32": ("precision.policy=fp32", "precision.loss_scale=none"),
+  "bf16": ("precision.policy=bf16", "precision.loss_scale=none"),
+  "pure_bf16": ("precision.policy=pure_bf16", "precision.loss_scale=none"),
+  "fp16 + dynamic scale": ("precision.policy=fp16", "precision.loss_scale=dynamic"),
   "fp16 + static 2^12": (
-    "train.precision=fp16",
-    "train.loss_scale=static",
-    "train.init_loss_scale=4096",
+    "precision.policy=fp16",
+    "precision.loss_scale=static",
+    "precision.init_loss_scale=4096",
   ),
   "fp16 + static 2^-8 (too small)": (
-    "train.precision=fp16",
-    "train.loss_scale=static",
-    "train.init_loss_scale=0.00390625",
+    "precision.policy=fp16",
+    "precision.loss_scale=static",
+    "precision.init_loss_scale=0.00390625",
   ),
-  "fp16, no scaling": ("train.precision=fp16", "train.loss_scale=none"),
+  "fp16, no scaling": ("precision.policy=fp16", "precision.loss_scale=none"),
 }
 SETUPS = {  # name -> (preset, overrides)
   # The tiny preset as shipped (0.9M parameters, bytes).

@@ -150,7 +150,7 @@ def run(args) -> dict[str, Any]:
     config = apply_overrides(
       get_preset(args.preset),
       [
-        f"train.precision={PRECISIONS[name]}",
+        f"precision.policy={PRECISIONS[name]}",
         f"train.steps={setting.steps}",
         f"data.seq_len={setting.seq_len}",
         f"model.max_len={max(setting.seq_len, 64)}",

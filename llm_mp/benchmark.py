@@ -89,7 +89,9 @@ def run(
   ``say`` receives one line as each phase ends (init, compile, warm-up, steps).
   """
   config = apply_overrides(get_preset(preset), list(overrides))
-  config = dataclasses.replace(config, train=dataclasses.replace(config.train, precision=precision))
+  config = dataclasses.replace(
+    config, precision=dataclasses.replace(config.precision, policy=precision)
+  )
   r = build_recipe(config)
   b, t = config.train.batch_size, config.data.seq_len
   batch = fixed_batch(b, t, config.model.vocab_size)

@@ -24,7 +24,7 @@ from llm_mp import checkpoint, sharding
 from llm_mp.config import Config
 from llm_mp.models import HEAD_PARAMS, build_model
 from llm_mp.optim import make_optimizer, param_path
-from llm_mp.precision import Precision, make_precision
+from llm_mp.precision import FormatOptions, Precision, make_precision
 from llm_mp.tasks import Task, make_task
 
 
@@ -34,7 +34,7 @@ class Recipe:
 
   Attributes:
     config: the run's config.
-    precision: the dtype policy (``train.precision`` + ``train.loss_scale``).
+    precision: the number formats of ``config.precision`` (:func:`run_precision`).
     task: loss function and batch layout (``train.task``).
     model: the flax module of ``model.family`` with the task's head.
     tx, schedule: the optax chain (freezing and backbone lr included) and
@@ -52,6 +52,38 @@ class Recipe:
 def freeze_patterns(config: Config) -> tuple[str, ...]:
   """``train.freeze`` split into fnmatch patterns (comma-separated)."""
   return tuple(p.strip() for p in config.train.freeze.split(",") if p.strip())
+
+
+def edge_patterns(config: Config) -> tuple[str, ...]:
+  """Module patterns of the first and last block of each stack and of the heads: where
+  ``precision.formats`` does not reach unless ``precision.format_edges``."""
+  m = config.model
+  stacks = {"*": m.n_layers}
+  if m.family == "encoder_decoder":
+    stacks = {"encoder/*": m.n_layers, "decoder/*": m.decoder_layers}
+  blocks = tuple(f"{stack}blocks_{i}/*" for stack, n in stacks.items() for i in sorted({0, n - 1}))
+  return blocks + tuple(f"{head}*" for head in HEAD_PARAMS)
+
+
+def run_precision(config: Config) -> Precision:
+  """The :class:`Precision` of ``config.precision`` (policy, overrides, loss scale,
+  matmul formats and their settings). ValueError names a bad spec."""
+  p = config.precision
+  options = FormatOptions(
+    fp8_scaling=p.fp8_scaling,
+    amax_history=p.amax_history,
+    fp8_margin=p.fp8_margin,
+    int8_activations=p.int8_activations,
+    group_size=p.group_size,
+  )
+  return make_precision(
+    p.policy,
+    overrides=p.overrides,
+    loss_scale=p.loss_scale,
+    formats=p.formats,
+    protected=() if p.format_edges else edge_patterns(config),
+    format_options=options,
+  )
 
 
 def resolve_backend_choices(
@@ -88,7 +120,7 @@ def build_recipe(config: Config, tokenizer: Any = None, decode: bool = False) ->
   Raises:
     ValueError: an invalid precision spec, or a task the family cannot run.
   """
-  precision = make_precision(config.train.precision, loss_scale=config.train.loss_scale)
+  precision = run_precision(config)
   config = resolve_backend_choices(config, precision)
   task = make_task(config, tokenizer)
   model = build_model(config.model, precision, head=task.head, decode=decode)

@@ -52,7 +52,7 @@ def resolve_config(args: argparse.Namespace) -> Config:
   paths = [p for p in (args.data or []) if not _OVERRIDE.match(p)]
   overrides = [p for p in (args.data or []) if _OVERRIDE.match(p)] + list(args.overrides)
   if args.precision:
-    overrides.append(f"train.precision={args.precision}")
+    overrides.append(f"precision.policy={args.precision}")
   if args.steps is not None:  # --steps 0 is an error, not "the preset's steps"
     overrides.append(f"train.steps={args.steps}")
   if args.task:

@@ -2,8 +2,9 @@
 
 Every experiment is described by one :class:`Config` made of sections
 (:class:`ModelConfig`, :class:`OptimConfig`, :class:`DataConfig`,
-:class:`TrainConfig`, :class:`MeshConfig`). Each section validates itself on
-construction and raises ``ValueError`` naming the field and the bad value.
+:class:`TrainConfig`, :class:`PrecisionConfig`, :class:`MeshConfig`). Each
+section validates itself on construction and raises ``ValueError`` naming the
+field and the bad value.
 Named presets live in :data:`PRESETS`; :func:`apply_overrides` applies dotted
 ``section.field=value`` overrides and rejects unknown keys.
 """
@@ -351,10 +352,6 @@ class TrainConfig:
   task: str = "auto"
   steps: int = 300  # optimizer updates; may change on resume (see optim.schedule_steps)
   batch_size: int = 16  # rows per optimizer update (split into grad_accum_steps micro-batches)
-  precision: str = "fp32"  # a preset of llm_mp.precision: fp32, bf16, fp16, pure_bf16
-  loss_scale: str = "auto"  # "auto" (the preset's), "none", "static", "dynamic"
-  init_loss_scale: float = 2.0**15  # first loss scale (static or dynamic scaling)
-  loss_scale_period: int = 2000  # finite steps before a dynamic scale grows
   z_loss: float = 0.0  # weight of log(Z)^2, keeps logits from drifting
   mlm_probability: float = 0.15  # masked LM: fraction of real tokens selected (80/10/10)
   # Also report grad_zero_fraction/<layer> (embed, each block, head): where fp16 underflows.
@@ -385,17 +382,48 @@ class TrainConfig:
       "ckpt_every",
       "keep_checkpoints",
       "eval_batches",
-      "loss_scale_period",
     ):
       _check_positive(s, f, getattr(self, f))
-    _check_choice(s, "loss_scale", self.loss_scale, ("auto", "none", "static", "dynamic"))
     _check_choice(s, "task", self.task, TASKS)
     _check_positive(s, "backbone_lr_scale", self.backbone_lr_scale, allow_zero=True)
-    _check_positive(s, "init_loss_scale", self.init_loss_scale)
     _check_positive(s, "z_loss", self.z_loss, allow_zero=True)
     _check_positive(s, "sample_tokens", self.sample_tokens, allow_zero=True)
     if not 0.0 < self.mlm_probability < 1.0:
       raise ValueError(f"train.mlm_probability={self.mlm_probability!r} must be in (0, 1)")
+
+
+@dataclasses.dataclass(frozen=True)
+class PrecisionConfig:
+  """Number formats: the dtype policy, per-module overrides, loss scaling, matmul formats."""
+
+  # A preset of llm_mp.precision (fp32, bf16, fp16, pure_bf16) or a jmp policy "p=f32,c=bf16,o=bf16"
+  policy: str = "fp32"
+  # Per-module dtype overrides "pattern=spec;...", after the defaults (norms, router, heads in
+  # fp32), e.g. "*mlp*=f32;lm_head=c=f32,o=f32"; a bare dtype sets the compute dtype.
+  overrides: str = ""
+  loss_scale: str = "auto"  # "auto" (the policy's), "none", "static", "dynamic"
+  init_loss_scale: float = 2.0**15  # first loss scale (static or dynamic scaling)
+  loss_scale_period: int = 2000  # finite steps before a dynamic scale grows
+  # Matmul formats "pattern=format;..." or a bare format for every matmul: none, fp8, int8
+  # (quantisation-aware training), int8-weight, int4-weight (weight-only), lowrank:RANK.
+  formats: str = ""
+  # Whether formats also reach the first and last block and the heads (default: those keep
+  # the dtype policy).
+  format_edges: bool = False
+  fp8_scaling: str = "delayed"  # "delayed" (amax history) or "current" (amax of this tensor)
+  amax_history: int = 16  # delayed scaling: steps of amax kept per tensor
+  fp8_margin: int = 0  # scale = fp8_max / amax / 2**margin
+  int8_activations: str = "tensor"  # int8 QAT activation scales: per "tensor" or per "token"
+  group_size: int = 128  # int4-weight: input rows sharing one scale
+
+  def __post_init__(self):
+    s = "precision"
+    _check_choice(s, "loss_scale", self.loss_scale, ("auto", "none", "static", "dynamic"))
+    _check_choice(s, "fp8_scaling", self.fp8_scaling, ("delayed", "current"))
+    _check_choice(s, "int8_activations", self.int8_activations, ("tensor", "token"))
+    for f in ("init_loss_scale", "loss_scale_period", "amax_history", "group_size"):
+      _check_positive(s, f, getattr(self, f))
+    _check_positive(s, "fp8_margin", self.fp8_margin, allow_zero=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -406,6 +434,7 @@ class Config:
   optim: OptimConfig = OptimConfig()
   data: DataConfig = DataConfig()
   train: TrainConfig = TrainConfig()
+  precision: PrecisionConfig = PrecisionConfig()
   mesh: MeshConfig = MeshConfig()
 
   def __post_init__(self):
@@ -628,9 +657,8 @@ def _gpt2_124m() -> Config:
     model=ModelConfig.gpt2(vocab_size=50304, d_model=768, n_layers=12, n_heads=12, max_len=1024),
     optim=OptimConfig(lr=6e-4, warmup_steps=700),
     data=DataConfig(tokenizer="bpe", bpe_vocab_size=50304, seq_len=1024),
-    train=TrainConfig(
-      steps=20_000, batch_size=16, precision="bf16", eval_every=1000, ckpt_every=1000
-    ),
+    train=TrainConfig(steps=20_000, batch_size=16, eval_every=1000, ckpt_every=1000),
+    precision=PrecisionConfig(policy="bf16"),
   )
 
 
@@ -718,10 +746,10 @@ def _bert_base() -> Config:
       task="mlm",
       steps=1_000_000,
       batch_size=256,
-      precision="bf16",
       eval_every=10_000,
       ckpt_every=10_000,
     ),
+    precision=PrecisionConfig(policy="bf16"),
   )
 
 
@@ -779,10 +807,10 @@ def _transformer_base() -> Config:
       task="seq2seq",
       steps=100_000,
       batch_size=128,
-      precision="bf16",
       eval_every=1000,
       ckpt_every=1000,
     ),
+    precision=PrecisionConfig(policy="bf16"),
   )
 
 
@@ -819,10 +847,10 @@ def _t5_small() -> Config:
       task="seq2seq",
       steps=100_000,
       batch_size=128,
-      precision="bf16",
       eval_every=1000,
       ckpt_every=1000,
     ),
+    precision=PrecisionConfig(policy="bf16"),
   )
 
 

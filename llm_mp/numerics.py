@@ -560,7 +560,7 @@ def diagnose_run(
   return {
     "run": os.path.basename(os.path.abspath(workdir)),
     "step": run.step,
-    "run_precision": run.config.train.precision,
+    "run_precision": run.config.precision.policy,
     **report,
   }
 

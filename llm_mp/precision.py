@@ -106,8 +106,20 @@ PRESETS: Mapping[str, tuple[str, str]] = {
 
 
 @dataclasses.dataclass(frozen=True)
+class FormatOptions:
+  """Settings of the sub-16-bit matmul formats (see ``llm_mp.formats``); the
+  fields mirror :class:`llm_mp.config.PrecisionConfig`'s."""
+
+  fp8_scaling: str = "delayed"
+  amax_history: int = 16
+  fp8_margin: int = 0
+  int8_activations: str = "tensor"
+  group_size: int = 128
+
+
+@dataclasses.dataclass(frozen=True)
 class Precision:
-  """A base policy, per-module overrides and the loss-scaling kind.
+  """A base policy, per-module overrides, matmul formats and the loss-scaling kind.
 
   Attributes:
     name: the preset or spec it was built from (for logs).
@@ -115,12 +127,21 @@ class Precision:
     overrides: ``(pattern, policy)`` pairs; a module whose '/'-joined path
       matches ``pattern`` (fnmatch) takes ``policy``. The last match wins.
     loss_scale: "none", "static" or "dynamic".
+    formats: ``(pattern, format)`` pairs naming the matmul format of the
+      modules whose path matches (``llm_mp.formats``); the last match wins,
+      and no match means ``"none"``.
+    protected: fnmatch patterns of modules no format reaches (the first and
+      last block and the heads, unless ``precision.format_edges``).
+    format_options: settings of the formats.
   """
 
   name: str
   base: jmp.Policy
   overrides: tuple[tuple[str, jmp.Policy], ...] = ()
   loss_scale: str = "none"
+  formats: tuple[tuple[str, str], ...] = ()
+  protected: tuple[str, ...] = ()
+  format_options: FormatOptions = FormatOptions()
 
   def __post_init__(self):
     if self.loss_scale not in LOSS_SCALES:
@@ -134,6 +155,16 @@ class Precision:
         policy = override
     return policy
 
+  def format_for(self, path: str) -> str:
+    """The matmul format of the module at ``path`` (``"none"``: the dtype policy alone)."""
+    if any(fnmatch.fnmatchcase(path, pattern) for pattern in self.protected):
+      return "none"
+    fmt = "none"
+    for pattern, name in self.formats:
+      if fnmatch.fnmatchcase(path, pattern):
+        fmt = name
+    return fmt
+
   @property
   def param_dtype(self) -> Any:
     return self.base.param_dtype
@@ -145,11 +176,34 @@ class Precision:
   def describe(self) -> str:
     lines = [f"precision {self.name}: {_policy_str(self.base)}, loss scale {self.loss_scale}"]
     lines += [f"  {pat}: {_policy_str(p)}" for pat, p in self.overrides]
+    lines += [f"  {pat}: matmul format {fmt}" for pat, fmt in self.formats]
+    if self.formats and self.protected:
+      lines.append(f"  no format reaches: {', '.join(self.protected)}")
     return "\n".join(lines)
 
 
+def parse_formats(text: str) -> tuple[tuple[str, str], ...]:
+  """``"fp8"`` or ``"*mlp*=int8;lm_head=lowrank:64"`` -> ``(pattern, format)`` pairs (a
+  bare format applies to every module). ValueError for an unknown format name."""
+  from llm_mp.formats import parse_format  # pylint: disable=import-outside-toplevel
+
+  pairs = []
+  for item in (text or "").split(";"):
+    if not item.strip():
+      continue
+    pattern, _, fmt = item.rpartition("=")
+    parse_format(fmt)
+    pairs.append((pattern.strip() or "*", fmt.strip().lower()))
+  return tuple(pairs)
+
+
 def make_precision(
-  spec: str = "fp32", overrides: str | None = None, loss_scale: str | None = None
+  spec: str = "fp32",
+  overrides: str | None = None,
+  loss_scale: str | None = None,
+  formats: str = "",
+  protected: tuple[str, ...] = (),
+  format_options: FormatOptions = FormatOptions(),
 ) -> Precision:
   """Builds a :class:`Precision` from a preset or a jmp policy string.
 
@@ -160,9 +214,12 @@ def make_precision(
       the defaults, e.g. ``"*attn*=f32;lm_head=c=f32,o=f32"``. A bare dtype
       sets the compute dtype; ``p=,c=,o=`` set any subset of the three.
     loss_scale: "none", "static", "dynamic", or None for the preset's choice.
+    formats: matmul formats, see :func:`parse_formats`.
+    protected: module patterns no format reaches.
+    format_options: settings of the formats.
 
   Raises:
-    ValueError: unknown preset, dtype, policy field or loss-scale kind.
+    ValueError: unknown preset, dtype, policy field, loss-scale kind or format.
   """
   key = spec.strip().lower()
   if key in PRESETS:
@@ -185,7 +242,15 @@ def make_precision(
   # Each override changes only the fields it names, starting from the base policy.
   resolved = tuple((pat, _parse_policy_fields(val, base)) for pat, val in entries)
   scale = preset_scale if loss_scale in (None, "auto") else loss_scale
-  return Precision(name=spec, base=base, overrides=resolved, loss_scale=scale)
+  return Precision(
+    name=spec,
+    base=base,
+    overrides=resolved,
+    loss_scale=scale,
+    formats=parse_formats(formats),
+    protected=tuple(protected),
+    format_options=format_options,
+  )
 
 
 def module_path(module) -> str:

@@ -92,7 +92,7 @@ def make_init_fn(
       params=params,
       opt_state=tx.init(params),
       loss_scale=make_loss_scale(
-        precision.loss_scale, config.train.init_loss_scale, config.train.loss_scale_period
+        precision.loss_scale, config.precision.init_loss_scale, config.precision.loss_scale_period
       ),
       rng=state_rng,
       skipped_steps=jnp.zeros((), jnp.int32),

@@ -28,6 +28,7 @@ from llm_mp.builder import (
   check_init_from,
   load_backbone,
   restore_run_params,
+  run_precision,
 )
 from llm_mp.config import Config
 from llm_mp.data import text2text
@@ -41,7 +42,6 @@ from llm_mp.metrics import (
   to_python,
   truncate_metrics,
 )
-from llm_mp.precision import make_precision
 from llm_mp.state import param_count
 from llm_mp.step import make_eval_step, make_train_step
 from llm_mp.tasks import LM_BATCH_AXES, Task, task_name
@@ -328,7 +328,7 @@ def evaluate(
 def validate(config: Config) -> None:
   """Checks what only devices and the policy parser can check, before anything
   is written: the precision spec, the mesh, and that the batch splits over it."""
-  make_precision(config.train.precision, loss_scale=config.train.loss_scale)
+  run_precision(config)
   mesh = sharding.make_mesh(config.mesh)
   rows = mesh.shape["data"] * mesh.shape["fsdp"]
   if config.train.batch_size % rows:

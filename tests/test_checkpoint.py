@@ -14,7 +14,15 @@ import pytest
 
 from llm_mp import checkpoint, sharding
 from llm_mp.builder import build_recipe
-from llm_mp.config import Config, DataConfig, MeshConfig, ModelConfig, OptimConfig, TrainConfig
+from llm_mp.config import (
+  Config,
+  DataConfig,
+  MeshConfig,
+  ModelConfig,
+  OptimConfig,
+  PrecisionConfig,
+  TrainConfig,
+)
 
 # After a failed read, tensorstore's cancelled reads call back into orbax's closed event
 # loop ("Event loop is closed"); pytest reports those as unraisable exceptions.
@@ -30,7 +38,8 @@ def _abstract(mesh_cfg, devices):
     optim=OptimConfig(),
     data=DataConfig(seq_len=16),
     mesh=mesh_cfg,
-    train=TrainConfig(steps=10, precision="pure_bf16", loss_scale="dynamic"),
+    train=TrainConfig(steps=10),
+    precision=PrecisionConfig(policy="pure_bf16", loss_scale="dynamic"),
   )
   r = build_recipe(config)
   return sharding.abstract_train_state(

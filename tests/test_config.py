@@ -42,7 +42,7 @@ def test_overrides_parse_values_and_validate():
       "optim.clip_norm=none",
       "model.scan_layers=true",
       "data.paths=a.txt",
-      "train.loss_scale=none",
+      "precision.loss_scale=none",
     ],
   )
   assert (c.model.n_layers, c.optim.lr, c.optim.clip_norm, c.model.scan_layers) == (
@@ -51,7 +51,7 @@ def test_overrides_parse_values_and_validate():
     None,
     True,
   )
-  assert c.data.paths == ("a.txt",) and c.train.loss_scale == "none"
+  assert c.data.paths == ("a.txt",) and c.precision.loss_scale == "none"
 
 
 def test_overrides_are_parsed_to_the_fields_declared_type():
@@ -145,7 +145,7 @@ def test_tiny_preset_widths_split_over_tensor_axes():
     ("model.n_heads=3", "n_heads=3"),
     ("data.seq_len=4096", "max_len"),
     ("optim.name=lamb", "lamb"),
-    ("train.loss_scale=huge", "huge"),
+    ("precision.loss_scale=huge", "huge"),
   ],
 )
 def test_bad_overrides_name_the_field_and_value(override, message):

@@ -228,7 +228,7 @@ def _param_paths(tree):
 def test_presets_build_both_heads_on_one_backbone(preset):
   config = get_preset(preset)
   assert config.model.family == "encoder" and config.train.task == "mlm"
-  prec = make_precision(config.train.precision)
+  prec = make_precision(config.precision.policy)
   tokens = jnp.zeros((1, config.data.seq_len), jnp.int32)
   shapes = {
     head: _param_paths(

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from llm_mp import cli, numerics
-from llm_mp.config import Config, DataConfig, ModelConfig, OptimConfig, TrainConfig
+from llm_mp.config import Config, DataConfig, ModelConfig, OptimConfig, PrecisionConfig, TrainConfig
 from llm_mp.models import build_model
 from llm_mp.precision import make_precision
 from llm_mp.tasks import make_task
@@ -184,9 +184,8 @@ def tiny_run(tmp_path_factory):
     model=dataclasses.replace(GPT2, vocab_size=259),
     optim=OptimConfig(lr=3e-3),
     data=DataConfig(paths=(str(corpus),), seq_len=32, val_fraction=0.2),
-    train=TrainConfig(
-      steps=2, batch_size=8, log_every=1, eval_every=2, ckpt_every=2, precision="fp16"
-    ),
+    train=TrainConfig(steps=2, batch_size=8, log_every=1, eval_every=2, ckpt_every=2),
+    precision=PrecisionConfig(policy="fp16"),
   )
   workdir = str(tmp_path_factory.mktemp("run"))
   train(config, workdir, verbose=False)

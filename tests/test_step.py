@@ -10,19 +10,20 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 from llm_mp.builder import build_recipe
-from llm_mp.config import Config, DataConfig, ModelConfig, OptimConfig, TrainConfig
+from llm_mp.config import Config, DataConfig, ModelConfig, OptimConfig, PrecisionConfig, TrainConfig
 from llm_mp.state import make_init_fn
 from llm_mp.step import cross_entropy, make_eval_step, make_train_step
 
 T = 16
 
 
-def _config(**train_kw):
+def _config(layer_metrics=False, **precision_kw):
   return Config(
     model=ModelConfig.gpt2(vocab_size=64, d_model=32, n_layers=2, n_heads=4, max_len=T),
     optim=OptimConfig(lr=3e-3, warmup_steps=0, schedule="constant", weight_decay=0.0),
     data=DataConfig(seq_len=T),
-    train=TrainConfig(batch_size=8, **train_kw),
+    train=TrainConfig(batch_size=8, layer_metrics=layer_metrics),
+    precision=PrecisionConfig(**precision_kw),
   )
 
 
@@ -37,10 +38,10 @@ def _batch(b=8, seed=0, vocab=64):
 
 
 def _setup(config, precision="fp32", loss_scale=None):
-  train = dataclasses.replace(
-    config.train, precision=precision, loss_scale=loss_scale or config.train.loss_scale
+  section = dataclasses.replace(
+    config.precision, policy=precision, loss_scale=loss_scale or config.precision.loss_scale
   )
-  config = dataclasses.replace(config, train=train)
+  config = dataclasses.replace(config, precision=section)
   r = build_recipe(config)
   state = jax.jit(make_init_fn(r.model, r.tx, r.precision, config))(jax.random.key(0))
   step = jax.jit(make_train_step(r.model, r.tx, r.schedule, config, r.task), donate_argnums=0)

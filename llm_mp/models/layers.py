@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from llm_mp.config import ModelConfig
+from llm_mp.formats import Weight, matmul
 from llm_mp.precision import Precision, module_policy
 
 
@@ -113,7 +114,8 @@ class Dense(nn.Module):
       fused into the layer's gradient; None for a linear layer.
 
   Input ``[..., *in_shape]`` in any float dtype; output ``[..., *features]`` in
-  the module policy's output dtype; the matmul runs in its compute dtype.
+  the module policy's output dtype; the matmul runs in its compute dtype, in the
+  matmul format the precision policy names for the module (``llm_mp.formats``).
   """
 
   features: int | Sequence[int]
@@ -128,10 +130,7 @@ class Dense(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     policy = module_policy(self)
     features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
-    in_shape = x.shape[-self.n_in :]
-    kernel = self.param(
-      "kernel", normal_init(self.init_std, self.axes), in_shape + features, policy.param_dtype
-    )
+    weight = Weight("kernel", x.shape[-self.n_in :], features, tuple(self.axes), self.init_std)
     bias = None
     if self.use_bias:
       bias = self.param(
@@ -140,9 +139,9 @@ class Dense(nn.Module):
         features,
         policy.param_dtype,
       )
-    x, kernel, bias = policy.cast_to_compute((x, kernel, bias))
-    return dense(
-      x, kernel, bias, n_in=self.n_in, out_dtype=policy.output_dtype, activation=self.activation
+    x, bias = policy.cast_to_compute((x, bias))
+    return matmul(
+      self, x, weight, bias=bias, activation=self.activation, out_dtype=policy.output_dtype
     )
 
 

@@ -35,7 +35,8 @@ import jax
 import jax.numpy as jnp
 
 from llm_mp.config import ModelConfig
-from llm_mp.models.layers import ACTIVATIONS, Dense, normal_init
+from llm_mp.formats import Weight, matmul
+from llm_mp.models.layers import ACTIVATIONS, Dense
 from llm_mp.precision import Precision, module_policy
 
 GATED = ("swiglu", "geglu")
@@ -153,33 +154,24 @@ class MoE(nn.Module):
         self.sow("metrics", name, jax.lax.stop_gradient(value).astype(jnp.float32))
 
     policy = module_policy(self)
-
-    def expert_param(name, std, axes, shape):
-      return self.param(name, normal_init(std, axes), shape, policy.param_dtype)
-
-    w_in = expert_param("w_in", c.init_std, ("expert", "embed", "mlp"), (e, d, f))
-    w_gate = (
-      expert_param("w_gate", c.init_std, ("expert", "embed", "mlp"), (e, d, f))
-      if c.mlp in GATED
-      else None
-    )
+    # Each expert's weights [E, in, out]; the experts axis is a batch axis of the matmul.
+    up = lambda name: Weight(name, (d,), (f,), ("expert", "embed", "mlp"), c.init_std, (e,))
     # GPT-2 scales the init of residual-branch outputs by 1/sqrt(2 * n_layers).
-    w_out = expert_param(
-      "w_out", c.init_std / (2 * c.n_layers) ** 0.5, ("expert", "mlp", "embed"), (e, f, d)
-    )
-    tokens, w_in, w_gate, w_out = policy.cast_to_compute((x.reshape(n, d), w_in, w_gate, w_out))
+    std_out = c.init_std / (2 * c.n_layers) ** 0.5
+    down = Weight("w_out", (f,), (d,), ("expert", "mlp", "embed"), std_out, (e,))
+    tokens = policy.cast_to_compute(x.reshape(n, d))
     cdt = tokens.dtype
     # Gather each expert's slots: exact, every slot holds one token or zeros.
     expert_in = jnp.einsum("nec,nd->ecd", dispatch.astype(cdt), tokens)  # (E, C, d)
     expert_in = nn.with_logical_constraint(expert_in, ("expert", None, None))
     act = ACTIVATIONS[c.mlp]
-    h = jnp.einsum("ecd,edf->ecf", expert_in, w_in)  # (E, C, f)
-    if w_gate is not None:
-      h = act(jnp.einsum("ecd,edf->ecf", expert_in, w_gate)) * h
+    h = matmul(self, expert_in, up("w_in"))  # (E, C, f)
+    if c.mlp in GATED:
+      h = act(matmul(self, expert_in, up("w_gate"))) * h
     else:
       h = act(h)
     h = nn.with_logical_constraint(h, ("expert", None, "mlp"))
-    expert_out = jnp.einsum("ecf,efd->ecd", h, w_out)  # (E, C, d)
+    expert_out = matmul(self, h, down)  # (E, C, d)
     out = jnp.einsum("nec,ecd->nd", combine.astype(cdt), expert_out)  # gate-weighted sum
     out = policy.cast_to_output(out.reshape(b, t, d))
     return nn.Dropout(c.dropout)(out, deterministic=deterministic)
