@@ -43,16 +43,19 @@ PRECISIONS = {"fp32": "fp32", "bf16": "bf16", "fp16 + dynamic scale": "fp16"}
 class Setting:
   """Per-task CPU settings: row length, steps, vocabulary, decoding length."""
 
-  seq_len: int
+  seq_len: int  # source tokens per row
   steps: int
   vocab: int
   max_new_tokens: int
   eval_examples: int  # test examples decoded (the first ones of the fixed split)
+  target_len: int | None = None  # target tokens per row (None: seq_len)
 
 
 SETTINGS = {
   "translate": Setting(seq_len=48, steps=1500, vocab=4000, max_new_tokens=40, eval_examples=1000),
-  "summarize": Setting(seq_len=256, steps=400, vocab=4000, max_new_tokens=96, eval_examples=100),
+  "summarize": Setting(
+    seq_len=192, target_len=64, steps=600, vocab=4000, max_new_tokens=64, eval_examples=100
+  ),
   "qa": Setting(seq_len=256, steps=400, vocab=4000, max_new_tokens=16, eval_examples=300),
 }
 FAST = Setting(seq_len=32, steps=3, vocab=300, max_new_tokens=8, eval_examples=8)
@@ -153,6 +156,7 @@ def run(args) -> dict[str, Any]:
         f"precision.policy={PRECISIONS[name]}",
         f"train.steps={setting.steps}",
         f"data.seq_len={setting.seq_len}",
+        f"data.target_len={setting.target_len}",
         f"model.max_len={max(setting.seq_len, 64)}",
         "data.tokenizer=bpe",
         f"data.bpe_vocab_size={setting.vocab}",

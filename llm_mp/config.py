@@ -270,7 +270,8 @@ class DataConfig:
   val_paths: tuple[str, ...] = ()
   tokenizer: str = "byte"  # "byte" (256 + specials) or "bpe" (trained with `tokenizers`)
   bpe_vocab_size: int = 1024  # size of the trained BPE vocabulary (specials included)
-  seq_len: int = 128  # tokens per packed row
+  seq_len: int = 128  # tokens per packed row (seq2seq: per source row)
+  target_len: int | None = None  # seq2seq: tokens per target row (longer are cut); None = seq_len
   val_fraction: float = 0.05  # fraction of the text held out for validation; 0 = no evaluation
   min_doc_chars: int = 16  # shorter documents are dropped during cleaning
   skip_bad_files: bool = False  # skip non-UTF-8 files with a warning instead of failing
@@ -284,6 +285,8 @@ class DataConfig:
     s = "data"
     _check_choice(s, "tokenizer", self.tokenizer, TOKENIZERS)
     _check_positive(s, "seq_len", self.seq_len)
+    if self.target_len is not None:
+      _check_positive(s, "target_len", self.target_len)
     _check_positive(s, "bpe_vocab_size", self.bpe_vocab_size)
     _check_choice(s, "bad_rows", self.bad_rows, ("error", "skip"))
     if not 0.0 <= self.val_fraction < 1.0:
@@ -438,10 +441,10 @@ class Config:
   mesh: MeshConfig = MeshConfig()
 
   def __post_init__(self):
-    if self.data.seq_len > self.model.max_len:
-      raise ValueError(
-        f"data.seq_len={self.data.seq_len} is longer than model.max_len={self.model.max_len}"
-      )
+    for name in ("seq_len", "target_len"):
+      length = getattr(self.data, name)
+      if length is not None and length > self.model.max_len:
+        raise ValueError(f"data.{name}={length} is longer than model.max_len={self.model.max_len}")
     task, family = self.train.task, self.model.family
     if task != "auto" and family not in TASK_FAMILIES[task]:
       raise ValueError(

@@ -687,7 +687,7 @@ def prepare_text2text(
   the validation pairs, else every ``1/val_fraction``-th pair is held out.
   The tokenizer is ``tokenizer``, else the workdir's (resuming), else one of
   ``cfg.tokenizer`` trained on both sides of the training pairs. Rows are
-  ``cfg.seq_len`` tokens on both sides.
+  ``cfg.seq_len`` source and ``cfg.target_len`` (default: ``seq_len``) target tokens.
 
   Raises:
     DataError: no data, unreadable data, or an empty validation split.
@@ -726,7 +726,7 @@ def prepare_text2text(
   if write:
     tokenizer.save(workdir)
   encode = lambda s: encode_text2text(
-    s.inputs, s.targets, tokenizer, tokenizer, cfg.seq_len, cfg.seq_len
+    s.inputs, s.targets, tokenizer, tokenizer, cfg.seq_len, cfg.target_len or cfg.seq_len
   )
   h = hashlib.sha256()
   for s in (split, val):
