@@ -19,6 +19,10 @@ import types
 import typing
 from typing import Any, Mapping, Sequence
 
+import jax.numpy as jnp
+
+from llm_mp.precision import parse_dtype
+
 NORMS = ("layernorm", "rmsnorm")
 # "relative": T5's bucketed relative position bias, added to self-attention logits.
 POSITIONS = ("learned", "rope", "sinusoidal", "relative", "none")
@@ -245,9 +249,19 @@ class OptimConfig:
   # trainer then stores it, so changing train.steps on resume (extending or
   # stopping a run early) leaves the learning-rate curve as it was.
   schedule_steps: int | None = None
+  # Storage of the optimizer's moments (Adam's mu and nu, momentum, Adagrad's sums):
+  # "bf16" keeps them in bf16 and does their arithmetic in fp32; "float32" keeps
+  # them in the params' dtype (fp32, or bf16 under pure_bf16).
+  state_dtype: str = "float32"
+  # bf16 params (e.g. pure_bf16): store p + update rounded stochastically (unbiased)
+  # instead of to nearest, so updates below half a bf16 ulp are not lost on average.
+  # No effect on fp32 params.
+  stochastic_rounding: bool = False
 
   def __post_init__(self):
     s = "optim"
+    if parse_dtype(self.state_dtype, "optim.state_dtype") not in (jnp.float32, jnp.bfloat16):
+      raise ValueError(f"optim.state_dtype={self.state_dtype!r} must be float32 or bfloat16")
     _check_choice(s, "name", self.name, OPTIMIZERS)
     _check_choice(s, "schedule", self.schedule, SCHEDULES)
     _check_positive(s, "lr", self.lr)
