@@ -42,6 +42,7 @@ TASK_FAMILIES = {
   "seq2seq": ("encoder_decoder",),
 }
 POOLS = ("first", "mean")
+STATE_DTYPES = ("float32", "fp32", "f32", "bfloat16", "bf16")
 
 
 def _check_choice(section: str, field: str, value: Any, choices: Sequence[Any]) -> None:
@@ -246,9 +247,19 @@ class OptimConfig:
   # trainer then stores it, so changing train.steps on resume (extending or
   # stopping a run early) leaves the learning-rate curve as it was.
   schedule_steps: int | None = None
+  # Storage of the optimizer's moments (Adam's mu and nu, momentum, Adagrad's sums):
+  # "bf16" keeps them in bf16 and does their arithmetic in fp32; "float32" keeps
+  # them in the params' dtype (fp32, or bf16 under pure_bf16).
+  state_dtype: str = "float32"
+  # bf16 params (e.g. pure_bf16): store p + update rounded stochastically (unbiased)
+  # instead of to nearest, so updates below half a bf16 ulp are not lost on average.
+  # No effect on fp32 params.
+  stochastic_rounding: bool = False
 
   def __post_init__(self):
     s = "optim"
+    # Names llm_mp.precision.parse_dtype reads as fp32 or bf16 (fp16 moments underflow).
+    _check_choice(s, "state_dtype", self.state_dtype.strip().lower(), STATE_DTYPES)
     _check_choice(s, "name", self.name, OPTIMIZERS)
     _check_choice(s, "schedule", self.schedule, SCHEDULES)
     _check_positive(s, "lr", self.lr)

@@ -1,11 +1,14 @@
-"""optax chains from :class:`~llm_mp.config.OptimConfig`.
+"""optax chains from :class:`~llm_mp.config.OptimConfig`, and the parameter update.
 
 The chain, in order:
 
 1. global-norm clipping (``clip_norm``), of the fp32 gradients the train step
    has already unscaled, so the threshold applies to true gradients;
 2. a cast of the gradients to the params' dtypes, so the optimizer state
-   follows the params (fp32 params -> fp32 moments, bf16 -> bf16);
+   follows the params (fp32 params -> fp32 moments, bf16 -> bf16); with
+   ``state_dtype=bf16`` instead, the optimizer of 3-4 is wrapped by
+   :func:`with_state_dtype`: its moments are stored in bf16, its arithmetic
+   is fp32 and its updates come out in fp32, whatever the params' dtype;
 3. weight decay on the parameters :func:`decay_mask` selects: decoupled for
    ``adamw`` (``-lr * wd * p``, Loshchilov & Hutter); for the other optimizers
    an L2 term ``wd * p`` added to the gradient before them, as the
@@ -18,6 +21,10 @@ The chain, in order:
 Gradient accumulation is done by the train step (a scan over micro-batches),
 so one ``update`` is one optimizer step. optax counts only the updates the
 train step keeps, so the lr of a step is ``schedule(step - skipped_steps)``.
+
+The train step applies the updates with :func:`apply_updates`: ``p + u`` in
+the params' dtype, rounded to nearest, or for bf16 params with
+``stochastic_rounding`` rounded by :func:`stochastic_round`.
 """
 
 from __future__ import annotations
@@ -26,9 +33,11 @@ import fnmatch
 from typing import Any, Sequence
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from llm_mp.config import OptimConfig
+from llm_mp.precision import parse_dtype
 
 EMBEDDING_LEAVES = ("embedding", "pos_embedding")
 
@@ -88,6 +97,74 @@ def cast_to_params() -> optax.GradientTransformation:
     return optax.tree_utils.tree_cast_like(updates, params), state
 
   return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
+
+
+def _cast_floats(tree: Any, dtype: Any) -> Any:
+  """``tree`` with its floating leaves cast to ``dtype`` (integer counts kept)."""
+  return jax.tree.map(
+    lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree
+  )
+
+
+def with_state_dtype(
+  inner: optax.GradientTransformation, dtype: Any
+) -> optax.GradientTransformation:
+  """``inner`` with every floating leaf of its state (Adam's mu and nu, momentum
+  traces, Adagrad's sums) stored in ``dtype``.
+
+  Each ``update`` casts the state and the incoming updates up to fp32, runs
+  ``inner`` in fp32 and casts the new state back down to ``dtype``; the
+  updates it returns are fp32. Integer leaves (step counts) are untouched.
+  """
+
+  def init(params):
+    return _cast_floats(inner.init(params), dtype)
+
+  def update(updates, state, params=None):
+    up = lambda tree: _cast_floats(tree, jnp.float32)
+    updates, state = inner.update(up(updates), up(state), params)
+    return updates, _cast_floats(state, dtype)
+
+  return optax.GradientTransformation(init, update)
+
+
+def stochastic_round(x: jax.Array, key: jax.Array) -> jax.Array:
+  """fp32 ``[...]`` -> bf16 ``[...]``, rounded up or down at random so that ``E[result] = x``.
+
+  A bf16 value is the top 16 bits of an fp32 one. Adding 16 uniform random
+  bits to the low half of ``x``'s bit pattern and truncating rounds its
+  magnitude up with probability (distance to the lower bf16 neighbour) / (bf16
+  spacing). Floats are sign-magnitude, so a negative ``x`` rounds towards
+  -inf with that same probability, and the carry never reaches the sign bit
+  (the largest finite magnitude, 0x7F7FFFFF, plus 0xFFFF stays below 2**31).
+  Values already in bf16 are unchanged; inf and nan pass through.
+  """
+  bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+  noise = jax.random.bits(key, x.shape, jnp.uint32) >> 16  # uniform in [0, 0xFFFF]
+  rounded = jax.lax.bitcast_convert_type((bits + noise) & jnp.uint32(0xFFFF0000), jnp.float32)
+  return jnp.where(jnp.isfinite(x), rounded, x).astype(jnp.bfloat16)  # the cast is exact
+
+
+def apply_updates(params: Any, updates: Any, rng: jax.Array | None = None) -> Any:
+  """``params + updates``, each leaf stored back in its param's dtype.
+
+  Without ``rng``: ``optax.apply_updates`` (round to nearest). With ``rng``:
+  a bf16 param becomes ``stochastic_round(fp32(p) + fp32(u))``, with one key
+  per leaf split from ``rng``; params of other dtypes (fp32) are updated
+  exactly as without ``rng``.
+  """
+  if rng is None:
+    return optax.apply_updates(params, updates)
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(rng, len(leaves))
+
+  def one(p, u, key):
+    if p.dtype != jnp.bfloat16:
+      return jnp.asarray(p + u).astype(p.dtype)  # as optax.apply_updates
+    return stochastic_round(p.astype(jnp.float32) + u.astype(jnp.float32), key)
+
+  new = [one(p, u, k) for p, u, k in zip(leaves, treedef.flatten_up_to(updates), keys)]
+  return jax.tree.unflatten(treedef, new)
 
 
 def _optimizer(cfg: OptimConfig, schedule: optax.Schedule) -> optax.GradientTransformation:
@@ -164,10 +241,14 @@ def make_optimizer(
   links = []
   if cfg.clip_norm is not None:
     links.append(optax.clip_by_global_norm(cfg.clip_norm))
-  links.append(cast_to_params())
   update = [_optimizer(cfg, schedule)]
   if cfg.name != "adamw" and cfg.weight_decay > 0:
     update.insert(0, optax.add_decayed_weights(cfg.weight_decay, lambda p: decay_mask(p, cfg)))
+  state_dtype = parse_dtype(cfg.state_dtype)
+  if state_dtype == jnp.float32:  # the state follows the params
+    links.append(cast_to_params())
+  else:
+    update = [with_state_dtype(t, state_dtype) for t in update]
   if freeze or backbone_lr_scale != 1.0:
     # Only then: a plain chain keeps the optimizer state of existing runs unchanged.
     head = optax.chain(*update)

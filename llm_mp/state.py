@@ -28,7 +28,8 @@ class TrainState:
   Attributes:
     step: int32 ``[]``, optimizer steps attempted (skipped ones included).
     params: the model's parameters (plain arrays, in the policy's param dtype).
-    opt_state: the optax state (moments in the params' dtypes).
+    opt_state: the optax state (moments in the params' dtypes, or in
+      ``optim.state_dtype`` when that is not float32).
     loss_scale: a loss-scale pytree (``llm_mp.loss_scale``).
     rng: PRNG key; step ``s`` uses ``fold_in(rng, s)`` for dropout.
     skipped_steps: int32 ``[]``, steps whose gradients were non-finite.
@@ -104,3 +105,15 @@ def make_init_fn(
 
 def param_count(params: Any) -> int:
   return sum(x.size for x in jax.tree.leaves(params))
+
+
+def bytes_per_param(state: TrainState) -> float:
+  """(bytes of params + bytes of optimizer state) / number of params.
+
+  ``state`` holds arrays or ``jax.ShapeDtypeStruct``s (``jax.eval_shape``),
+  unsharded sizes. fp32 params with fp32 Adam moments give 12, bf16 params
+  and moments 6, fp32 params with bf16 moments 8; the optimizer's step
+  counts add a few bytes in all.
+  """
+  leaves = jax.tree.leaves((state.params, state.opt_state))
+  return sum(x.size * x.dtype.itemsize for x in leaves) / param_count(state.params)

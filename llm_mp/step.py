@@ -6,6 +6,9 @@ recipe: scale the loss, take gradients (combined over micro-batches), unscale,
 check finiteness, clip (first link of the optax chain), update; when any
 gradient is non-finite the parameters, optimizer state and model state are
 kept bit for bit, the dynamic scale shrinks and ``skipped_steps`` counts it.
+With ``optim.stochastic_rounding`` bf16 parameters are updated with stochastic
+rounding keyed by the state's rng and step, so a run stays deterministic and
+resumes exactly.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import optax
 
 from llm_mp.config import Config
 from llm_mp.loss_scale import all_finite, select_tree
+from llm_mp.optim import apply_updates
 from llm_mp.state import TrainState
 from llm_mp.tasks import Batch, Task, cross_entropy, loss_mask, make_task
 
@@ -128,7 +132,9 @@ def make_train_step(
     grads = state.loss_scale.unscale(grads)
     finite = all_finite(grads)
     updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
-    new_params = optax.apply_updates(state.params, updates)
+    # Micro-batches take rng or fold_in(rng, i < k); rounding takes fold_in(rng, k).
+    round_rng = jax.random.fold_in(rng, k) if config.optim.stochastic_rounding else None
+    new_params = apply_updates(state.params, updates, round_rng)
     skipped = state.skipped_steps + (~finite).astype(jnp.int32)
     new_state = state.replace(
       step=state.step + 1,

@@ -42,7 +42,7 @@ from llm_mp.metrics import (
   to_python,
   truncate_metrics,
 )
-from llm_mp.state import param_count
+from llm_mp.state import bytes_per_param, param_count
 from llm_mp.step import make_eval_step, make_train_step
 from llm_mp.tasks import LM_BATCH_AXES, Task, task_name
 
@@ -276,7 +276,8 @@ def build(config: Config, ckpt, say=print, tokenizer: Any = None) -> Run:
   mem = sharding.state_memory_report(abstract)
   say(
     f"mesh: {dict(mesh.shape)}; per device: params {mem['params_bytes'] / 2**20:.1f} MiB, "
-    f"optimizer state {mem['opt_state_bytes'] / 2**20:.1f} MiB"
+    f"optimizer state {mem['opt_state_bytes'] / 2**20:.1f} MiB; "
+    f"{bytes_per_param(abstract):.2f} bytes per parameter (params + optimizer state)"
   )
   restored = checkpoint.restore_latest(ckpt, abstract)
   if restored is None:
@@ -513,6 +514,7 @@ def _train_locked(
   flops = flops_per_token(
     config.model, config.data.seq_len, params_without_positions(run.state.params)
   )
+  state_bytes = bytes_per_param(run.state)
   writer = MetricsWriter(workdir, enabled=is_main, purge_step=start + 1)
   last: dict[str, Any] = {}
   bar = progress_bar(t.steps, start, enabled=is_main and verbose)
@@ -529,6 +531,7 @@ def _train_locked(
         dt = time.perf_counter() - t0
         last["tokens_per_s"] = (step - step0) * tokens_per_step / dt
         last["flops_per_s"] = last["tokens_per_s"] * flops
+        last["bytes_per_param"] = state_bytes  # params + optimizer state
         if is_eval:
           batches = make_eval_iter()
           last.update(evaluate(eval_fn, state.variables, batches, run.mesh, run.rules, r.task))

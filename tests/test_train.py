@@ -167,7 +167,11 @@ def test_cli_train_generate_eval(corpus, tmp_path, capsys):
     ],
     capsys,
   )
-  assert code == 0 and json.loads(out.strip().splitlines()[-1])["loss"] > 0
+  last = json.loads(out.strip().splitlines()[-1])
+  assert code == 0 and last["loss"] > 0
+  # fp32 params and AdamW's two fp32 moments, printed at start-up and kept in the metrics.
+  assert "12.00 bytes per parameter" in out
+  assert last["bytes_per_param"] == pytest.approx(12, abs=0.01)
   code, out, _ = _cli(
     [
       "generate",
