@@ -12,7 +12,7 @@ import optax
 import pytest
 
 from llm_mp.builder import build_recipe
-from llm_mp.config import Config, DataConfig, ModelConfig, OptimConfig, TrainConfig
+from llm_mp.config import Config, DataConfig, ModelConfig, OptimConfig, PrecisionConfig, TrainConfig
 from llm_mp.optim import apply_updates, make_optimizer, stochastic_round
 from llm_mp.state import bytes_per_param, make_init_fn
 from llm_mp.step import make_train_step
@@ -156,7 +156,8 @@ def _config(precision="fp32", lr=3e-3, **optim_kw):
     model=ModelConfig.gpt2(vocab_size=64, d_model=32, n_layers=1, n_heads=4, max_len=T),
     optim=OptimConfig(lr=lr, warmup_steps=0, schedule="constant", weight_decay=0.0, **optim_kw),
     data=DataConfig(seq_len=T),
-    train=TrainConfig(batch_size=8, precision=precision),
+    train=TrainConfig(batch_size=8),
+    precision=PrecisionConfig(policy=precision),
   )
 
 
@@ -187,7 +188,7 @@ def _init_state(precision):
 def _initial_state(config):
   """``make_init_fn``'s state for ``config``: the model's init is compiled once per
   precision; only the optimizer state differs between optimizer settings."""
-  state = jax.tree.map(jnp.copy, _init_state(config.train.precision))  # steps donate theirs
+  state = jax.tree.map(jnp.copy, _init_state(config.precision.policy))  # steps donate theirs
   return state.replace(opt_state=build_recipe(config).tx.init(state.params))
 
 
