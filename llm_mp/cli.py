@@ -1,5 +1,5 @@
 """``llm-mp`` / ``python -m llm_mp``: train, generate, eval, diagnose, config, bench, import-hf,
-export-hf.
+export-hf, lowrank.
 
 Every user error (bad path, unknown preset or key, conflicting workdir, a
 prompt too long) is one line on stderr and exit code 2.
@@ -151,6 +151,13 @@ def cmd_export_hf(args: argparse.Namespace) -> int:
   return 0
 
 
+def cmd_lowrank(args: argparse.Namespace) -> int:
+  from llm_mp import lowrank_convert  # pylint: disable=import-outside-toplevel
+
+  print(json.dumps(lowrank_convert.convert_run(args.workdir, args.rank, args.out), sort_keys=True))
+  return 0
+
+
 def cmd_diagnose(args: argparse.Namespace) -> int:
   from llm_mp import numerics  # pylint: disable=import-outside-toplevel
 
@@ -278,6 +285,18 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--workdir", required=True, help="run directory (GPT-2 or LLaMA shaped)")
   p.add_argument("out", help="new directory for config.json, model.safetensors, tokenizer.json")
   p.set_defaults(fn=cmd_export_hf)
+
+  p = sub.add_parser(
+    "lowrank",
+    help="a trained run -> a run with rank-R factorised matmuls (truncated SVD)",
+    description="Write a new run whose config names precision.formats=lowrank:R (every "
+    "matmul but the first and last block's and the heads') and whose checkpoint holds the "
+    "truncated-SVD factors of the run's latest weights; prints the parameter counts as JSON.",
+  )
+  p.add_argument("--workdir", required=True, help="the trained run to convert")
+  p.add_argument("--rank", type=int, required=True, help="R: rank of every factorised weight")
+  p.add_argument("--out", metavar="DIR", help="new run directory (default: WORKDIR-lowrankR)")
+  p.set_defaults(fn=cmd_lowrank)
 
   p = sub.add_parser(
     "diagnose",

@@ -7,6 +7,8 @@ so a format reaches exactly the matmuls its pattern names. Formats:
 
 * ``none``: the weight in the policy's param dtype, the matmul in its compute
   dtype (everything above 16 bits).
+* ``lowrank:R``: the weight as two rank-``R`` factors, ``(x @ U) @ V``
+  (``llm_mp.lowrank``).
 
 A format is a function registered in :data:`FORMATS` under its name::
 
@@ -30,6 +32,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from llm_mp.lowrank import lowrank_matmul, parse_rank
 from llm_mp.precision import module_path, module_policy
 
 
@@ -93,14 +96,25 @@ def _plain(module, x, weight: Weight, arg, options) -> jax.Array:
 
 FORMATS: Mapping[str, Callable[..., jax.Array]] = {
   "none": _plain,
+  "lowrank": lowrank_matmul,
+}
+
+# Parsers of the argument of the formats that take one (``lowrank:64``), called with the
+# argument and the config field when the format is named; each raises ValueError
+# naming the field and the value.
+FORMAT_ARGS: Mapping[str, Callable[[str | None, str], Any]] = {
+  "lowrank": parse_rank,
 }
 
 
 def parse_format(spec: str, field: str = "precision.formats") -> tuple[str, str | None]:
-  """``"lowrank:64"`` -> ``("lowrank", "64")``; ValueError naming ``field`` for an unknown name."""
+  """``"lowrank:64"`` -> ``("lowrank", "64")``; ValueError naming ``field`` for an unknown
+  name or a bad argument."""
   name, _, arg = str(spec).strip().lower().partition(":")
   if name not in FORMATS:
     raise ValueError(f"unknown matmul format {spec!r} in {field}; valid: {sorted(FORMATS)}")
+  if name in FORMAT_ARGS:
+    FORMAT_ARGS[name](arg or None, field)
   return name, arg or None
 
 

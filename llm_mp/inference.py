@@ -76,7 +76,21 @@ def evaluate_run(workdir: str, paths: Sequence[str] | None = None) -> dict[str, 
     run ``{"step", "val_loss", "val_accuracy", "val_examples"}`` on its
     validation files (or ``paths``).
   """
-  run = load_run(workdir)
+  return evaluate_loaded(load_run(workdir), workdir, paths)
+
+
+def evaluate_loaded(
+  run: LoadedRun, workdir: str, paths: Sequence[str] | None = None
+) -> dict[str, Any]:
+  """:func:`evaluate_run` of a loaded run.
+
+  Args:
+    run: as :func:`load_run` returns it, or changed (another recipe and
+      params: a low-rank conversion).
+    workdir: the run directory its tokenised data may be cached in (read
+      only, nothing is written).
+    paths: as for :func:`evaluate_run`.
+  """
   cfg = run.config.data
   task = run.recipe.task
   eval_fn = jax.jit(sharding.with_rules(make_eval_step(run.model, task), run.mesh, run.rules))
