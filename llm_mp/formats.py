@@ -128,7 +128,7 @@ def matmul(
   x: jax.Array,
   weight: Weight,
   *,
-  bias: jax.Array | None = None,
+  bias: Callable[[], jax.Array] | None = None,
   activation: Callable[[jax.Array], jax.Array] | None = None,
   out_dtype: Any = None,
 ) -> jax.Array:
@@ -139,7 +139,8 @@ def matmul(
     module: the bound flax module owning the weight (with a ``precision``).
     x: ``[*batch, ..., *in_shape]`` in the module's compute dtype.
     weight: the weight's description.
-    bias: ``[*out_shape]`` in the compute dtype, or None.
+    bias: makes the ``[*out_shape]`` bias (in the compute dtype), or None; called
+      after the weight is made, so parameters initialise weight first.
     activation: elementwise function applied last, or None.
     out_dtype: dtype of the result (default: ``x``'s).
 
@@ -153,10 +154,11 @@ def matmul(
   if name == "none" and not weight.batch_shape:
     # The plain layer keeps bias and activation inside its fused gradient.
     w = weight_param(module, weight, weight.name, weight.shape, weight.init_std)
-    return dense(x, w, bias, n_in=len(weight.in_shape), out_dtype=out_dtype, activation=activation)
+    b = None if bias is None else bias()
+    return dense(x, w, b, n_in=len(weight.in_shape), out_dtype=out_dtype, activation=activation)
   y = FORMATS[name](module, x, weight, arg, module.precision.format_options)
   if bias is not None:
-    y = y + bias
+    y = y + bias()
   y = y.astype(out_dtype)
   return y if activation is None else activation(y)
 

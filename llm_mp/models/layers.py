@@ -131,17 +131,17 @@ class Dense(nn.Module):
     policy = module_policy(self)
     features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
     weight = Weight("kernel", x.shape[-self.n_in :], features, tuple(self.axes), self.init_std)
-    bias = None
-    if self.use_bias:
-      bias = self.param(
-        "bias",
-        nn.with_logical_partitioning(nn.initializers.zeros, tuple(self.axes[self.n_in :])),
-        features,
-        policy.param_dtype,
-      )
-    x, bias = policy.cast_to_compute((x, bias))
+    bias_init = nn.with_logical_partitioning(nn.initializers.zeros, tuple(self.axes[self.n_in :]))
+    make_bias = lambda: policy.cast_to_compute(
+      self.param("bias", bias_init, features, policy.param_dtype)
+    )
     return matmul(
-      self, x, weight, bias=bias, activation=self.activation, out_dtype=policy.output_dtype
+      self,
+      policy.cast_to_compute(x),
+      weight,
+      bias=make_bias if self.use_bias else None,
+      activation=self.activation,
+      out_dtype=policy.output_dtype,
     )
 
 
