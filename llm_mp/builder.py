@@ -216,8 +216,16 @@ def restore_run_params(
     CheckpointError: the run has no readable checkpoint.
     ValueError: a config the builder rejects.
   """
+  return checkpoint.restore_params(
+    f"{workdir}/checkpoints", abstract_run_params(config, mesh, tokenizer)
+  )
+
+
+def abstract_run_params(config: Config, mesh: Any, tokenizer: Any = None) -> Any:
+  """The parameters ``config``'s model has, as ``jax.ShapeDtypeStruct`` leaves with
+  their shardings on ``mesh`` (no FLOPs, no device memory)."""
   recipe = build_recipe(config, tokenizer)
   abstract = sharding.abstract_train_state(
     recipe.model, recipe.tx, recipe.precision, config, mesh, jax.random.key(config.train.seed)
   )
-  return checkpoint.restore_params(f"{workdir}/checkpoints", abstract.params)
+  return abstract.params

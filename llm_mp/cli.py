@@ -1,5 +1,5 @@
-"""``llm-mp`` / ``python -m llm_mp``: train, generate, eval, diagnose, config, bench, import-hf,
-export-hf, lowrank.
+"""``llm-mp`` / ``python -m llm_mp``: train, generate, eval, quantize, lowrank, diagnose, config,
+bench, import-hf, export-hf.
 
 Every user error (bad path, unknown preset or key, conflicting workdir, a
 prompt too long) is one line on stderr and exit code 2.
@@ -124,6 +124,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
   from llm_mp import inference  # pylint: disable=import-outside-toplevel
 
   print(json.dumps(inference.evaluate_run(args.workdir, args.data or None), sort_keys=True))
+  return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+  from llm_mp.quantize import quantize_run  # pylint: disable=import-outside-toplevel
+
+  report = quantize_run(args.workdir, args.to, args.out, evaluate=args.eval)
+  print(json.dumps(report, sort_keys=True))
   return 0
 
 
@@ -254,6 +262,23 @@ def build_parser() -> argparse.ArgumentParser:
     help="evaluate on these files instead of the run's validation split",
   )
   p.set_defaults(fn=cmd_eval)
+
+  p = sub.add_parser(
+    "quantize",
+    help="a trained run -> a weight-only int8/int4 run for eval and generate (sizes as JSON)",
+    description="Write a copy of a run whose matmul weights (all but the first and last "
+    "block and the heads, unless precision.format_edges) are stored as int8 or int4 with "
+    "scales (precision.formats=int8-weight / int4-weight), with a params-only checkpoint.",
+  )
+  p.add_argument("--workdir", required=True, help="trained run directory")
+  p.add_argument("--to", required=True, choices=("int8", "int4"), help="integer width")
+  p.add_argument("--out", metavar="DIR", help="new run directory (default: WORKDIR-int8/-int4)")
+  p.add_argument(
+    "--eval",
+    action="store_true",
+    help="also evaluate both runs on the validation split (perplexity before and after)",
+  )
+  p.set_defaults(fn=cmd_quantize)
 
   p = sub.add_parser("config", help="list every config field: type, value, meaning (Markdown)")
   p.add_argument(

@@ -7,6 +7,9 @@ so a format reaches exactly the matmuls its pattern names. Formats:
 
 * ``none``: the weight in the policy's param dtype, the matmul in its compute
   dtype (everything above 16 bits).
+* ``int8``: int8 quantisation-aware training (``llm_mp.int_formats``).
+* ``int8-weight``, ``int4-weight``: weight-only integer storage for generation
+  and evaluation, written by ``llm-mp quantize`` (``llm_mp.int_formats``).
 * ``lowrank:R``: the weight as two rank-``R`` factors, ``(x @ U) @ V``
   (``llm_mp.lowrank``).
 
@@ -32,6 +35,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from llm_mp import int_formats
 from llm_mp.lowrank import lowrank_matmul, parse_rank
 from llm_mp.precision import module_path, module_policy
 
@@ -96,6 +100,9 @@ def _plain(module, x, weight: Weight, arg, options) -> jax.Array:
 
 FORMATS: Mapping[str, Callable[..., jax.Array]] = {
   "none": _plain,
+  "int8": int_formats.int8_qat,
+  "int8-weight": int_formats.int8_weight,
+  "int4-weight": int_formats.int4_weight,
   "lowrank": lowrank_matmul,
 }
 

@@ -659,7 +659,7 @@ def import_hf(src: str, vocab_multiple: int = 1) -> tuple[Config, dict[str, Any]
   return config, params, tokenizer
 
 
-def _staging(path: str) -> str:
+def staging_directory(path: str) -> str:
   """A fresh sibling directory to write into before renaming it to ``path``."""
   if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
     raise HFError(f"{path}: already exists and is not empty")
@@ -669,9 +669,10 @@ def _staging(path: str) -> str:
   return tmp
 
 
-def _publish(tmp: str, path: str) -> None:
+def publish_directory(tmp: str, path: str) -> None:
+  """Renames the finished ``tmp`` (from :func:`staging_directory`) to ``path``."""
   if os.path.isdir(path):
-    os.rmdir(path)  # empty, checked by _staging
+    os.rmdir(path)  # empty, checked by staging_directory
   os.replace(tmp, path)
 
 
@@ -711,7 +712,7 @@ def write_run(workdir: str, config: Config, params: Any, tokenizer: Any) -> None
     {p: jax.device_put(np.asarray(got[p]).astype(want[p].dtype), want[p].sharding) for p in want}
   )
   state = state.replace(params=jax.tree.map(lambda _, x: x, state.params, new))
-  tmp = _staging(workdir)
+  tmp = staging_directory(workdir)
   try:
     write_config(tmp, config)
     tokenizer.save(tmp)
@@ -719,7 +720,7 @@ def write_run(workdir: str, config: Config, params: Any, tokenizer: Any) -> None
     checkpoint.save(manager, 0, state, {}, force=True)
     checkpoint.wait(manager)
     manager.close()
-    _publish(tmp, workdir)
+    publish_directory(tmp, workdir)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
@@ -756,7 +757,7 @@ def export_hf(source: str | tuple[Config | ModelConfig, Any, Any], out_dir: str)
     )
   hf_config = hf_config_from_model(model, tokenizer)
   tensors = params_to_hf(model, params)
-  tmp = _staging(out_dir)
+  tmp = staging_directory(out_dir)
   try:
     with open(os.path.join(tmp, CONFIG_FILE), "w", encoding="utf-8") as f:
       json.dump(hf_config, f, indent=2, sort_keys=True)
@@ -771,7 +772,7 @@ def export_hf(source: str | tuple[Config | ModelConfig, Any, Any], out_dir: str)
         ),
       )
     tokenizer.save(tmp)
-    _publish(tmp, out_dir)
+    publish_directory(tmp, out_dir)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
