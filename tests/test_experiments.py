@@ -98,3 +98,33 @@ def test_seq2seq_task_trains_and_evaluates_from_pair_files(tmp_path):
   bad = apply_overrides(config, [f"data.paths={tmp_path / 'src.txt'}"])
   with pytest.raises(DataError, match="two aligned text files"):
     train(bad, str(tmp_path / "bad"), verbose=False)
+
+
+def test_low_precision_fast_writes_table_and_figure(tmp_path):
+  from experiments import low_precision  # pylint: disable=import-outside-toplevel
+
+  out = str(tmp_path / "lp")
+  assert low_precision.main(["--fast", "--out", out]) == 0
+  results = json.load(open(os.path.join(out, "results.json"), encoding="utf-8"))
+  trained, converted = results["trained"], results["converted"]
+  assert list(trained) == list(low_precision.SETTINGS)
+  # Bytes per parameter (params + two Adam moments): fp32 params and moments = 12;
+  # bf16 params and bf16 moments = 6.
+  assert trained["bf16"]["bytes_per_param"] == pytest.approx(12.0)
+  assert trained["pure bf16, bf16 moments, stochastic rounding"]["bytes_per_param"] == (
+    pytest.approx(6.0)
+  )
+  assert list(converted) == [
+    "bf16 -> weight-only int8",
+    "bf16 -> weight-only int4",
+    "bf16 -> SVD rank 4",
+  ]
+  reference = trained["bf16"]["perplexity"]
+  for name, row in {**trained, **converted}.items():
+    assert np.isfinite(row["val_loss"]) and row["perplexity"] > 1, name
+  # Weight-only int8 of a barely trained model: the perplexity barely moves.
+  assert converted["bf16 -> weight-only int8"]["perplexity"] == pytest.approx(reference, rel=0.01)
+  assert converted["bf16 -> weight-only int8"]["quantized_tensor_ratio"] >= 3.5
+  table = open(os.path.join(out, "results.md"), encoding="utf-8").read()
+  assert "| fp8, delayed scaling |" in table and "tokens/s (emulated)" in table
+  assert os.path.getsize(os.path.join(out, "low_precision.png")) > 1000
