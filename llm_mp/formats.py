@@ -7,6 +7,8 @@ so a format reaches exactly the matmuls its pattern names. Formats:
 
 * ``none``: the weight in the policy's param dtype, the matmul in its compute
   dtype (everything above 16 bits).
+* ``fp8``: input and weight in float8 e4m3, the product's gradient in e5m2,
+  per-tensor scales, delayed or current (:mod:`llm_mp.fp8`).
 
 A format is a function registered in :data:`FORMATS` under its name::
 
@@ -30,6 +32,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from llm_mp.fp8 import fp8_matmul
 from llm_mp.precision import module_path, module_policy
 
 
@@ -93,6 +96,7 @@ def _plain(module, x, weight: Weight, arg, options) -> jax.Array:
 
 FORMATS: Mapping[str, Callable[..., jax.Array]] = {
   "none": _plain,
+  "fp8": fp8_matmul,
 }
 
 
