@@ -81,7 +81,8 @@ def run_precision(config: Config) -> Precision:
     overrides=p.overrides,
     loss_scale=p.loss_scale,
     formats=p.formats,
-    protected=() if p.format_edges else edge_patterns(config),
+    # The MoE router keeps the dtype policy's fp32 whatever the formats say.
+    protected=("*router*",) + (() if p.format_edges else edge_patterns(config)),
     format_options=options,
   )
 

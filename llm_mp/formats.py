@@ -7,6 +7,8 @@ so a format reaches exactly the matmuls its pattern names. Formats:
 
 * ``none``: the weight in the policy's param dtype, the matmul in its compute
   dtype (everything above 16 bits).
+* ``fp8``: input and weight in float8 e4m3, the product's gradient in e5m2,
+  per-tensor scales, delayed or current (:mod:`llm_mp.fp8`).
 * ``int8``: int8 quantisation-aware training (``llm_mp.int_formats``).
 * ``int8-weight``, ``int4-weight``: weight-only integer storage for generation
   and evaluation, written by ``llm-mp quantize`` (``llm_mp.int_formats``).
@@ -36,6 +38,7 @@ import jax
 import jax.numpy as jnp
 
 from llm_mp import int_formats
+from llm_mp.fp8 import fp8_matmul
 from llm_mp.lowrank import lowrank_matmul, parse_rank
 from llm_mp.precision import module_path, module_policy
 
@@ -100,6 +103,7 @@ def _plain(module, x, weight: Weight, arg, options) -> jax.Array:
 
 FORMATS: Mapping[str, Callable[..., jax.Array]] = {
   "none": _plain,
+  "fp8": fp8_matmul,
   "int8": int_formats.int8_qat,
   "int8-weight": int_formats.int8_weight,
   "int4-weight": int_formats.int4_weight,

@@ -117,7 +117,9 @@ def generate(
     precision: the policy the model runs in; the cache takes the key/value
       projections' output dtype (bf16 under the ``bf16`` preset).
     params: the ``TransformerLM`` parameters, laid out for
-      ``model_config.scan_layers`` (stacked, or one subtree per block).
+      ``model_config.scan_layers`` (stacked, or one subtree per block), or
+      ``{"params": ..., **collections}`` such as ``TrainState.variables``,
+      whose other collections (fp8 scales) are read, never updated.
     prompt: int ``[B, P]``, ``P >= 1``.
     max_new_tokens: ``N >= 1`` tokens to add.
     rng: a PRNG key.
@@ -174,13 +176,14 @@ def _generate(
 ):
   """:func:`generate` after validation; traced once per shapes and settings."""
   model = build_model(config, precision, decode=True)
+  variables = params if "params" in params else {"params": params}
   b, p = prompt.shape
   sample = functools.partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p)
 
   def forward(cache, tokens, start):  # tokens (B, L) at positions start.. -> last logits (B, V)
     positions = start + jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     logits, mutated = model.apply(
-      {"params": params, "cache": cache}, tokens, positions=positions, mutable=["cache"]
+      {**variables, "cache": cache}, tokens, positions=positions, mutable=["cache"]
     )
     # Padded vocabulary columns (model.vocab_multiple) are dropped, not just masked,
     # so the random draws, hence the samples, are those of the unpadded model.

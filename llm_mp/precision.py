@@ -274,7 +274,9 @@ def precision_report(model, params_shape: Any, *args, **kwargs) -> dict[str, dic
     *args, **kwargs: example inputs for ``model.apply``.
 
   Returns:
-    ``{"params": {path: dtype}, "modules": {path: "compute=..., output=..."}}``.
+    ``{"params": {path: dtype}, "modules": {path: "compute=..., output=..., format=..."}}``
+    (``format``: the matmul format the module's path resolves to,
+    ``llm_mp.formats``; it changes only modules with a weight matmul).
   """
   variables = {"params": params_shape} if "params" not in params_shape else params_shape
   _, state = jax.eval_shape(
@@ -296,5 +298,8 @@ def precision_report(model, params_shape: Any, *args, **kwargs) -> dict[str, dic
     if mod in modules:  # modules returning tuples: report the first output
       continue
     policy = model.precision.for_path(mod)
-    modules[mod] = f"compute={dtype_name(policy.compute_dtype)}, output={dtype_name(leaf.dtype)}"
+    modules[mod] = (
+      f"compute={dtype_name(policy.compute_dtype)}, output={dtype_name(leaf.dtype)}, "
+      f"format={model.precision.format_for(mod)}"
+    )
   return {"params": params, "modules": modules}

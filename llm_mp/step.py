@@ -9,6 +9,13 @@ kept bit for bit, the dynamic scale shrinks and ``skipped_steps`` counts it.
 With ``optim.stochastic_rounding`` bf16 parameters are updated with stochastic
 rounding keyed by the state's rng and step, so a run stays deterministic and
 resumes exactly.
+
+The collections of :data:`OVERWRITE_WITH_GRADIENT` (the fp8 scales and amax
+histories, :mod:`llm_mp.fp8`) are differentiated with the parameters: their
+gradient is their new value. It goes neither to the optimizer nor through the
+loss scale; over micro-batches the new values are combined by their
+elementwise maximum (each micro-batch starts from the same old values, so a
+history's newest amax becomes the whole batch's).
 """
 
 from __future__ import annotations
@@ -21,12 +28,23 @@ import jax.numpy as jnp
 import optax
 
 from llm_mp.config import Config
+from llm_mp.fp8 import FP8_META
 from llm_mp.loss_scale import all_finite, select_tree
 from llm_mp.optim import apply_updates
 from llm_mp.state import TrainState
 from llm_mp.tasks import Batch, Task, cross_entropy, loss_mask, make_task
 
 __all__ = ["cross_entropy", "loss_mask", "make_eval_step", "make_train_step"]
+
+# Non-parameter collections whose gradient is their new value (flax's "overwrite with
+# gradient"): custom VJPs return the updated state as the cotangent of the old one.
+OVERWRITE_WITH_GRADIENT = (FP8_META,)
+
+
+def _split_state(model_state: dict) -> tuple[dict, dict]:
+  """``(overwritten by gradient, the rest)``: ``model_state`` split by collection."""
+  over = {k: v for k, v in model_state.items() if k in OVERWRITE_WITH_GRADIENT}
+  return over, {k: v for k, v in model_state.items() if k not in over}
 
 
 def _split_micro(batch: Batch, k: int) -> Batch:
@@ -94,40 +112,48 @@ def make_train_step(
   def train_step(state: TrainState, batch: Batch):
     rng = jax.random.fold_in(state.rng, state.step)
 
-    def scaled_loss(params, model_state, micro, micro_rng):
-      loss, aux = task.loss_fn(model, {"params": params, **model_state}, micro, micro_rng)
+    overwrite, kept = _split_state(state.model_state)
+
+    def scaled_loss(diff, kept, micro, micro_rng):
+      # diff = (params, overwrite): both differentiated; kept: the other collections.
+      variables = {"params": diff[0], **kept, **diff[1]}
+      loss, aux = task.loss_fn(model, variables, micro, micro_rng)
+      aux = {**aux, "model_state": _split_state(aux["model_state"])[1]}
       return state.loss_scale.scale(loss), aux
 
     grad_fn = jax.grad(scaled_loss, has_aux=True)
     if k == 1:
-      grads, aux = grad_fn(state.params, state.model_state, batch, rng)
-      weight, sums, model_state = aux["weight"], _weighted(aux), aux["model_state"]
+      (grads, new_overwrite), aux = grad_fn((state.params, overwrite), kept, batch, rng)
+      weight, sums, new_kept = aux["weight"], _weighted(aux), aux["model_state"]
     else:
 
       def accumulate(carry, xs):
-        g_sum, w_sum, m_sum, model_state = carry
+        g_sum, o_max, w_sum, m_sum, kept = carry
         micro, i = xs
-        g, aux = grad_fn(state.params, model_state, micro, jax.random.fold_in(rng, i))
+        (g, o), aux = grad_fn((state.params, overwrite), kept, micro, jax.random.fold_in(rng, i))
         w = aux["weight"]
         g_sum = jax.tree.map(lambda a, b: a + b * w.astype(b.dtype), g_sum, g)
+        o_max = jax.tree.map(jnp.maximum, o_max, o)
         m_sum = jax.tree.map(jnp.add, m_sum, _weighted(aux))
-        return (g_sum, w_sum + w, m_sum, aux["model_state"]), None
+        return (g_sum, o_max, w_sum + w, m_sum, aux["model_state"]), None
 
       micro = _split_micro(batch, k)
       first = jax.tree.map(lambda x: x[0], micro)
       m_shapes = jax.eval_shape(
-        lambda: _weighted(grad_fn(state.params, state.model_state, first, rng)[1])
+        lambda: _weighted(grad_fn((state.params, overwrite), kept, first, rng)[1])
       )
       zeros = (
         jax.tree.map(jnp.zeros_like, state.params),
+        jax.tree.map(lambda x: jnp.full_like(x, -jnp.inf), overwrite),
         jnp.zeros((), jnp.float32),
         jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), m_shapes),
-        state.model_state,
+        kept,
       )
-      (grads, weight, sums, model_state), _ = jax.lax.scan(
+      (grads, new_overwrite, weight, sums, new_kept), _ = jax.lax.scan(
         accumulate, zeros, (micro, jnp.arange(k))
       )
       grads = jax.tree.map(lambda g: g / jnp.maximum(weight, 1.0).astype(g.dtype), grads)
+    model_state = {**new_kept, **new_overwrite}
 
     grads = state.loss_scale.unscale(grads)
     finite = all_finite(grads)

@@ -436,10 +436,11 @@ def check_data(config: Config, prepared: data.PreparedData | data.PreparedLabell
   return True
 
 
-def _sample(config: Config, model: Any, params: Any, tokenizer: Any) -> str | None:
+def _sample(config: Config, model: Any, variables: Any, tokenizer: Any) -> str | None:
   """Text of up to ``train.sample_tokens`` tokens after ``train.sample_prompt``
   (temperature 0.8, seed ``train.seed``, clipped to the context), or None when
-  ``sample_tokens == 0`` or the prompt fills the context."""
+  ``sample_tokens == 0`` or the prompt fills the context. ``variables``: the
+  state's (the params and any fp8 scales)."""
   t = config.train
   if config.model.family != "decoder":  # only decoders continue a prompt
     return None
@@ -450,7 +451,7 @@ def _sample(config: Config, model: Any, params: Any, tokenizer: Any) -> str | No
   return generate_text(
     config.model,
     model.precision,
-    params,
+    variables,
     tokenizer,
     t.sample_prompt,
     max_new_tokens=n,
@@ -542,7 +543,7 @@ def _train_locked(
         if is_eval:
           batches = make_eval_iter()
           last.update(evaluate(eval_fn, state.variables, batches, run.mesh, run.rules, r.task))
-          sample = _sample(config, run.model, state.params, prepared.tokenizer)
+          sample = _sample(config, run.model, state.variables, prepared.tokenizer)
           if sample is not None:
             last["sample"] = sample
             if is_main and verbose:

@@ -23,9 +23,9 @@ def test_overrides_from_the_config_reach_the_modules_they_name():
   params = jax.eval_shape(lambda: r.model.init(jax.random.key(0), tokens))["params"]
   modules = precision_report(r.model, params, tokens)["modules"]
   assert modules["decoder/blocks_1/mlp/up"].startswith("compute=float32")
-  assert modules["decoder/blocks_1/attn/query"] == "compute=bfloat16, output=bfloat16"
+  assert modules["decoder/blocks_1/attn/query"] == "compute=bfloat16, output=bfloat16, format=none"
   # An override sets the fields it names on the base policy: the logits are bf16 here.
-  assert modules["lm_head"] == "compute=float32, output=bfloat16"
+  assert modules["lm_head"] == "compute=float32, output=bfloat16, format=none"
 
 
 def _routing(config, formats, edges=False):
@@ -43,6 +43,12 @@ def test_a_bare_format_skips_the_first_and_last_block_and_the_heads():
     assert p.format_for(path) == "none", path
   p = _routing(_config(), ["int8"], edges=True)
   assert p.format_for("decoder/blocks_0/mlp/up") == p.format_for("lm_head") == "int8"
+
+
+def test_no_format_reaches_the_moe_router():
+  p = run_precision(_config("precision.formats=*mlp*=int8", "precision.format_edges=true"))
+  assert p.format_for("decoder/blocks_1/mlp/router") == "none"
+  assert p.format_for("decoder/blocks_1/mlp") == "int8"  # the experts
 
 
 def test_the_last_matching_pattern_wins():

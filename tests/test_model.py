@@ -256,9 +256,9 @@ def test_precision_report_lists_params_and_module_dtypes():
   report = precision_report(model, params, _tokens())
   assert report["params"]["decoder/blocks_0/attn/query/kernel"] == "bfloat16"
   mods = report["modules"]
-  assert mods["decoder/blocks_0/attn_norm"] == "compute=float32, output=bfloat16"
-  assert mods["decoder/blocks_1/mlp/up"] == "compute=bfloat16, output=bfloat16"
-  assert mods[""] == "compute=bfloat16, output=float32"  # the model: logits in fp32
+  assert mods["decoder/blocks_0/attn_norm"] == "compute=float32, output=bfloat16, format=none"
+  assert mods["decoder/blocks_1/mlp/up"] == "compute=bfloat16, output=bfloat16, format=none"
+  assert mods[""] == "compute=bfloat16, output=float32, format=none"  # the model: logits in fp32
 
 
 def _pad_rows(params, path, n_rows, axis, seed):

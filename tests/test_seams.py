@@ -13,7 +13,15 @@ import pytest
 
 from llm_mp import checkpoint, sharding
 from llm_mp.builder import build_recipe, load_backbone
-from llm_mp.config import Config, DataConfig, MeshConfig, ModelConfig, OptimConfig, TrainConfig
+from llm_mp.config import (
+  Config,
+  DataConfig,
+  MeshConfig,
+  ModelConfig,
+  OptimConfig,
+  PrecisionConfig,
+  TrainConfig,
+)
 from llm_mp.models import TransformerLM
 from llm_mp.precision import make_precision
 from llm_mp.state import make_init_fn
@@ -144,7 +152,7 @@ def test_train_step_updates_and_checkpoints_model_state(tmp_path):
 
 def test_non_finite_step_keeps_the_model_state():
   config = _config(
-    train={"precision": "fp16", "loss_scale": "static", "init_loss_scale": 2.0**40}
+    precision=PrecisionConfig(policy="fp16", loss_scale="static", init_loss_scale=2.0**40)
   )  # overflows fp16 gradients
   model = _Recording(config.model, precision="fp16")
   _, state, step, mesh, rules = _setup(model, config)

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from llm_mp.config import ModelConfig
+from llm_mp.fp8 import FP8_META
 from llm_mp.models.attention import Attention, RelativePositionBias, segment_mask
 from llm_mp.models.layers import (
   MLP,
@@ -134,7 +135,14 @@ class Stack(nn.Module):
     if c.scan_layers:
       scanned = nn.scan(
         _ScanBlock,
-        variable_axes={"params": 0, "cache": 0, "intermediates": 0, "losses": 0, "metrics": 0},
+        variable_axes={
+          "params": 0,
+          "cache": 0,
+          "intermediates": 0,
+          "losses": 0,
+          "metrics": 0,
+          FP8_META: 0,
+        },
         split_rngs={"params": True, "dropout": True},
         in_axes=(nn.broadcast,) * len(args),
         length=c.n_layers,
