@@ -66,7 +66,7 @@ FAST = (
   "model.n_kv_heads=1",
   "model.max_len=32",
   "data.seq_len=32",
-  "train.batch_size=4",
+  "train.batch_size=8",
   "data.max_docs=200",
 )
 

@@ -110,9 +110,9 @@ def test_low_precision_fast_writes_table_and_figure(tmp_path):
   assert list(trained) == list(low_precision.SETTINGS)
   # Bytes per parameter (params + two Adam moments): fp32 params and moments = 12;
   # bf16 params and bf16 moments = 6.
-  assert trained["bf16"]["bytes_per_param"] == pytest.approx(12.0)
+  assert trained["bf16"]["bytes_per_param"] == pytest.approx(12.0, rel=1e-3)
   assert trained["pure bf16, bf16 moments, stochastic rounding"]["bytes_per_param"] == (
-    pytest.approx(6.0)
+    pytest.approx(6.0, rel=1e-3)
   )
   assert list(converted) == [
     "bf16 -> weight-only int8",
