@@ -100,14 +100,16 @@ def train_setting(name: str, steps: int, out: str, data: Sequence[str], override
 
 
 def summarise_run(workdir: str, records: list[dict]) -> dict[str, Any]:
-  """The final losses, median tokens/s (the first record, which includes compiling,
-  left out), bytes per parameter and checkpoint bytes of a trained run."""
+  """The final training loss, the loss and perplexity on the whole validation split (as
+  for the converted runs), median tokens/s (the first record, which includes
+  compiling, left out), bytes per parameter and checkpoint bytes of a trained run."""
   last = records[-1]
   speeds = [r["tokens_per_s"] for r in records[1:] if "tokens_per_s" in r]
+  evaluation = evaluate_run(workdir)
   return {
     "loss": last["loss"],
-    "val_loss": last["val_loss"],
-    "perplexity": last["val_ppl"],
+    "val_loss": evaluation["val_loss"],
+    "perplexity": evaluation["val_ppl"],
     "tokens_per_s": statistics.median(speeds) if speeds else None,
     "bytes_per_param": last.get("bytes_per_param"),
     "checkpoint_bytes": _directory_bytes(os.path.join(workdir, "checkpoints")),
@@ -126,8 +128,11 @@ def post_training(reference: str, out: str, ranks: Sequence[int]) -> dict[str, d
       "checkpoint_bytes": q["checkpoint_bytes"],
       "quantized_tensor_ratio": q["sizes"]["ratio"],
     }
-  for row in svd_sweep(reference, ranks)[1:]:
-    rows[f"{REFERENCE} -> SVD rank {row['rank']}"] = {
+  dense, *factored = svd_sweep(reference, ranks)
+  for row in factored:
+    rows[
+      f"{REFERENCE} -> SVD rank {row['rank']} ({row['params'] / dense['params']:.0%} params)"
+    ] = {
       "val_loss": row["val_loss"],
       "perplexity": row["perplexity"],
       "params": row["params"],
@@ -186,7 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
     prog="python -m experiments.low_precision", description=__doc__.split("\n\n")[0]
   )
-  parser.add_argument("--steps", type=int, default=400)
+  parser.add_argument("--steps", type=int, default=800)
   parser.add_argument(
     "--ranks", type=int, nargs="+", default=list(RANKS), help="SVD ranks to convert to"
   )

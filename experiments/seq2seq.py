@@ -56,7 +56,9 @@ SETTINGS = {
   "summarize": Setting(
     seq_len=192, target_len=64, steps=600, vocab=4000, max_new_tokens=64, eval_examples=100
   ),
-  "qa": Setting(seq_len=256, steps=400, vocab=4000, max_new_tokens=16, eval_examples=300),
+  "qa": Setting(
+    seq_len=256, target_len=16, steps=400, vocab=4000, max_new_tokens=16, eval_examples=300
+  ),
 }
 FAST = Setting(seq_len=32, steps=3, vocab=300, max_new_tokens=8, eval_examples=8)
 

@@ -96,7 +96,7 @@ def run(
   b, t = config.train.batch_size, config.data.seq_len
   batch = fixed_batch(b, t, config.model.vocab_size)
   t0 = time.perf_counter()
-  state = jax.jit(make_init_fn(r.model, r.tx, r.precision, config))(jax.random.key(0))
+  state = jax.jit(make_init_fn(r.model, r.tx, config))(jax.random.key(0))
   jax.block_until_ready(state)
   init_s = time.perf_counter() - t0
   say(f"{preset} {precision}: state init {init_s:.2f} s ({param_count(state.params):,} params)")

@@ -79,7 +79,6 @@ def run_precision(config: Config) -> Precision:
   return make_precision(
     p.policy,
     overrides=p.overrides,
-    loss_scale=p.loss_scale,
     formats=p.formats,
     # The MoE router keeps the dtype policy's fp32 whatever the formats say.
     protected=("*router*",) + (() if p.format_edges else edge_patterns(config)),
@@ -227,6 +226,6 @@ def abstract_run_params(config: Config, mesh: Any, tokenizer: Any = None) -> Any
   their shardings on ``mesh`` (no FLOPs, no device memory)."""
   recipe = build_recipe(config, tokenizer)
   abstract = sharding.abstract_train_state(
-    recipe.model, recipe.tx, recipe.precision, config, mesh, jax.random.key(config.train.seed)
+    recipe.model, recipe.tx, config, mesh, jax.random.key(config.train.seed)
   )
   return abstract.params

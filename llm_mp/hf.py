@@ -695,7 +695,7 @@ def write_run(workdir: str, config: Config, params: Any, tokenizer: Any) -> None
   recipe = build_recipe(config, tokenizer)
   mesh = sharding.make_mesh(config.mesh)
   state, _ = sharding.create_sharded_state(
-    recipe.model, recipe.tx, recipe.precision, config, mesh, jax.random.key(config.train.seed)
+    recipe.model, recipe.tx, config, mesh, jax.random.key(config.train.seed)
   )
   want, got = _flatten(jax.tree.map(lambda x: x, state.params)), _flatten(params)
   for path in sorted(set(want) | set(got)):

@@ -40,7 +40,7 @@ def to_lowrank(run: LoadedRun, rank: int) -> tuple[LoadedRun, list[str]]:
   config = lowrank_config(run.config, rank)
   recipe = build_recipe(config, run.tokenizer)
   abstract = sharding.abstract_train_state(
-    recipe.model, recipe.tx, recipe.precision, config, run.mesh, jax.random.key(0)
+    recipe.model, recipe.tx, config, run.mesh, jax.random.key(0)
   ).params
   params, factorised = factorize(jax.device_get(run.params), abstract)
   params = jax.tree.map(lambda a, x: jax.device_put(x, a.sharding), abstract, params)

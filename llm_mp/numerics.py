@@ -43,7 +43,7 @@ import numpy as np
 
 from llm_mp.config import ModelConfig
 from llm_mp.models import build_model
-from llm_mp.precision import Precision, make_precision
+from llm_mp.precision import Precision, loss_scale_kind, make_precision
 from llm_mp.tasks import Task
 
 # Name -> the ml_dtypes type whose finfo gives the range. e4m3 is the "fn"
@@ -416,7 +416,7 @@ def policy_errors(
   out = {}
   for name in policies:
     precision = make_precision(name)
-    scale = loss_scale if precision.loss_scale != "none" else 1.0
+    scale = loss_scale if loss_scale_kind(name) != "none" else 1.0
     model = diagnostic_model(model_config, precision, task.head)
     cast = _cast(params, precision.param_dtype)
     cap = capture(model, cast, batch, task, scale)

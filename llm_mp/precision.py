@@ -1,12 +1,13 @@
 """Mixed-precision policies as values.
 
 A :class:`Precision` is a base :class:`jmp.Policy` (param / compute / output
-dtype) plus per-module overrides keyed by module-path patterns, plus the kind
-of loss scaling the preset wants. It is passed into every module as an
-attribute; each module looks up its own policy by its path with
-:func:`module_policy`. Nothing here is global.
+dtype) plus per-module overrides keyed by module-path patterns, plus the matmul
+formats below 16 bits (``llm_mp.formats``). It is passed into every module as
+an attribute; each module looks up its own policy by its path with
+:func:`module_policy`. Nothing here is global. Loss scaling is not part of it:
+:func:`loss_scale_kind` resolves a run's kind from ``precision.loss_scale``.
 
-Kept in float32 whatever the preset (each is tested in tests/test_precision.py):
+Kept in float32 whatever the preset (each is tested in tests/test_model.py):
   * norm statistics (``*norm*`` override: compute in fp32),
   * the MoE router (``*router*`` override),
   * the attention softmax (``jax.nn.dot_product_attention`` always does it),
@@ -119,14 +120,16 @@ class FormatOptions:
 
 @dataclasses.dataclass(frozen=True)
 class Precision:
-  """A base policy, per-module overrides, matmul formats and the loss-scaling kind.
+  """A base dtype policy, per-module overrides and matmul formats.
+
+  Loss scaling is a separate concern: :func:`loss_scale_kind` (the kind) and
+  :mod:`llm_mp.loss_scale` (the value the train state carries).
 
   Attributes:
     name: the preset or spec it was built from (for logs).
     base: policy of every module no override matches.
     overrides: ``(pattern, policy)`` pairs; a module whose '/'-joined path
       matches ``pattern`` (fnmatch) takes ``policy``. The last match wins.
-    loss_scale: "none", "static" or "dynamic".
     formats: ``(pattern, format)`` pairs naming the matmul format of the
       modules whose path matches (``llm_mp.formats``); the last match wins,
       and no match means ``"none"``.
@@ -138,14 +141,9 @@ class Precision:
   name: str
   base: jmp.Policy
   overrides: tuple[tuple[str, jmp.Policy], ...] = ()
-  loss_scale: str = "none"
   formats: tuple[tuple[str, str], ...] = ()
   protected: tuple[str, ...] = ()
   format_options: FormatOptions = FormatOptions()
-
-  def __post_init__(self):
-    if self.loss_scale not in LOSS_SCALES:
-      raise ValueError(f"unknown loss_scale {self.loss_scale!r}; valid: {list(LOSS_SCALES)}")
 
   def for_path(self, path: str) -> jmp.Policy:
     """The policy of the module at ``path`` ('blocks_0/attn/query')."""
@@ -174,7 +172,7 @@ class Precision:
     return self.base.compute_dtype
 
   def describe(self) -> str:
-    lines = [f"precision {self.name}: {_policy_str(self.base)}, loss scale {self.loss_scale}"]
+    lines = [f"precision {self.name}: {_policy_str(self.base)}"]
     lines += [f"  {pat}: {_policy_str(p)}" for pat, p in self.overrides]
     lines += [f"  {pat}: matmul format {fmt}" for pat, fmt in self.formats]
     if self.formats and self.protected:
@@ -197,10 +195,32 @@ def parse_formats(text: str) -> tuple[tuple[str, str], ...]:
   return tuple(pairs)
 
 
+def _policy_spec(spec: str) -> tuple[str, str]:
+  """(policy string, the loss scaling it wants) of a preset or a policy string."""
+  key = spec.strip().lower()
+  if key in PRESETS:
+    return PRESETS[key]
+  if "=" in key:
+    return key, "none"
+  raise ValueError(
+    f"unknown precision {spec!r}; valid presets: {sorted(PRESETS)}, "
+    "or a policy string like 'p=f32,c=bf16,o=bf16'"
+  )
+
+
+def loss_scale_kind(spec: str, loss_scale: str | None = "auto") -> str:
+  """The loss scaling of a run: ``loss_scale`` ("none", "static", "dynamic"), or for
+  "auto"/None the one the policy ``spec`` wants (dynamic for fp16, else none)."""
+  if loss_scale in (None, "auto"):
+    return _policy_spec(spec)[1]
+  if loss_scale not in LOSS_SCALES:
+    raise ValueError(f"unknown loss_scale {loss_scale!r}; valid: {list(LOSS_SCALES)}")
+  return loss_scale
+
+
 def make_precision(
   spec: str = "fp32",
   overrides: str | None = None,
-  loss_scale: str | None = None,
   formats: str = "",
   protected: tuple[str, ...] = (),
   format_options: FormatOptions = FormatOptions(),
@@ -213,24 +233,14 @@ def make_precision(
     overrides: extra ``pattern=spec`` entries separated by ';', applied after
       the defaults, e.g. ``"*attn*=f32;lm_head=c=f32,o=f32"``. A bare dtype
       sets the compute dtype; ``p=,c=,o=`` set any subset of the three.
-    loss_scale: "none", "static", "dynamic", or None for the preset's choice.
     formats: matmul formats, see :func:`parse_formats`.
     protected: module patterns no format reaches.
     format_options: settings of the formats.
 
   Raises:
-    ValueError: unknown preset, dtype, policy field, loss-scale kind or format.
+    ValueError: unknown preset, dtype, policy field or format.
   """
-  key = spec.strip().lower()
-  if key in PRESETS:
-    base_str, preset_scale = PRESETS[key]
-  elif "=" in key:
-    base_str, preset_scale = key, "none"
-  else:
-    raise ValueError(
-      f"unknown precision {spec!r}; valid presets: {sorted(PRESETS)}, "
-      "or a policy string like 'p=f32,c=bf16,o=bf16'"
-    )
+  base_str = _policy_spec(spec)[0]
   base = _parse_policy_fields(base_str, jmp.Policy(jnp.float32, jnp.float32, jnp.float32))
   entries = list(DEFAULT_OVERRIDES)
   for item in (overrides or "").split(";"):
@@ -241,12 +251,10 @@ def make_precision(
       entries.append((pattern.strip(), value.strip()))
   # Each override changes only the fields it names, starting from the base policy.
   resolved = tuple((pat, _parse_policy_fields(val, base)) for pat, val in entries)
-  scale = preset_scale if loss_scale in (None, "auto") else loss_scale
   return Precision(
     name=spec,
     base=base,
     overrides=resolved,
-    loss_scale=scale,
     formats=parse_formats(formats),
     protected=tuple(protected),
     format_options=format_options,

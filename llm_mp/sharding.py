@@ -27,7 +27,6 @@ import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from llm_mp.config import MESH_AXES, Config, MeshConfig
-from llm_mp.precision import Precision
 from llm_mp.state import TrainState, init_variables_fn, make_init_fn
 from llm_mp.tasks import LM_BATCH_AXES
 
@@ -170,7 +169,6 @@ def _follow_params(
 def abstract_train_state(
   model: nn.Module,
   tx: optax.GradientTransformation,
-  precision: Precision,
   config: Config,
   mesh: Mesh,
   rng: jax.Array,
@@ -189,7 +187,7 @@ def abstract_train_state(
   check_divisible(boxed, mesh, rules)
   variable_shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)
   param_shardings = variable_shardings.pop("params")
-  shapes = jax.eval_shape(make_init_fn(model, tx, precision, config), rng)
+  shapes = jax.eval_shape(make_init_fn(model, tx, config), rng)
   replicated = NamedSharding(mesh, PartitionSpec())
   shardings = jax.tree.map(lambda _: replicated, shapes).replace(
     params=param_shardings,
@@ -221,7 +219,6 @@ def with_rules(fn: Callable, mesh: Mesh, rules: Rules) -> Callable:
 def create_sharded_state(
   model: nn.Module,
   tx: optax.GradientTransformation,
-  precision: Precision,
   config: Config,
   mesh: Mesh,
   rng: jax.Array,
@@ -229,7 +226,7 @@ def create_sharded_state(
   """Initialises the TrainState directly in its sharded layout.
 
   Args:
-    model, tx, precision, config: as for ``state.make_init_fn``.
+    model, tx, config: as for ``state.make_init_fn``.
     mesh: from :func:`make_mesh`.
     rng: PRNG key (the same on every process).
 
@@ -241,9 +238,9 @@ def create_sharded_state(
   Raises:
     ValueError: a sharded axis is not divisible by its mesh axes.
   """
-  abstract = abstract_train_state(model, tx, precision, config, mesh, rng)
+  abstract = abstract_train_state(model, tx, config, mesh, rng)
   shardings = jax.tree.map(lambda x: x.sharding, abstract)
-  init = with_rules(make_init_fn(model, tx, precision, config), mesh, logical_rules(config.mesh))
+  init = with_rules(make_init_fn(model, tx, config), mesh, logical_rules(config.mesh))
   return jax.jit(init, out_shardings=shardings)(rng), shardings
 
 

@@ -17,7 +17,7 @@ from flax import struct
 from llm_mp.config import Config
 from llm_mp.loss_scale import LossScale, make_loss_scale
 from llm_mp.models import FAMILIES
-from llm_mp.precision import Precision
+from llm_mp.precision import loss_scale_kind
 from llm_mp.tasks import TRANSIENT_COLLECTIONS
 
 
@@ -76,7 +76,7 @@ def init_params_fn(model: nn.Module, config: Config) -> Callable[[jax.Array], An
 
 
 def make_init_fn(
-  model: nn.Module, tx: optax.GradientTransformation, precision: Precision, config: Config
+  model: nn.Module, tx: optax.GradientTransformation, config: Config
 ) -> Callable[[jax.Array], TrainState]:
   """``rng -> TrainState`` (plain arrays), to be jitted, possibly with out_shardings.
 
@@ -93,7 +93,9 @@ def make_init_fn(
       params=params,
       opt_state=tx.init(params),
       loss_scale=make_loss_scale(
-        precision.loss_scale, config.precision.init_loss_scale, config.precision.loss_scale_period
+        loss_scale_kind(config.precision.policy, config.precision.loss_scale),
+        config.precision.init_loss_scale,
+        config.precision.loss_scale_period,
       ),
       rng=state_rng,
       skipped_steps=jnp.zeros((), jnp.int32),

@@ -43,6 +43,7 @@ from llm_mp.metrics import (
   to_python,
   truncate_metrics,
 )
+from llm_mp.precision import loss_scale_kind
 from llm_mp.state import bytes_per_param, param_count
 from llm_mp.step import make_eval_step, make_train_step
 from llm_mp.tasks import LM_BATCH_AXES, Task, task_name
@@ -264,15 +265,14 @@ def build(config: Config, ckpt, say=print, tokenizer: Any = None) -> Run:
   rules = sharding.logical_rules(config.mesh)
   recipe = build_recipe(config, tokenizer)
   rng = jax.random.key(config.train.seed)
-  abstract = sharding.abstract_train_state(
-    recipe.model, recipe.tx, recipe.precision, config, mesh, rng
-  )
+  abstract = sharding.abstract_train_state(recipe.model, recipe.tx, config, mesh, rng)
   shardings = jax.tree.map(lambda x: x.sharding, abstract)
   say(
     f"model: {config.model.family}, task {recipe.task.name}, "
     f"{param_count(abstract.params):,} parameters, attention "
     f"{recipe.config.model.attention_impl} ({jax.default_backend()}); "
-    f"{recipe.precision.describe()}"
+    f"{recipe.precision.describe()}; loss scale "
+    f"{loss_scale_kind(config.precision.policy, config.precision.loss_scale)}"
   )
   mem = sharding.state_memory_report(abstract)
   say(
@@ -282,9 +282,7 @@ def build(config: Config, ckpt, say=print, tokenizer: Any = None) -> Run:
   )
   restored = checkpoint.restore_latest(ckpt, abstract)
   if restored is None:
-    state, _ = sharding.create_sharded_state(
-      recipe.model, recipe.tx, recipe.precision, config, mesh, rng
-    )
+    state, _ = sharding.create_sharded_state(recipe.model, recipe.tx, config, mesh, rng)
     source = config.train.init_from
     if source:
       source_config = stored_config(source)

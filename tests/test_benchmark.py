@@ -37,7 +37,7 @@ def test_bench_streams_phases_then_json_and_times_the_real_step(capsys):
   # steps on the fixed batch (numpy seed 0), computed here independently.
   config = apply_overrides(get_preset("nanogpt_cpu"), ["model.n_layers=1", "train.batch_size=2"])
   r = build_recipe(config)
-  state = jax.jit(make_init_fn(r.model, r.tx, r.precision, config))(jax.random.key(0))
+  state = jax.jit(make_init_fn(r.model, r.tx, config))(jax.random.key(0))
   step = jax.jit(make_train_step(r.model, r.tx, r.schedule, config, r.task))
   batch = benchmark.fixed_batch(2, 64, config.model.vocab_size)
   for _ in range(3):

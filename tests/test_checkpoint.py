@@ -43,7 +43,7 @@ def _abstract(mesh_cfg, devices):
   )
   r = build_recipe(config)
   return sharding.abstract_train_state(
-    r.model, r.tx, r.precision, config, sharding.make_mesh(mesh_cfg, devices), jax.random.key(0)
+    r.model, r.tx, config, sharding.make_mesh(mesh_cfg, devices), jax.random.key(0)
   )
 
 

@@ -193,5 +193,5 @@ def test_tiny_preset_shards_over_data_fsdp_and_tensor_axes_of_2():
   r = build_recipe(config)
   mesh = sharding.make_mesh(config.mesh)
   # Before: model.d_ff=341 and vocab_size=259 do not split over tensor=2.
-  state = sharding.abstract_train_state(r.model, r.tx, r.precision, config, mesh, jax.random.key(0))
+  state = sharding.abstract_train_state(r.model, r.tx, config, mesh, jax.random.key(0))
   assert state.params["embed"]["embedding"].shape == (320, 128)

@@ -114,11 +114,8 @@ def test_low_precision_fast_writes_table_and_figure(tmp_path):
   assert trained["pure bf16, bf16 moments, stochastic rounding"]["bytes_per_param"] == (
     pytest.approx(6.0, rel=1e-3)
   )
-  assert list(converted) == [
-    "bf16 -> weight-only int8",
-    "bf16 -> weight-only int4",
-    "bf16 -> SVD rank 4",
-  ]
+  assert list(converted)[:2] == ["bf16 -> weight-only int8", "bf16 -> weight-only int4"]
+  assert list(converted)[2].startswith("bf16 -> SVD rank 4 (") and len(converted) == 3
   reference = trained["bf16"]["perplexity"]
   for name, row in {**trained, **converted}.items():
     assert np.isfinite(row["val_loss"]) and row["perplexity"] > 1, name

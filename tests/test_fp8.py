@@ -183,7 +183,7 @@ def runs():
     "current": _config(*FP8, "precision.fp8_scaling=current"),
   }
   r = build_recipe(configs["delayed"])
-  init = jax.jit(make_init_fn(r.model, r.tx, r.precision, configs["delayed"]))(jax.random.key(0))
+  init = jax.jit(make_init_fn(r.model, r.tx, configs["delayed"]))(jax.random.key(0))
   assert set(init.model_state) == {FP8_META}
   return {
     name: _run(config, init if name == "delayed" else init.replace(model_state={}), 20)
@@ -266,9 +266,7 @@ def test_evaluation_and_params_only_forwards_read_the_scales_without_writing(run
 def test_fp8_scales_survive_a_checkpoint_bit_for_bit(runs, tmp_path):
   r, _, states = runs["delayed"]
   state, mesh = states[20], sharding.make_mesh(r.config.mesh)
-  abstract = sharding.abstract_train_state(
-    r.model, r.tx, r.precision, r.config, mesh, jax.random.key(0)
-  )
+  abstract = sharding.abstract_train_state(r.model, r.tx, r.config, mesh, jax.random.key(0))
   assert jax.tree.structure(abstract.model_state) == jax.tree.structure(state.model_state)
   manager = checkpoint.make_manager(str(tmp_path))
   assert checkpoint.save(manager, 20, state, {"step": 20}, force=True)

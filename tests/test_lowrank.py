@@ -177,7 +177,7 @@ def test_a_lowrank_model_trains_from_scratch():
     "precision.format_edges=true",
   )
   r = build_recipe(config)
-  state = jax.jit(make_init_fn(r.model, r.tx, r.precision, config))(jax.random.key(0))
+  state = jax.jit(make_init_fn(r.model, r.tx, config))(jax.random.key(0))
   assert set(state.params["lm_head"]) == {"kernel_u", "kernel_v"}  # edges included
   assert set(state.params["decoder"]["blocks_0"]["mlp"]["up"]) == {"kernel_u", "kernel_v"}
   step = jax.jit(make_train_step(r.model, r.tx, r.schedule, config, r.task), donate_argnums=0)

@@ -182,7 +182,7 @@ def _step(config):
 def _init_state(precision):
   config = _config(precision)
   r = build_recipe(config)
-  return jax.jit(make_init_fn(r.model, r.tx, r.precision, config))(jax.random.key(0))
+  return jax.jit(make_init_fn(r.model, r.tx, config))(jax.random.key(0))
 
 
 def _initial_state(config):
@@ -266,6 +266,6 @@ def test_stochastic_rounding_keeps_params_on_a_non_finite_step():
 def test_bytes_per_param(precision, optim_kw, expected):
   config = _config(precision, **optim_kw)
   r = build_recipe(config)
-  abstract = jax.eval_shape(make_init_fn(r.model, r.tx, r.precision, config), jax.random.key(0))
+  abstract = jax.eval_shape(make_init_fn(r.model, r.tx, config), jax.random.key(0))
   # The optimizer's int32 step counts add 4-8 bytes over ~15k params.
   assert bytes_per_param(abstract) == pytest.approx(expected, abs=1e-3)

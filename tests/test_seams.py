@@ -85,9 +85,7 @@ def _setup(model, config, mesh_cfg=MeshConfig(data=1)):
   r = build_recipe(config)
   mesh = sharding.make_mesh(mesh_cfg, jax.devices()[: mesh_cfg.data * mesh_cfg.fsdp])
   rules = sharding.logical_rules(mesh_cfg)
-  state, shardings = sharding.create_sharded_state(
-    model, r.tx, r.precision, config, mesh, jax.random.key(0)
-  )
+  state, shardings = sharding.create_sharded_state(model, r.tx, config, mesh, jax.random.key(0))
   step = sharding.jit_train_step(
     make_train_step(model, r.tx, r.schedule, config, r.task),
     shardings,
@@ -141,9 +139,7 @@ def test_train_step_updates_and_checkpoints_model_state(tmp_path):
   manager = checkpoint.make_manager(str(tmp_path / "ck"))
   checkpoint.save(manager, 3, state, {}, force=True)
   checkpoint.wait(manager)
-  abstract = sharding.abstract_train_state(
-    model, r.tx, r.precision, config, mesh, jax.random.key(0)
-  )
+  abstract = sharding.abstract_train_state(model, r.tx, config, mesh, jax.random.key(0))
   restored, _, _ = checkpoint.restore_latest(manager, abstract)
   chex.assert_trees_all_equal(
     jax.device_get(restored.model_state), jax.device_get(state.model_state)
@@ -184,7 +180,7 @@ def test_a_custom_task_loss_plugs_into_the_step():
   )
   config = _config()
   r = build_recipe(config)
-  state = jax.jit(make_init_fn(r.model, r.tx, r.precision, config))(jax.random.key(0))
+  state = jax.jit(make_init_fn(r.model, r.tx, config))(jax.random.key(0))
   step = jax.jit(make_train_step(r.model, r.tx, r.schedule, config, task))
   batch = {"inputs": jnp.asarray(_batch()["inputs"]), "goal": jnp.full((B,), 2.0)}
   losses = []
@@ -233,7 +229,7 @@ def test_accumulation_weighs_micro_batches_by_their_counts():
   results = []
   for k in (1, 2):
     r = build_recipe(cfg(k))
-    state = jax.jit(make_init_fn(r.model, r.tx, r.precision, cfg(k)))(jax.random.key(0))
+    state = jax.jit(make_init_fn(r.model, r.tx, cfg(k)))(jax.random.key(0))
     state, m = jax.jit(make_train_step(r.model, r.tx, r.schedule, cfg(k), r.task))(
       state, jax.tree.map(jnp.asarray, batch)
     )
@@ -246,7 +242,7 @@ def test_accumulation_weighs_micro_batches_by_their_counts():
 def test_frozen_parameters_stay_bit_identical():
   config = _config(train={"freeze": "embed/*,decoder/blocks_0/*"})
   r = build_recipe(config)
-  state = jax.jit(make_init_fn(r.model, r.tx, r.precision, config))(jax.random.key(0))
+  state = jax.jit(make_init_fn(r.model, r.tx, config))(jax.random.key(0))
   before = jax.device_get(state.params)
   step = jax.jit(make_train_step(r.model, r.tx, r.schedule, config, r.task))
   for i in range(3):
@@ -263,7 +259,7 @@ def test_frozen_parameters_stay_bit_identical():
 def test_backbone_lr_scale_zero_trains_only_the_head():
   config = _config(train={"backbone_lr_scale": 0.0})
   r = build_recipe(config)
-  state = jax.jit(make_init_fn(r.model, r.tx, r.precision, config))(jax.random.key(0))
+  state = jax.jit(make_init_fn(r.model, r.tx, config))(jax.random.key(0))
   before = jax.device_get(state.params)
   state, _ = jax.jit(make_train_step(r.model, r.tx, r.schedule, config, r.task))(
     state, jax.tree.map(jnp.asarray, _batch())
@@ -280,7 +276,7 @@ def test_backbone_lr_scale_zero_trains_only_the_head():
 def _params(seed):
   config = _config()
   r = build_recipe(config)
-  return jax.jit(make_init_fn(r.model, r.tx, r.precision, config))(jax.random.key(seed)).params
+  return jax.jit(make_init_fn(r.model, r.tx, config))(jax.random.key(seed)).params
 
 
 def test_load_backbone_keeps_fresh_heads_and_checks_shapes():
@@ -311,7 +307,7 @@ def test_load_backbone_keeps_fresh_heads_and_checks_shapes():
 def test_eval_step_sums_are_the_task_means():
   config = _config()
   r = build_recipe(config)
-  state = jax.jit(make_init_fn(r.model, r.tx, r.precision, config))(jax.random.key(0))
+  state = jax.jit(make_init_fn(r.model, r.tx, config))(jax.random.key(0))
   batch = jax.tree.map(jnp.asarray, _batch())
   out = jax.jit(make_eval_step(r.model, r.task))(state.variables, batch)
   loss, aux = r.task.loss_fn(r.model, state.variables, batch, None)

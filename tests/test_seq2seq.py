@@ -436,7 +436,7 @@ def _reverse_config(steps=400):
 def test_seq2seq_loss_counts_only_real_target_tokens():
   config = _reverse_config()
   r = build_recipe(config)
-  state = jax.jit(make_init_fn(r.model, r.tx, r.precision, config))(jax.random.key(0))
+  state = jax.jit(make_init_fn(r.model, r.tx, config))(jax.random.key(0))
   batch = _reverse_batch(np.random.default_rng(0), 8)
   loss, aux = r.task.loss_fn(r.model, state.variables, batch, None)
   assert float(aux["weight"]) == float((batch["targets"] >= 0).sum())
@@ -471,7 +471,7 @@ def test_seq2seq_loss_counts_only_real_target_tokens():
 def test_reverse_task_is_learned_to_95_percent_token_accuracy():
   config = _reverse_config()
   r = build_recipe(config)
-  state = jax.jit(make_init_fn(r.model, r.tx, r.precision, config))(jax.random.key(0))
+  state = jax.jit(make_init_fn(r.model, r.tx, config))(jax.random.key(0))
   step = jax.jit(make_train_step(r.model, r.tx, r.schedule, config, r.task), donate_argnums=0)
   rng = np.random.default_rng(0)
   for _ in range(config.train.steps):
@@ -514,9 +514,7 @@ def test_presets_have_their_published_shapes():
   def count(name):
     config = get_preset(name)
     r = build_recipe(config)
-    shapes = jax.eval_shape(
-      make_init_fn(r.model, r.tx, r.precision, config), jax.random.key(0)
-    ).params
+    shapes = jax.eval_shape(make_init_fn(r.model, r.tx, config), jax.random.key(0)).params
     return param_count(shapes)
 
   # T5-small v1.0 (shared, tied 32128 x 512 embedding, no biases, 2 x 32 x 8 relative bias):

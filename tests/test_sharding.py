@@ -83,18 +83,14 @@ def _model(config):
 
 def _abstract(config):
   model, tx, _, precision = _model(config)
-  return sharding.abstract_train_state(
-    model, tx, precision, config, _mesh(config.mesh), jax.random.key(0)
-  )
+  return sharding.abstract_train_state(model, tx, config, _mesh(config.mesh), jax.random.key(0))
 
 
 @functools.cache
 def _initial_state():
   """The single-device initial state; runs start from copies (it is never donated)."""
   model, tx, _, precision = _model(_config())
-  state, _ = sharding.create_sharded_state(
-    model, tx, precision, _config(), _mesh(SINGLE), jax.random.key(0)
-  )
+  state, _ = sharding.create_sharded_state(model, tx, _config(), _mesh(SINGLE), jax.random.key(0))
   return state
 
 
@@ -156,7 +152,7 @@ def test_create_sharded_state_matches_single_device_init():
   config = _config(ALL3)
   model, tx, _, precision = _model(config)
   state, shardings = sharding.create_sharded_state(
-    model, tx, precision, config, _mesh(ALL3), jax.random.key(0)
+    model, tx, config, _mesh(ALL3), jax.random.key(0)
   )
   ref = _initial_state()
   chex.assert_trees_all_equal(
@@ -292,9 +288,7 @@ def _two_process_worker(out_dir):
   config = _config(ALL3)
   model, tx, schedule, precision = _model(config)
   mesh, rules = sharding.make_mesh(ALL3), sharding.logical_rules(ALL3)
-  state, shardings = sharding.create_sharded_state(
-    model, tx, precision, config, mesh, jax.random.key(0)
-  )
+  state, shardings = sharding.create_sharded_state(model, tx, config, mesh, jax.random.key(0))
   step = sharding.jit_train_step(
     make_train_step(model, tx, schedule, config), shardings, mesh, rules
   )

@@ -43,7 +43,7 @@ def _setup(config, precision="fp32", loss_scale=None):
   )
   config = dataclasses.replace(config, precision=section)
   r = build_recipe(config)
-  state = jax.jit(make_init_fn(r.model, r.tx, r.precision, config))(jax.random.key(0))
+  state = jax.jit(make_init_fn(r.model, r.tx, config))(jax.random.key(0))
   step = jax.jit(make_train_step(r.model, r.tx, r.schedule, config, r.task), donate_argnums=0)
   return r.model, state, step
 
