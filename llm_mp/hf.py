@@ -688,9 +688,8 @@ def write_run(workdir: str, config: Config, params: Any, tokenizer: Any) -> None
   """
   import jax  # pylint: disable=import-outside-toplevel
 
-  from llm_mp import checkpoint, sharding  # pylint: disable=import-outside-toplevel
+  from llm_mp import sharding  # pylint: disable=import-outside-toplevel
   from llm_mp.builder import build_recipe  # pylint: disable=import-outside-toplevel
-  from llm_mp.train import write_config  # pylint: disable=import-outside-toplevel
 
   recipe = build_recipe(config, tokenizer)
   mesh = sharding.make_mesh(config.mesh)
@@ -712,12 +711,36 @@ def write_run(workdir: str, config: Config, params: Any, tokenizer: Any) -> None
     {p: jax.device_put(np.asarray(got[p]).astype(want[p].dtype), want[p].sharding) for p in want}
   )
   state = state.replace(params=jax.tree.map(lambda _, x: x, state.params, new))
+  publish_run(workdir, config, tokenizer, 0, state)
+
+
+def publish_run(
+  workdir: str,
+  config: Config,
+  tokenizer: Any,
+  step: int,
+  tree: Any,
+  fill: Callable[[str], None] | None = None,
+) -> None:
+  """Writes a run directory atomically: ``config.json``, the tokenizer, a checkpoint of
+  ``tree`` (a TrainState, or ``{"params": ...}`` for a params-only run) at ``step``,
+  and whatever ``fill(directory)`` adds; built in a staging directory and renamed
+  into place, so a failure leaves nothing behind.
+
+  Raises:
+    HFError: ``workdir`` exists and is not empty.
+  """
+  from llm_mp import checkpoint  # pylint: disable=import-outside-toplevel
+  from llm_mp.train import write_config  # pylint: disable=import-outside-toplevel
+
   tmp = staging_directory(workdir)
   try:
     write_config(tmp, config)
     tokenizer.save(tmp)
+    if fill is not None:
+      fill(tmp)
     manager = checkpoint.make_manager(os.path.join(tmp, "checkpoints"), 1)
-    checkpoint.save(manager, 0, state, {}, force=True)
+    checkpoint.save(manager, step, tree, {}, force=True)
     checkpoint.wait(manager)
     manager.close()
     publish_directory(tmp, workdir)

@@ -26,14 +26,13 @@ import flax.linen as nn
 import jax
 from flax import traverse_util
 
-from llm_mp import checkpoint, inference
+from llm_mp import inference
 from llm_mp.builder import abstract_run_params, build_recipe
 from llm_mp.config import Config
 from llm_mp.formats import stored_bytes
-from llm_mp.hf import publish_directory, staging_directory
+from llm_mp.hf import publish_run
 from llm_mp.int_formats import WEIGHT_ONLY
 from llm_mp.models import FAMILIES
-from llm_mp.train import write_config
 
 TARGETS = {"int8": "int8-weight", "int4": "int4-weight"}  # --to -> precision.formats
 
@@ -136,24 +135,16 @@ def quantize_run(
     raise ValueError(f"{workdir} is already quantised (precision.formats={sorted(stored)})")
   config = quantized_config(run.config, to)
   out = out or f"{os.path.normpath(workdir)}-{to}"
-  tmp = staging_directory(out)
-  try:
-    model = build_recipe(config, run.tokenizer).model
-    params = quantize_params(model, config, run.params, abstract_run_params(config, run.mesh))
-    write_config(tmp, config)
-    run.tokenizer.save(tmp)
-    if os.path.isdir(os.path.join(workdir, "data")):  # the token cache: eval needs no re-tokenising
+  model = build_recipe(config, run.tokenizer).model
+  params = quantize_params(model, config, run.params, abstract_run_params(config, run.mesh))
+
+  def copy_token_cache(tmp: str) -> None:  # eval needs no re-tokenising
+    if os.path.isdir(os.path.join(workdir, "data")):
       shutil.copytree(
         os.path.join(workdir, "data"), os.path.join(tmp, "data"), copy_function=_link_or_copy
       )
-    manager = checkpoint.make_manager(os.path.join(tmp, "checkpoints"), 1)
-    checkpoint.save(manager, run.step, {"params": params}, {}, force=True)
-    checkpoint.wait(manager)
-    manager.close()
-    publish_directory(tmp, out)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
+
+  publish_run(out, config, run.tokenizer, run.step, {"params": params}, copy_token_cache)
   report = {
     "out": out,
     "format": TARGETS[to],
