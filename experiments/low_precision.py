@@ -193,6 +193,15 @@ def main(argv: Sequence[str] | None = None) -> int:
   )
   parser.add_argument("--steps", type=int, default=800)
   parser.add_argument(
+    "--settings",
+    nargs="+",
+    default=list(SETTINGS),
+    choices=list(SETTINGS),
+    metavar="NAME",
+    help=f"training settings to run (the {REFERENCE!r} reference always runs): "
+    f"{', '.join(SETTINGS)}",
+  )
+  parser.add_argument(
     "--ranks", type=int, nargs="+", default=list(RANKS), help="SVD ranks to convert to"
   )
   parser.add_argument("--data", nargs="*", default=[], help="text files (default: embedded)")
@@ -207,7 +216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   os.makedirs(args.out, exist_ok=True)
   t0 = time.perf_counter()
   curves, trained = {}, {}
-  for name in SETTINGS:
+  for name in [REFERENCE, *(n for n in SETTINGS if n in args.settings and n != REFERENCE)]:
     workdir, curves[name] = train_setting(name, args.steps, args.out, args.data, overrides)
     trained[name] = summarise_run(workdir, curves[name])
     print(f"{name}: {trained[name]}", flush=True)

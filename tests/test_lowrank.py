@@ -207,5 +207,3 @@ def test_lowrank_command_converts_a_trained_run(corpus, tmp_path, capsys):
   np.testing.assert_allclose(full_in_memory["perplexity"], full["val_ppl"], rtol=1e-6)
   assert low["params"] < dense["params"]
   assert low["perplexity"] > dense["perplexity"] * 1.01, (dense, low)
-  with capsys.disabled():
-    print(json.dumps({"full_rank_eval": full, "sweep": [dense, full_in_memory, low]}))
