@@ -270,9 +270,9 @@ def build(config: Config, ckpt, say=print, tokenizer: Any = None) -> Run:
   say(
     f"model: {config.model.family}, task {recipe.task.name}, "
     f"{param_count(abstract.params):,} parameters, attention "
-    f"{recipe.config.model.attention_impl} ({jax.default_backend()}); "
-    f"{recipe.precision.describe()}; loss scale "
-    f"{loss_scale_kind(config.precision.policy, config.precision.loss_scale)}"
+    f"{recipe.config.model.attention_impl} ({jax.default_backend()}); loss scale "
+    f"{loss_scale_kind(config.precision.policy, config.precision.loss_scale)}; "
+    f"{recipe.precision.describe()}"
   )
   mem = sharding.state_memory_report(abstract)
   say(
