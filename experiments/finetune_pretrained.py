@@ -28,7 +28,8 @@ from typing import Any, Sequence
 from llm_mp import hf
 from llm_mp.config import apply_overrides
 from llm_mp.inference import evaluate_run
-from llm_mp.train import stored_config, train
+from llm_mp.rundir import stored_config, write_run
+from llm_mp.train import train
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures", "hf", "gpt2")
 WIKITEXT = "../shared/data/wikitext2"
@@ -42,7 +43,7 @@ def run(args) -> dict[str, Any]:
   base = os.path.join(args.out, "imported")
   if not os.path.isdir(os.path.join(base, "checkpoints")):
     config, params, tokenizer = hf.import_hf(args.src)
-    hf.write_run(base, config, params, tokenizer)
+    write_run(base, config, params, tokenizer)
   train_text, eval_text = args.train, args.eval
   if not train_text and os.path.isdir(WIKITEXT):
     train_text, eval_text = [f"{WIKITEXT}/valid.txt"], [f"{WIKITEXT}/test.txt"]

@@ -7,9 +7,12 @@ The supported API, from the bottom layer up::
   precision  Precision, make_precision, precision_report
   models     TransformerLM (and blocks in llm_mp.models)
   optim      make_optimizer; loss scales in llm_mp.loss_scale
+  tasks      TaskSpec, register_task, make_task (the task registry, llm_mp.tasks)
   state      TrainState, make_init_fn
   step       make_train_step, make_eval_step, cross_entropy
   generate   generate_text, sample_logits (llm_mp.generate.generate for token arrays)
+  builder    build_recipe: the one place a run's model, task and optimizer are built
+  rundir     load_run (a trained run: config, recipe, parameters and collections)
   train      train (the loop); llm_mp.cli is the `llm-mp` command
 
 Data (llm_mp.data), sharding (llm_mp.sharding), checkpoints
@@ -18,6 +21,7 @@ histograms, fp16/bf16/fp8 under/overflow, policy errors vs float64) are
 imported as modules.
 """
 
+from llm_mp.builder import build_recipe
 from llm_mp.config import (
   Config,
   DataConfig,
@@ -33,8 +37,10 @@ from llm_mp.loss_scale import DynamicLossScale, NoOpLossScale, StaticLossScale, 
 from llm_mp.models import TransformerLM
 from llm_mp.optim import make_optimizer
 from llm_mp.precision import Precision, make_precision, precision_report
+from llm_mp.rundir import load_run
 from llm_mp.state import TrainState, make_init_fn
 from llm_mp.step import cross_entropy, make_eval_step, make_train_step
+from llm_mp.tasks import TaskSpec, make_task, register_task
 
 __version__ = "0.1.0"
 
@@ -48,19 +54,24 @@ __all__ = [
   "OptimConfig",
   "Precision",
   "StaticLossScale",
+  "TaskSpec",
   "TrainConfig",
   "TrainState",
   "TransformerLM",
   "apply_overrides",
+  "build_recipe",
   "cross_entropy",
   "generate_text",
   "get_preset",
+  "load_run",
   "make_eval_step",
   "make_init_fn",
   "make_loss_scale",
   "make_optimizer",
+  "make_task",
   "make_precision",
   "make_train_step",
   "precision_report",
+  "register_task",
   "sample_logits",
 ]

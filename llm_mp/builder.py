@@ -7,7 +7,8 @@ training loop, evaluation, generation, the benchmark and the tests all build
 through it, so a new family, task or optimizer option reaches every caller.
 
 :func:`load_backbone` is fine-tuning's start: the parameters of another run's
-latest checkpoint, minus its task heads, placed into a fresh state.
+latest checkpoint (read by ``llm_mp.rundir``), minus its task heads, placed into
+a fresh state.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from llm_mp import checkpoint, sharding
 from llm_mp.config import Config
 from llm_mp.models import HEAD_PARAMS, build_model
 from llm_mp.optim import make_optimizer, param_path
@@ -201,31 +201,3 @@ def check_init_from(config: Config, source_config: Config, source: str) -> None:
       f"train.init_from={source}: its model.{k}={a[k]!r} differs from "
       f"model.{k}={b[k]!r} ({len(diff)} differing field(s))"
     )
-
-
-def restore_run_params(
-  workdir: str, config: Config, mesh: Any, tokenizer: Any = None
-) -> tuple[Any, int]:
-  """The parameters of run ``workdir`` (whose config is ``config``), read
-  from its newest checkpoint onto ``mesh`` without its optimizer state.
-
-  Returns:
-    ``(params, step)``.
-
-  Raises:
-    CheckpointError: the run has no readable checkpoint.
-    ValueError: a config the builder rejects.
-  """
-  return checkpoint.restore_params(
-    f"{workdir}/checkpoints", abstract_run_params(config, mesh, tokenizer)
-  )
-
-
-def abstract_run_params(config: Config, mesh: Any, tokenizer: Any = None) -> Any:
-  """The parameters ``config``'s model has, as ``jax.ShapeDtypeStruct`` leaves with
-  their shardings on ``mesh`` (no FLOPs, no device memory)."""
-  recipe = build_recipe(config, tokenizer)
-  abstract = sharding.abstract_train_state(
-    recipe.model, recipe.tx, config, mesh, jax.random.key(config.train.seed)
-  )
-  return abstract.params

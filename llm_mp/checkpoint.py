@@ -209,8 +209,12 @@ def _restore_newest(manager: ocp.CheckpointManager, target: Any) -> tuple[Any, A
   return state, data_state, step
 
 
-def _restore_params_at(manager: ocp.CheckpointManager, step: int, abstract_params: Any) -> Any:
+def _restore_variables_at(
+  manager: ocp.CheckpointManager, step: int, abstract_params: Any, abstract_model_state: Any
+) -> tuple[Any, Any]:
   item = {"params": abstract_params}
+  if abstract_model_state:  # params-only checkpoints (quantised runs) have no collections
+    item["model_state"] = abstract_model_state
   out = manager.restore(
     step,
     args=ocp.args.Composite(
@@ -223,11 +227,14 @@ def _restore_params_at(manager: ocp.CheckpointManager, step: int, abstract_param
       }
     ),
   )
-  return out[STATE_ITEM]["params"]
+  return out[STATE_ITEM]["params"], out[STATE_ITEM].get("model_state", {})
 
 
-def restore_params(directory: str, abstract_params: Any) -> tuple[Any, int]:
-  """Reads only the parameters of the newest readable checkpoint in ``directory``.
+def restore_variables(
+  directory: str, abstract_params: Any, abstract_model_state: Any = None
+) -> tuple[Any, Any, int]:
+  """Reads the parameters and non-parameter collections (``TrainState.model_state``:
+  fp8 scales) of the newest readable checkpoint in ``directory``.
 
   For evaluation, generation and fine-tuning: the optimizer state (twice the
   parameters' size for Adam) is neither read nor allocated, and the directory
@@ -253,9 +260,10 @@ def restore_params(directory: str, abstract_params: Any) -> tuple[Any, int]:
   with ocp.CheckpointManager(path, options=options) as manager:
     found = _newest_readable(
       manager,
-      lambda step: _restore_params_at(manager, step, abstract_params),
+      lambda step: _restore_variables_at(manager, step, abstract_params, abstract_model_state),
       "the run has no usable parameters: train it again",
     )
   if found is not None:
-    return found
+    (params, model_state), step = found
+    return params, model_state, step
   raise CheckpointError(f"{directory} has no checkpoint yet: train first")

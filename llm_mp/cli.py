@@ -1,5 +1,5 @@
-"""``llm-mp`` / ``python -m llm_mp``: train, generate, eval, quantize, lowrank, diagnose, config,
-bench, import-hf, export-hf.
+"""``llm-mp`` / ``python -m llm_mp``: train, generate, eval, predict, quantize, lowrank,
+diagnose, config, bench, import-hf, export-hf.
 
 Every user error (bad path, unknown preset or key, conflicting workdir, a
 prompt too long) is one line on stderr and exit code 2.
@@ -19,7 +19,7 @@ from typing import Sequence
 from llm_mp.allocator import tune_malloc
 from llm_mp.config import PRESETS, Config, MeshConfig, apply_overrides, get_preset
 
-_OVERRIDE = re.compile(r"^(model|optim|data|train|mesh)\.\w+=")
+_OVERRIDE = re.compile(r"^(model|optim|data|train|mesh|precision)\.\w+=")
 
 
 def parse_mesh(text: str) -> MeshConfig:
@@ -42,7 +42,7 @@ def parse_mesh(text: str) -> MeshConfig:
 
 def resolve_config(args: argparse.Namespace) -> Config:
   """Preset (or the workdir's stored config) + --precision/--data/--mesh + overrides."""
-  from llm_mp.train import stored_config  # pylint: disable=import-outside-toplevel
+  from llm_mp.rundir import stored_config  # pylint: disable=import-outside-toplevel
 
   config = (
     get_preset(args.preset)
@@ -70,15 +70,15 @@ def resolve_config(args: argparse.Namespace) -> Config:
 def _init_from_config(args: argparse.Namespace) -> Config | None:
   """A new fine-tuning run without --preset starts from its --init-from run's config
   (an imported checkpoint's architecture), with train.init_from set below."""
-  from llm_mp.train import stored_config  # pylint: disable=import-outside-toplevel
+  from llm_mp.rundir import stored_config  # pylint: disable=import-outside-toplevel
 
   return stored_config(args.init_from) if args.init_from else None
 
 
 def _load(workdir: str):
-  from llm_mp import inference  # pylint: disable=import-outside-toplevel
+  from llm_mp.rundir import load_run  # pylint: disable=import-outside-toplevel
 
-  return inference.load_run(workdir)
+  return load_run(workdir)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -127,6 +127,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
   return 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+  from llm_mp.inference import predict_run  # pylint: disable=import-outside-toplevel
+
+  texts = list(args.texts) or [line.rstrip("\n") for line in sys.stdin]
+  for text, out in zip(texts, predict_run(args.workdir, texts)):
+    print(json.dumps({"input": text, "prediction": out}, ensure_ascii=False))
+  return 0
+
+
 def cmd_quantize(args: argparse.Namespace) -> int:
   from llm_mp.quantize import quantize_run  # pylint: disable=import-outside-toplevel
 
@@ -143,10 +152,10 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_import_hf(args: argparse.Namespace) -> int:
-  from llm_mp import hf  # pylint: disable=import-outside-toplevel
+  from llm_mp import hf, rundir  # pylint: disable=import-outside-toplevel
 
   config, params, tokenizer = hf.import_hf(args.src, vocab_multiple=args.vocab_multiple)
-  hf.write_run(args.workdir, config, params, tokenizer)
+  rundir.write_run(args.workdir, config, params, tokenizer)
   print(f"{hf.describe(config)}; wrote {args.workdir} (checkpoint at step 0)")
   return 0
 
@@ -191,6 +200,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+  from llm_mp.tasks import task_names  # pylint: disable=import-outside-toplevel
+
   parser = argparse.ArgumentParser(
     prog="llm-mp", description="Train, sample and evaluate Transformer LMs in mixed precision."
   )
@@ -220,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--steps", type=int, help="shorthand for train.steps=N")
   p.add_argument(
     "--task",
-    choices=("lm", "mlm", "classify", "seq2seq"),
+    choices=task_names(),
     help="training objective (default: lm for decoders, mlm for encoders, seq2seq for "
     "encoder-decoders); classify reads labelled .tsv/.csv/.jsonl (data.text_field, "
     "data.label_field, data.val_paths); seq2seq reads input/target .jsonl or two aligned files",
@@ -262,6 +273,17 @@ def build_parser() -> argparse.ArgumentParser:
     help="evaluate on these files instead of the run's validation split",
   )
   p.set_defaults(fn=cmd_eval)
+
+  p = sub.add_parser(
+    "predict",
+    help="the run's task prediction for each text, as JSON lines",
+    description="Print one JSON object per input text with the trained run's prediction: "
+    "a continuation (lm), a label (classify), an output text (seq2seq), a reconstruction "
+    "(mlm), or what a registered task predicts.",
+  )
+  p.add_argument("--workdir", required=True)
+  p.add_argument("texts", nargs="*", metavar="TEXT", help="inputs (default: one per stdin line)")
+  p.set_defaults(fn=cmd_predict)
 
   p = sub.add_parser(
     "quantize",

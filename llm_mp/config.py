@@ -32,15 +32,6 @@ OPTIMIZERS = ("adamw", "adam", "sgd", "rmsprop", "adagrad")
 SCHEDULES = ("cosine", "linear", "constant")
 TOKENIZERS = ("byte", "bpe")
 FAMILIES = ("decoder", "encoder", "encoder_decoder")  # llm_mp.models.FAMILIES builds each
-# llm_mp.tasks.TASKS; auto = the family's default
-TASKS = ("auto", "lm", "mlm", "classify", "seq2seq")
-# The families each task can train (checked when a Config is built).
-TASK_FAMILIES = {
-  "lm": ("decoder",),
-  "mlm": ("encoder",),
-  "classify": ("encoder",),
-  "seq2seq": ("encoder_decoder",),
-}
 POOLS = ("first", "mean")
 STATE_DTYPES = ("float32", "fp32", "f32", "bfloat16", "bf16")
 
@@ -361,8 +352,8 @@ class MeshConfig:
 class TrainConfig:
   """The training loop: length, batch, precision, logging and checkpoints."""
 
-  # "lm", "mlm", "classify", "seq2seq"; "auto": lm for decoders, mlm for encoders,
-  # seq2seq for encoder-decoders
+  # A task of the registry (llm_mp.tasks: lm, mlm, classify, seq2seq, ...), or "auto": the
+  # family's default (lm for decoders, mlm for encoders, seq2seq for encoder-decoders)
   task: str = "auto"
   steps: int = 300  # optimizer updates; may change on resume (see optim.schedule_steps)
   batch_size: int = 16  # rows per optimizer update (split into grad_accum_steps micro-batches)
@@ -398,7 +389,6 @@ class TrainConfig:
       "eval_batches",
     ):
       _check_positive(s, f, getattr(self, f))
-    _check_choice(s, "task", self.task, TASKS)
     _check_positive(s, "backbone_lr_scale", self.backbone_lr_scale, allow_zero=True)
     _check_positive(s, "z_loss", self.z_loss, allow_zero=True)
     _check_positive(s, "sample_tokens", self.sample_tokens, allow_zero=True)
@@ -456,12 +446,6 @@ class Config:
       length = getattr(self.data, name)
       if length is not None and length > self.model.max_len:
         raise ValueError(f"data.{name}={length} is longer than model.max_len={self.model.max_len}")
-    task, family = self.train.task, self.model.family
-    if task != "auto" and family not in TASK_FAMILIES[task]:
-      raise ValueError(
-        f"train.task={task!r} needs model.family in {list(TASK_FAMILIES[task])}, "
-        f"got model.family={family!r}"
-      )
     if self.train.batch_size % self.optim.grad_accum_steps:
       raise ValueError(
         f"optim.grad_accum_steps={self.optim.grad_accum_steps} does not divide "

@@ -44,6 +44,7 @@ from llm_mp.data.tokenizer import (
   HFTokenizer,
   read_specials,
 )
+from llm_mp.rundir import load_run, publish_directory, staging_directory
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -659,96 +660,6 @@ def import_hf(src: str, vocab_multiple: int = 1) -> tuple[Config, dict[str, Any]
   return config, params, tokenizer
 
 
-def staging_directory(path: str) -> str:
-  """A fresh sibling directory to write into before renaming it to ``path``."""
-  if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
-    raise HFError(f"{path}: already exists and is not empty")
-  tmp = f"{os.path.abspath(path).rstrip(os.sep)}.tmp-{os.getpid()}"
-  shutil.rmtree(tmp, ignore_errors=True)
-  os.makedirs(tmp)
-  return tmp
-
-
-def publish_directory(tmp: str, path: str) -> None:
-  """Renames the finished ``tmp`` (from :func:`staging_directory`) to ``path``."""
-  if os.path.isdir(path):
-    os.rmdir(path)  # empty, checked by staging_directory
-  os.replace(tmp, path)
-
-
-def write_run(workdir: str, config: Config, params: Any, tokenizer: Any) -> None:
-  """Writes an llm_mp run directory: ``config.json``, the tokenizer and a step-0
-  checkpoint of ``params`` (with a fresh optimizer state), so ``generate``,
-  ``eval`` and ``train train.init_from=workdir`` work on it.
-
-  Raises:
-    HFError: ``workdir`` exists and is not empty, or ``params`` do not match
-      the parameters ``config`` builds (path and shapes named); nothing is
-      written then.
-  """
-  import jax  # pylint: disable=import-outside-toplevel
-
-  from llm_mp import sharding  # pylint: disable=import-outside-toplevel
-  from llm_mp.builder import build_recipe  # pylint: disable=import-outside-toplevel
-
-  recipe = build_recipe(config, tokenizer)
-  mesh = sharding.make_mesh(config.mesh)
-  state, _ = sharding.create_sharded_state(
-    recipe.model, recipe.tx, config, mesh, jax.random.key(config.train.seed)
-  )
-  want, got = _flatten(jax.tree.map(lambda x: x, state.params)), _flatten(params)
-  for path in sorted(set(want) | set(got)):
-    if path not in got or path not in want:
-      raise HFError(
-        f"params: {path} is {'missing' if path not in got else 'unexpected'} for this config"
-      )
-    if tuple(np.shape(got[path])) != tuple(want[path].shape):
-      raise HFError(
-        f"params: {path} has shape {list(np.shape(got[path]))}, the config "
-        f"builds {list(want[path].shape)}"
-      )
-  new = _unflatten(
-    {p: jax.device_put(np.asarray(got[p]).astype(want[p].dtype), want[p].sharding) for p in want}
-  )
-  state = state.replace(params=jax.tree.map(lambda _, x: x, state.params, new))
-  publish_run(workdir, config, tokenizer, 0, state)
-
-
-def publish_run(
-  workdir: str,
-  config: Config,
-  tokenizer: Any,
-  step: int,
-  tree: Any,
-  fill: Callable[[str], None] | None = None,
-) -> None:
-  """Writes a run directory atomically: ``config.json``, the tokenizer, a checkpoint of
-  ``tree`` (a TrainState, or ``{"params": ...}`` for a params-only run) at ``step``,
-  and whatever ``fill(directory)`` adds; built in a staging directory and renamed
-  into place, so a failure leaves nothing behind.
-
-  Raises:
-    HFError: ``workdir`` exists and is not empty.
-  """
-  from llm_mp import checkpoint  # pylint: disable=import-outside-toplevel
-  from llm_mp.train import write_config  # pylint: disable=import-outside-toplevel
-
-  tmp = staging_directory(workdir)
-  try:
-    write_config(tmp, config)
-    tokenizer.save(tmp)
-    if fill is not None:
-      fill(tmp)
-    manager = checkpoint.make_manager(os.path.join(tmp, "checkpoints"), 1)
-    checkpoint.save(manager, step, tree, {}, force=True)
-    checkpoint.wait(manager)
-    manager.close()
-    publish_directory(tmp, workdir)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-
-
 def export_hf(source: str | tuple[Config | ModelConfig, Any, Any], out_dir: str) -> None:
   """Writes ``out_dir`` as an HF checkpoint: ``config.json``, ``model.safetensors``
   (float32), ``tokenizer.json`` and ``tokenizer_config.json``.
@@ -766,8 +677,6 @@ def export_hf(source: str | tuple[Config | ModelConfig, Any, Any], out_dir: str)
   from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
 
   if isinstance(source, str):
-    from llm_mp.inference import load_run  # pylint: disable=import-outside-toplevel
-
     run = load_run(source)
     config, params, tokenizer = run.config, run.params, run.tokenizer
   else:
@@ -820,5 +729,4 @@ __all__ = [
   "model_config_from_hf",
   "params_from_hf",
   "params_to_hf",
-  "write_run",
 ]

@@ -1,133 +1,92 @@
-"""Loading a trained run for generation and evaluation.
+"""Evaluating and predicting with a model: the exact validation loop (used by
+training and by ``llm-mp eval``), and a loaded run's evaluation and predictions.
 
-A run directory holds everything needed: ``config.json``, ``tokenizer.json``
-and orbax checkpoints. :func:`load_run` restores the latest checkpoint onto
-the run's mesh; :func:`evaluate_run` computes the exact validation loss.
+What data a task evaluates on and what it predicts comes from its registry
+entry (``llm_mp.tasks``); the run is loaded by ``llm_mp.rundir.load_run`` with
+its parameters and non-parameter collections, so :func:`evaluate_run` of a
+checkpoint equals the evaluation inside training at that step.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, Sequence
+import math
+from typing import Any, Iterable, Sequence
 
 import jax
 
-from llm_mp import data, sharding
-from llm_mp.builder import Recipe, build_recipe, restore_run_params
-from llm_mp.config import Config
-from llm_mp.data import text2text
-from llm_mp.precision import Precision
+from llm_mp import sharding
+from llm_mp.rundir import LoadedRun, load_run
 from llm_mp.step import make_eval_step
-from llm_mp.train import evaluate, stored_config
+from llm_mp.tasks import Task, task_spec
 
 
-@dataclasses.dataclass
-class LoadedRun:
-  """A trained run: its config, recipe (policy, task, model), restored params
-  and tokenizer."""
+def evaluate(
+  eval_fn, variables: Any, batches: Iterable[dict], mesh, rules, task: Task
+) -> dict[str, float]:
+  """Exact means of the task loss and metrics of ``variables`` over ``batches``.
 
-  config: Config
-  recipe: Recipe
-  params: Any
-  tokenizer: data.Tokenizer
-  mesh: Any
-  rules: Any
-  shardings: Any
-  step: int
+  Args:
+    eval_fn: ``(variables, batch) -> sums`` (``llm_mp.step.make_eval_step``, jitted).
+    variables: ``{"params": ..., **collections}``.
+    batches: NumPy batches of the task's keys.
+    mesh, rules: where the batches are placed (``task.batch_axes``).
+    task: the run's task.
 
-  @property
-  def precision(self) -> Precision:
-    return self.recipe.precision
-
-  @property
-  def model(self):
-    return self.recipe.model
-
-
-def load_run(workdir: str) -> LoadedRun:
-  """Restores the latest checkpoint of ``workdir``.
-
-  Raises:
-    ValueError: ``workdir`` is not a run directory or has no checkpoint yet.
+  Returns:
+    ``val_loss``, ``val_<unit>`` (tokens or examples counted), ``val_ppl`` for
+    token-level tasks and ``val_<metric>`` for task metrics (``val_accuracy``).
   """
-  config = stored_config(workdir)
-  if config is None:
-    raise ValueError(f"{workdir} has no config.json: not a run directory (train first)")
-  tokenizer = data.load_tokenizer(workdir)
-  mesh = sharding.make_mesh(config.mesh)
-  recipe = build_recipe(config, tokenizer)
-  params, step = restore_run_params(workdir, config, mesh, tokenizer)
-  shardings = jax.tree.map(lambda x: x.sharding, params)
-  return LoadedRun(
-    config, recipe, params, tokenizer, mesh, sharding.logical_rules(config.mesh), shardings, step
-  )
+  sums: dict[str, float] = {}
+  for batch in batches:
+    out = eval_fn(variables, sharding.shard_batch(batch, mesh, rules, task.batch_axes))
+    for k, v in out.items():
+      sums[k] = sums.get(k, 0.0) + float(v)
+  n = max(sums.get(task.unit, 0.0), 1.0)
+  loss = sums.get("loss_sum", 0.0) / n
+  result = {"val_loss": loss, f"val_{task.unit}": sums.get(task.unit, 0.0)}
+  if task.perplexity:
+    result["val_ppl"] = math.exp(min(loss, 50.0))
+  for k, v in sums.items():
+    if k.endswith("_sum") and k != "loss_sum":
+      result[f"val_{k[:-4]}"] = v / n
+  return result
 
 
 def evaluate_run(workdir: str, paths: Sequence[str] | None = None) -> dict[str, Any]:
-  """Validation loss/perplexity of the run's latest checkpoint.
+  """Validation loss (and perplexity or accuracy) of the run's latest checkpoint.
 
   Args:
     workdir: a run directory.
-    paths: text files to evaluate on instead of the run's validation split
-      (then every document of them counts, tokenised with the run's tokenizer).
+    paths: files to evaluate on instead of the run's validation data (a
+      corpus: every document of them counts; labelled or pair files: they
+      replace the validation files), read with the run's tokenizer.
 
   Returns:
-    ``{"step", "val_loss", "val_ppl", "val_tokens"}``; for a classification
-    run ``{"step", "val_loss", "val_accuracy", "val_examples"}`` on its
-    validation files (or ``paths``).
+    ``{"step", "val_loss", "val_<unit>", ...}``: ``val_ppl`` for token-level
+    tasks, task metrics such as ``val_accuracy``.
   """
-  return evaluate_loaded(load_run(workdir), workdir, paths)
+  return evaluate_loaded(load_run(workdir), paths)
 
 
-def evaluate_loaded(
-  run: LoadedRun, workdir: str, paths: Sequence[str] | None = None
-) -> dict[str, Any]:
-  """:func:`evaluate_run` of a loaded run.
-
-  Args:
-    run: as :func:`load_run` returns it, or changed (another recipe and
-      params: a low-rank conversion).
-    workdir: the run directory its tokenised data may be cached in (read
-      only, nothing is written).
-    paths: as for :func:`evaluate_run`.
-  """
-  cfg = run.config.data
+def evaluate_loaded(run: LoadedRun, paths: Sequence[str] | None = None) -> dict[str, Any]:
+  """:func:`evaluate_run` of a loaded run (or a changed one: a low-rank
+  conversion's recipe and params). Its tokenised data may be cached in the run
+  directory; nothing is written."""
+  spec = task_spec(run.config)
+  config, split = (run.config, "val") if not paths else spec.data.on_files(run.config, paths)
+  prepared = spec.data.prepare(config, run.workdir, run.tokenizer, write=False)
+  batches = spec.data.eval_batches(prepared, config, None, split)
   task = run.recipe.task
   eval_fn = jax.jit(sharding.with_rules(make_eval_step(run.model, task), run.mesh, run.rules))
-  batch = run.config.train.batch_size
-  if task.name == "seq2seq":  # text-to-text pairs: ``paths`` replace the validation pairs
-    if paths:
-      cfg = dataclasses.replace(cfg, val_paths=tuple(paths))
-    prepared = text2text.prepare_text2text(cfg, workdir, tokenizer=run.tokenizer, write=False)
-    batches = text2text.make_text2text_eval_iterator(prepared.val, batch)
-    return {
-      "step": run.step,
-      **evaluate(eval_fn, {"params": run.params}, batches, run.mesh, run.rules, task),
-    }
-  if task.name == "classify":  # labelled files: ``paths`` replace the validation files
-    if paths:
-      cfg = dataclasses.replace(cfg, val_paths=tuple(paths))
-    prepared = data.prepare_labelled(cfg, workdir, tokenizer=run.tokenizer, write=False)
-    batches = data.make_labelled_eval_iterator(prepared.val, batch)
-    return {
-      "step": run.step,
-      **evaluate(eval_fn, {"params": run.params}, batches, run.mesh, run.rules, task),
-    }
-  if paths:  # all of the given text counts: no validation split is held out of it
-    cfg = dataclasses.replace(cfg, paths=tuple(paths), val_fraction=0.0)
-  # write=False: an evaluator never writes into the run (it may be read-only or training).
-  prepared = data.prepare_data(cfg, workdir, tokenizer=run.tokenizer, write=False)
-  splits = [prepared.train] if paths else [prepared.val]
-  totals = {"loss_sum": 0.0, "tokens": 0.0}
-  for split in splits:
-    batches = data.make_eval_iterator(dataclasses.replace(prepared, val=split), batch)
-    r = evaluate(eval_fn, {"params": run.params}, batches, run.mesh, run.rules, task)
-    totals["loss_sum"] += r["val_loss"] * r["val_tokens"]
-    totals["tokens"] += r["val_tokens"]
-  loss = totals["loss_sum"] / max(totals["tokens"], 1.0)
   return {
     "step": run.step,
-    "val_loss": loss,
-    "val_ppl": float(jax.numpy.exp(loss)),
-    "val_tokens": totals["tokens"],
+    **evaluate(eval_fn, run.variables, batches, run.mesh, run.rules, task),
   }
+
+
+def predict_run(workdir: str, texts: Sequence[str], **options) -> list[str]:
+  """The text-level predictions of run ``workdir``'s task for ``texts``: a
+  continuation (lm), a reconstruction (mlm), a label (classify), an output text
+  (seq2seq); ``options`` go to the task's ``predict``."""
+  run = load_run(workdir)
+  return task_spec(run.config).predict(run, list(texts), **options)

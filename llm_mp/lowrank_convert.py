@@ -18,12 +18,12 @@ from typing import Any, Sequence
 
 import jax
 
-from llm_mp import hf, sharding
 from llm_mp.builder import build_recipe
 from llm_mp.config import Config
-from llm_mp.inference import LoadedRun, evaluate_loaded, load_run
+from llm_mp.inference import evaluate_loaded
 from llm_mp.lowrank import factorize, parse_rank
-from llm_mp.state import param_count
+from llm_mp.rundir import LoadedRun, load_run, write_run
+from llm_mp.state import abstract_train_state, param_count
 
 
 def lowrank_config(config: Config, rank: int) -> Config:
@@ -39,7 +39,7 @@ def to_lowrank(run: LoadedRun, rank: int) -> tuple[LoadedRun, list[str]]:
   of its kernels placed on its mesh; with the paths of the kernels factorised."""
   config = lowrank_config(run.config, rank)
   recipe = build_recipe(config, run.tokenizer)
-  abstract = sharding.abstract_train_state(
+  abstract = abstract_train_state(
     recipe.model, recipe.tx, config, run.mesh, jax.random.key(0)
   ).params
   params, factorised = factorize(jax.device_get(run.params), abstract)
@@ -70,7 +70,7 @@ def convert_run(workdir: str, rank: int, out: str | None = None) -> dict[str, An
   out = out or f"{os.path.abspath(workdir).rstrip(os.sep)}-lowrank{rank}"
   run = load_run(workdir)
   low, factorised = to_lowrank(run, rank)
-  hf.write_run(out, low.config, low.params, low.tokenizer)
+  write_run(out, low.config, low.params, low.tokenizer)
   return {
     "out": out,
     "rank": rank,
@@ -91,7 +91,7 @@ def svd_sweep(workdir: str, ranks: Sequence[int]) -> list[dict[str, Any]]:
   run = load_run(workdir)
 
   def row(rank: int | None, model: LoadedRun) -> dict[str, Any]:
-    result = evaluate_loaded(model, workdir)
+    result = evaluate_loaded(model)
     return {
       "rank": rank,
       "params": param_count(model.params),

@@ -44,7 +44,8 @@ import numpy as np
 from llm_mp.config import ModelConfig
 from llm_mp.models import build_model
 from llm_mp.precision import Precision, loss_scale_kind, make_precision
-from llm_mp.tasks import Task
+from llm_mp.rundir import load_run
+from llm_mp.tasks import Task, task_spec
 
 # Name -> the ml_dtypes type whose finfo gives the range. e4m3 is the "fn"
 # variant used for fp8 training (no infinities; 0x7f/0xff are NaN).
@@ -510,18 +511,16 @@ def diagnose(
   return report
 
 
-def run_batch(run: Any, workdir: str, batch_size: int) -> dict[str, np.ndarray]:
-  """The first ``batch_size`` rows of the validation split of ``run`` (a
-  :class:`llm_mp.inference.LoadedRun` of ``workdir``), as the task's batch."""
-  from llm_mp import data  # pylint: disable=import-outside-toplevel
-
-  if run.recipe.task.name == "classify":
-    prepared = data.prepare_labelled(run.config.data, workdir, tokenizer=run.tokenizer)
-    batches = data.make_labelled_eval_iterator(prepared.val, batch_size, max_batches=1)
-  else:
-    prepared = data.prepare_data(run.config.data, workdir, tokenizer=run.tokenizer)
-    batches = data.make_eval_iterator(prepared, batch_size, max_batches=1)
-  return {k: np.asarray(v) for k, v in next(iter(batches)).items()}
+def run_batch(run: Any, batch_size: int) -> dict[str, np.ndarray]:
+  """The first ``batch_size`` rows of the validation data of ``run`` (a
+  :class:`llm_mp.rundir.LoadedRun`), as its task's batch (nothing is written)."""
+  spec = task_spec(run.config)
+  config = dataclasses.replace(
+    run.config, train=dataclasses.replace(run.config.train, batch_size=batch_size)
+  )
+  prepared = spec.data.prepare(config, run.workdir, run.tokenizer, write=False)
+  batch = next(iter(spec.data.eval_batches(prepared, config, 1, "val")))
+  return {k: np.asarray(v) for k, v in batch.items()}
 
 
 def last_loss_scale(workdir: str) -> float:
@@ -546,8 +545,6 @@ def diagnose_run(
   scale, if it had one), else 1. The report also has ``run``, ``step`` and
   ``run_precision``.
   """
-  from llm_mp.inference import load_run  # pylint: disable=import-outside-toplevel
-
   scale = last_loss_scale(workdir) if loss_scale is None else float(loss_scale)
   if not scale > 0 or not math.isfinite(scale):
     raise ValueError(f"--loss-scale={loss_scale}: must be a positive finite number")
@@ -555,7 +552,7 @@ def diagnose_run(
     raise ValueError(f"--batch-size={batch_size}: must be at least 1")
   run = load_run(workdir)
   params = jax.device_get(run.params)
-  batch = run_batch(run, workdir, batch_size)
+  batch = run_batch(run, batch_size)
   report = diagnose(run.config.model, params, batch, run.recipe.task, scale, precision, policies)
   return {
     "run": os.path.basename(os.path.abspath(workdir)),

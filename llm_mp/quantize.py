@@ -27,12 +27,12 @@ import jax
 from flax import traverse_util
 
 from llm_mp import inference
-from llm_mp.builder import abstract_run_params, build_recipe
+from llm_mp.builder import build_recipe
 from llm_mp.config import Config
 from llm_mp.formats import stored_bytes
-from llm_mp.hf import publish_run
 from llm_mp.int_formats import WEIGHT_ONLY
 from llm_mp.models import FAMILIES
+from llm_mp.rundir import abstract_run_state, load_run, publish_run
 
 TARGETS = {"int8": "int8-weight", "int4": "int4-weight"}  # --to -> precision.formats
 
@@ -129,14 +129,16 @@ def quantize_run(
     ValueError: an unknown ``to``, a run already in a weight-only format, or an
       ``out`` that exists and is not empty.
   """
-  run = inference.load_run(workdir)
+  run = load_run(workdir)
   stored = {fmt for _, fmt in run.precision.formats} & set(WEIGHT_ONLY)
   if stored:
     raise ValueError(f"{workdir} is already quantised (precision.formats={sorted(stored)})")
   config = quantized_config(run.config, to)
   out = out or f"{os.path.normpath(workdir)}-{to}"
   model = build_recipe(config, run.tokenizer).model
-  params = quantize_params(model, config, run.params, abstract_run_params(config, run.mesh))
+  params = quantize_params(
+    model, config, run.params, abstract_run_state(config, run.mesh, run.tokenizer).params
+  )
 
   def copy_token_cache(tmp: str) -> None:  # eval needs no re-tokenising
     if os.path.isdir(os.path.join(workdir, "data")):

@@ -23,11 +23,9 @@ from typing import Any, Callable, Mapping
 import flax.linen as nn
 import jax
 import numpy as np
-import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from llm_mp.config import MESH_AXES, Config, MeshConfig
-from llm_mp.state import TrainState, init_variables_fn, make_init_fn
+from llm_mp.config import MESH_AXES, MeshConfig
 from llm_mp.tasks import LM_BATCH_AXES
 
 Rules = tuple[tuple[str, Any], ...]
@@ -138,7 +136,7 @@ def _dict_keys(path: tuple) -> tuple[str, ...]:
   return tuple(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
 
 
-def _follow_params(
+def follow_params(
   opt_shapes: Any, param_shapes: Any, param_shardings: Any, default: NamedSharding
 ) -> Any:
   """Shardings of optimizer-state leaves: a leaf whose dict-key path ends with a
@@ -166,39 +164,6 @@ def _follow_params(
   return jax.tree_util.tree_map_with_path(pick, opt_shapes)
 
 
-def abstract_train_state(
-  model: nn.Module,
-  tx: optax.GradientTransformation,
-  config: Config,
-  mesh: Mesh,
-  rng: jax.Array,
-) -> TrainState:
-  """The TrainState as ``jax.ShapeDtypeStruct`` leaves carrying their target shardings.
-
-  No FLOPs and no device memory: the target for :func:`create_sharded_state`
-  and for ``checkpoint.restore_latest``. Parameters follow the rules (validated
-  with :func:`check_divisible`); optimizer-state leaves that mirror a parameter
-  (moments, traces) take that parameter's sharding; the model's non-parameter
-  collections follow their logical names where they have them; everything
-  else (counts, step, loss scale, rng) is replicated.
-  """
-  rules = logical_rules(config.mesh)
-  boxed = jax.eval_shape(init_variables_fn(model, config), rng)
-  check_divisible(boxed, mesh, rules)
-  variable_shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)
-  param_shardings = variable_shardings.pop("params")
-  shapes = jax.eval_shape(make_init_fn(model, tx, config), rng)
-  replicated = NamedSharding(mesh, PartitionSpec())
-  shardings = jax.tree.map(lambda _: replicated, shapes).replace(
-    params=param_shardings,
-    model_state=variable_shardings,
-    opt_state=_follow_params(shapes.opt_state, shapes.params, param_shardings, replicated),
-  )
-  return jax.tree.map(
-    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings
-  )
-
-
 def with_rules(fn: Callable, mesh: Mesh, rules: Rules) -> Callable:
   """``fn`` tracing under ``mesh`` and ``rules``, so the model's
   ``nn.with_logical_constraint`` calls become sharding constraints.
@@ -214,34 +179,6 @@ def with_rules(fn: Callable, mesh: Mesh, rules: Rules) -> Callable:
       return fn(*args)
 
   return wrapped
-
-
-def create_sharded_state(
-  model: nn.Module,
-  tx: optax.GradientTransformation,
-  config: Config,
-  mesh: Mesh,
-  rng: jax.Array,
-) -> tuple[TrainState, TrainState]:
-  """Initialises the TrainState directly in its sharded layout.
-
-  Args:
-    model, tx, config: as for ``state.make_init_fn``.
-    mesh: from :func:`make_mesh`.
-    rng: PRNG key (the same on every process).
-
-  Returns:
-    ``(state, shardings)``: the state, each leaf a global ``jax.Array`` laid
-    out as :func:`abstract_train_state` says (no device ever holds it whole),
-    and the matching tree of ``NamedSharding`` for :func:`jit_train_step`.
-
-  Raises:
-    ValueError: a sharded axis is not divisible by its mesh axes.
-  """
-  abstract = abstract_train_state(model, tx, config, mesh, rng)
-  shardings = jax.tree.map(lambda x: x.sharding, abstract)
-  init = with_rules(make_init_fn(model, tx, config), mesh, logical_rules(config.mesh))
-  return jax.jit(init, out_shardings=shardings)(rng), shardings
 
 
 def batch_sharding(
@@ -303,7 +240,7 @@ class _JitPerBatchKeys:
 
 def jit_train_step(
   train_step: Callable,
-  state_shardings: TrainState,
+  state_shardings: Any,
   mesh: Mesh,
   rules: Rules = DEFAULT_RULES,
   batch_axes: BatchAxes = LM_BATCH_AXES,
@@ -331,7 +268,7 @@ def jit_train_step(
 
 def jit_eval_step(
   eval_step: Callable,
-  state_shardings: TrainState,
+  state_shardings: Any,
   mesh: Mesh,
   rules: Rules = DEFAULT_RULES,
   batch_axes: BatchAxes = LM_BATCH_AXES,

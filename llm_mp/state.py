@@ -13,7 +13,9 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import struct
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from llm_mp import sharding
 from llm_mp.config import Config
 from llm_mp.loss_scale import LossScale, make_loss_scale
 from llm_mp.models import FAMILIES
@@ -69,12 +71,6 @@ def init_variables_fn(model: nn.Module, config: Config) -> Callable[[jax.Array],
   return init
 
 
-def init_params_fn(model: nn.Module, config: Config) -> Callable[[jax.Array], Any]:
-  """``rng -> params`` with ``nn.LogicallyPartitioned`` boxes (logical axis names)."""
-  init = init_variables_fn(model, config)
-  return lambda rng: init(rng)["params"]
-
-
 def make_init_fn(
   model: nn.Module, tx: optax.GradientTransformation, config: Config
 ) -> Callable[[jax.Array], TrainState]:
@@ -103,6 +99,69 @@ def make_init_fn(
     )
 
   return init
+
+
+def abstract_train_state(
+  model: nn.Module,
+  tx: optax.GradientTransformation,
+  config: Config,
+  mesh: Mesh,
+  rng: jax.Array,
+) -> TrainState:
+  """The TrainState as ``jax.ShapeDtypeStruct`` leaves carrying their target shardings.
+
+  No FLOPs and no device memory: the target for :func:`create_sharded_state`
+  and for ``checkpoint.restore_latest``. Parameters follow the rules (validated
+  with :func:`check_divisible`); optimizer-state leaves that mirror a parameter
+  (moments, traces) take that parameter's sharding; the model's non-parameter
+  collections follow their logical names where they have them; everything
+  else (counts, step, loss scale, rng) is replicated.
+  """
+  rules = sharding.logical_rules(config.mesh)
+  boxed = jax.eval_shape(init_variables_fn(model, config), rng)
+  sharding.check_divisible(boxed, mesh, rules)
+  variable_shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)
+  param_shardings = variable_shardings.pop("params")
+  shapes = jax.eval_shape(make_init_fn(model, tx, config), rng)
+  replicated = NamedSharding(mesh, PartitionSpec())
+  shardings = jax.tree.map(lambda _: replicated, shapes).replace(
+    params=param_shardings,
+    model_state=variable_shardings,
+    opt_state=sharding.follow_params(shapes.opt_state, shapes.params, param_shardings, replicated),
+  )
+  return jax.tree.map(
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings
+  )
+
+
+def create_sharded_state(
+  model: nn.Module,
+  tx: optax.GradientTransformation,
+  config: Config,
+  mesh: Mesh,
+  rng: jax.Array,
+) -> tuple[TrainState, TrainState]:
+  """Initialises the TrainState directly in its sharded layout.
+
+  Args:
+    model, tx, config: as for ``state.make_init_fn``.
+    mesh: from :func:`llm_mp.sharding.make_mesh`.
+    rng: PRNG key (the same on every process).
+
+  Returns:
+    ``(state, shardings)``: the state, each leaf a global ``jax.Array`` laid
+    out as :func:`abstract_train_state` says (no device ever holds it whole),
+    and the matching tree of ``NamedSharding`` for :func:`llm_mp.sharding.jit_train_step`.
+
+  Raises:
+    ValueError: a sharded axis is not divisible by its mesh axes.
+  """
+  abstract = abstract_train_state(model, tx, config, mesh, rng)
+  shardings = jax.tree.map(lambda x: x.sharding, abstract)
+  init = sharding.with_rules(
+    make_init_fn(model, tx, config), mesh, sharding.logical_rules(config.mesh)
+  )
+  return jax.jit(init, out_shardings=shardings)(rng), shardings
 
 
 def param_count(params: Any) -> int:

@@ -23,6 +23,7 @@ from llm_mp.config import (
   PrecisionConfig,
   TrainConfig,
 )
+from llm_mp.state import abstract_train_state
 
 # After a failed read, tensorstore's cancelled reads call back into orbax's closed event
 # loop ("Event loop is closed"); pytest reports those as unraisable exceptions.
@@ -42,7 +43,7 @@ def _abstract(mesh_cfg, devices):
     precision=PrecisionConfig(policy="pure_bf16", loss_scale="dynamic"),
   )
   r = build_recipe(config)
-  return sharding.abstract_train_state(
+  return abstract_train_state(
     r.model, r.tx, config, sharding.make_mesh(mesh_cfg, devices), jax.random.key(0)
   )
 

@@ -187,11 +187,12 @@ def test_cli_config_prints_the_reference(capsys):
 
 def test_tiny_preset_shards_over_data_fsdp_and_tensor_axes_of_2():
   from llm_mp import sharding  # pylint: disable=import-outside-toplevel
+  from llm_mp.state import abstract_train_state  # pylint: disable=import-outside-toplevel
 
   config = get_preset("tiny")
   config = dataclasses.replace(config, mesh=MeshConfig(data=2, fsdp=2, tensor=2))
   r = build_recipe(config)
   mesh = sharding.make_mesh(config.mesh)
   # Before: model.d_ff=341 and vocab_size=259 do not split over tensor=2.
-  state = sharding.abstract_train_state(r.model, r.tx, config, mesh, jax.random.key(0))
+  state = abstract_train_state(r.model, r.tx, config, mesh, jax.random.key(0))
   assert state.params["embed"]["embedding"].shape == (320, 128)

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from llm_mp.config import apply_overrides, get_preset
-from llm_mp.inference import evaluate_run, load_run
+from llm_mp.inference import evaluate_run
+from llm_mp.rundir import load_run
 from llm_mp.train import train
 
 TINY = (

@@ -27,7 +27,7 @@ from llm_mp.config import (
 )
 from llm_mp.fp8 import E4M3, E5M2, FP8_META, in_qdq, out_qdq
 from llm_mp.metrics import read_metrics
-from llm_mp.state import make_init_fn
+from llm_mp.state import abstract_train_state, make_init_fn
 from llm_mp.step import make_train_step
 from llm_mp.tasks import apply_model
 from llm_mp.train import train
@@ -266,7 +266,7 @@ def test_evaluation_and_params_only_forwards_read_the_scales_without_writing(run
 def test_fp8_scales_survive_a_checkpoint_bit_for_bit(runs, tmp_path):
   r, _, states = runs["delayed"]
   state, mesh = states[20], sharding.make_mesh(r.config.mesh)
-  abstract = sharding.abstract_train_state(r.model, r.tx, r.config, mesh, jax.random.key(0))
+  abstract = abstract_train_state(r.model, r.tx, r.config, mesh, jax.random.key(0))
   assert jax.tree.structure(abstract.model_state) == jax.tree.structure(state.model_state)
   manager = checkpoint.make_manager(str(tmp_path))
   assert checkpoint.save(manager, 20, state, {"step": 20}, force=True)

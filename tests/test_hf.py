@@ -231,7 +231,7 @@ def test_export_refuses_what_hf_cannot_load(tmp_path):
   assert not os.path.exists(tmp_path / "out")
   (tmp_path / "full").mkdir()
   (tmp_path / "full" / "x").write_text("x")
-  with pytest.raises(hf.HFError, match="already exists and is not empty"):
+  with pytest.raises(ValueError, match="already exists and is not empty"):
     hf.export_hf((config, params, tok), str(tmp_path / "full"))
 
 

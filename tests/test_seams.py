@@ -24,7 +24,7 @@ from llm_mp.config import (
 )
 from llm_mp.models import TransformerLM
 from llm_mp.precision import make_precision
-from llm_mp.state import make_init_fn
+from llm_mp.state import abstract_train_state, create_sharded_state, make_init_fn
 from llm_mp.step import make_eval_step, make_train_step
 from llm_mp.tasks import LM_BATCH_AXES, Task, apply_model, collect_sown, lm_loss
 
@@ -85,7 +85,7 @@ def _setup(model, config, mesh_cfg=MeshConfig(data=1)):
   r = build_recipe(config)
   mesh = sharding.make_mesh(mesh_cfg, jax.devices()[: mesh_cfg.data * mesh_cfg.fsdp])
   rules = sharding.logical_rules(mesh_cfg)
-  state, shardings = sharding.create_sharded_state(model, r.tx, config, mesh, jax.random.key(0))
+  state, shardings = create_sharded_state(model, r.tx, config, mesh, jax.random.key(0))
   step = sharding.jit_train_step(
     make_train_step(model, r.tx, r.schedule, config, r.task),
     shardings,
@@ -139,7 +139,7 @@ def test_train_step_updates_and_checkpoints_model_state(tmp_path):
   manager = checkpoint.make_manager(str(tmp_path / "ck"))
   checkpoint.save(manager, 3, state, {}, force=True)
   checkpoint.wait(manager)
-  abstract = sharding.abstract_train_state(model, r.tx, config, mesh, jax.random.key(0))
+  abstract = abstract_train_state(model, r.tx, config, mesh, jax.random.key(0))
   restored, _, _ = checkpoint.restore_latest(manager, abstract)
   chex.assert_trees_all_equal(
     jax.device_get(restored.model_state), jax.device_get(state.model_state)

@@ -38,6 +38,7 @@ from jax.sharding import PartitionSpec as P
 from llm_mp import checkpoint, sharding
 from llm_mp.builder import build_recipe
 from llm_mp.config import Config, DataConfig, MeshConfig, ModelConfig, OptimConfig, TrainConfig
+from llm_mp.state import abstract_train_state, create_sharded_state
 from llm_mp.step import make_eval_step, make_train_step
 
 T, B, VOCAB, STEPS = 16, 16, 64, 3
@@ -83,14 +84,14 @@ def _model(config):
 
 def _abstract(config):
   model, tx, _, precision = _model(config)
-  return sharding.abstract_train_state(model, tx, config, _mesh(config.mesh), jax.random.key(0))
+  return abstract_train_state(model, tx, config, _mesh(config.mesh), jax.random.key(0))
 
 
 @functools.cache
 def _initial_state():
   """The single-device initial state; runs start from copies (it is never donated)."""
   model, tx, _, precision = _model(_config())
-  state, _ = sharding.create_sharded_state(model, tx, _config(), _mesh(SINGLE), jax.random.key(0))
+  state, _ = create_sharded_state(model, tx, _config(), _mesh(SINGLE), jax.random.key(0))
   return state
 
 
@@ -151,9 +152,7 @@ def test_grad_accumulation_under_sharding_matches_one_big_batch():
 def test_create_sharded_state_matches_single_device_init():
   config = _config(ALL3)
   model, tx, _, precision = _model(config)
-  state, shardings = sharding.create_sharded_state(
-    model, tx, config, _mesh(ALL3), jax.random.key(0)
-  )
+  state, shardings = create_sharded_state(model, tx, config, _mesh(ALL3), jax.random.key(0))
   ref = _initial_state()
   chex.assert_trees_all_equal(
     jax.device_get((state.params, state.opt_state)), jax.device_get((ref.params, ref.opt_state))
@@ -288,7 +287,7 @@ def _two_process_worker(out_dir):
   config = _config(ALL3)
   model, tx, schedule, precision = _model(config)
   mesh, rules = sharding.make_mesh(ALL3), sharding.logical_rules(ALL3)
-  state, shardings = sharding.create_sharded_state(model, tx, config, mesh, jax.random.key(0))
+  state, shardings = create_sharded_state(model, tx, config, mesh, jax.random.key(0))
   step = sharding.jit_train_step(
     make_train_step(model, tx, schedule, config), shardings, mesh, rules
   )

@@ -14,7 +14,8 @@ import pytest
 from llm_mp import cli
 from llm_mp.config import Config, DataConfig, MeshConfig, ModelConfig, OptimConfig, TrainConfig
 from llm_mp.metrics import read_metrics
-from llm_mp.train import ConfigConflictError, train
+from llm_mp.rundir import ConfigConflictError
+from llm_mp.train import train
 
 TEXT = ("The quick brown fox jumps over the lazy dog. " * 8 + "\n\n\n") * 3 + (
   "Pack my box with five dozen liquor jugs. " * 8 + "\n\n\n"

@@ -14,18 +14,18 @@ from llm_mp.config import Config, DataConfig, ModelConfig, OptimConfig, TrainCon
 from llm_mp.data import TokenSplit
 from llm_mp.metrics import read_metrics, truncate_metrics
 from llm_mp.optim import make_schedule
-from llm_mp.train import (
+from llm_mp.rundir import (
   ConfigConflictError,
   WorkdirBusyError,
   check_config,
-  check_data,
   check_workdir,
   stored_config,
-  train,
   with_schedule_steps,
   workdir_lock,
   write_config,
 )
+from llm_mp.tasks import task_spec
+from llm_mp.train import check_data, train
 
 TEXT = "\n\n\n".join(
   f"Document {i}: the quick brown fox jumps over the lazy dog. " * 3 for i in range(12)
@@ -113,21 +113,21 @@ def test_one_document_trains_and_nothing_to_evaluate_fails_before_step_1(tmp_pat
   # 20% of the document's characters (+ bos/eos) are held out, not 0 documents.
   assert prepared.val.num_tokens == round(0.2 * len(one.read_text().strip())) + 2
   assert "% of tokens" in str(prepared)
-  assert check_data(config, prepared) is True
+  assert check_data(config, prepared, task_spec(config)) is True
   last = train(config, workdir, verbose=False)  # evaluates at step 3, the last
   assert last["val_loss"] > 0
   empty = dataclasses.replace(
     prepared, val=TokenSplit(np.zeros(0, np.uint16), np.zeros(0, np.int64))
   )
   with pytest.raises(ValueError, match="data.val_fraction=0.2 leaves no validation text"):
-    check_data(config, empty)
+    check_data(config, empty, task_spec(config))
   off = dataclasses.replace(config, data=dataclasses.replace(config.data, val_fraction=0.0))
-  assert check_data(off, empty) is False  # evaluation is off
+  assert check_data(off, empty, task_spec(off)) is False  # evaluation is off
   last = train(off, workdir + "_off", verbose=False)  # step 3 is the last: no eval, no crash
   assert "loss" in last and "val_loss" not in last
   small = dataclasses.replace(config, model=dataclasses.replace(config.model, vocab_size=100))
   with pytest.raises(ValueError, match="model.vocab_size=100"):
-    check_data(small, prepared)
+    check_data(small, prepared, task_spec(small))
   with pytest.raises(ValueError, match="model.vocab_size=100"):
     train(small, workdir + "_small", verbose=False)
   assert not os.path.exists(os.path.join(workdir + "_small", "checkpoints"))

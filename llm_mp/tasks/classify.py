@@ -1,0 +1,110 @@
+"""``classify``: sequence classification for encoders, on labelled examples."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import jax.numpy as jnp
+import numpy as np
+
+from llm_mp import data
+from llm_mp.tasks.base import TOKEN_AXES, Batch, TaskData, TaskSpec, apply_model, cross_entropy
+
+BATCH_AXES = {
+  "inputs": TOKEN_AXES,
+  "segment_ids": TOKEN_AXES,
+  "positions": TOKEN_AXES,
+  "labels": ("batch",),
+}
+
+
+def classify_loss(model, variables, batch: Batch, rng):
+  """Sequence classification. ``batch``: int32 ``inputs, segment_ids,
+  positions [B, T]`` and ``labels [B]`` (-1: a padding row, not counted).
+  Cross-entropy over the class logits in fp32; ``accuracy`` in aux."""
+  logits, aux_loss, metrics, model_state = apply_model(
+    model,
+    variables,
+    batch["inputs"],
+    segment_ids=batch.get("segment_ids"),
+    positions=batch.get("positions"),
+    rng=rng,
+  )
+  labels = batch["labels"]
+  nll, _, count = cross_entropy(logits, labels, jnp.ones_like(labels, bool))
+  n = jnp.maximum(count, 1.0)
+  correct = ((jnp.argmax(logits, -1) == labels) & (labels >= 0)).sum(dtype=jnp.float32)
+  aux = {
+    **metrics,
+    "weight": count,
+    "loss": nll / n,
+    "accuracy": correct / n,
+    "model_state": model_state,
+  }
+  return nll / n + aux_loss, aux
+
+
+def prepare(config, workdir: str, tokenizer=None, write: bool = True):
+  """The labelled examples of ``config.data`` (``llm_mp.data.labelled``)."""
+  return data.prepare_labelled(config.data, workdir, tokenizer=tokenizer, write=write)
+
+
+def train_batches(prepared, config):
+  t = config.train
+  return data.make_labelled_train_iterator(prepared.train, t.batch_size, t.seed)
+
+
+def eval_batches(prepared, config, max_batches: int | None = None, split: str = "val"):
+  rows = prepared.train if split == "train" else prepared.val
+  return data.make_labelled_eval_iterator(rows, config.train.batch_size, max_batches)
+
+
+def check(config, prepared) -> bool:
+  """The classifier has an output for every class of the data."""
+  if len(prepared.label_names) > config.model.n_classes:
+    raise ValueError(
+      f"model.n_classes={config.model.n_classes} is smaller than the "
+      f"{len(prepared.label_names)} classes of the data {list(prepared.label_names)}"
+    )
+  return True  # prepare_labelled checked the validation split has examples
+
+
+def on_files(config, paths: Sequence[str]):
+  """The labelled files ``paths`` replace the validation files."""
+  return dataclasses.replace(
+    config, data=dataclasses.replace(config.data, val_paths=tuple(paths))
+  ), "val"
+
+
+def predict_label(run, texts: Sequence[str]) -> list[str]:
+  """The most likely class name of each text (class names from the run's data)."""
+  names = prepare(run.config, run.workdir, run.tokenizer, write=False).label_names
+  rows, _ = data.encode_labelled(
+    texts, np.zeros(len(texts), np.int32), run.tokenizer, run.config.data.seq_len
+  )
+  batch = {k: jnp.asarray(rows[k]) for k in ("inputs", "segment_ids", "positions")}
+  logits, *_ = apply_model(
+    run.model,
+    run.variables,
+    batch["inputs"],
+    segment_ids=batch["segment_ids"],
+    positions=batch["positions"],
+    rng=None,
+  )
+  return [
+    names[i] if i < len(names) else str(i) for i in np.asarray(jnp.argmax(logits, -1)).tolist()
+  ]
+
+
+SPEC = TaskSpec(
+  name="classify",
+  families=("encoder",),
+  head="classify",
+  batch_axes=BATCH_AXES,
+  make_loss=lambda config, tokenizer: classify_loss,
+  data=TaskData(prepare, train_batches, eval_batches, check, on_files),
+  predict=predict_label,
+  unit="examples",
+  perplexity=False,
+)
