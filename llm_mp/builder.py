@@ -14,7 +14,7 @@ a fresh state.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
@@ -22,10 +22,10 @@ import jax.numpy as jnp
 import optax
 
 from llm_mp.config import Config
-from llm_mp.models import HEAD_PARAMS, build_model
+from llm_mp.models import FAMILIES, HEAD_MODULES, HEAD_PARAMS, build_model
 from llm_mp.optim import make_optimizer, param_path
 from llm_mp.precision import FormatOptions, Precision, make_precision
-from llm_mp.tasks import Task, make_task
+from llm_mp.tasks import Task, make_task, task_spec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,10 +57,7 @@ def freeze_patterns(config: Config) -> tuple[str, ...]:
 def edge_patterns(config: Config) -> tuple[str, ...]:
   """Module patterns of the first and last block of each stack and of the heads: where
   ``precision.formats`` does not reach unless ``precision.format_edges``."""
-  m = config.model
-  stacks = {"*": m.n_layers}
-  if m.family == "encoder_decoder":
-    stacks = {"encoder/*": m.n_layers, "decoder/*": m.decoder_layers}
+  stacks = FAMILIES[config.model.family].stacks(config.model)
   blocks = tuple(f"{stack}blocks_{i}/*" for stack, n in stacks.items() for i in sorted({0, n - 1}))
   return blocks + tuple(f"{head}*" for head in HEAD_PARAMS)
 
@@ -134,33 +131,64 @@ def build_recipe(config: Config, tokenizer: Any = None, decode: bool = False) ->
   return Recipe(config, precision, task, model, tx, schedule)
 
 
-def _is_head(path: str) -> bool:
-  return path.split("/", 1)[0] in HEAD_PARAMS
+def _head(path: str) -> str | None:
+  top = path.split("/", 1)[0]
+  return top if top in HEAD_PARAMS else None
 
 
-def load_backbone(params: Any, source_params: Any, source: str) -> Any:
-  """``params`` with every backbone (non-head) leaf replaced by ``source_params``'.
+def kept_heads(config: Config, source_config: Config) -> tuple[str, ...]:
+  """The head modules a fine-tuning run loads from its source run, by
+  ``train.reinit_heads``: with "auto", the heads of this run's task when the
+  source run's task reads the same head (LM into LM: the pretrained output layer
+  of an untied LLaMA-family model is kept); "all" keeps none; a list of head
+  modules re-initialises those and keeps the task's others.
+
+  Raises:
+    ValueError: a listed name that is not a head module.
+  """
+  option = config.train.reinit_heads.strip()
+  ours = HEAD_MODULES[task_spec(config).head] if task_spec(config).head in HEAD_MODULES else ()
+  if option == "auto":
+    return ours if task_spec(source_config).head == task_spec(config).head else ()
+  if option == "all":
+    return ()
+  names = {n.strip() for n in option.split(",") if n.strip()}
+  unknown = sorted(names - set(HEAD_PARAMS))
+  if unknown:
+    raise ValueError(
+      f"train.reinit_heads={option!r}: {unknown[0]!r} is not a head module; "
+      f"use 'auto', 'all' or names from {list(HEAD_PARAMS)}"
+    )
+  return tuple(m for m in ours if m not in names)
+
+
+def load_backbone(
+  params: Any, source_params: Any, source: str, keep_heads: Sequence[str] = ()
+) -> Any:
+  """``params`` with every backbone leaf, and the leaves of the head modules in
+  ``keep_heads``, replaced by ``source_params``'.
 
   Args:
     params: the fresh parameters of the fine-tuning run.
-    source_params: parameters restored from the source run (its own heads
-      are ignored).
+    source_params: parameters restored from the source run.
     source: the source run's directory (for errors).
+    keep_heads: head modules (``lm_head``, ``classifier``...) to load too
+      (:func:`kept_heads`); the other heads stay as initialised in ``params``.
 
   Returns:
-    The new parameters: backbone from the source (same shardings as
-    ``params``), heads as initialised in ``params``.
+    The new parameters, with the same shardings as ``params``.
 
   Raises:
-    ValueError: a backbone parameter is missing from the source or has
-      another shape (the message names the path and both shapes). Another
-      dtype is cast to this run's parameter dtype.
+    ValueError: a loaded parameter is missing from the source or has another
+      shape (the message names the path and both shapes). Another dtype is
+      cast to this run's parameter dtype.
   """
   flat_src = {param_path(p): x for p, x in jax.tree_util.tree_flatten_with_path(source_params)[0]}
 
   def pick(path, fresh):
     name = param_path(path)
-    if _is_head(name):
+    head = _head(name)
+    if head is not None and head not in keep_heads:
       return fresh
     if name not in flat_src:
       raise ValueError(

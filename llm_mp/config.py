@@ -372,6 +372,10 @@ class TrainConfig:
   # Fine-tuning: start from another run's latest checkpoint (its backbone
   # parameters and tokenizer; heads it lacks are initialised fresh).
   init_from: str | None = None
+  # Heads initialised fresh when fine-tuning: "auto" = those the source run's task does not
+  # share with this run's (an LM head into LM fine-tuning is kept), "all", or head modules
+  # "lm_head,classifier".
+  reinit_heads: str = "auto"
   # fnmatch patterns on '/'-joined parameter paths (e.g. "embed/*,encoder/blocks_0/*")
   # whose parameters stay fixed; "" trains everything.
   freeze: str = ""

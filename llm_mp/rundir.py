@@ -265,7 +265,8 @@ def write_run(workdir: str, config: Config, params: Any, tokenizer: Any) -> None
         f"builds {list(want[path].shape)}"
       )
   new = traverse_util.unflatten_dict(
-    {p: jax.device_put(np.asarray(got[p]).astype(want[p].dtype), want[p].sharding) for p in want}
+    {p: jax.device_put(np.asarray(got[p]).astype(want[p].dtype), want[p].sharding) for p in want},
+    sep="/",
   )
   state = state.replace(params=jax.tree.map(lambda _, x: x, state.params, new))
   publish_run(workdir, config, tokenizer, 0, state)

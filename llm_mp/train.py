@@ -19,7 +19,14 @@ from typing import Any
 import jax
 
 from llm_mp import checkpoint, data, sharding
-from llm_mp.builder import Recipe, build_recipe, check_init_from, load_backbone, run_precision
+from llm_mp.builder import (
+  Recipe,
+  build_recipe,
+  check_init_from,
+  kept_heads,
+  load_backbone,
+  run_precision,
+)
 from llm_mp.config import Config
 from llm_mp.generate import generate_text
 from llm_mp.inference import evaluate
@@ -33,6 +40,7 @@ from llm_mp.metrics import (
   to_python,
   truncate_metrics,
 )
+from llm_mp.models import HEAD_PARAMS
 from llm_mp.precision import loss_scale_kind
 from llm_mp.rundir import (
   check_config,
@@ -102,8 +110,13 @@ def build(config: Config, ckpt, say=print, tokenizer: Any = None) -> Run:
         raise ValueError(f"train.init_from={source} has no config.json: not a run directory")
       check_init_from(config, source_config, source)
       params, _, step = restore_run_variables(source, source_config, mesh, tokenizer)
-      state = state.replace(params=load_backbone(state.params, params, source))
-      say(f"backbone from {source} (step {step}); fresh heads")
+      keep = kept_heads(config, source_config)
+      state = state.replace(params=load_backbone(state.params, params, source, keep))
+      fresh = sorted(set(state.params) & set(HEAD_PARAMS) - set(keep))
+      say(
+        f"backbone from {source} (step {step}); heads kept: {', '.join(keep) or 'none'}; "
+        f"fresh: {', '.join(fresh) or 'none'}"
+      )
     return Run(config, recipe, mesh, rules, state, shardings, None, 0)
   state, data_state, step = restored
   say(f"resumed from step {step}")

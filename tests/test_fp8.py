@@ -3,6 +3,7 @@ state in TrainState.model_state (train step, micro-batches, checkpoint, resume),
 jaxpr check that the float8 casts sit in exactly the matmuls the format names."""
 
 import collections
+import dataclasses
 import functools
 
 import chex
@@ -26,7 +27,9 @@ from llm_mp.config import (
   get_preset,
 )
 from llm_mp.fp8 import E4M3, E5M2, FP8_META, in_qdq, out_qdq
+from llm_mp.inference import evaluate_run
 from llm_mp.metrics import read_metrics
+from llm_mp.rundir import load_run
 from llm_mp.state import abstract_train_state, make_init_fn
 from llm_mp.step import make_train_step
 from llm_mp.tasks import apply_model
@@ -364,3 +367,23 @@ def test_a_resumed_fp8_run_matches_an_uninterrupted_one(tmp_path):
   b = {r["step"]: r["loss"] for r in read_metrics(resumed)}
   assert sorted(a) == sorted(b) == list(range(1, 7))
   assert [a[s] for s in a] == [b[s] for s in a]  # exact on CPU
+
+
+def test_eval_of_a_delayed_scaling_run_equals_the_evaluation_inside_training(tmp_path):
+  """``llm-mp eval`` loads the fp8 scales and amax histories with the parameters,
+  so it computes the validation loss training computed at the same step."""
+  corpus = tmp_path / "corpus.txt"
+  corpus.write_text("\n\n\n".join(f"Document {i}: the quick brown fox. " * 4 for i in range(12)))
+  base = _resume_config(str(corpus))
+  config = dataclasses.replace(
+    base,
+    data=dataclasses.replace(base.data, val_fraction=0.25),
+    train=dataclasses.replace(base.train, eval_every=6),
+  )
+  workdir = str(tmp_path / "run")
+  last = train(config, workdir, verbose=False)
+  run = load_run(workdir)
+  assert "fp8_meta" in run.model_state  # the delayed scales came back with the params
+  evaluated = evaluate_run(workdir)
+  assert evaluated["step"] == 6
+  np.testing.assert_allclose(evaluated["val_loss"], last["val_loss"], rtol=1e-6)

@@ -300,3 +300,47 @@ def test_padded_vocabulary_keeps_logits_sampling_and_export(name, tmp_path):
   theirs, _ = hf.read_weights(_fixture(name))
   for k in ours:
     np.testing.assert_array_equal(ours[k], theirs[k])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fine_tuning_an_import_keeps_its_lm_head(name, tmp_path):
+  """``--init-from`` an imported checkpoint keeps the pretrained output layer (untied
+  LLaMA-family heads included): one step at lr 1e-9 moves no parameter by more than
+  Adam's first update (lr) plus fp32 rounding, and the loss stays the imported model's
+  (a re-initialised head moves by ~0.1 and puts the loss at the uniform level)."""
+  from llm_mp.config import apply_overrides  # pylint: disable=import-outside-toplevel
+  from llm_mp.inference import evaluate_run  # pylint: disable=import-outside-toplevel
+  from llm_mp.rundir import load_run, write_run  # pylint: disable=import-outside-toplevel
+  from llm_mp.train import train  # pylint: disable=import-outside-toplevel
+
+  config, params, tokenizer = hf.import_hf(_fixture(name))
+  base, tuned = str(tmp_path / "base"), str(tmp_path / "tuned")
+  write_run(base, config, params, tokenizer)
+  text = tmp_path / "text.txt"
+  text.write_text(
+    "\n\n\n".join(f"Paragraph {i}: the quick brown fox jumps. " * 3 for i in range(8))
+  )
+  fine = apply_overrides(
+    config,
+    [
+      f"train.init_from={base}",
+      "train.steps=1",
+      "train.batch_size=8",
+      "train.sample_tokens=0",
+      "optim.lr=1e-9",
+      "optim.warmup_steps=0",
+      "optim.schedule=constant",
+      "optim.weight_decay=0",
+      "optim.clip_norm=null",
+      f"data.paths={text}",
+      "data.val_fraction=0",
+    ],
+  )
+  train(fine, tuned, verbose=False)
+  before, after = jax.device_get(load_run(base).params), jax.device_get(load_run(tuned).params)
+  moved = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), before, after)
+  # Adam's first step moves each weight by at most lr; fp32 rounding of weights near 1
+  # adds up to one ulp (1.2e-7).
+  assert max(jax.tree.leaves(moved)) <= 1e-9 + 1.2e-7, moved
+  a, b = evaluate_run(base, [str(text)]), evaluate_run(tuned, [str(text)])
+  np.testing.assert_allclose(b["val_loss"], a["val_loss"], atol=1e-5)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from llm_mp import checkpoint, sharding
-from llm_mp.builder import build_recipe, load_backbone
+from llm_mp.builder import build_recipe, kept_heads, load_backbone
 from llm_mp.config import (
   Config,
   DataConfig,
@@ -21,6 +21,8 @@ from llm_mp.config import (
   OptimConfig,
   PrecisionConfig,
   TrainConfig,
+  apply_overrides,
+  get_preset,
 )
 from llm_mp.models import TransformerLM
 from llm_mp.precision import make_precision
@@ -286,6 +288,8 @@ def test_load_backbone_keeps_fresh_heads_and_checks_shapes():
   chex.assert_trees_all_equal(loaded["decoder"], source["decoder"])
   chex.assert_trees_all_equal(loaded["embed"], source["embed"])
   chex.assert_trees_all_equal(loaded["lm_head"], fresh["lm_head"])
+  kept = load_backbone(fresh, source, "src", keep_heads=("lm_head",))
+  chex.assert_trees_all_equal(kept["lm_head"], source["lm_head"])
   # Identical backbone outputs: the final hidden states agree (the heads differ).
   model = build_recipe(config).model
   tokens = jnp.asarray(_batch()["inputs"])
@@ -337,3 +341,20 @@ def test_auto_attention_is_cudnn_only_on_gpu_with_half_compute():
     config, model=dataclasses.replace(config.model, attention_impl="xla")
   )
   assert resolve_backend_choices(explicit, make_precision("bf16"), "gpu") is explicit
+
+
+def test_fine_tuning_keeps_the_heads_the_source_task_shares():
+  decoder = _config()
+  src_lm = dataclasses.replace(decoder, train=dataclasses.replace(decoder.train, task="lm"))
+  assert kept_heads(decoder, src_lm) == ("lm_head",)  # LM into LM: the output layer is kept
+  encoder = get_preset("encoder_tiny")
+  classify = apply_overrides(encoder, ["train.task=classify"])
+  assert kept_heads(classify, encoder) == ()  # MLM into classification: a fresh classifier
+  assert kept_heads(apply_overrides(classify, ["train.task=classify"]), classify) == (
+    "pooler",
+    "classifier",
+  )
+  assert kept_heads(apply_overrides(decoder, ["train.reinit_heads=all"]), src_lm) == ()
+  assert kept_heads(apply_overrides(decoder, ["train.reinit_heads=lm_head"]), src_lm) == ()
+  with pytest.raises(ValueError, match="train.reinit_heads='embed': 'embed' is not a head"):
+    kept_heads(apply_overrides(decoder, ["train.reinit_heads=embed"]), src_lm)

@@ -20,7 +20,7 @@ from llm_mp.models.attention import (
   relative_position_bucket,
   segment_mask,
 )
-from llm_mp.models.encoder import HEAD_PARAMS, TransformerEncoder, pool
+from llm_mp.models.encoder import HEAD_MODULES, HEAD_PARAMS, TransformerEncoder, pool
 from llm_mp.models.layers import MLP, Dense, Embed, LearnedPositions, Norm, apply_rope
 from llm_mp.models.moe import MoE
 from llm_mp.models.seq2seq import EncoderDecoder
@@ -40,11 +40,14 @@ class Family:
     build: ``(config, precision, head, decode) -> flax module``.
     heads: the heads it supports ("lm", "classify").
     example_inputs: ``seq_len -> args`` for ``model.init`` (shapes only matter).
+    stacks: ``config -> {module path prefix: layers}``: its stacks of blocks
+      (where ``precision.formats`` leaves the first and last block alone).
   """
 
   build: Callable[[ModelConfig, Precision, str, bool], nn.Module]
   heads: tuple[str, ...]
   example_inputs: Callable[[int], tuple]
+  stacks: Callable[[ModelConfig], dict[str, int]] = lambda c: {"*": c.n_layers}
 
 
 def _tokens(seq_len: int) -> tuple:
@@ -75,7 +78,12 @@ def _encoder_decoder(
 FAMILIES: dict[str, Family] = {
   "decoder": Family(_decoder, heads=("lm",), example_inputs=_tokens),
   "encoder": Family(_encoder, heads=("lm", "classify", "hidden"), example_inputs=_tokens),
-  "encoder_decoder": Family(_encoder_decoder, heads=("lm",), example_inputs=_source_and_target),
+  "encoder_decoder": Family(
+    _encoder_decoder,
+    heads=("lm",),
+    example_inputs=_source_and_target,
+    stacks=lambda c: {"encoder/*": c.n_layers, "decoder/*": c.decoder_layers},
+  ),
 }
 
 
@@ -103,6 +111,7 @@ __all__ = [
   "EncoderDecoder",
   "FAMILIES",
   "Family",
+  "HEAD_MODULES",
   "HEAD_PARAMS",
   "LearnedPositions",
   "MLP",

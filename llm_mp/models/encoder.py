@@ -31,6 +31,8 @@ from llm_mp.models.transformer import Stack, _child, check_length, embed_tokens,
 from llm_mp.precision import Precision
 
 HEADS = ("lm", "classify", "hidden")
+# The top-level modules of each head (a decoder's untied output layer is "lm_head" too).
+HEAD_MODULES = {"lm": ("lm_head",), "classify": ("pooler", "classifier")}
 HEAD_PARAMS = ("lm_head", "pooler", "classifier")  # top-level names that are not backbone
 
 
