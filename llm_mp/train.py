@@ -32,8 +32,8 @@ from llm_mp.builder import (
 )
 from llm_mp.config import Config
 from llm_mp.data import text2text
+from llm_mp.formats import weight_only_formats
 from llm_mp.generate import generate_text
-from llm_mp.int_formats import WEIGHT_ONLY
 from llm_mp.metrics import (
   MetricsWriter,
   bar_postfix,
@@ -329,7 +329,7 @@ def validate(config: Config) -> None:
   """Checks what only devices and the policy parser can check, before anything
   is written: the precision spec (no weight-only format: those hold integers that
   take no gradient), the mesh, and that the batch splits over it."""
-  frozen = sorted({fmt for _, fmt in run_precision(config).formats} & set(WEIGHT_ONLY))
+  frozen = sorted({fmt for _, fmt in run_precision(config).formats} & set(weight_only_formats()))
   if frozen:
     raise ValueError(
       f"precision.formats={config.precision.formats!r}: {frozen[0]} stores integer weights "
