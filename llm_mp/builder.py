@@ -22,9 +22,10 @@ import jax.numpy as jnp
 import optax
 
 from llm_mp.config import Config
+from llm_mp.formats import parse_formats
 from llm_mp.models import FAMILIES, HEAD_MODULES, HEAD_PARAMS, build_model
 from llm_mp.optim import make_optimizer, param_path
-from llm_mp.precision import FormatOptions, Precision, make_precision
+from llm_mp.precision import Precision, make_precision
 from llm_mp.tasks import Task, make_task, task_spec
 
 
@@ -66,20 +67,13 @@ def run_precision(config: Config) -> Precision:
   """The :class:`Precision` of ``config.precision`` (policy, overrides, loss scale,
   matmul formats and their settings). ValueError names a bad spec."""
   p = config.precision
-  options = FormatOptions(
-    fp8_scaling=p.fp8_scaling,
-    amax_history=p.amax_history,
-    fp8_margin=p.fp8_margin,
-    int8_activations=p.int8_activations,
-    group_size=p.group_size,
-  )
   return make_precision(
     p.policy,
     overrides=p.overrides,
-    formats=p.formats,
+    formats=parse_formats(p.formats),
     # The MoE router keeps the dtype policy's fp32 whatever the formats say.
     protected=("*router*",) + (() if p.format_edges else edge_patterns(config)),
-    format_options=options,
+    format_options=p,
   )
 
 

@@ -400,6 +400,10 @@ class TrainConfig:
       raise ValueError(f"train.mlm_probability={self.mlm_probability!r} must be in (0, 1)")
 
 
+# Loss scaling kinds (llm_mp.loss_scale builds each; "auto" in the config picks the policy's).
+LOSS_SCALES = ("none", "static", "dynamic")
+
+
 @dataclasses.dataclass(frozen=True)
 class PrecisionConfig:
   """Number formats: the dtype policy, per-module overrides, loss scaling, matmul formats."""
@@ -426,7 +430,7 @@ class PrecisionConfig:
 
   def __post_init__(self):
     s = "precision"
-    _check_choice(s, "loss_scale", self.loss_scale, ("auto", "none", "static", "dynamic"))
+    _check_choice(s, "loss_scale", self.loss_scale, ("auto",) + LOSS_SCALES)
     _check_choice(s, "fp8_scaling", self.fp8_scaling, ("delayed", "current"))
     _check_choice(s, "int8_activations", self.int8_activations, ("tensor", "token"))
     for f in ("init_loss_scale", "loss_scale_period", "amax_history", "group_size"):

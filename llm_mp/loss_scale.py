@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import jmp
 from flax import struct
 
-LOSS_SCALES = ("none", "static", "dynamic")
+from llm_mp.config import LOSS_SCALES
+
 _FP32_MAX = float(jnp.finfo(jnp.float32).max)
 
 

@@ -4,7 +4,7 @@
 run directory whose config names ``precision.formats=lowrank:R`` (so the
 matmuls that format reaches by default: not the first and last block, not
 the heads) and whose step-0 checkpoint holds the truncated-SVD factors of the
-dense kernels (``llm_mp.lowrank.factorize``); ``llm-mp eval`` / ``generate``
+dense kernels (``llm_mp.formats.lowrank.factorize``); ``llm-mp eval`` / ``generate``
 load it like any run, and ``llm-mp train`` fine-tunes it. :func:`svd_sweep`
 measures the validation perplexity of the run and of its conversion at each
 rank, in memory.
@@ -20,8 +20,8 @@ import jax
 
 from llm_mp.builder import build_recipe
 from llm_mp.config import Config
+from llm_mp.formats.lowrank import factorize, parse_rank
 from llm_mp.inference import evaluate_loaded
-from llm_mp.lowrank import factorize, parse_rank
 from llm_mp.rundir import LoadedRun, load_run, write_run
 from llm_mp.state import abstract_train_state, param_count
 

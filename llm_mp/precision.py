@@ -28,6 +28,8 @@ import jax.numpy as jnp
 import jmp
 import numpy as np
 
+from llm_mp.config import LOSS_SCALES, PrecisionConfig
+
 DTYPES: Mapping[str, Any] = {
   "float32": jnp.float32,
   "fp32": jnp.float32,
@@ -44,7 +46,6 @@ DTYPES: Mapping[str, Any] = {
   "fp64": jnp.float64,
   "f64": jnp.float64,
 }
-LOSS_SCALES = ("none", "static", "dynamic")
 
 
 def parse_dtype(name: str, field: str = "dtype") -> Any:
@@ -107,18 +108,6 @@ PRESETS: Mapping[str, tuple[str, str]] = {
 
 
 @dataclasses.dataclass(frozen=True)
-class FormatOptions:
-  """Settings of the sub-16-bit matmul formats (see ``llm_mp.formats``); the
-  fields mirror :class:`llm_mp.config.PrecisionConfig`'s."""
-
-  fp8_scaling: str = "delayed"
-  amax_history: int = 16
-  fp8_margin: int = 0
-  int8_activations: str = "tensor"
-  group_size: int = 128
-
-
-@dataclasses.dataclass(frozen=True)
 class Precision:
   """A base dtype policy, per-module overrides and matmul formats.
 
@@ -131,11 +120,12 @@ class Precision:
     overrides: ``(pattern, policy)`` pairs; a module whose '/'-joined path
       matches ``pattern`` (fnmatch) takes ``policy``. The last match wins.
     formats: ``(pattern, format)`` pairs naming the matmul format of the
-      modules whose path matches (``llm_mp.formats``); the last match wins,
-      and no match means ``"none"``.
+      modules whose path matches (``llm_mp.formats.parse_formats`` makes them
+      from ``precision.formats``); the last match wins, and no match means ``"none"``.
     protected: fnmatch patterns of modules no format reaches (the first and
       last block and the heads, unless ``precision.format_edges``).
-    format_options: settings of the formats.
+    format_options: the run's precision config, whose format settings
+      (``fp8_scaling``, ``group_size``, ...) the formats read.
   """
 
   name: str
@@ -143,7 +133,7 @@ class Precision:
   overrides: tuple[tuple[str, jmp.Policy], ...] = ()
   formats: tuple[tuple[str, str], ...] = ()
   protected: tuple[str, ...] = ()
-  format_options: FormatOptions = FormatOptions()
+  format_options: PrecisionConfig = PrecisionConfig()
 
   def for_path(self, path: str) -> jmp.Policy:
     """The policy of the module at ``path`` ('blocks_0/attn/query')."""
@@ -180,21 +170,6 @@ class Precision:
     return "\n".join(lines)
 
 
-def parse_formats(text: str) -> tuple[tuple[str, str], ...]:
-  """``"fp8"`` or ``"*mlp*=int8;lm_head=lowrank:64"`` -> ``(pattern, format)`` pairs (a
-  bare format applies to every module). ValueError for an unknown format name."""
-  from llm_mp.formats import parse_format  # pylint: disable=import-outside-toplevel
-
-  pairs = []
-  for item in (text or "").split(";"):
-    if not item.strip():
-      continue
-    pattern, _, fmt = item.rpartition("=")
-    parse_format(fmt)
-    pairs.append((pattern.strip() or "*", fmt.strip().lower()))
-  return tuple(pairs)
-
-
 def _policy_spec(spec: str) -> tuple[str, str]:
   """(policy string, the loss scaling it wants) of a preset or a policy string."""
   key = spec.strip().lower()
@@ -221,9 +196,9 @@ def loss_scale_kind(spec: str, loss_scale: str | None = "auto") -> str:
 def make_precision(
   spec: str = "fp32",
   overrides: str | None = None,
-  formats: str = "",
+  formats: tuple[tuple[str, str], ...] = (),
   protected: tuple[str, ...] = (),
-  format_options: FormatOptions = FormatOptions(),
+  format_options: PrecisionConfig = PrecisionConfig(),
 ) -> Precision:
   """Builds a :class:`Precision` from a preset or a jmp policy string.
 
@@ -233,12 +208,13 @@ def make_precision(
     overrides: extra ``pattern=spec`` entries separated by ';', applied after
       the defaults, e.g. ``"*attn*=f32;lm_head=c=f32,o=f32"``. A bare dtype
       sets the compute dtype; ``p=,c=,o=`` set any subset of the three.
-    formats: matmul formats, see :func:`parse_formats`.
+    formats: ``(pattern, format)`` pairs, as :func:`llm_mp.formats.parse_formats`
+      makes them (it checks the format names; this module knows none).
     protected: module patterns no format reaches.
-    format_options: settings of the formats.
+    format_options: the precision config whose format settings the formats read.
 
   Raises:
-    ValueError: unknown preset, dtype, policy field or format.
+    ValueError: unknown preset, dtype or policy field.
   """
   base_str = _policy_spec(spec)[0]
   base = _parse_policy_fields(base_str, jmp.Policy(jnp.float32, jnp.float32, jnp.float32))
@@ -255,7 +231,7 @@ def make_precision(
     name=spec,
     base=base,
     overrides=resolved,
-    formats=parse_formats(formats),
+    formats=tuple(formats),
     protected=tuple(protected),
     format_options=format_options,
   )

@@ -2,7 +2,7 @@
 
 :func:`quantize_run` reads a run's newest parameters and writes a new run
 directory whose config sets ``precision.formats`` to ``int8-weight`` or
-``int4-weight`` (``llm_mp.int_formats``): every kernel that format reaches
+``int4-weight`` (``llm_mp.formats.int8``): every kernel that format reaches
 (the run's ``precision.format_edges`` decides whether the first and last
 block and the heads do; by default they keep their float weights) is stored
 as integers ``<name>_q`` and scales ``<name>_scale``, in a params-only
@@ -29,8 +29,7 @@ from flax import traverse_util
 from llm_mp import inference
 from llm_mp.builder import build_recipe
 from llm_mp.config import Config
-from llm_mp.formats import stored_bytes
-from llm_mp.int_formats import WEIGHT_ONLY
+from llm_mp.formats import stored_bytes, weight_only_formats
 from llm_mp.models import FAMILIES
 from llm_mp.rundir import abstract_run_state, load_run, publish_run
 
@@ -130,7 +129,7 @@ def quantize_run(
       ``out`` that exists and is not empty.
   """
   run = load_run(workdir)
-  stored = {fmt for _, fmt in run.precision.formats} & set(WEIGHT_ONLY)
+  stored = {fmt for _, fmt in run.precision.formats} & set(weight_only_formats())
   if stored:
     raise ValueError(f"{workdir} is already quantised (precision.formats={sorted(stored)})")
   config = quantized_config(run.config, to)

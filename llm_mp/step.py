@@ -10,8 +10,9 @@ With ``optim.stochastic_rounding`` bf16 parameters are updated with stochastic
 rounding keyed by the state's rng and step, so a run stays deterministic and
 resumes exactly.
 
-The collections of :data:`OVERWRITE_WITH_GRADIENT` (the fp8 scales and amax
-histories, :mod:`llm_mp.fp8`) are differentiated with the parameters: their
+The state collections whose formats overwrite them with their gradient
+(``llm_mp.formats.state_collections(overwrite=True)``: the fp8 scales and amax
+histories, :mod:`llm_mp.formats.fp8`) are differentiated with the parameters: their
 gradient is their new value. It goes neither to the optimizer nor through the
 loss scale; over micro-batches the new values are combined by their
 elementwise maximum (each micro-batch starts from the same old values, so a
@@ -28,7 +29,7 @@ import jax.numpy as jnp
 import optax
 
 from llm_mp.config import Config
-from llm_mp.fp8 import FP8_META
+from llm_mp.formats import state_collections
 from llm_mp.loss_scale import all_finite, select_tree
 from llm_mp.optim import apply_updates
 from llm_mp.state import TrainState
@@ -36,14 +37,15 @@ from llm_mp.tasks import Batch, Task, cross_entropy, loss_mask, make_task
 
 __all__ = ["cross_entropy", "loss_mask", "make_eval_step", "make_train_step"]
 
-# Non-parameter collections whose gradient is their new value (flax's "overwrite with
-# gradient"): custom VJPs return the updated state as the cotangent of the old one.
-OVERWRITE_WITH_GRADIENT = (FP8_META,)
-
 
 def _split_state(model_state: dict) -> tuple[dict, dict]:
-  """``(overwritten by gradient, the rest)``: ``model_state`` split by collection."""
-  over = {k: v for k, v in model_state.items() if k in OVERWRITE_WITH_GRADIENT}
+  """``(overwritten by gradient, the rest)``: ``model_state`` split by collection.
+
+  Overwritten are the collections whose gradient is their new value (flax's
+  "overwrite with gradient"): custom VJPs return the updated state as the
+  cotangent of the old one."""
+  overwrite = state_collections(overwrite=True)
+  over = {k: v for k, v in model_state.items() if k in overwrite}
   return over, {k: v for k, v in model_state.items() if k not in over}
 
 

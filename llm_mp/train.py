@@ -28,9 +28,9 @@ from llm_mp.builder import (
   run_precision,
 )
 from llm_mp.config import Config
+from llm_mp.formats import weight_only_formats
 from llm_mp.generate import generate_text
 from llm_mp.inference import evaluate
-from llm_mp.int_formats import WEIGHT_ONLY
 from llm_mp.metrics import (
   MetricsWriter,
   bar_postfix,
@@ -128,7 +128,7 @@ def validate(config: Config) -> None:
   is written: the task, the precision spec (no weight-only format: those hold integers that
   take no gradient), the mesh, and that the batch splits over it."""
   task_spec(config)  # a known task that the model family runs
-  frozen = sorted({fmt for _, fmt in run_precision(config).formats} & set(WEIGHT_ONLY))
+  frozen = sorted({fmt for _, fmt in run_precision(config).formats} & set(weight_only_formats()))
   if frozen:
     raise ValueError(
       f"precision.formats={config.precision.formats!r}: {frozen[0]} stores integer weights "

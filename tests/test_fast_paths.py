@@ -1,6 +1,6 @@
 """The CPU fast paths compute what the plain formulations they replace compute.
 
-* ``layers.dense`` (``custom_vjp``: 2-D matmul backward, activation derivative
+* ``formats.base.dense`` (``custom_vjp``: 2-D matmul backward, activation derivative
   taken once from the saved pre-activation) vs jax autodiff of
   ``act(dot_general(x, W) + b)``;
 * ``Norm`` (rematerialised ``layers.normalize``) vs autodiff of ``normalize``;
@@ -26,8 +26,10 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from llm_mp.config import ModelConfig
-from llm_mp.models import TransformerLM, dot_product_attention, layers, segment_mask
-from llm_mp.models.layers import ACTIVATIONS, Dense, Norm, dense, normalize
+from llm_mp.formats import base
+from llm_mp.formats.base import dense
+from llm_mp.models import TransformerLM, dot_product_attention, segment_mask
+from llm_mp.models.layers import ACTIVATIONS, Dense, Norm, normalize
 from llm_mp.precision import make_precision
 
 
@@ -137,16 +139,16 @@ class DenseGradientTest(chex.TestCase):
 
 
 class _patched_dense:
-  """Context in which ``Dense`` layers call ``fn`` instead of ``layers.dense``."""
+  """Context in which ``Dense`` layers call ``fn`` instead of ``formats.base.dense``."""
 
   def __init__(self, fn):
     self.fn = fn
 
   def __enter__(self):
-    self.saved, layers.dense = layers.dense, self.fn
+    self.saved, base.dense = base.dense, self.fn
 
   def __exit__(self, *exc):
-    layers.dense = self.saved
+    base.dense = self.saved
 
 
 @pytest.mark.parametrize("kind", ["layernorm", "rmsnorm"])

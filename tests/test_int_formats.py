@@ -17,14 +17,14 @@ from flax import traverse_util
 
 from llm_mp import cli
 from llm_mp import generate as gen
-from llm_mp import int_formats as q8
 from llm_mp.builder import build_recipe
-from llm_mp.config import apply_overrides, get_preset
-from llm_mp.formats import Weight, stored_bytes
+from llm_mp.config import PrecisionConfig, apply_overrides, get_preset
+from llm_mp.formats import Weight, parse_formats, stored_bytes
+from llm_mp.formats import int8 as q8
 from llm_mp.inference import evaluate_run
 from llm_mp.loss_scale import make_loss_scale
 from llm_mp.models import Dense
-from llm_mp.precision import FormatOptions, make_precision
+from llm_mp.precision import make_precision
 from llm_mp.quantize import quantize_run
 from llm_mp.rundir import load_run
 from llm_mp.state import TrainState
@@ -128,7 +128,9 @@ def test_quantised_tensors_are_at_least_3_5x_int8_and_6x_int4_smaller_than_fp32(
 @pytest.mark.parametrize("activations", ["tensor", "token"])
 def test_int8_dense_matches_a_numpy_fake_quantised_matmul(activations):
   precision = make_precision(
-    "fp32", formats="int8", format_options=FormatOptions(int8_activations=activations)
+    "fp32",
+    formats=parse_formats("int8"),
+    format_options=PrecisionConfig(int8_activations=activations),
   )
   layer = Dense(12, ("embed", "mlp"), precision, use_bias=False)
   x = np.random.default_rng(4).normal(size=(2, 5, 16)).astype(np.float32)

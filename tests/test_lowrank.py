@@ -15,7 +15,8 @@ import pytest
 from llm_mp import cli
 from llm_mp.builder import build_recipe, run_precision
 from llm_mp.config import apply_overrides, get_preset
-from llm_mp.lowrank import factorize, svd_factors
+from llm_mp.formats import parse_formats
+from llm_mp.formats.lowrank import factorize, svd_factors
 from llm_mp.lowrank_convert import svd_sweep
 from llm_mp.models.layers import Dense
 from llm_mp.precision import make_precision
@@ -35,7 +36,7 @@ def _dense(fmt, features=(4, 8), n_in=1, std=0.02):
   return Dense(
     features,
     ("embed", "heads", "kv")[: n_in + len(features)],
-    make_precision(formats=fmt),
+    make_precision(formats=parse_formats(fmt)),
     use_bias=False,
     n_in=n_in,
     init_std=std,

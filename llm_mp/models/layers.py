@@ -1,4 +1,4 @@
-"""Building blocks: dense, norms, embeddings, positions, MLP.
+"""Building blocks: Dense, norms, embeddings, positions, MLP.
 
 Every module takes ``precision`` (a :class:`llm_mp.precision.Precision`) and
 resolves its own ``jmp.Policy`` from its path, so a per-module override such as
@@ -9,7 +9,6 @@ axis names (``vocab``, ``embed``, ``heads``, ``kv_heads``, ``kv``, ``mlp``) that
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Callable, Sequence
 
@@ -26,81 +25,6 @@ from llm_mp.precision import Precision, module_policy
 def normal_init(std: float, axes: Sequence[str | None]):
   """N(0, std) initializer whose parameter carries logical axis names ``axes``."""
   return nn.with_logical_partitioning(nn.initializers.normal(std), tuple(axes))
-
-
-def _dense_2d_fwd(x, kernel, bias, out_dtype, activation):
-  pre = jnp.dot(x, kernel)  # (M, N)
-  if bias is not None:
-    pre = pre + bias
-  pre = pre.astype(out_dtype)
-  y = pre if activation is None else activation(pre)
-  return y, (x, kernel, bias, None if activation is None else pre)
-
-
-def _dense_2d_bwd(out_dtype, activation, res, g):
-  del out_dtype  # the cast's cotangent goes back to x's dtype below
-  x, kernel, bias, pre = res
-  if activation is not None:
-    # The barrier makes XLA recompute the activation's internals (GELU's tanh)
-    # from the saved pre-activation in one fused pass, instead of keeping the
-    # forward's intermediates alive until the backward pass.
-    g = jax.vjp(activation, jax.lax.optimization_barrier(pre))[1](g)[0]
-  g = g.astype(x.dtype)  # (M, N)
-  dx = jnp.dot(g, kernel.T)  # (M, K)
-  dkernel = jnp.dot(x.T, g)  # (K, N)
-  return dx, dkernel, None if bias is None else g.sum(0)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _dense_2d(x, kernel, bias, out_dtype, activation):
-  return _dense_2d_fwd(x, kernel, bias, out_dtype, activation)[0]
-
-
-_dense_2d.defvjp(_dense_2d_fwd, _dense_2d_bwd)
-
-
-def dense(
-  x: jax.Array,
-  kernel: jax.Array,
-  bias: jax.Array | None = None,
-  *,
-  n_in: int = 1,
-  out_dtype=None,
-  activation: Callable[[jax.Array], jax.Array] | None = None,
-) -> jax.Array:
-  """``activation((x @ kernel + bias).astype(out_dtype))`` contracting ``n_in`` axes.
-
-  The forward pass is the plain ``dot_general`` formulation (same ops, same
-  dtypes). The gradient is jax autodiff's up to summation order, but computed
-  as plain 2-D matmuls on ``[M, K]`` / ``[K, N]`` views, with the activation's
-  derivative taken once from the saved pre-activation. Autodiff of an N-D
-  ``dot_general`` followed by the activation instead gives XLA:CPU a dW dot
-  on a transposed copy of the incoming gradient, and XLA fuses the residual
-  stream's whole gradient chain into every such copy (2x slower backward).
-
-  Args:
-    x: ``[..., *in_shape]`` (the last ``n_in`` axes are contracted).
-    kernel: ``[*in_shape, *out_shape]``, in ``x``'s dtype.
-    bias: ``[*out_shape]`` in ``x``'s dtype, or None.
-    n_in: number of contracted axes.
-    out_dtype: dtype of the result and of the activation's input (default:
-      ``x``'s). The matmul and the bias addition run in ``x``'s dtype.
-    activation: elementwise function applied last, or None.
-
-  Returns:
-    ``[..., *out_shape]`` in ``out_dtype``.
-  """
-  batch_shape, in_shape = x.shape[: x.ndim - n_in], x.shape[x.ndim - n_in :]
-  out_shape = kernel.shape[n_in:]
-  k, n = math.prod(in_shape), math.prod(out_shape)
-  y = _dense_2d(
-    x.reshape(-1, k),
-    kernel.reshape(k, n),  # (M, K) @ (K, N)
-    None if bias is None else bias.reshape(n),
-    jnp.dtype(out_dtype or x.dtype),
-    activation,
-  )
-  return y.reshape(batch_shape + out_shape)
 
 
 class Dense(nn.Module):

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from llm_mp.config import ModelConfig
-from llm_mp.fp8 import FP8_META
+from llm_mp.formats import state_collections
 from llm_mp.models.attention import Attention, RelativePositionBias, segment_mask
 from llm_mp.models.layers import (
   MLP,
@@ -141,7 +141,8 @@ class Stack(nn.Module):
           "intermediates": 0,
           "losses": 0,
           "metrics": 0,
-          FP8_META: 0,
+          # the formats' state (fp8 scales): one per block, like the parameters
+          **{name: 0 for name in state_collections()},
         },
         split_rngs={"params": True, "dropout": True},
         in_axes=(nn.broadcast,) * len(args),

@@ -1,6 +1,6 @@
 """fp8 matmuls: e4m3 inputs and weights forward, e5m2 gradients backward, per-tensor scales.
 
-The ``fp8`` format of :mod:`llm_mp.formats`. Every fp8 matmul quantises its
+The ``fp8`` format of :mod:`llm_mp.formats` (entry :data:`FP8`). Every fp8 matmul quantises its
 input ``x`` and its weight ``W`` to float8 e4m3 (3 mantissa bits, max 448) and
 back before the contraction, and the gradient of its product to float8 e5m2
 (2 mantissa bits, max 57344) and back before the two backward contractions.
@@ -53,7 +53,8 @@ import jax
 import jax.numpy as jnp
 from flax.linen import fp8_ops
 
-from llm_mp.precision import FormatOptions
+from llm_mp.config import PrecisionConfig
+from llm_mp.formats.base import Format, contract, weight_param
 
 # The flax collection of the delayed-scaling state (in TrainState.model_state).
 FP8_META = "fp8_meta"
@@ -129,7 +130,7 @@ def _out_qdq_bwd(q_dtype, margin, current, meta, g):
 out_qdq.defvjp(_out_qdq_fwd, _out_qdq_bwd)
 
 
-def _meta(module, name: str, options: FormatOptions) -> tuple[dict, bool]:
+def _meta(module, name: str, options: PrecisionConfig) -> tuple[dict, bool]:
   """``({role: (scale [], history [n])}, current)`` for the weight ``name`` of ``module``:
   its :data:`FP8_META` variables under delayed scaling, else constants
   (scale 1, a one-entry history) that make the scaling current."""
@@ -149,7 +150,7 @@ def _meta(module, name: str, options: FormatOptions) -> tuple[dict, bool]:
   return meta, False
 
 
-def fp8_matmul(module, x: jax.Array, weight, arg, options: FormatOptions) -> jax.Array:
+def fp8_matmul(module, x: jax.Array, weight, arg, options: PrecisionConfig) -> jax.Array:
   """``x @ W`` with ``x`` and ``W`` in e4m3 and the product's gradient in e5m2.
 
   Args:
@@ -163,14 +164,20 @@ def fp8_matmul(module, x: jax.Array, weight, arg, options: FormatOptions) -> jax
   Returns:
     ``[*batch, ..., *out]`` in the compute dtype.
   """
-  # formats imports this module to register the format: import its helpers here.
-  from llm_mp import formats  # pylint: disable=import-outside-toplevel
-
   del arg
-  w = formats.weight_param(module, weight, weight.name, weight.shape, weight.init_std)
+  w = weight_param(module, weight, weight.name, weight.shape, weight.init_std)
   meta, current = _meta(module, weight.name, options)
   m = options.fp8_margin
   x = in_qdq(E4M3, m, current, x, *meta["input"])
   w = in_qdq(E4M3, m, current, w, *meta["kernel"])
-  y = formats.contract(x, w, len(weight.in_shape), len(weight.batch_shape))
+  y = contract(x, w, len(weight.in_shape), len(weight.batch_shape))
   return out_qdq(E5M2, m, current, y, *meta["output_grad"])
+
+
+FP8 = Format(
+  "fp8",
+  fp8_matmul,
+  collection=FP8_META,
+  overwrite_with_gradient=True,
+  options=("fp8_scaling", "amax_history", "fp8_margin"),
+)

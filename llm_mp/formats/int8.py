@@ -27,11 +27,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-# formats imports this module to register its formats; the helpers are looked up at call time.
-from llm_mp import formats
-from llm_mp.precision import FormatOptions, module_path, module_policy
-
-WEIGHT_ONLY = {"int8-weight": 8, "int4-weight": 4}  # format -> bits of the stored integers
+from llm_mp.config import PrecisionConfig
+from llm_mp.formats.base import Format, Weight, contract, weight_param
+from llm_mp.precision import module_path, module_policy
 
 
 def qmax(bits: int) -> int:
@@ -85,11 +83,11 @@ def amax_scale(x: jax.Array, axes: tuple[int, ...], bits: int) -> jax.Array:
   return symmetric_scale(amax, bits)
 
 
-def int8_qat(module, x, weight: formats.Weight, arg, options: FormatOptions) -> jax.Array:
+def int8_qat(module, x, weight: Weight, arg, options: PrecisionConfig) -> jax.Array:
   """``int8``: fake-quantised ``x`` and weight, contracted in the compute dtype."""
   del arg
   n_batch, n_in = len(weight.batch_shape), len(weight.in_shape)
-  w = formats.weight_param(module, weight, weight.name, weight.shape, weight.init_std)
+  w = weight_param(module, weight, weight.name, weight.shape, weight.init_std)
   w32, x32 = w.astype(jnp.float32), x.astype(jnp.float32)
   # Weights: one scale per output channel (and per expert): amax over the contracted axes.
   w_scale = amax_scale(w32, tuple(range(n_batch, n_batch + n_in)), 8)
@@ -98,7 +96,7 @@ def int8_qat(module, x, weight: formats.Weight, arg, options: FormatOptions) -> 
   x_scale = amax_scale(x32, tuple(range(x.ndim - n_in if token else 0, x.ndim)), 8)
   wq = fake_quant(w32, w_scale, 8).astype(w.dtype)
   xq = fake_quant(x32, x_scale, 8).astype(x.dtype)
-  return formats.contract(xq, wq, n_in, n_batch)
+  return contract(xq, wq, n_in, n_batch)
 
 
 # --- weight-only storage ------------------------------------------------------------------------
@@ -121,7 +119,7 @@ def unpack_int4(packed: jax.Array, axis: int) -> jax.Array:
   return jnp.moveaxis(values.reshape((-1,) + p.shape[1:]), 0, axis)
 
 
-def _groups(weight: formats.Weight, bits: int, group_size: int) -> int:
+def _groups(weight: Weight, bits: int, group_size: int) -> int:
   """Input rows per scale: all of them for int8; ``group_size`` (at most all) for int4."""
   rows = math.prod(weight.in_shape)
   if bits == 8:
@@ -135,7 +133,7 @@ def _groups(weight: formats.Weight, bits: int, group_size: int) -> int:
   return group
 
 
-def stored_layout(weight: formats.Weight, bits: int, group_size: int) -> dict[str, tuple]:
+def stored_layout(weight: Weight, bits: int, group_size: int) -> dict[str, tuple]:
   """``{"q": (shape, dtype, axes), "scale": (shape, None, axes)}`` of the stored weight.
 
   int8: ``q`` int8 of the weight's shape, ``scale [*batch, *out]``. int4:
@@ -158,14 +156,14 @@ def stored_layout(weight: formats.Weight, bits: int, group_size: int) -> dict[st
   }
 
 
-def _grouped(w: jax.Array, weight: formats.Weight, group: int) -> jax.Array:
+def _grouped(w: jax.Array, weight: Weight, group: int) -> jax.Array:
   """``[*batch, *in, *out] -> [*batch, K/group, group, *out]``."""
   rows = math.prod(weight.in_shape)
   return w.reshape(weight.batch_shape + (rows // group, group) + weight.out_shape)
 
 
 def quantize_weight(
-  w: jax.Array, weight: formats.Weight, bits: int, group_size: int, scale_dtype=jnp.float32
+  w: jax.Array, weight: Weight, bits: int, group_size: int, scale_dtype=jnp.float32
 ) -> tuple[jax.Array, jax.Array]:
   """A float weight ``[*batch, *in, *out]`` -> ``(q, scale)`` in :func:`stored_layout`."""
   group = _groups(weight, bits, group_size)
@@ -181,7 +179,7 @@ def quantize_weight(
   return pack_int4(q, n_batch), scale
 
 
-def dequantize_weight(q: jax.Array, scale: jax.Array, weight: formats.Weight, dtype) -> jax.Array:
+def dequantize_weight(q: jax.Array, scale: jax.Array, weight: Weight, dtype) -> jax.Array:
   """``q * scale`` in ``dtype``, shaped ``[*batch, *in, *out]`` (the inverse layout of
   :func:`quantize_weight`; int8 or int4 from ``q``'s dtype)."""
   n_batch = len(weight.batch_shape)
@@ -194,7 +192,7 @@ def dequantize_weight(q: jax.Array, scale: jax.Array, weight: formats.Weight, dt
   return (g * jnp.expand_dims(scale.astype(dtype), n_batch + 1)).reshape(weight.shape)
 
 
-def _stored_weight(module, weight: formats.Weight, bits: int, group_size: int):
+def _stored_weight(module, weight: Weight, bits: int, group_size: int):
   """The ``(q, scale)`` parameters of ``module`` for ``weight``.
 
   Created by ``model.init`` from a fresh normal draw (a new model is the
@@ -226,15 +224,18 @@ def _stored_weight(module, weight: formats.Weight, bits: int, group_size: int):
   return param(name_q, 0, "q"), param(name_s, 1, "scale")
 
 
-def _weight_only(
-  module, x, weight: formats.Weight, arg, options: FormatOptions, bits: int
-) -> jax.Array:
+def _weight_only(module, x, weight: Weight, arg, options: PrecisionConfig, bits: int) -> jax.Array:
   """``int8-weight`` / ``int4-weight``: dequantise in the compute dtype, then contract."""
   del arg
   q, scale = _stored_weight(module, weight, bits, options.group_size)
   w = dequantize_weight(q, scale, weight, x.dtype)
-  return formats.contract(x, w, len(weight.in_shape), len(weight.batch_shape))
+  return contract(x, w, len(weight.in_shape), len(weight.batch_shape))
 
 
 int8_weight = functools.partial(_weight_only, bits=8)
 int4_weight = functools.partial(_weight_only, bits=4)
+
+
+INT8_QAT = Format("int8", int8_qat, options=("int8_activations",))
+INT8_WEIGHT = Format("int8-weight", int8_weight, weight_only=True)
+INT4_WEIGHT = Format("int4-weight", int4_weight, weight_only=True, options=("group_size",))

@@ -28,14 +28,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jax
 import numpy as np
 from flax import traverse_util
 
-if TYPE_CHECKING:
-  from llm_mp.formats import Weight
+from llm_mp.formats.base import Format, Weight, contract, weight_param
 
 
 def parse_rank(arg: str | None, field: str = "precision.formats") -> int:
@@ -62,8 +61,6 @@ def lowrank_matmul(module, x: jax.Array, weight: Weight, arg: str | None, option
   in ``x``'s (the compute) dtype, with ``U [*batch, *in, R]`` and ``V [*batch, R, *out]``
   parameters ``<name>_u`` / ``<name>_v`` of ``module``."""
   del options  # the format has no settings beyond its rank
-  from llm_mp.formats import contract, weight_param  # pylint: disable=import-outside-toplevel
-
   rank = parse_rank(arg)
   n_batch, n_in = len(weight.batch_shape), len(weight.in_shape)
   std_u, std_v = factor_stds(weight, rank)
@@ -150,3 +147,6 @@ def factorize(params: Any, abstract: Any) -> tuple[dict[str, Any], list[str]]:
     elif not (path.endswith("_v") and f"{base}_u" in want and base in dense):
       raise ValueError(f"params: {path} is missing from the dense model")
   return traverse_util.unflatten_dict(out, sep="/"), factorised
+
+
+LOWRANK = Format("lowrank", lowrank_matmul, parse_arg=parse_rank)
