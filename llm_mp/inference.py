@@ -99,7 +99,7 @@ def evaluate_loaded(
     if paths:
       cfg = dataclasses.replace(cfg, val_paths=tuple(paths))
     prepared = text2text.prepare_text2text(cfg, workdir, tokenizer=run.tokenizer, write=False)
-    batches = text2text.make_text2text_eval_iterator(prepared.val, batch)
+    batches = data.ordered_batches(prepared.val, batch)
     return {
       "step": run.step,
       **evaluate(eval_fn, {"params": run.params}, batches, run.mesh, run.rules, task),
@@ -108,7 +108,7 @@ def evaluate_loaded(
     if paths:
       cfg = dataclasses.replace(cfg, val_paths=tuple(paths))
     prepared = data.prepare_labelled(cfg, workdir, tokenizer=run.tokenizer, write=False)
-    batches = data.make_labelled_eval_iterator(prepared.val, batch)
+    batches = data.ordered_batches(prepared.val, batch)
     return {
       "step": run.step,
       **evaluate(eval_fn, {"params": run.params}, batches, run.mesh, run.rules, task),

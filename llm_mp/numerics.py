@@ -517,7 +517,7 @@ def run_batch(run: Any, workdir: str, batch_size: int) -> dict[str, np.ndarray]:
 
   if run.recipe.task.name == "classify":
     prepared = data.prepare_labelled(run.config.data, workdir, tokenizer=run.tokenizer)
-    batches = data.make_labelled_eval_iterator(prepared.val, batch_size, max_batches=1)
+    batches = data.ordered_batches(prepared.val, batch_size, max_batches=1)
   else:
     prepared = data.prepare_data(run.config.data, workdir, tokenizer=run.tokenizer)
     batches = data.make_eval_iterator(prepared, batch_size, max_batches=1)

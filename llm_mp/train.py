@@ -365,15 +365,15 @@ def prepare_task_data(config: Config, workdir: str):
       )
     return (
       prepared,
-      lambda: data.make_labelled_train_iterator(prepared.train, t.batch_size, t.seed),
-      lambda: data.make_labelled_eval_iterator(prepared.val, t.batch_size, t.eval_batches),
+      lambda: data.shuffled_batches(prepared.train, t.batch_size, t.seed),
+      lambda: data.ordered_batches(prepared.val, t.batch_size, t.eval_batches),
     )
   if task_name(config) == "seq2seq":
     prepared = text2text.prepare_text2text(config.data, workdir, tokenizer)
     return (
       prepared,
-      lambda: text2text.make_text2text_train_iterator(prepared.train, t.batch_size, t.seed),
-      lambda: text2text.make_text2text_eval_iterator(prepared.val, t.batch_size, t.eval_batches),
+      lambda: data.shuffled_batches(prepared.train, t.batch_size, t.seed),
+      lambda: data.ordered_batches(prepared.val, t.batch_size, t.eval_batches),
     )
   prepared = data.prepare_data(config.data, workdir, tokenizer)
   return (
