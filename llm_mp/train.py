@@ -356,7 +356,9 @@ def prepare_task_data(config: Config, workdir: str):
   t = config.train
   tokenizer = data.load_tokenizer(t.init_from) if t.init_from else None
   if task_name(config) == "classify":
-    prepared = data.prepare_labelled(config.data, workdir, tokenizer)
+    prepared = data.prepare_labelled(
+      config.data, workdir, tokenizer, n_classes=config.model.n_classes
+    )
     if len(prepared.label_names) > config.model.n_classes:
       raise ValueError(
         f"model.n_classes={config.model.n_classes} is smaller than the "

@@ -156,6 +156,46 @@ def test_file_level_errors(tmp_path):
     read_labelled(header_only, "sentence", "label", bad_rows="drop")
 
 
+def test_a_label_beyond_n_classes_names_its_file_and_line(tmp_path):
+  # model.n_classes=2 and a stray third label on line 5: the error points at that row, where
+  # the training loop could only say that there are 3 classes.
+  path = _write(tmp_path / "a.tsv", "sentence\tlabel\na\t0\nb\t1\nc\t1\nd\t2\ne\t0\n")
+  with pytest.raises(
+    DataError,
+    match=rf"^{path}:5: label '2' makes 3 classes, more than model.n_classes=2 "
+    r"\(the others: \('0', '1'\)\)",
+  ):
+    read_labelled(path, "sentence", "label", n_classes=2)
+  texts, labels, names, skipped = read_labelled(
+    path, "sentence", "label", bad_rows="skip", n_classes=2
+  )
+  assert (texts, labels.tolist(), names, skipped) == (
+    ["a", "b", "c", "e"],
+    [0, 1, 1, 0],
+    ("0", "1"),
+    1,
+  )
+  assert read_labelled(path, "sentence", "label", n_classes=3)[2] == ("0", "1", "2")
+
+
+def test_training_a_classifier_on_a_stray_label_names_its_file_and_line(tmp_path):
+  from llm_mp.config import apply_overrides, get_preset  # pylint: disable=import-outside-toplevel
+  from llm_mp.train import prepare_task_data  # pylint: disable=import-outside-toplevel
+
+  path = _write(
+    tmp_path / "a.jsonl",
+    "".join(
+      json.dumps({"text": t, "label": y}) + "\n"
+      for t, y in (("good", "pos"), ("bad", "neg"), ("meh", "mixed"))
+    ),
+  )
+  config = apply_overrides(
+    get_preset("encoder_tiny"), ["train.task=classify", "model.n_classes=2", f"data.paths={path}"]
+  )
+  with pytest.raises(DataError, match=rf"^{path}:3: label 'mixed' makes 3 classes"):
+    prepare_task_data(config, str(tmp_path / "run"))
+
+
 @pytest.mark.skipif(not os.path.isdir(SST2), reason="../shared/data/sst2 not present")
 def test_reads_sst2_train_and_dev():
   # Counts from `wc -l` minus the header and `cut -f2 | sort | uniq -c` (see SOURCES.md).

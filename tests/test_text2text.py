@@ -107,6 +107,22 @@ def test_jsonl_bad_rows_name_file_and_line_or_are_skipped(tmp_path, line, proble
   assert (split.inputs, split.targets, skipped) == (["i", "i"], ["t", "t"], 1)
 
 
+def test_a_run_reads_jsonl_fields_named_in_the_config(tmp_path):
+  # {"article", "summary"} rows need no conversion: data.source_field / data.target_field.
+  rows = [{"article": f"article {i}", "summary": f"summary {i}"} for i in range(10)]
+  path = _write(tmp_path / "a.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+  cfg = DataConfig(
+    paths=(path,), source_field="article", target_field="summary", val_fraction=0.2, seq_len=16
+  )
+  prepared = t2t.prepare_text2text(cfg, str(tmp_path / "run"))
+  assert prepared.val_split.inputs == ["article 4", "article 9"]  # every 5th pair held out
+  assert prepared.val_split.targets == ["summary 4", "summary 9"] and len(prepared.train) == 8
+  with pytest.raises(DataError, match=rf"^{path}:1: missing field 'input'"):
+    t2t.prepare_text2text(DataConfig(paths=(path,)), str(tmp_path / "run2"))
+  with pytest.raises(DataError, match=r"give .jsonl files with article/summary fields"):
+    t2t.read_pairs([path, str(tmp_path / "b.txt")], source_field="article", target_field="summary")
+
+
 def test_prepared_pairs_keep_their_content_hash_and_check_the_run_tokenizer(tmp_path):
   path = _write(
     tmp_path / "a.jsonl",

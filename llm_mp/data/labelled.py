@@ -23,10 +23,11 @@ are the sorted distinct labels read, numerically sorted when all are integers
 (so ``"0"``, ``"1"``, ``"10"``, ``"2"`` become classes 0, 1, 3, 2).
 
 A bad row (text missing or empty after cleaning, label missing or empty, a
-label not in ``labels``, a wrong number of fields, a line that is not a JSON
-object) raises a :class:`DataError` ``"<file>:<line>: <problem>"``, or with
-``bad_rows="skip"`` is dropped and counted. A header without the text or the
-label column is always an error: skipping would silently drop the whole file.
+label not in ``labels``, a label that would make more than ``n_classes``
+classes, a wrong number of fields, a line that is not a JSON object) raises a
+:class:`DataError` ``"<file>:<line>: <problem>"``, or with ``bad_rows="skip"``
+is dropped and counted. A header without the text or the label column is
+always an error: skipping would silently drop the whole file.
 
 :func:`builtin_labelled` is a small generated sentiment set that needs no
 download, for tests and as the default when no labelled files are given.
@@ -148,9 +149,11 @@ def _file_rows(
   text_field: str,
   label_field: str,
   labels: Sequence[str] | None,
+  n_classes: int | None,
 ) -> Iterator[tuple[str, int, tuple[str, str] | BadRow]]:
   """``(path, line, example or problem)`` for every row of ``paths``, labels checked."""
   known = None if labels is None else {name: i for i, name in enumerate(labels)}
+  seen: dict[str, None] = {}  # the labels of good rows, in order of appearance
   for path in paths:
     if os.path.isfile(path) and not path.endswith(SUFFIXES):
       raise DataError(f"{path}: unsupported file type (expected {', '.join(SUFFIXES)})")
@@ -161,8 +164,18 @@ def _file_rows(
       else _table_rows(path, text, text_field, label_field)
     )
     for line, example in rows:
-      if not isinstance(example, BadRow) and known is not None and example[1] not in known:
-        example = BadRow(f"label {example[1]!r} is not one of {tuple(known)}")
+      if not isinstance(example, BadRow):
+        label = example[1]
+        if known is not None and label not in known:
+          example = BadRow(f"label {label!r} is not one of {tuple(known)}")
+        elif known is None and n_classes is not None and label not in seen:
+          if len(seen) == n_classes:
+            example = BadRow(
+              f"label {label!r} makes {n_classes + 1} classes, more than "
+              f"model.n_classes={n_classes} (the others: {tuple(seen)})"
+            )
+          else:
+            seen[label] = None
       yield path, line, example
 
 
@@ -172,6 +185,8 @@ def read_labelled(
   label_field: str,
   bad_rows: str = "error",
   labels: Sequence[str] | None = None,
+  *,
+  n_classes: int | None = None,
 ) -> tuple[list[str], np.ndarray, tuple[str, ...], int]:
   """Reads labelled examples from ``.tsv``/``.csv``/``.jsonl`` files, in the given order.
 
@@ -183,6 +198,9 @@ def read_labelled(
     labels: the class names in class order (e.g. the training set's names when
       reading a dev set); a label outside them is a bad row. None: the sorted
       distinct labels of these files (see the module docstring).
+    n_classes: without ``labels``, the most classes the files may hold
+      (``model.n_classes``): a row whose label would be one more class is a
+      bad row (``"<file>:<line>: label '2' makes 3 classes, ..."``). None: any number.
 
   Returns:
     ``(texts, label_ids, label_names, skipped)``: cleaned texts (NFC, no control
@@ -196,7 +214,7 @@ def read_labelled(
   """
   paths = (paths,) if isinstance(paths, str) else tuple(paths)
   examples, skipped = collect_examples(
-    _file_rows(paths, text_field, label_field, labels),
+    _file_rows(paths, text_field, label_field, labels, n_classes),
     bad_rows,
     ", ".join(paths) or "no files",
     what="labelled examples",
@@ -384,6 +402,8 @@ def prepare_labelled(
   workdir: str,
   tokenizer: Tokenizer | None = None,
   write: bool = True,
+  *,
+  n_classes: int | None = None,
 ) -> PreparedLabelled:
   """Reads, tokenises and splits the labelled data of ``cfg`` for a run in ``workdir``.
 
@@ -393,13 +413,15 @@ def prepare_labelled(
   source run's, when fine-tuning), else the workdir's (resuming), else a new
   one of ``cfg.tokenizer`` built on the training texts; it is saved to the
   workdir unless ``write`` is False (evaluation never writes into a run).
+  ``n_classes`` (``model.n_classes``) bounds the classes of the training
+  files, as in :func:`read_labelled`.
 
   Raises:
     DataError: as :func:`read_labelled`, or an empty validation split.
   """
   if cfg.paths:
     texts, labels, names, skipped = read_labelled(
-      cfg.paths, cfg.text_field, cfg.label_field, cfg.bad_rows
+      cfg.paths, cfg.text_field, cfg.label_field, cfg.bad_rows, n_classes=n_classes
     )
     source = ", ".join(cfg.paths)
   else:

@@ -17,9 +17,10 @@ characters, outer whitespace stripped):
   separators are text, so they cannot misalign the files). Files with
   different line counts are a :class:`DataError` naming both files and counts.
 * :func:`read_text2text_jsonl`: one JSON object per line with an input field
-  and a target field (names configurable); the target is a string, or a
-  non-empty list of strings (several references; the first is the training
-  target). Blank lines are skipped.
+  and a target field (names configurable: ``data.source_field`` and
+  ``data.target_field`` in a run); the target is a string, or a non-empty list
+  of strings (several references; the first is the training target). Blank
+  lines are skipped.
 
 A bad row (an empty line on either side, invalid JSON, a missing, empty or
 non-string field) raises ``DataError("<file>:<line>: <problem>")``, or with
@@ -343,8 +344,13 @@ class PreparedText2Text:
     )
 
 
-def read_pairs(paths: Sequence[str], bad_rows: str = "error") -> tuple[TaskSplit, int]:
-  """Pairs from ``paths``: ``.jsonl`` files (``input``/``target`` fields), or
+def read_pairs(
+  paths: Sequence[str],
+  bad_rows: str = "error",
+  source_field: str = "input",
+  target_field: str = "target",
+) -> tuple[TaskSplit, int]:
+  """Pairs from ``paths``: ``.jsonl`` files (fields ``source_field``/``target_field``), or
   exactly two aligned text files (source, target).
 
   Raises:
@@ -352,12 +358,12 @@ def read_pairs(paths: Sequence[str], bad_rows: str = "error") -> tuple[TaskSplit
   """
   paths = tuple(paths)
   if paths and all(p.endswith(".jsonl") for p in paths):
-    return read_text2text_jsonl(paths, bad_rows=bad_rows)
+    return read_text2text_jsonl(paths, source_field, target_field, bad_rows)
   if len(paths) == 2 and not any(p.endswith(".jsonl") for p in paths):
     return read_parallel(paths[0], paths[1], bad_rows=bad_rows)
   raise DataError(
-    f"text-to-text data {list(paths)}: give .jsonl files with input/target "
-    "fields, or two aligned text files (source, target)"
+    f"text-to-text data {list(paths)}: give .jsonl files with {source_field}/{target_field} "
+    "fields (data.source_field/target_field), or two aligned text files (source, target)"
   )
 
 
@@ -366,7 +372,8 @@ def prepare_text2text(
 ) -> PreparedText2Text:
   """Reads, tokenises and splits the text-to-text data of ``cfg`` (a DataConfig).
 
-  ``cfg.paths``: the training pairs (:func:`read_pairs`); ``cfg.val_paths`` the validation
+  ``cfg.paths``: the training pairs (:func:`read_pairs`, JSON-lines fields
+  ``cfg.source_field``/``cfg.target_field``); ``cfg.val_paths`` the validation
   pairs, else every ``1/val_fraction``-th pair is held out. The tokenizer is
   ``tokenizer``, else the workdir's (resuming; it must be of kind
   ``cfg.tokenizer``), else one of ``cfg.tokenizer`` trained on both sides of
@@ -380,12 +387,13 @@ def prepare_text2text(
   """
   if not cfg.paths:
     raise DataError(
-      "train.task='seq2seq' needs data: --data train.jsonl (input/target fields) "
-      "or two aligned files, and data.val_paths likewise"
+      "train.task='seq2seq' needs data: --data train.jsonl (fields named by "
+      "data.source_field/target_field) or two aligned files, and data.val_paths likewise"
     )
-  split, skipped = read_pairs(cfg.paths, cfg.bad_rows)
+  fields = (cfg.bad_rows, cfg.source_field, cfg.target_field)
+  split, skipped = read_pairs(cfg.paths, *fields)
   if cfg.val_paths:
-    val, val_skipped = read_pairs(cfg.val_paths, cfg.bad_rows)
+    val, val_skipped = read_pairs(cfg.val_paths, *fields)
     skipped += val_skipped
   else:
     kept, held = hold_out(cfg.val_fraction, *split, what="pairs")
