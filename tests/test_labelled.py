@@ -90,6 +90,15 @@ def test_jsonl_integer_and_string_labels_sort_numerically(tmp_path):
   np.testing.assert_array_equal(labels, [3, 2, 0, 1])
 
 
+def test_jsonl_lines_end_at_newline_only(tmp_path):
+  # A raw U+2028 inside a JSON string is text (str.splitlines would cut the object in two);
+  # CRLF endings are fine.
+  rows = [{"text": "one\u2028line", "label": 1}, {"text": "two", "label": 0}]
+  path = _write(tmp_path / "a.jsonl", "\r\n".join(json.dumps(r, ensure_ascii=False) for r in rows))
+  texts, labels, _, _ = read_labelled(path, "text", "label")
+  assert texts == ["one\u2028line", "two"] and labels.tolist() == [1, 0]
+
+
 BAD_ROWS = [  # (suffix, the bad line 3, expected problem)
   (".tsv", "\t1", "missing text"),
   (".tsv", "some text\t", "missing label"),
