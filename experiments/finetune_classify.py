@@ -147,7 +147,7 @@ def classify_run(
   return workdir
 
 
-def predict(workdir: str, rows: data.LabelledRows, batch_size: int = 64) -> np.ndarray:
+def predict(workdir: str, rows: data.ExampleRows, batch_size: int = 64) -> np.ndarray:
   """Class predictions ``int32[N]`` of a classification run's latest checkpoint."""
   run = load_run(workdir)
   apply = jax.jit(
@@ -164,7 +164,7 @@ def predict(workdir: str, rows: data.LabelledRows, batch_size: int = 64) -> np.n
 
 def dev_rows(
   workdir: str, labelled: dict[str, Any], seq_len: int
-) -> tuple[data.LabelledRows, np.ndarray]:
+) -> tuple[data.ExampleRows, np.ndarray]:
   """The validation rows, tokenised with the run's own tokenizer."""
   tokenizer = data.load_tokenizer(workdir)
   texts, labels = labelled["dev_texts"], labelled["dev_labels"]

@@ -10,7 +10,7 @@ the same run, prints sample outputs beside their references and writes a results
   python -m experiments.seq2seq --task translate --fast       # seconds (CI)
 
 Data: ``../shared/data`` (``--root``), with the fixed splits of
-``llm_mp.data.text2text``. Baselines: translation copies the source (BLEU of the German
+``experiments/datasets.py``. Baselines: translation copies the source (BLEU of the German
 sentence against the English reference); summarisation takes the article's first three
 sentences (lead-3); question answering returns the context sentence sharing most words with
 the question. Writes ``results.json`` and ``results.md`` to ``--out``.
@@ -29,6 +29,7 @@ from typing import Any, Sequence
 import jax.numpy as jnp
 import numpy as np
 
+from experiments import datasets
 from llm_mp import text_metrics
 from llm_mp.config import apply_overrides, get_preset
 from llm_mp.data import text2text
@@ -131,7 +132,7 @@ def run(args) -> dict[str, Any]:
   os.makedirs(os.path.join(args.out, "data"), exist_ok=True)
   t0 = time.perf_counter()
   splits = {
-    s: text2text.load_task_data(args.task, s, args.root) for s in ("train", "validation", "test")
+    s: datasets.load_task_data(args.task, s, args.root) for s in ("train", "validation", "test")
   }
   if args.fast:
     splits = {k: text2text.TaskSplit(*(x[:64] for x in v)) for k, v in splits.items()}
@@ -221,11 +222,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
     prog="python -m experiments.seq2seq", description=__doc__.split("\n\n")[0]
   )
-  parser.add_argument("--task", required=True, choices=text2text.TASKS)
+  parser.add_argument("--task", required=True, choices=datasets.TASKS)
   parser.add_argument("--preset", default="seq2seq_tiny")
   parser.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=list(PRECISIONS))
   parser.add_argument("--beam", type=int, default=4)
-  parser.add_argument("--root", default=text2text.DEFAULT_ROOT, help="the data directory")
+  parser.add_argument("--root", default=datasets.DEFAULT_ROOT, help="the data directory")
   parser.add_argument("--out", default=None, help="default runs/seq2seq_<task>")
   parser.add_argument("--fast", action="store_true", help="64 examples, 3 steps (CI)")
   parser.add_argument("overrides", nargs="*", metavar="section.field=value")

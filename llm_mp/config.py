@@ -282,6 +282,8 @@ class DataConfig:
   text_field: str = "text"  # column / key holding the text ("sentence" for SST-2)
   label_field: str = "label"  # column / key holding the class (0..n_classes-1 or a name)
   bad_rows: str = "error"  # a row without text or with an unknown label: "error" or "skip"
+  source_field: str = "input"  # seq2seq .jsonl: key holding the source ("article" for BBC)
+  target_field: str = "target"  # seq2seq .jsonl: key holding the target (a string or a list)
 
   def __post_init__(self):
     s = "data"

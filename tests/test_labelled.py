@@ -8,16 +8,20 @@ import numpy as np
 import pytest
 
 from llm_mp.classification import bow_logistic_regression, classification_metrics
+from llm_mp.config import DataConfig
 from llm_mp.data import (
   ByteTokenizer,
   DataError,
+  ExampleRows,
   builtin_labelled,
   encode_labelled,
-  make_labelled_eval_iterator,
-  make_labelled_train_iterator,
+  ordered_batches,
+  prepare_labelled,
   read_labelled,
+  shuffled_batches,
 )
 from llm_mp.data import labelled as labelled_lib
+from llm_mp.data.examples import hold_out
 
 SST2 = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "sst2")
 BYTE = ByteTokenizer()
@@ -86,6 +90,15 @@ def test_jsonl_integer_and_string_labels_sort_numerically(tmp_path):
   np.testing.assert_array_equal(labels, [3, 2, 0, 1])
 
 
+def test_jsonl_lines_end_at_newline_only(tmp_path):
+  # A raw U+2028 inside a JSON string is text (str.splitlines would cut the object in two);
+  # CRLF endings are fine.
+  rows = [{"text": "one\u2028line", "label": 1}, {"text": "two", "label": 0}]
+  path = _write(tmp_path / "a.jsonl", "\r\n".join(json.dumps(r, ensure_ascii=False) for r in rows))
+  texts, labels, _, _ = read_labelled(path, "text", "label")
+  assert texts == ["one\u2028line", "two"] and labels.tolist() == [1, 0]
+
+
 BAD_ROWS = [  # (suffix, the bad line 3, expected problem)
   (".tsv", "\t1", "missing text"),
   (".tsv", "some text\t", "missing label"),
@@ -152,6 +165,46 @@ def test_file_level_errors(tmp_path):
     read_labelled(header_only, "sentence", "label", bad_rows="drop")
 
 
+def test_a_label_beyond_n_classes_names_its_file_and_line(tmp_path):
+  # model.n_classes=2 and a stray third label on line 5: the error points at that row, where
+  # the training loop could only say that there are 3 classes.
+  path = _write(tmp_path / "a.tsv", "sentence\tlabel\na\t0\nb\t1\nc\t1\nd\t2\ne\t0\n")
+  with pytest.raises(
+    DataError,
+    match=rf"^{path}:5: label '2' makes 3 classes, more than model.n_classes=2 "
+    r"\(the others: \('0', '1'\)\)",
+  ):
+    read_labelled(path, "sentence", "label", n_classes=2)
+  texts, labels, names, skipped = read_labelled(
+    path, "sentence", "label", bad_rows="skip", n_classes=2
+  )
+  assert (texts, labels.tolist(), names, skipped) == (
+    ["a", "b", "c", "e"],
+    [0, 1, 1, 0],
+    ("0", "1"),
+    1,
+  )
+  assert read_labelled(path, "sentence", "label", n_classes=3)[2] == ("0", "1", "2")
+
+
+def test_training_a_classifier_on_a_stray_label_names_its_file_and_line(tmp_path):
+  from llm_mp.config import apply_overrides, get_preset  # pylint: disable=import-outside-toplevel
+  from llm_mp.train import prepare_task_data  # pylint: disable=import-outside-toplevel
+
+  path = _write(
+    tmp_path / "a.jsonl",
+    "".join(
+      json.dumps({"text": t, "label": y}) + "\n"
+      for t, y in (("good", "pos"), ("bad", "neg"), ("meh", "mixed"))
+    ),
+  )
+  config = apply_overrides(
+    get_preset("encoder_tiny"), ["train.task=classify", "model.n_classes=2", f"data.paths={path}"]
+  )
+  with pytest.raises(DataError, match=rf"^{path}:3: label 'mixed' makes 3 classes"):
+    prepare_task_data(config, str(tmp_path / "run"))
+
+
 @pytest.mark.skipif(not os.path.isdir(SST2), reason="../shared/data/sst2 not present")
 def test_reads_sst2_train_and_dev():
   # Counts from `wc -l` minus the header and `cut -f2 | sort | uniq -c` (see SOURCES.md).
@@ -188,8 +241,8 @@ def test_encode_labelled_adds_bos_eos_truncates_and_pads():
     rows["positions"], [[0, 1, 2, 3, 0], [0, 1, 2, 3, 4], [0, 1, 2, 3, 4], [0, 1, 0, 0, 0]]
   )
   np.testing.assert_array_equal(rows["labels"], [1, 0, 1, 0])
-  assert n_truncated == rows.truncated == 1
-  assert len(rows) == 4 and rows.seq_len == 5
+  assert n_truncated == rows.truncated["inputs"] == 1
+  assert len(rows) == 4 and rows["inputs"].shape[1] == 5
   assert list(rows) == list(rows.keys()) == list(dict(rows)) == list(labelled_lib.FIELDS)
   assert all(rows[k].dtype == np.int32 for k in rows)
   with pytest.raises(ValueError, match="seq_len=1 must be >= 2"):
@@ -221,7 +274,7 @@ def _assert_batches_equal(a, b):
 
 
 def test_train_iterator_shapes_epochs_and_exact_resume(rows):
-  it = make_labelled_train_iterator(rows, B, seed=5, process_index=0, process_count=1)
+  it = shuffled_batches(rows, B, seed=5, process_index=0, process_count=1)
   batches = _take(it, 10)  # 80 rows: two full epochs of 37 and a part of the third
   for b in batches:
     assert {k: (v.dtype, v.shape) for k, v in b.items()} == {
@@ -235,38 +288,64 @@ def test_train_iterator_shapes_epochs_and_exact_resume(rows):
   for epoch in epochs:  # every epoch is a permutation of all rows, each reshuffled
     np.testing.assert_array_equal(np.unique(epoch, axis=0), np.unique(rows["inputs"], axis=0))
   assert not np.array_equal(*epochs)
-  again = make_labelled_train_iterator(rows, B, seed=5, process_index=0, process_count=1)
+  again = shuffled_batches(rows, B, seed=5, process_index=0, process_count=1)
   _assert_batches_equal(_take(again, 10), batches)
 
-  it = make_labelled_train_iterator(rows, B, seed=5, process_index=0, process_count=1)
+  it = shuffled_batches(rows, B, seed=5, process_index=0, process_count=1)
   _take(it, 4)
   state = json.loads(json.dumps(it.get_state()))  # what a checkpoint would store
-  restored = make_labelled_train_iterator(rows, B, seed=5, process_index=0, process_count=1)
+  restored = shuffled_batches(rows, B, seed=5, process_index=0, process_count=1)
   restored.set_state(state)
   _assert_batches_equal(_take(restored, 6), batches[4:])
 
 
 def test_eval_iterator_is_ordered_and_pads_with_label_minus_one(rows):
-  batches = list(make_labelled_eval_iterator(rows, B, process_index=0, process_count=1))
+  batches = list(ordered_batches(rows, B, process_index=0, process_count=1))
   assert len(batches) == 5  # ceil(37 / 8)
   got = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
   for k in got:
     np.testing.assert_array_equal(got[k][:37], rows[k])
   assert (got["labels"][37:] == -1).all() and (got["segment_ids"][37:] == 0).all()
   assert (got["inputs"][37:] == PAD).all() and (got["positions"][37:] == 0).all()
-  assert (
-    len(list(make_labelled_eval_iterator(rows, B, max_batches=2, process_index=0, process_count=1)))
-    == 2
-  )
+  assert len(list(ordered_batches(rows, B, max_batches=2, process_index=0, process_count=1))) == 2
 
 
 def test_processes_get_disjoint_slices_of_the_global_batch(rows):
-  for make, n in ((make_labelled_train_iterator, 6), (make_labelled_eval_iterator, 5)):
+  for make, n in ((shuffled_batches, 6), (ordered_batches, 5)):
     whole = _take(make(rows, B, process_index=0, process_count=1), n)
     parts = [_take(make(rows, B, process_index=i, process_count=4), n) for i in range(4)]
     assert all(b["labels"].shape == (B // 4,) for p in parts for b in p)
     joined = [{k: np.concatenate([p[j][k] for p in parts]) for k in whole[j]} for j in range(n)]
     _assert_batches_equal(joined, whole)
+
+
+def test_example_rows_reject_inconsistent_arrays_and_gather_fill_values():
+  arrays = {"inputs": np.arange(6).reshape(3, 2), "labels": np.array([1, 0, 1])}
+  rows = ExampleRows(arrays, {"inputs": 9, "labels": -1})
+  batch = rows.gather(np.array([2, -1, 3]))
+  np.testing.assert_array_equal(batch["inputs"], [[4, 5], [9, 9], [9, 9]])
+  np.testing.assert_array_equal(batch["labels"], [1, -1, -1])
+  with pytest.raises(ValueError, match="inconsistent example arrays"):
+    ExampleRows({**arrays, "labels": np.array([1, 0])}, {"inputs": 9, "labels": -1})
+  with pytest.raises(ValueError, match="fill values for"):
+    ExampleRows(arrays, {"inputs": 9})
+
+
+def test_hold_out_takes_every_kth_example_or_says_there_is_none():
+  texts, labels = list("abcdefghij"), list(range(10))
+  (kept_t, kept_y), (held_t, held_y) = hold_out(0.25, texts, labels)  # every 4th
+  assert (held_t, held_y) == (["d", "h"], [3, 7]) and kept_t == list("abcefgij")
+  assert hold_out(0.9, texts)[1] == (list("bdfhj"),)  # at least every 2nd
+  for fraction in (0.0, 0.5):
+    with pytest.raises(DataError, match=rf"no validation examples: .*val_fraction={fraction}"):
+      hold_out(fraction, texts[:1])
+
+
+def test_prepared_builtin_data_keeps_its_content_hash(tmp_path):
+  # Pinned: a run resumed after a change of the data code must find the same hash.
+  prepared = prepare_labelled(DataConfig(seq_len=32), str(tmp_path), write=False)
+  assert prepared.sha256 == "4c13c0e3ff879e3325c1f1592f8a3975a49c910f2d77e5dc8d65b2799ccfa226"
+  assert not os.listdir(tmp_path)  # write=False
 
 
 # ---------------------------------------------------------------- the built-in set

@@ -19,8 +19,7 @@ import pytest
 
 from llm_mp import tasks
 from llm_mp.config import apply_overrides, get_preset
-from llm_mp.data import ByteTokenizer
-from llm_mp.data.pipeline import ordered_batches, shuffled_batches
+from llm_mp.data import ByteTokenizer, ordered_batches, shuffled_batches
 from llm_mp.inference import evaluate_run, predict_run
 from llm_mp.metrics import read_metrics
 from llm_mp.tasks.base import LM_BATCH_AXES, TaskData, TaskSpec

@@ -1,5 +1,5 @@
-"""Text-to-text data and metrics: readers and bad input, the fixed task splits, teacher-forcing
-rows, resumable iterators, BLEU/ROUGE/SQuAD EM-F1 against hand computations, lead-3."""
+"""Text-to-text data and metrics: readers and bad input, field options, teacher-forcing rows,
+resumable iterators, BLEU/ROUGE/SQuAD EM-F1 against hand computations, lead-3."""
 
 import json
 import math
@@ -8,14 +8,13 @@ import os
 import numpy as np
 import pytest
 
-from llm_mp.data import ByteTokenizer, DataError
+from llm_mp.config import DataConfig
+from llm_mp.data import ByteTokenizer, DataError, ordered_batches, shuffled_batches
 from llm_mp.data import text2text as t2t
 from llm_mp.text_metrics import bleu, lead3, normalize_answer, rouge, sentences, squad_em_f1
 
-DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
 BYTE = ByteTokenizer()
 PAD, BOS, EOS = BYTE.pad_id, BYTE.bos_id, BYTE.eos_id
-needs_data = pytest.mark.skipif(not os.path.isdir(DATA), reason="../shared/data is absent")
 
 
 def _write(path, data):
@@ -108,78 +107,35 @@ def test_jsonl_bad_rows_name_file_and_line_or_are_skipped(tmp_path, line, proble
   assert (split.inputs, split.targets, skipped) == (["i", "i"], ["t", "t"], 1)
 
 
-# ---------------------------------------------------------------- the three tasks
+def test_a_run_reads_jsonl_fields_named_in_the_config(tmp_path):
+  # {"article", "summary"} rows need no conversion: data.source_field / data.target_field.
+  rows = [{"article": f"article {i}", "summary": f"summary {i}"} for i in range(10)]
+  path = _write(tmp_path / "a.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+  cfg = DataConfig(
+    paths=(path,), source_field="article", target_field="summary", val_fraction=0.2, seq_len=16
+  )
+  prepared = t2t.prepare_text2text(cfg, str(tmp_path / "run"))
+  assert prepared.val_split.inputs == ["article 4", "article 9"]  # every 5th pair held out
+  assert prepared.val_split.targets == ["summary 4", "summary 9"] and len(prepared.train) == 8
+  with pytest.raises(DataError, match=rf"^{path}:1: missing field 'input'"):
+    t2t.prepare_text2text(DataConfig(paths=(path,)), str(tmp_path / "run2"))
+  with pytest.raises(DataError, match=r"give .jsonl files with article/summary fields"):
+    t2t.read_pairs([path, str(tmp_path / "b.txt")], source_field="article", target_field="summary")
 
 
-@needs_data
-def test_task_splits_have_the_documented_sizes_and_are_disjoint():
-  # Computed once from the files and pinned (also documented in llm_mp/data/text2text.py).
-  sizes = {
-    "translate": (29_000, 1_014, 1_000),
-    "summarize": (1_765, 244, 216),
-    "qa": (8_391, 601, 1_578),
-  }
-  loaded = {task: {s: t2t.load_task_data(task, s, DATA) for s in t2t.SPLITS} for task in sizes}
-  for task, expected in sizes.items():
-    got = tuple(len(loaded[task][s].inputs) for s in t2t.SPLITS)
-    assert got == expected == tuple(t2t.SPLIT_SIZES[task][s] for s in t2t.SPLITS), task
-    for split in loaded[task].values():
-      assert len(split.targets) == len(split.references) == len(split.inputs)
-      assert all(r[0] == t for r, t in zip(split.references, split.targets))
-  first = loaded["translate"]["train"]
-  assert first.inputs[0] == "Zwei junge weiße Männer sind im Freien in der Nähe vieler Büsche."
-  assert first.targets[0] == "Two young, White males are outside near many bushes."
-  # SQuAD 10,570 questions with 34,726 gold answers in all; no paragraph in two splits.
-  qa = loaded["qa"]
-  assert sum(len(r) for s in qa.values() for r in s.references) == 34_726
-  contexts = {s: {x.split(" context: ", 1)[1] for x in qa[s].inputs} for s in qa}
-  assert not contexts["train"] & contexts["test"] and not contexts["validation"] & (
-    contexts["train"] | contexts["test"]
+def test_prepared_pairs_keep_their_content_hash_and_check_the_run_tokenizer(tmp_path):
+  path = _write(
+    tmp_path / "a.jsonl",
+    "".join(
+      json.dumps({"input": f"frage {i}", "target": [f"a{i}", f"b{i}"]}) + "\n" for i in range(50)
+    ),
   )
-  assert (
-    qa["test"]
-    .inputs[0]
-    .startswith(
-      "question: What was Maria Curie the first female "
-      "recipient of? context: One of the most famous"
-    )
-  )
-  assert qa["test"].references[0] == ["Nobel Prize"] * 3
-  # BBC: duplicate articles stay on one side; summaries get their sentence spaces back.
-  bbc = loaded["summarize"]
-  articles = {s: set(bbc[s].inputs) for s in bbc}
-  assert not articles["train"] & articles["test"] and not articles["validation"] & (
-    articles["train"] | articles["test"]
-  )
-  assert len(bbc["train"].inputs) - len(articles["train"]) > 0  # duplicates exist, in train
-  assert "from $10.9bn. For the full-year" in bbc["test"].targets[0]
-
-
-def test_fix_summary_spacing_uses_the_article():
-  article = (
-    'Title\n\nProfits rose to $10.9bn. For the year, fine.\n\nHe said it "went well". '
-    'Sales at the U.S. unit grew. Markets were "tuned". The end. Analysts were calm. '
-    '"I think so," he said.'
-  )
-  summary = (
-    'Profits rose to $10.9bn.For the year, fine.He said it "went well".Sales at the '
-    'U.S. unit grew.Analysts were calm."I think so," he said.'
-  )
-  assert t2t.fix_summary_spacing(summary, article) == (
-    'Profits rose to $10.9bn. For the year, fine. He said it "went well". Sales at the '
-    'U.S. unit grew. Analysts were calm. "I think so," he said.'
-  )
-
-
-def test_load_task_data_rejects_unknown_names(tmp_path):
-  with pytest.raises(ValueError, match=r"task='mt' must be one of"):
-    t2t.load_task_data("mt", "train", str(tmp_path))
-  with pytest.raises(ValueError, match=r"split='dev' must be one of"):
-    t2t.load_task_data("qa", "dev", str(tmp_path))
-  with pytest.raises(ValueError, match=r"direction='de-fr' must be"):
-    t2t.load_task_data("translate", "test", str(tmp_path), direction="de-fr")
-  with pytest.raises(DataError, match=r"parallel source file not found: .*test_2016_flickr\.en"):
-    t2t.load_task_data("translate", "test", str(tmp_path), direction="en-de")
+  run = str(tmp_path / "run")
+  prepared = t2t.prepare_text2text(DataConfig(paths=(path,), val_paths=(path,), seq_len=16), run)
+  # Pinned: a run resumed after a change of the data code must find the same hash.
+  assert prepared.sha256 == "7dbd843e64025198c2e632cb28a07de457ec615334b8ceec39f7e67b83fd31f8"
+  with pytest.raises(DataError, match=r"holds a byte tokenizer but data.tokenizer='bpe'"):
+    t2t.prepare_text2text(DataConfig(paths=(path,), tokenizer="bpe"), run)
 
 
 # ---------------------------------------------------------------- tokenizers and rows
@@ -196,8 +152,8 @@ def test_rows_by_hand():
   np.testing.assert_array_equal(rows["decoder_inputs"], [[BOS, x, y], [BOS, q, PAD]])
   np.testing.assert_array_equal(rows["decoder_segment_ids"], [[1, 1, 1], [1, 1, 0]])
   assert all(rows[k].dtype == np.int32 for k in t2t.FIELDS)
-  assert (rows.truncated_sources, rows.truncated_targets) == (1, 1)
-  assert (len(rows), rows.source_len, rows.target_len) == (2, 5, 3)
+  assert rows.truncated == {"inputs": 1, "targets": 1}
+  assert (len(rows), rows["inputs"].shape[1], rows["targets"].shape[1]) == (2, 5, 3)
   with pytest.raises(ValueError, match=r"2 sources but 1 targets"):
     t2t.encode_text2text(["a", "b"], ["c"], BYTE, BYTE, 4, 4)
   with pytest.raises(ValueError, match=r"source_len=0 and target_len=4 must be >= 1"):
@@ -239,12 +195,12 @@ def _rows(n=7):
 
 def test_train_iterator_resumes_exactly_and_slices_by_process():
   rows = _rows()
-  it = t2t.make_text2text_train_iterator(rows, 4, seed=3)
+  it = shuffled_batches(rows, 4, seed=3)
   for _ in range(2):
     next(it)
   state = it.get_state()
   expected = [next(it) for _ in range(4)]  # crosses epoch boundaries (7 rows, 4 per batch)
-  resumed = t2t.make_text2text_train_iterator(rows, 4, seed=3)
+  resumed = shuffled_batches(rows, 4, seed=3)
   resumed.set_state(json.loads(json.dumps(state)))
   for want in expected:
     got = next(resumed)
@@ -253,10 +209,9 @@ def test_train_iterator_resumes_exactly_and_slices_by_process():
       np.testing.assert_array_equal(got[k], want[k])
   assert expected[0]["inputs"].shape == (4, 6) and expected[0]["targets"].shape == (4, 8)
   # Two processes' slices concatenate to the global batch.
-  full = next(t2t.make_text2text_train_iterator(rows, 4, seed=3))
+  full = next(shuffled_batches(rows, 4, seed=3))
   halves = [
-    next(t2t.make_text2text_train_iterator(rows, 4, seed=3, process_index=p, process_count=2))
-    for p in range(2)
+    next(shuffled_batches(rows, 4, seed=3, process_index=p, process_count=2)) for p in range(2)
   ]
   for k in t2t.FIELDS:
     np.testing.assert_array_equal(np.concatenate([h[k] for h in halves]), full[k])
@@ -264,7 +219,7 @@ def test_train_iterator_resumes_exactly_and_slices_by_process():
 
 def test_eval_iterator_is_ordered_and_padded():
   rows = _rows(5)
-  batches = list(t2t.make_text2text_eval_iterator(rows, 2))
+  batches = list(ordered_batches(rows, 2))
   assert len(batches) == 3
   for k in t2t.FIELDS:
     got = np.concatenate([b[k] for b in batches])
@@ -274,7 +229,7 @@ def test_eval_iterator_is_ordered_and_padded():
   np.testing.assert_array_equal(last["segment_ids"][1], 0)
   np.testing.assert_array_equal(last["decoder_segment_ids"][1], 0)
   np.testing.assert_array_equal(last["inputs"][1], PAD)
-  assert len(list(t2t.make_text2text_eval_iterator(rows, 2, max_batches=2))) == 2
+  assert len(list(ordered_batches(rows, 2, max_batches=2))) == 2
 
 
 # ---------------------------------------------------------------- metrics
@@ -342,13 +297,3 @@ def test_lead3_by_hand():
     'First sentence, with 3.5 numbers. He said "stop." Then we left!'
   )
   assert lead3("One line only", skip_title=True) == ""
-
-
-@needs_data
-def test_lead3_rouge_on_the_bbc_test_split():
-  # The summarisation baseline, pinned (computed once; reported in the seq2seq docs).
-  test = t2t.load_task_data("summarize", "test", DATA)
-  got = rouge([lead3(a, skip_title=True) for a in test.inputs], test.targets)
-  expected = {"rouge1": 45.254, "rouge2": 36.564, "rougeL": 35.466}
-  for k, v in expected.items():
-    assert got[k] == pytest.approx(v, abs=1e-3), k  # pinned to 3 decimals

@@ -23,14 +23,16 @@ API:
   :func:`default_corpus`: documents and a :class:`CorpusSummary`.
 * :class:`Tokenizer`, :class:`ByteTokenizer`, :class:`BpeTokenizer`,
   :func:`build_tokenizer`, :func:`load_tokenizer`.
-* :func:`read_labelled`, :func:`encode_labelled`, :class:`LabelledRows`,
-  :func:`make_labelled_train_iterator`, :func:`make_labelled_eval_iterator`,
-  :func:`builtin_labelled`, :func:`prepare_labelled`: labelled text for classification
-  (:mod:`llm_mp.data.labelled`).
-* :func:`load_task_data`, :func:`read_parallel`, :func:`read_text2text_jsonl`,
-  :func:`build_text2text_tokenizers`, :func:`encode_text2text`, :class:`Text2TextRows`,
-  :func:`make_text2text_train_iterator`, :func:`make_text2text_eval_iterator`,
-  :class:`TaskSplit`: text-to-text pairs for encoder-decoder runs (:mod:`llm_mp.data.text2text`).
+* :func:`read_labelled`, :func:`encode_labelled`, :func:`builtin_labelled`,
+  :func:`prepare_labelled`: labelled text for classification (:mod:`llm_mp.data.labelled`).
+* :func:`read_parallel`, :func:`read_text2text_jsonl`, :func:`build_text2text_tokenizers`,
+  :func:`encode_text2text`, :func:`prepare_text2text`, :class:`TaskSplit`: text-to-text
+  pairs for encoder-decoder runs (:mod:`llm_mp.data.text2text`).
+* :class:`ExampleRows`, :func:`shuffled_batches` ``(rows, batch_size, seed=0, *,
+  process_index=None, process_count=None)``, :func:`ordered_batches` ``(rows,
+  batch_size, max_batches=None, *, ...)``: the rows of labelled and text-to-text
+  examples and the training / evaluation batches of any row source
+  (:mod:`llm_mp.data.examples`, which also holds what the example readers share).
 * :func:`mlm_mask`, :func:`maskable_tokens`: BERT's masked-LM corruption
   (80% [MASK] = the pad id, 10% random, 10% kept), on device in the step.
 * :func:`split_documents`, :func:`build_token_shards`, :class:`TokenSplit`,
@@ -41,14 +43,12 @@ one-line message naming the file.
 """
 
 from llm_mp.data.corpus import CorpusSummary, clean_documents, load_corpus, read_documents
+from llm_mp.data.examples import ExampleRows, ordered_batches, shuffled_batches
 from llm_mp.data.files import DataError
 from llm_mp.data.labelled import (
-  LabelledRows,
   PreparedLabelled,
   builtin_labelled,
   encode_labelled,
-  make_labelled_eval_iterator,
-  make_labelled_train_iterator,
   prepare_labelled,
   read_labelled,
 )
@@ -58,14 +58,12 @@ from llm_mp.data.pipeline import PreparedData, make_eval_iterator, make_train_it
 from llm_mp.data.shards import TokenShards, TokenSplit, build_token_shards, split_documents
 from llm_mp.data.stdlib_corpus import default_corpus
 from llm_mp.data.text2text import (
+  PreparedText2Text,
   TaskSplit,
-  Text2TextRows,
   build_text2text_tokenizers,
   encode_text2text,
-  load_task_data,
   load_text2text_tokenizers,
-  make_text2text_eval_iterator,
-  make_text2text_train_iterator,
+  prepare_text2text,
   read_parallel,
   read_text2text_jsonl,
   save_text2text_tokenizers,
@@ -83,12 +81,12 @@ __all__ = [
   "ByteTokenizer",
   "CorpusSummary",
   "DataError",
-  "LabelledRows",
+  "ExampleRows",
   "PackedRows",
   "PreparedData",
   "PreparedLabelled",
+  "PreparedText2Text",
   "TaskSplit",
-  "Text2TextRows",
   "TokenShards",
   "TokenSplit",
   "Tokenizer",
@@ -101,23 +99,21 @@ __all__ = [
   "encode_labelled",
   "encode_text2text",
   "load_corpus",
-  "load_task_data",
   "load_text2text_tokenizers",
   "load_tokenizer",
   "make_eval_iterator",
-  "make_labelled_eval_iterator",
-  "make_labelled_train_iterator",
-  "make_text2text_eval_iterator",
-  "make_text2text_train_iterator",
   "make_train_iterator",
   "maskable_tokens",
   "mlm_mask",
+  "ordered_batches",
   "prepare_data",
   "prepare_labelled",
+  "prepare_text2text",
   "read_documents",
   "read_labelled",
   "read_parallel",
   "read_text2text_jsonl",
   "save_text2text_tokenizers",
+  "shuffled_batches",
   "split_documents",
 ]

@@ -1,12 +1,12 @@
-"""Labelled text for classification: readers, fixed-length rows, iterators, a built-in set.
+"""Labelled text for classification: the reader, fixed-length rows, a built-in set.
 
-Typical use by a fine-tuning loop::
+Typical use by a fine-tuning loop (batches from :mod:`llm_mp.data.examples`)::
 
   texts, labels, names, skipped = read_labelled(cfg.data.paths, cfg.data.text_field,
                                                 cfg.data.label_field, cfg.data.bad_rows)
   dev_texts, dev_labels, _, _ = read_labelled(dev_paths, ..., labels=names)
   train, n_truncated = encode_labelled(texts, labels, tokenizer, cfg.data.seq_len)
-  train_it = make_labelled_train_iterator(train, batch_size, seed)
+  train_it = shuffled_batches(train, batch_size, seed)
   batch = next(train_it)  # {"inputs", "segment_ids", "positions"}: int32[B, T]; "labels": int32[B]
 
 File formats (chosen by suffix; each file is UTF-8, a leading byte-order mark is dropped):
@@ -15,18 +15,19 @@ File formats (chosen by suffix; each file is UTF-8, a leading byte-order mark is
   and never quoted (``csv.QUOTE_NONE``), as GLUE ships SST-2: a ``"`` is text.
 * ``.csv``: a header row, then rows in the ``csv`` module's default dialect
   (fields may be quoted, ``""`` is a quote, a quoted field may span lines).
-* ``.jsonl``: one JSON object per line; blank lines are skipped. A label may be
-  a string or an integer.
+* ``.jsonl``: one JSON object per line (lines end at ``\\n``); blank lines are
+  skipped. A label may be a string or an integer.
 
 Labels are names (strings). Without an explicit ``labels`` list, the classes
 are the sorted distinct labels read, numerically sorted when all are integers
 (so ``"0"``, ``"1"``, ``"10"``, ``"2"`` become classes 0, 1, 3, 2).
 
 A bad row (text missing or empty after cleaning, label missing or empty, a
-label not in ``labels``, a wrong number of fields, a line that is not a JSON
-object) raises a :class:`DataError` ``"<file>:<line>: <problem>"``, or with
-``bad_rows="skip"`` is dropped and counted. A header without the text or the
-label column is always an error: skipping would silently drop the whole file.
+label not in ``labels``, a label that would make more than ``n_classes``
+classes, a wrong number of fields, a line that is not a JSON object) raises a
+:class:`DataError` ``"<file>:<line>: <problem>"``, or with ``bad_rows="skip"``
+is dropped and counted. A header without the text or the label column is
+always an error: skipping would silently drop the whole file.
 
 :func:`builtin_labelled` is a small generated sentiment set that needs no
 download, for tests and as the default when no labelled files are given.
@@ -40,27 +41,30 @@ import functools
 import hashlib
 import io
 import itertools
-import json
 import os
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 
-import grain
 import numpy as np
 
 from llm_mp.config import DataConfig
-from llm_mp.data.corpus import _decode, clean_text
+from llm_mp.data.corpus import clean_text
+from llm_mp.data.examples import (
+  BadRow,
+  ExampleRows,
+  collect_examples,
+  examples_sha256,
+  hold_out,
+  jsonl_examples,
+  read_text,
+  run_tokenizer,
+)
 from llm_mp.data.files import DataError
-from llm_mp.data.pipeline import _run_tokenizer, ordered_batches, shuffled_batches
 from llm_mp.data.tokenizer import Tokenizer
 
 SUFFIXES = (".tsv", ".csv", ".jsonl")
 FIELDS = ("inputs", "segment_ids", "positions", "labels")
 _INTEGER = re.compile(r"[+-]?\d+")
-
-
-class _BadRow(Exception):
-  """A problem with one row; turned into a DataError or a skip by the caller."""
 
 
 # ---------------------------------------------------------------- reading
@@ -75,25 +79,25 @@ def _label_text(value: object) -> str:
   elif value is None:
     label = ""
   else:
-    raise _BadRow(f"label {value!r} is not a string or an integer")
+    raise BadRow(f"label {value!r} is not a string or an integer")
   if not label:
-    raise _BadRow("missing label")
+    raise BadRow("missing label")
   return label
 
 
 def _example(text: object, label: object, text_field: str) -> tuple[str, str]:
   """A cleaned ``(text, label name)`` from raw field values."""
   if text is not None and not isinstance(text, str):
-    raise _BadRow(f"field {text_field!r} is not a string: {text!r}")
+    raise BadRow(f"field {text_field!r} is not a string: {text!r}")
   cleaned, _ = clean_text(text or "")
   if not cleaned:
-    raise _BadRow(f"missing text (field {text_field!r} is absent or empty)")
+    raise BadRow(f"missing text (field {text_field!r} is absent or empty)")
   return cleaned, _label_text(label)
 
 
 def _table_rows(
   path: str, text: str, text_field: str, label_field: str
-) -> Iterator[tuple[int, tuple[str, str] | _BadRow]]:
+) -> Iterator[tuple[int, tuple[str, str] | BadRow]]:
   """``(line, example or problem)`` for each row of a .tsv/.csv file with a header."""
   if path.endswith(".tsv"):
     reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t", quoting=csv.QUOTE_NONE)
@@ -117,7 +121,7 @@ def _table_rows(
     try:
       row = next(reader, None)
     except csv.Error as e:
-      yield start, _BadRow(f"unreadable row ({e})")
+      yield start, BadRow(f"unreadable row ({e})")
       return  # the reader cannot resynchronise after a csv error
     line = reader.line_num
     if row is None:
@@ -125,33 +129,12 @@ def _table_rows(
     if not row:
       continue  # a blank line
     if len(row) != len(header):
-      yield start, _BadRow(f"expected {len(header)} fields as in the header, found {len(row)}")
+      yield start, BadRow(f"expected {len(header)} fields as in the header, found {len(row)}")
       continue
     try:
       yield start, _example(row[i_text], row[i_label], text_field)
-    except _BadRow as e:
+    except BadRow as e:
       yield start, e
-
-
-def _jsonl_rows(
-  text: str, text_field: str, label_field: str
-) -> Iterator[tuple[int, tuple[str, str] | _BadRow]]:
-  """``(line, example or problem)`` for each non-blank line of a .jsonl file."""
-  for lineno, line in enumerate(text.splitlines(), 1):
-    if not line.strip():
-      continue
-    try:
-      record = json.loads(line)
-    except json.JSONDecodeError as e:
-      yield lineno, _BadRow(f"invalid JSON ({e.msg})")
-      continue
-    if not isinstance(record, dict):
-      yield lineno, _BadRow(f"expected a JSON object, found {type(record).__name__}")
-      continue
-    try:
-      yield lineno, _example(record.get(text_field), record.get(label_field), text_field)
-    except _BadRow as e:
-      yield lineno, e
 
 
 def _sorted_labels(names: set[str]) -> tuple[str, ...]:
@@ -161,12 +144,49 @@ def _sorted_labels(names: set[str]) -> tuple[str, ...]:
   return tuple(sorted(names))
 
 
+def _file_rows(
+  paths: tuple[str, ...],
+  text_field: str,
+  label_field: str,
+  labels: Sequence[str] | None,
+  n_classes: int | None,
+) -> Iterator[tuple[str, int, tuple[str, str] | BadRow]]:
+  """``(path, line, example or problem)`` for every row of ``paths``, labels checked."""
+  known = None if labels is None else {name: i for i, name in enumerate(labels)}
+  seen: dict[str, None] = {}  # the labels of good rows, in order of appearance
+  for path in paths:
+    if os.path.isfile(path) and not path.endswith(SUFFIXES):
+      raise DataError(f"{path}: unsupported file type (expected {', '.join(SUFFIXES)})")
+    text = read_text(path, "labelled data")  # raises when the file is missing
+    rows = (
+      jsonl_examples(text, lambda r: _example(r.get(text_field), r.get(label_field), text_field))
+      if path.endswith(".jsonl")
+      else _table_rows(path, text, text_field, label_field)
+    )
+    for line, example in rows:
+      if not isinstance(example, BadRow):
+        label = example[1]
+        if known is not None and label not in known:
+          example = BadRow(f"label {label!r} is not one of {tuple(known)}")
+        elif known is None and n_classes is not None and label not in seen:
+          if len(seen) == n_classes:
+            example = BadRow(
+              f"label {label!r} makes {n_classes + 1} classes, more than "
+              f"model.n_classes={n_classes} (the others: {tuple(seen)})"
+            )
+          else:
+            seen[label] = None
+      yield path, line, example
+
+
 def read_labelled(
   paths: str | Sequence[str],
   text_field: str,
   label_field: str,
   bad_rows: str = "error",
   labels: Sequence[str] | None = None,
+  *,
+  n_classes: int | None = None,
 ) -> tuple[list[str], np.ndarray, tuple[str, ...], int]:
   """Reads labelled examples from ``.tsv``/``.csv``/``.jsonl`` files, in the given order.
 
@@ -178,6 +198,9 @@ def read_labelled(
     labels: the class names in class order (e.g. the training set's names when
       reading a dev set); a label outside them is a bad row. None: the sorted
       distinct labels of these files (see the module docstring).
+    n_classes: without ``labels``, the most classes the files may hold
+      (``model.n_classes``): a row whose label would be one more class is a
+      bad row (``"<file>:<line>: label '2' makes 3 classes, ..."``). None: any number.
 
   Returns:
     ``(texts, label_ids, label_names, skipped)``: cleaned texts (NFC, no control
@@ -189,107 +212,26 @@ def read_labelled(
       offset), a header without the columns, a bad row when ``bad_rows="error"``
       (``"<file>:<line>: <problem>"``), or no examples at all.
   """
-  if bad_rows not in ("error", "skip"):
-    raise ValueError(f"data.bad_rows={bad_rows!r} must be 'error' or 'skip'")
   paths = (paths,) if isinstance(paths, str) else tuple(paths)
-  known = None if labels is None else {name: i for i, name in enumerate(labels)}
-  texts, names, skipped = [], [], 0
-  for path in paths:
-    if not os.path.isfile(path):
-      raise DataError(f"labelled data file not found: {path}")
-    if not path.endswith(SUFFIXES):
-      raise DataError(f"{path}: unsupported file type (expected {', '.join(SUFFIXES)})")
-    text = _decode(path)
-    rows = (
-      _jsonl_rows(text, text_field, label_field)
-      if path.endswith(".jsonl")
-      else _table_rows(path, text, text_field, label_field)
-    )
-    for line, example in rows:
-      if not isinstance(example, _BadRow) and known is not None and example[1] not in known:
-        example = _BadRow(f"label {example[1]!r} is not one of {tuple(known)}")
-      if isinstance(example, _BadRow):
-        if bad_rows == "error":
-          raise DataError(f"{path}:{line}: {example} (data.bad_rows='skip' skips such rows)")
-        skipped += 1
-        continue
-      texts.append(example[0])
-      names.append(example[1])
-  if not texts:
-    raise DataError(
-      f"no labelled examples in {', '.join(paths) or 'no files'} ({skipped} bad row(s) skipped)"
-    )
+  examples, skipped = collect_examples(
+    _file_rows(paths, text_field, label_field, labels, n_classes),
+    bad_rows,
+    ", ".join(paths) or "no files",
+    what="labelled examples",
+  )
+  names = [label for _, label in examples]
   label_names = tuple(labels) if labels is not None else _sorted_labels(set(names))
   index = {name: i for i, name in enumerate(label_names)}
+  texts = [text for text, _ in examples]
   return texts, np.array([index[n] for n in names], np.int32), label_names, skipped
 
 
-# ---------------------------------------------------------------- rows and iterators
-
-
-class LabelledRows:
-  """Tokenised examples as fixed-length rows, indexed like a dict of arrays.
-
-  ``rows["inputs"]``, ``rows.keys()``, ``for key in rows``, ``dict(rows)`` give
-  the arrays (also the batch keys): ``inputs``, ``segment_ids``, ``positions``:
-  ``np.int32[N, T]``; ``labels``: ``np.int32[N]``. But ``len(rows)`` is ``N``,
-  the number of examples, as for a grain data source. Attributes: ``pad_id``
-  and ``truncated`` (how many texts lost tokens to fit ``T``).
-  """
-
-  def __init__(self, arrays: Mapping[str, np.ndarray], pad_id: int, truncated: int = 0):
-    self._arrays = {k: np.asarray(arrays[k], np.int32) for k in FIELDS}
-    n, t = self._arrays["inputs"].shape
-    if (
-      n < 1
-      or any(self._arrays[k].shape != (n, t) for k in FIELDS[:3])
-      or (self._arrays["labels"].shape != (n,))
-    ):
-      shapes = {k: v.shape for k, v in self._arrays.items()}
-      raise ValueError(f"inconsistent labelled arrays: {shapes}")
-    self.pad_id = pad_id
-    self.truncated = truncated
-
-  def __getitem__(self, key: str) -> np.ndarray:
-    return self._arrays[key]
-
-  def __iter__(self) -> Iterator[str]:
-    return iter(self._arrays)
-
-  def __len__(self) -> int:
-    return len(self._arrays["labels"])
-
-  def keys(self):
-    return self._arrays.keys()
-
-  @property
-  def seq_len(self) -> int:
-    return self._arrays["inputs"].shape[1]
-
-  def gather(self, rows: np.ndarray) -> dict[str, np.ndarray]:
-    """Stacks examples into a batch.
-
-    Args:
-      rows: ``int[b]`` example indices; one outside ``[0, N)`` gives a padding
-        row: ``pad_id`` inputs, segment and position 0, label -1.
-
-    Returns:
-      ``{"inputs", "segment_ids", "positions"}``: ``int32[b, T]``, ``"labels"``: ``int32[b]``.
-    """
-    rows = np.asarray(rows, np.int64)
-    valid = (rows >= 0) & (rows < len(self))
-    idx = np.where(valid, rows, 0)
-    fill = {"inputs": self.pad_id, "segment_ids": 0, "positions": 0, "labels": -1}
-    out = {}
-    for k, v in self._arrays.items():
-      mask = valid if v.ndim == 1 else valid[:, None]
-      out[k] = np.where(mask, v[idx], fill[k]).astype(np.int32)
-    return out
+# ---------------------------------------------------------------- rows
 
 
 def encode_labelled(
   texts: Sequence[str], label_ids: Sequence[int] | np.ndarray, tokenizer: Tokenizer, seq_len: int
-) -> tuple[LabelledRows, int]:
+) -> tuple[ExampleRows, int]:
   """Tokenises examples into rows ``BOS tokens EOS pad...`` of ``seq_len`` tokens.
 
   Texts longer than ``seq_len - 2`` tokens are cut at the end so that BOS and
@@ -302,10 +244,12 @@ def encode_labelled(
     seq_len: ``T >= 2``.
 
   Returns:
-    ``(rows, n_truncated)``: a :class:`LabelledRows` whose ``inputs`` are
+    ``(rows, n_truncated)``: an :class:`ExampleRows` whose ``inputs`` are
     ``int32[N, T]`` ids, ``segment_ids`` 1 on BOS..EOS and 0 on padding,
     ``positions`` 0..len-1 on real tokens and 0 on padding, ``labels`` ``int32[N]``;
-    and how many texts were truncated (also ``rows.truncated``).
+    and how many texts were truncated (also ``rows.truncated["inputs"]``).
+    A padding row (:meth:`ExampleRows.gather` of index -1) has pad ids,
+    segment and position 0, label -1.
   """
   if seq_len < 2:
     raise ValueError(f"seq_len={seq_len} must be >= 2 (BOS and EOS)")
@@ -331,59 +275,8 @@ def encode_labelled(
     "positions": np.where(real, np.arange(seq_len), 0),
     "labels": labels,
   }
-  return LabelledRows(arrays, tokenizer.pad_id, truncated), truncated
-
-
-# One background thread: a batch is a numpy gather, more threads would contend for the GIL.
-_READ_OPTIONS = grain.ReadOptions(num_threads=1, prefetch_buffer_size=4)
-
-
-def make_labelled_train_iterator(
-  data: LabelledRows,
-  batch_size: int,
-  seed: int = 0,
-  *,
-  process_index: int | None = None,
-  process_count: int | None = None,
-) -> grain.DatasetIterator:
-  """An infinite iterator of training batches, shuffled differently in each epoch.
-
-  Args:
-    data: from :func:`encode_labelled`.
-    batch_size: global examples per batch, divisible by ``process_count``.
-    seed: shuffle seed in ``[0, 2**32)``.
-    process_index, process_count: as in :func:`llm_mp.data.make_train_iterator`;
-      each process gets its contiguous slice of every global batch.
-
-  Returns:
-    A grain ``DatasetIterator`` of ``{"inputs", "segment_ids", "positions"}``:
-    ``int32[B_local, T]`` and ``"labels"``: ``int32[B_local]``, with
-    ``get_state()``/``set_state()`` (JSON-able) for exact resumption. Batches
-    may span an epoch boundary.
-  """
-  return shuffled_batches(
-    data, batch_size, seed, process_index=process_index, process_count=process_count
-  )
-
-
-def make_labelled_eval_iterator(
-  data: LabelledRows,
-  batch_size: int,
-  max_batches: int | None = None,
-  *,
-  process_index: int | None = None,
-  process_count: int | None = None,
-) -> grain.DatasetIterator:
-  """One ordered pass over ``data``; the last batch is filled with padding rows.
-
-  Padding rows have label -1 and segment_ids 0 everywhere, so every batch has
-  the same shape and metrics that ignore label -1 count each example once.
-  Arguments and batches are as for :func:`make_labelled_train_iterator`;
-  ``max_batches`` stops early (None = all ``ceil(N / batch_size)`` batches).
-  """
-  return ordered_batches(
-    data, batch_size, max_batches, process_index=process_index, process_count=process_count
-  )
+  fill = {"inputs": tokenizer.pad_id, "segment_ids": 0, "positions": 0, "labels": -1}
+  return ExampleRows(arrays, fill, {"inputs": truncated}), truncated
 
 
 # ---------------------------------------------------------------- the built-in set
@@ -391,46 +284,16 @@ def make_labelled_eval_iterator(
 # A generated two-class sentiment set: "<subject> <verb> [<intensifier>] <adjective>[<tail>]",
 # labelled by the adjective's polarity. Only the adjective carries the label, so a model must
 # find it among varying neighbours and positions; dev sentences never occur in train.
-_SUBJECTS = (
-  "the film",
-  "this movie",
-  "the story",
-  "the acting",
-  "the script",
-  "the music",
-  "the ending",
-  "the cast",
-  "the plot",
-  "the dialogue",
-  "the director's work",
-  "the final scene",
+_SUBJECTS = tuple(
+  "the film|this movie|the story|the acting|the script|the music|the ending|the cast|the plot|"
+  "the dialogue|the director's work|the final scene".split("|")
 )
 _VERBS = ("is", "was", "feels", "seemed", "turned out")
 _INTENSIFIERS = ("", "very ", "really ", "quite ", "truly ")
 _ADJECTIVES = {
-  "negative": (
-    "bad",
-    "awful",
-    "boring",
-    "dull",
-    "weak",
-    "tedious",
-    "clumsy",
-    "ugly",
-    "lifeless",
-    "annoying",
-  ),
-  "positive": (
-    "good",
-    "great",
-    "wonderful",
-    "charming",
-    "funny",
-    "brilliant",
-    "moving",
-    "clever",
-    "beautiful",
-    "delightful",
+  "negative": tuple("bad awful boring dull weak tedious clumsy ugly lifeless annoying".split()),
+  "positive": tuple(
+    "good great wonderful charming funny brilliant moving clever beautiful delightful".split()
   ),
 }
 _TAILS = (
@@ -518,8 +381,8 @@ class PreparedLabelled:
   """
 
   tokenizer: Tokenizer
-  train: LabelledRows
-  val: LabelledRows
+  train: ExampleRows
+  val: ExampleRows
   label_names: tuple[str, ...]
   source: str
   skipped: int
@@ -529,30 +392,18 @@ class PreparedLabelled:
     return (
       f"labelled data: {self.source}; train {len(self.train):,} / val {len(self.val):,} "
       f"examples, classes {list(self.label_names)}, {self.skipped} bad row(s) skipped, "
-      f"truncated to {self.train.seq_len} tokens: "
-      f"{self.train.truncated + self.val.truncated}"
+      f"truncated to {self.train['inputs'].shape[1]} tokens: "
+      f"{self.train.truncated['inputs'] + self.val.truncated['inputs']}"
     )
 
 
-def _holdout(n: int, fraction: float) -> np.ndarray:
-  """bool[n]: a deterministic ``fraction`` of examples (every k-th) held out."""
-  if fraction <= 0:
-    return np.zeros(n, bool)
-  step = max(int(round(1 / fraction)), 2)
-  return np.arange(n) % step == step - 1
-
-
-def _examples_sha256(*splits: tuple[Sequence[str], np.ndarray]) -> str:
-  h = hashlib.sha256()
-  for texts, labels in splits:
-    for text, label in zip(texts, labels):
-      h.update(f"{int(label)}\t{text}\n".encode())
-    h.update(b"\0")
-  return h.hexdigest()
-
-
 def prepare_labelled(
-  cfg: DataConfig, workdir: str, tokenizer: Tokenizer | None = None, write: bool = True
+  cfg: DataConfig,
+  workdir: str,
+  tokenizer: Tokenizer | None = None,
+  write: bool = True,
+  *,
+  n_classes: int | None = None,
 ) -> PreparedLabelled:
   """Reads, tokenises and splits the labelled data of ``cfg`` for a run in ``workdir``.
 
@@ -562,13 +413,15 @@ def prepare_labelled(
   source run's, when fine-tuning), else the workdir's (resuming), else a new
   one of ``cfg.tokenizer`` built on the training texts; it is saved to the
   workdir unless ``write`` is False (evaluation never writes into a run).
+  ``n_classes`` (``model.n_classes``) bounds the classes of the training
+  files, as in :func:`read_labelled`.
 
   Raises:
     DataError: as :func:`read_labelled`, or an empty validation split.
   """
   if cfg.paths:
     texts, labels, names, skipped = read_labelled(
-      cfg.paths, cfg.text_field, cfg.label_field, cfg.bad_rows
+      cfg.paths, cfg.text_field, cfg.label_field, cfg.bad_rows, n_classes=n_classes
     )
     source = ", ".join(cfg.paths)
   else:
@@ -582,20 +435,12 @@ def prepare_labelled(
   elif not cfg.paths:
     val_texts, val_labels, _ = builtin_labelled("dev")
   else:
-    held = _holdout(len(texts), cfg.val_fraction)
-    val_texts = [t for t, h in zip(texts, held) if h]
-    val_labels = labels[held]
-    texts, labels = [t for t, h in zip(texts, held) if not h], labels[~held]
-  if not val_texts:
-    raise DataError(
-      f"no validation examples: set data.val_paths or data.val_fraction > 0 "
-      f"(data.val_fraction={cfg.val_fraction})"
-    )
-  if tokenizer is None:
-    tokenizer = _run_tokenizer(cfg, workdir, list(texts))
-  if write:
-    tokenizer.save(workdir)
+    (texts, labels), (val_texts, val_labels) = hold_out(cfg.val_fraction, texts, labels)
+  tokenizer = run_tokenizer(cfg, workdir, texts, tokenizer, write=write)
   train, _ = encode_labelled(texts, labels, tokenizer, cfg.seq_len)
   val, _ = encode_labelled(val_texts, val_labels, tokenizer, cfg.seq_len)
-  sha = _examples_sha256((texts, labels), (val_texts, val_labels))
+  sha = examples_sha256(
+    ((int(y), x) for x, y in zip(texts, labels)),
+    ((int(y), x) for x, y in zip(val_texts, val_labels)),
+  )
   return PreparedLabelled(tokenizer, train, val, names, source, skipped, sha)

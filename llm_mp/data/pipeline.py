@@ -25,28 +25,15 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any
 
 import grain
-import jax
-import numpy as np
 
 from llm_mp.config import DataConfig
 from llm_mp.data.corpus import CorpusSummary, load_corpus
-from llm_mp.data.files import DataError
+from llm_mp.data.examples import ordered_batches, run_tokenizer, shuffled_batches
 from llm_mp.data.packing import PackedRows
 from llm_mp.data.shards import TokenSplit, build_token_shards, corpus_sha256, split_documents
-from llm_mp.data.tokenizer import (
-  TOKENIZER_FILE,
-  ByteTokenizer,
-  Tokenizer,
-  build_tokenizer,
-  load_tokenizer,
-)
-
-# One background thread assembling a few batches ahead: rows are cheap numpy
-# slices of a memmap, and more threads would only contend for the GIL.
-_READ_OPTIONS = grain.ReadOptions(num_threads=1, prefetch_buffer_size=4)
+from llm_mp.data.tokenizer import ByteTokenizer, Tokenizer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,20 +76,6 @@ class PreparedData:
     )
 
 
-def _run_tokenizer(cfg: DataConfig, workdir: str, train_docs: list[str]) -> Tokenizer:
-  """The run directory's tokenizer if it has one (resume), else a new one."""
-  if not os.path.isfile(os.path.join(workdir, TOKENIZER_FILE)):
-    return build_tokenizer(cfg, train_docs)
-  tokenizer = load_tokenizer(workdir)
-  kind = "byte" if isinstance(tokenizer, ByteTokenizer) else "bpe"
-  if kind != cfg.tokenizer:
-    raise DataError(
-      f"{os.path.join(workdir, TOKENIZER_FILE)} holds a {kind} tokenizer but "
-      f"data.tokenizer={cfg.tokenizer!r}; use a new run directory"
-    )
-  return tokenizer
-
-
 def prepare_data(
   cfg: DataConfig, workdir: str, tokenizer: Tokenizer | None = None, write: bool = True
 ) -> PreparedData:
@@ -128,10 +101,7 @@ def prepare_data(
   """
   docs, summary = load_corpus(cfg)
   train_docs, val_docs = split_documents(docs, cfg.val_fraction)
-  if tokenizer is None:
-    tokenizer = _run_tokenizer(cfg, workdir, train_docs)
-  if write:
-    tokenizer.save(workdir)
+  tokenizer = run_tokenizer(cfg, workdir, train_docs, tokenizer, write=write)
   shards = build_token_shards(
     train_docs, val_docs, tokenizer, os.path.join(workdir, "data"), write=write
   )
@@ -147,63 +117,9 @@ def prepare_data(
   )
 
 
-def _local_slice(batch_size: int, process_index: int | None, process_count: int | None) -> slice:
-  """This process's rows of a global batch."""
-  index = jax.process_index() if process_index is None else process_index
-  count = jax.process_count() if process_count is None else process_count
-  if batch_size % count or not 0 <= index < count:
-    raise ValueError(
-      f"batch_size={batch_size} must be divisible by process_count={count}, "
-      f"and process_index={index} must be in [0, {count})"
-    )
-  local = batch_size // count
-  return slice(index * local, (index + 1) * local)
-
-
 def _rows(prepared: PreparedData, split: TokenSplit, seq_len: int | None) -> PackedRows:
   seq_len = prepared.config.seq_len if seq_len is None else seq_len
   return PackedRows(split, seq_len, prepared.tokenizer.pad_id)
-
-
-def _batches(rows: Any, index_batches: grain.MapDataset, local: slice) -> grain.DatasetIterator:
-  """Maps batches of global row indices to this process's stacked rows."""
-  batches = index_batches.map(lambda idx: rows.gather(np.asarray(idx)[local]))
-  return iter(batches.to_iter_dataset(_READ_OPTIONS))
-
-
-def shuffled_batches(
-  rows: Any,
-  batch_size: int,
-  seed: int = 0,
-  *,
-  process_index: int | None = None,
-  process_count: int | None = None,
-) -> grain.DatasetIterator:
-  """Infinite batches of any row source (``len(rows)`` and ``rows.gather(indices)``:
-  packed LM rows, labelled rows, text-to-text rows), reshuffled every epoch with
-  ``seed``; each process gets its contiguous slice of every global batch.
-  Deterministic and resumable (``get_state()``/``set_state()``)."""
-  local = _local_slice(batch_size, process_index, process_count)
-  order = grain.MapDataset.range(len(rows)).shuffle(seed=seed).repeat()
-  return _batches(rows, order.batch(batch_size, drop_remainder=True), local)
-
-
-def ordered_batches(
-  rows: Any,
-  batch_size: int,
-  max_batches: int | None = None,
-  *,
-  process_index: int | None = None,
-  process_count: int | None = None,
-) -> grain.DatasetIterator:
-  """One ordered pass over a row source (as :func:`shuffled_batches`); the last
-  batch is completed with the source's padding rows (``gather`` of index -1);
-  ``max_batches`` stops early (None = all ``ceil(len(rows) / batch_size)``)."""
-  local = _local_slice(batch_size, process_index, process_count)
-  n_batches = -(-len(rows) // batch_size)
-  if max_batches is not None:
-    n_batches = min(n_batches, max_batches)
-  return _batches(rows, grain.MapDataset.range(n_batches * batch_size).batch(batch_size), local)
 
 
 def make_train_iterator(

@@ -47,17 +47,19 @@ def classify_loss(model, variables, batch: Batch, rng):
 
 def prepare(config, workdir: str, tokenizer=None, write: bool = True):
   """The labelled examples of ``config.data`` (``llm_mp.data.labelled``)."""
-  return data.prepare_labelled(config.data, workdir, tokenizer=tokenizer, write=write)
+  return data.prepare_labelled(
+    config.data, workdir, tokenizer=tokenizer, write=write, n_classes=config.model.n_classes
+  )
 
 
 def train_batches(prepared, config):
   t = config.train
-  return data.make_labelled_train_iterator(prepared.train, t.batch_size, t.seed)
+  return data.shuffled_batches(prepared.train, t.batch_size, t.seed)
 
 
 def eval_batches(prepared, config, max_batches: int | None = None, split: str = "val"):
   rows = prepared.train if split == "train" else prepared.val
-  return data.make_labelled_eval_iterator(rows, config.train.batch_size, max_batches)
+  return data.ordered_batches(rows, config.train.batch_size, max_batches)
 
 
 def check(config, prepared) -> bool:

@@ -10,6 +10,7 @@ from typing import Mapping, Sequence
 import jax.numpy as jnp
 import numpy as np
 
+from llm_mp import data
 from llm_mp.data import text2text
 from llm_mp.seq2seq_decode import generate_seq2seq
 from llm_mp.tasks.base import TOKEN_AXES, Batch, TaskData, TaskSpec, apply_model, token_loss
@@ -61,12 +62,12 @@ def prepare(config, workdir: str, tokenizer=None, write: bool = True):
 
 def train_batches(prepared, config):
   t = config.train
-  return text2text.make_text2text_train_iterator(prepared.train, t.batch_size, t.seed)
+  return data.shuffled_batches(prepared.train, t.batch_size, t.seed)
 
 
 def eval_batches(prepared, config, max_batches: int | None = None, split: str = "val"):
   rows = prepared.train if split == "train" else prepared.val
-  return text2text.make_text2text_eval_iterator(rows, config.train.batch_size, max_batches)
+  return data.ordered_batches(rows, config.train.batch_size, max_batches)
 
 
 def on_files(config, paths: Sequence[str]):
