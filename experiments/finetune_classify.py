@@ -37,8 +37,9 @@ import numpy as np
 
 from llm_mp import data
 from llm_mp.classification import bow_logistic_regression, classification_metrics
-from llm_mp.config import apply_overrides, get_preset
+from llm_mp.config import apply_overrides
 from llm_mp.inference import load_run
+from llm_mp.presets import get_preset
 from llm_mp.train import train
 
 SST2 = "../shared/data/sst2"

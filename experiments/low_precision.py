@@ -30,10 +30,11 @@ from typing import Any, Sequence
 
 import jax
 
-from llm_mp.config import apply_overrides, get_preset
+from llm_mp.config import apply_overrides
 from llm_mp.inference import evaluate_run
 from llm_mp.lowrank_convert import svd_sweep
 from llm_mp.metrics import read_metrics
+from llm_mp.presets import get_preset
 from llm_mp.quantize import quantize_run
 from llm_mp.train import train
 

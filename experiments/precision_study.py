@@ -28,8 +28,9 @@ import statistics
 import time
 from typing import Any, Sequence
 
-from llm_mp.config import apply_overrides, get_preset
+from llm_mp.config import apply_overrides
 from llm_mp.metrics import read_metrics
+from llm_mp.presets import get_preset
 from llm_mp.train import train
 
 SETTINGS = {  # name -> overrides

@@ -30,9 +30,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from llm_mp import text_metrics
-from llm_mp.config import apply_overrides, get_preset
+from llm_mp.config import apply_overrides
 from llm_mp.data import text2text
 from llm_mp.inference import load_run
+from llm_mp.presets import get_preset
 from llm_mp.seq2seq_decode import generate_seq2seq
 from llm_mp.train import train
 

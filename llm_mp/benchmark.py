@@ -43,8 +43,9 @@ import numpy as np
 
 from llm_mp.allocator import MALLOC_ENV, tune_malloc
 from llm_mp.builder import build_recipe
-from llm_mp.config import PRESETS, apply_overrides, get_preset
+from llm_mp.config import apply_overrides
 from llm_mp.metrics import flops_per_token, params_without_positions
+from llm_mp.presets import PRESETS, get_preset
 from llm_mp.state import make_init_fn, param_count
 from llm_mp.step import make_train_step
 

@@ -17,7 +17,8 @@ import warnings
 from typing import Sequence
 
 from llm_mp.allocator import tune_malloc
-from llm_mp.config import PRESETS, Config, MeshConfig, apply_overrides, get_preset
+from llm_mp.config import MESH_AXES, Config, MeshConfig, apply_overrides
+from llm_mp.presets import PRESETS, get_preset
 
 _OVERRIDE = re.compile(r"^(model|optim|data|train|mesh)\.\w+=")
 
@@ -29,8 +30,8 @@ def parse_mesh(text: str) -> MeshConfig:
     if "=" not in part:
       raise ValueError(f"--mesh entry {part!r} is not of the form axis=size")
     axis, size = part.split("=", 1)
-    if axis not in ("data", "fsdp", "tensor"):
-      raise ValueError(f"--mesh axis {axis!r} is not one of data, fsdp, tensor")
+    if axis not in MESH_AXES:
+      raise ValueError(f"--mesh axis {axis!r} is not one of {', '.join(MESH_AXES)}")
     try:
       sizes[axis] = int(size)
     except ValueError:
@@ -136,7 +137,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-  from llm_mp.config import describe  # pylint: disable=import-outside-toplevel
+  from llm_mp.config_docs import describe  # pylint: disable=import-outside-toplevel
 
   print(describe(get_preset(args.preset) if args.preset else Config()))
   return 0

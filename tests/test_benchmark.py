@@ -8,7 +8,8 @@ import numpy as np
 
 from llm_mp import allocator, benchmark, cli
 from llm_mp.builder import build_recipe
-from llm_mp.config import apply_overrides, get_preset
+from llm_mp.config import apply_overrides
+from llm_mp.presets import get_preset
 from llm_mp.state import make_init_fn
 from llm_mp.step import make_train_step
 

@@ -69,6 +69,7 @@ from typing import Any, NamedTuple
 import grain
 import numpy as np
 
+from llm_mp.config import TOKENIZERS
 from llm_mp.data.corpus import _decode, clean_text
 from llm_mp.data.files import DataError
 from llm_mp.data.pipeline import ordered_batches, shuffled_batches
@@ -394,8 +395,8 @@ def build_text2text_tokenizers(
   Both kinds have the same special ids (pad 0/256, bos 1/257, eos 2/258), so a
   decoder's BOS and EOS do not depend on the choice.
   """
-  if kind not in ("bpe", "byte"):
-    raise ValueError(f"kind={kind!r} must be 'bpe' or 'byte'")
+  if kind not in TOKENIZERS:
+    raise ValueError(f"kind={kind!r} is not one of {list(TOKENIZERS)}")
   if kind == "byte":
     return ByteTokenizer(), ByteTokenizer()
   if shared:
