@@ -168,7 +168,7 @@ def cmd_lowrank(args: argparse.Namespace) -> int:
 
 
 def cmd_diagnose(args: argparse.Namespace) -> int:
-  from llm_mp import numerics  # pylint: disable=import-outside-toplevel
+  from llm_mp import numerics, numerics_plot  # pylint: disable=import-outside-toplevel
 
   policies = tuple(p.strip() for p in args.policies.split(",") if p.strip())
   report = numerics.diagnose_run(
@@ -178,7 +178,7 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     precision=args.precision,
     policies=policies,
   )
-  written = numerics.write_report(report, args.out or args.workdir)
+  written = numerics_plot.write_report(report, args.out or args.workdir)
   if written["note"]:
     print(f"llm-mp diagnose: {written['note']}; wrote only {written['json']}", file=sys.stderr)
   print(json.dumps({k: v for k, v in written.items() if k != "note"}, sort_keys=True))
