@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from llm_mp.numerics import FORMATS, format_range
+from llm_mp.format_ranges import FORMATS, format_range
 
 _PLOT_HINT = (
   "matplotlib is not installed: the figure needs the plots extra "
