@@ -396,7 +396,7 @@ def build_text2text_tokenizers(
   decoder's BOS and EOS do not depend on the choice.
   """
   if kind not in TOKENIZERS:
-    raise ValueError(f"kind={kind!r} is not one of {list(TOKENIZERS)}")
+    raise ValueError(f"kind={kind!r} must be one of {list(TOKENIZERS)}")
   if kind == "byte":
     return ByteTokenizer(), ByteTokenizer()
   if shared:
