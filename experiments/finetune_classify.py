@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
-import statistics
 import time
 from typing import Any, Sequence
 
@@ -35,9 +33,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments import common
 from llm_mp import data
 from llm_mp.classification import bow_logistic_regression, classification_metrics
-from llm_mp.config import apply_overrides, get_preset
+from llm_mp.config import apply_overrides
+from llm_mp.presets import get_preset
 from llm_mp.rundir import load_run
 from llm_mp.train import train
 
@@ -90,13 +90,10 @@ def _common(setting: Setting, precision: str, scale: str, seed: int, steps: int)
     *setting.model,
     f"precision.policy={precision}",
     f"precision.loss_scale={scale}",
+    *common.quiet_run(steps, log_points=20),
     f"train.seed={seed}",
-    f"train.steps={steps}",
     f"data.seq_len={setting.seq_len}",
     f"train.batch_size={setting.batch_size}",
-    f"train.log_every={max(steps // 20, 1)}",
-    f"train.eval_every={steps}",
-    f"train.ckpt_every={steps}",
     "train.eval_batches=1000",
     f"optim.warmup_steps={max(steps // 10, 1)}",
   ]
@@ -201,10 +198,6 @@ def _labelled(args) -> dict[str, Any]:
   }
 
 
-def _mean_spread(values: list[float]) -> tuple[float, float]:
-  return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
 def run(args) -> dict[str, Any]:
   """Runs the whole study; returns the results dict written to results.json."""
   setting = FAST if args.fast else Setting()
@@ -244,7 +237,7 @@ def run(args) -> dict[str, Any]:
         scores.append(classification_metrics(predict(workdir, rows), gold, labelled["n_classes"]))
       key = f"{pname}, {mode}"
       results["runs"][key] = {
-        m: _mean_spread([s[m] for s in scores]) for m in ("accuracy", "macro_f1")
+        m: common.mean_sd([s[m] for s in scores]) for m in ("accuracy", "macro_f1")
       }
       results["runs"][key]["per_seed"] = scores
       print(f"{key}: {results['runs'][key]}", flush=True)
@@ -320,11 +313,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   if bool(args.train) != bool(args.dev):
     parser.error("--train and --dev go together")
   results = run(args)
-  with open(os.path.join(args.out, "results.json"), "w", encoding="utf-8") as f:
-    json.dump(results, f, indent=1)
   md = table(results)
-  with open(os.path.join(args.out, "results.md"), "w", encoding="utf-8") as f:
-    f.write(md + "\n")
+  common.write_results(args.out, results, md, {**vars(args), "setting": results["setting"]})
   try:
     plot(results, os.path.join(args.out, "results.png"))
   except ImportError:

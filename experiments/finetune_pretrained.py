@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import time
 from typing import Any, Sequence
 
+from experiments import common
 from llm_mp import hf
 from llm_mp.config import apply_overrides
 from llm_mp.inference import evaluate_run
@@ -63,12 +63,8 @@ def run(args) -> dict[str, Any]:
       source,
       [
         f"precision.policy={precision}",
-        f"train.steps={args.steps}",
+        *common.quiet_run(args.steps, log_points=10),
         f"train.init_from={os.path.abspath(base)}",
-        "train.sample_tokens=0",
-        f"train.eval_every={args.steps}",
-        f"train.ckpt_every={args.steps}",
-        f"train.log_every={max(args.steps // 10, 1)}",
         f"optim.lr={args.lr}",
         f"optim.warmup_steps={max(args.steps // 10, 1)}",
         f"train.batch_size={args.batch_size}",
@@ -125,11 +121,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   if args.fast:
     args.steps = 3
   results = run(args)
-  with open(os.path.join(args.out, "results.json"), "w", encoding="utf-8") as f:
-    json.dump(results, f, indent=1)
   md = table(results)
-  with open(os.path.join(args.out, "results.md"), "w", encoding="utf-8") as f:
-    f.write(md + "\n")
+  common.write_results(args.out, results, md, vars(args))
   print(md)
   print(f"total {results['seconds']} s; written to {args.out}")
   return 0

@@ -22,7 +22,6 @@ The reading of the measured results is in docs/low_precision.md.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
@@ -30,10 +29,12 @@ from typing import Any, Sequence
 
 import jax
 
-from llm_mp.config import apply_overrides, get_preset
+from experiments import common
+from llm_mp.config import apply_overrides
 from llm_mp.inference import evaluate_run
 from llm_mp.lowrank_convert import svd_sweep
 from llm_mp.metrics import read_metrics
+from llm_mp.presets import get_preset
 from llm_mp.quantize import quantize_run
 from llm_mp.train import train
 
@@ -71,10 +72,6 @@ FAST = (
 )
 
 
-def _slug(name: str) -> str:
-  return "".join(ch if ch.isalnum() else "_" for ch in name).strip("_")
-
-
 def _directory_bytes(path: str) -> int:
   return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
 
@@ -83,18 +80,13 @@ def train_setting(name: str, steps: int, out: str, data: Sequence[str], override
   """Trains one setting; returns (its workdir, its metrics records)."""
   ov = [
     *SETTINGS[name],
-    f"train.steps={steps}",
-    f"train.log_every={max(steps // 30, 1)}",
-    f"train.eval_every={steps}",
-    f"train.ckpt_every={steps}",
+    *common.quiet_run(steps),
     "train.keep_checkpoints=1",
     "train.eval_batches=16",
-    "train.sample_tokens=0",
     *overrides,
+    *common.data_paths(data),
   ]
-  if data:
-    ov.append(f"data.paths={','.join(os.path.abspath(p) for p in data)}")
-  workdir = os.path.join(out, _slug(name))
+  workdir = os.path.join(out, common.slug(name))
   train(apply_overrides(get_preset("tiny"), ov), workdir, verbose=False)
   return workdir, read_metrics(workdir)
 
@@ -120,7 +112,7 @@ def post_training(reference: str, out: str, ranks: Sequence[int]) -> dict[str, d
   """Weight-only int8/int4 and truncated-SVD conversions of the reference run."""
   rows = {}
   for to in PTQ:
-    q = quantize_run(reference, to, os.path.join(out, f"{_slug(REFERENCE)}-{to}"))
+    q = quantize_run(reference, to, os.path.join(out, f"{common.slug(REFERENCE)}-{to}"))
     after = evaluate_run(q["out"])
     rows[f"{REFERENCE} -> weight-only {to}"] = {
       "val_loss": after["val_loss"],
@@ -220,7 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     workdir, curves[name] = train_setting(name, args.steps, args.out, args.data, overrides)
     trained[name] = summarise_run(workdir, curves[name])
     print(f"{name}: {trained[name]}", flush=True)
-  reference = os.path.join(args.out, _slug(REFERENCE))
+  reference = os.path.join(args.out, common.slug(REFERENCE))
   results = {
     "device": jax.default_backend(),
     "steps": args.steps,
@@ -230,10 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   }
   results["seconds"] = round(time.perf_counter() - t0, 1)
   md = markdown(results)
-  with open(os.path.join(args.out, "results.json"), "w", encoding="utf-8") as f:
-    json.dump(results, f, indent=1)
-  with open(os.path.join(args.out, "results.md"), "w", encoding="utf-8") as f:
-    f.write(md + "\n")
+  common.write_results(args.out, results, md, {**vars(args), "overrides": overrides})
   try:
     plot(curves, results, args.out)
   except ImportError:

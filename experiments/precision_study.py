@@ -22,14 +22,15 @@ results is in docs/precision.md.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
 from typing import Any, Sequence
 
-from llm_mp.config import apply_overrides, get_preset
+from experiments import common
+from llm_mp.config import apply_overrides
 from llm_mp.metrics import read_metrics
+from llm_mp.presets import get_preset
 from llm_mp.train import train
 
 SETTINGS = {  # name -> overrides
@@ -73,27 +74,17 @@ def run_setting(
   ov = [
     *setup_overrides,
     *SETTINGS[name],
-    f"train.steps={steps}",
+    *common.quiet_run(steps),
     f"train.seed={seed}",
-    f"train.log_every={max(steps // 30, 1)}",
-    f"train.eval_every={steps}",
-    f"train.ckpt_every={steps}",
     "train.eval_batches=16",
-    "train.sample_tokens=0",
     "train.layer_metrics=true",
     *overrides,
+    *common.data_paths(data),
   ]
-  if data:
-    ov.append(f"data.paths={','.join(os.path.abspath(p) for p in data)}")
   config = apply_overrides(get_preset(preset), ov)
-  slug = "".join(ch if ch.isalnum() else "_" for ch in name).strip("_")
-  workdir = os.path.join(out, f"{slug}_seed{seed}")
+  workdir = os.path.join(out, f"{common.slug(name)}_seed{seed}")
   train(config, workdir, verbose=False)
   return read_metrics(workdir)
-
-
-def _mean_sd(values: list[float]) -> tuple[float, float]:
-  return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def summarise(runs: dict[str, list[list[dict]]]) -> dict[str, dict[str, Any]]:
@@ -103,10 +94,10 @@ def summarise(runs: dict[str, list[list[dict]]]) -> dict[str, dict[str, Any]]:
   for name, seeds in runs.items():
     last = [r[-1] for r in seeds]
     table[name] = {
-      "loss": _mean_sd([x["loss"] for x in last]),
-      "val_loss": _mean_sd([x["val_loss"] for x in last]),
-      "skipped_steps": _mean_sd([float(x["skipped_steps"]) for x in last]),
-      "grad_zero_fraction": _mean_sd(
+      "loss": common.mean_sd([x["loss"] for x in last]),
+      "val_loss": common.mean_sd([x["val_loss"] for x in last]),
+      "skipped_steps": common.mean_sd([float(x["skipped_steps"]) for x in last]),
+      "grad_zero_fraction": common.mean_sd(
         [statistics.mean(x["grad_zero_fraction"] for x in r) for r in seeds]
       ),
     }
@@ -208,21 +199,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"{name}: {summarise({name: runs[name]})[name]}", flush=True)
   table = summarise(runs)
   md = markdown(table, args.seeds)
-  with open(os.path.join(args.out, "results.json"), "w", encoding="utf-8") as f:
-    json.dump(
-      {
-        "setup": args.setup,
-        "steps": args.steps,
-        "seeds": args.seeds,
-        "overrides": overrides,
-        "table": table,
-        "seconds": round(time.perf_counter() - t0, 1),
-      },
-      f,
-      indent=1,
-    )
-  with open(os.path.join(args.out, "results.md"), "w", encoding="utf-8") as f:
-    f.write(md + "\n")
+  results = {
+    "setup": args.setup,
+    "steps": args.steps,
+    "seeds": args.seeds,
+    "overrides": overrides,
+    "table": table,
+    "seconds": round(time.perf_counter() - t0, 1),
+  }
+  common.write_results(args.out, results, md, {**vars(args), "overrides": overrides})
   try:
     plot(runs, args.out)
   except ImportError:

@@ -29,10 +29,11 @@ from typing import Any, Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from experiments import datasets
+from experiments import common, datasets
 from llm_mp import text_metrics
-from llm_mp.config import apply_overrides, get_preset
+from llm_mp.config import apply_overrides
 from llm_mp.data import text2text
+from llm_mp.presets import get_preset
 from llm_mp.rundir import load_run
 from llm_mp.seq2seq_decode import generate_seq2seq
 from llm_mp.train import train
@@ -157,19 +158,15 @@ def run(args) -> dict[str, Any]:
       get_preset(args.preset),
       [
         f"precision.policy={PRECISIONS[name]}",
-        f"train.steps={setting.steps}",
+        *common.quiet_run(setting.steps, log_points=20),
         f"data.seq_len={setting.seq_len}",
         f"data.target_len={setting.target_len}",
         f"model.max_len={max(setting.seq_len, 64)}",
         "data.tokenizer=bpe",
         f"data.bpe_vocab_size={setting.vocab}",
         f"model.vocab_size={setting.vocab}",
-        f"train.eval_every={setting.steps}",
-        f"train.ckpt_every={setting.steps}",
-        f"train.log_every={max(setting.steps // 20, 1)}",
         "train.eval_batches=20",
         "train.batch_size=32",
-        "train.sample_tokens=0",
         f"optim.warmup_steps={max(setting.steps // 20, 1)}",
         *args.overrides,
       ],
@@ -233,11 +230,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = parser.parse_args(argv)
   args.out = args.out or os.path.join("runs", f"seq2seq_{args.task}")
   results = run(args)
-  with open(os.path.join(args.out, "results.json"), "w", encoding="utf-8") as f:
-    json.dump(results, f, indent=1, ensure_ascii=False)
   md = table(results)
-  with open(os.path.join(args.out, "results.md"), "w", encoding="utf-8") as f:
-    f.write(md + "\n")
+  common.write_results(args.out, results, md, {**vars(args), "setting": results["setting"]})
   print(md)
   print(f"total {results['seconds']} s; written to {args.out}")
   return 0

@@ -3,7 +3,8 @@
 The supported API, from the bottom layer up::
 
   config     Config, ModelConfig, OptimConfig, DataConfig, TrainConfig, MeshConfig,
-             get_preset, apply_overrides
+             apply_overrides
+  presets    get_preset
   precision  Precision, make_precision, precision_report
   models     TransformerLM (and blocks in llm_mp.models)
   optim      make_optimizer; loss scales in llm_mp.loss_scale
@@ -30,13 +31,13 @@ from llm_mp.config import (
   OptimConfig,
   TrainConfig,
   apply_overrides,
-  get_preset,
 )
 from llm_mp.generate import generate_text, sample_logits
 from llm_mp.loss_scale import DynamicLossScale, NoOpLossScale, StaticLossScale, make_loss_scale
 from llm_mp.models import TransformerLM
 from llm_mp.optim import make_optimizer
 from llm_mp.precision import Precision, make_precision, precision_report
+from llm_mp.presets import get_preset
 from llm_mp.rundir import load_run
 from llm_mp.state import TrainState, make_init_fn
 from llm_mp.step import cross_entropy, make_eval_step, make_train_step

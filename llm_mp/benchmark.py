@@ -1,4 +1,4 @@
-"""Train-step throughput benchmark: times llm_mp's own ``train_step``; prints JSON.
+"""Train-step throughput of one config: times llm_mp's own ``train_step``; prints JSON.
 
 Times the step users train with on one fixed batch of random tokens (numpy
 seed 0, as the PyTorch reference ``shared/bench/torch_gpt.py``), after
@@ -8,13 +8,10 @@ tokens/s, MFU with the reference's formula, init and compile seconds, peak
 device memory, precision, attention implementation, device and versions.
 
   llm-mp bench                                      # GPT-2 124M bf16 on GPU, nanogpt_cpu on CPU
-  python -m experiments.benchmark --preset nanogpt_cpu --precision fp32   # the same, by module
   llm-mp bench --preset llama_1b --precision bf16 model.remat=dots
-  llm-mp bench --suite gpu                          # the GPU table (Markdown), < 8 minutes
 
-Expected: on an H100, bf16 >= 1.15x the torch.compile reference tokens/s;
-on 2 CPU cores, nanogpt_cpu fp32 at least as fast as torch eager (see
-docs/benchmarks.md for measured figures, dates and commands).
+The tables of docs/benchmarks.md (several presets against the reference) are
+``python -m experiments.benchmark --suite gpu|cpu``.
 
 On CPU, XLA allocates a step's temporaries as one block per call (44 MiB for
 nanogpt_cpu). glibc hands blocks above its mmap threshold (at most 32 MiB
@@ -32,8 +29,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
-import sys
 import time
 from typing import Sequence
 
@@ -43,8 +38,9 @@ import numpy as np
 
 from llm_mp.allocator import MALLOC_ENV, tune_malloc
 from llm_mp.builder import build_recipe
-from llm_mp.config import PRESETS, apply_overrides, get_preset
+from llm_mp.config import apply_overrides
 from llm_mp.metrics import flops_per_token, params_without_positions
+from llm_mp.presets import PRESETS, get_preset
 from llm_mp.state import make_init_fn, param_count
 from llm_mp.step import make_train_step
 
@@ -155,91 +151,10 @@ def run(
   }
 
 
-# name -> (preset, precision, overrides); the GPU table of docs/benchmarks.md.
-SUITES = {
-  "gpu": [
-    ("gpt2_124m", "bf16", ()),
-    ("gpt2_124m", "fp16", ()),
-    ("gpt2_124m", "fp32", ()),
-    ("gpt2_350m", "bf16", ()),
-    ("llama_1b", "bf16", ("model.remat=dots",)),
-  ],
-  "cpu": [("nanogpt_cpu", "fp32", ()), ("tiny", "fp32", ()), ("tiny", "bf16", ())],
-}
-REFERENCE = "../shared/bench/torch_gpt.py"  # the PyTorch reference, where present
-REFERENCE_ARGS = {
-  "gpu": ("--precision", "bf16", "--compile"),
-  "cpu": (
-    "--device",
-    "cpu",
-    "--no-compile",
-    "--precision",
-    "fp32",
-    "--n_layer",
-    "4",
-    "--n_head",
-    "4",
-    "--n_embd",
-    "128",
-    "--block",
-    "64",
-    "--vocab",
-    "65",
-    "--batch",
-    "12",
-  ),
-}
-
-
-def run_reference(suite: str, path: str = REFERENCE) -> dict | None:
-  """The PyTorch reference's JSON (its last output line), or None without torch or the script."""
-  try:
-    import torch  # noqa: F401  # pylint: disable=import-outside-toplevel,unused-import
-  except ImportError:
-    return None
-  if not os.path.isfile(path):
-    return None
-  out = subprocess.run(
-    [sys.executable, path, *REFERENCE_ARGS[suite]], capture_output=True, text=True, check=True
-  )
-  return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def suite_table(suite: str, steps: int, warmup: int, reference: str = REFERENCE) -> str:
-  """Runs a suite and returns its Markdown table (tokens/s relative to the
-  reference when it ran in the same job)."""
-  rows, results = [], []
-  ref = run_reference(suite, reference)
-  if ref is not None:
-    _say(f"reference: {ref['tokens_per_s']:,.0f} tokens/s")
-  for preset, precision, overrides in SUITES[suite]:
-    r = run(preset, precision, overrides, steps, warmup)
-    print(json.dumps(r), flush=True)
-    results.append(r)
-    ratio = f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}" if ref else "-"
-    mfu = f"{r['mfu_spec']:.1%}" if r["mfu_spec"] else "-"
-    rows.append(
-      f"| llm_mp {preset} {precision} {' '.join(overrides)} | {r['ms_per_step']:.1f} | "
-      f"{r['tokens_per_s']:,.0f} | {ratio} | {mfu} | {r['init_s']:.1f} | "
-      f"{r['compile_s']:.1f} |"
-    )
-  head = [
-    "| run | ms/step | tokens/s | vs reference | MFU (spec) | init s | compile s |",
-    "|---|---|---|---|---|---|---|",
-  ]
-  if ref:
-    head.append(
-      f"| reference {' '.join(REFERENCE_ARGS[suite])} | {ref['ms_per_step']:.1f} | "
-      f"{ref['tokens_per_s']:,.0f} | 1.00 | - | - | - |"
-    )
-  device = results[0]["device"] if results else "?"
-  return "\n".join([f"device: {device}, jax {jax.__version__}", "", *head, *rows])
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-  """``llm-mp bench`` / ``python -m experiments.benchmark``."""
-  tune_malloc()
-  parser = argparse.ArgumentParser(prog="llm-mp bench", description=__doc__.split("\n\n")[0])
+def make_parser(prog: str = "llm-mp bench") -> argparse.ArgumentParser:
+  """The options of one timing: ``--preset``, ``--precision``, ``--steps``,
+  ``--warmup``, ``--repeats`` and ``section.field=value`` overrides."""
+  parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
   parser.add_argument(
     "--preset",
     default=None,
@@ -250,21 +165,21 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--steps", type=int, default=20, help="timed steps per repeat")
   parser.add_argument("--warmup", type=int, default=3, help="untimed steps after compilation")
   parser.add_argument("--repeats", type=int, default=1)
-  parser.add_argument(
-    "--suite",
-    choices=sorted(SUITES),
-    help="run a whole table (with the PyTorch reference when torch and "
-    f"{REFERENCE} are present) and print it as Markdown",
-  )
-  parser.add_argument("--reference", default=REFERENCE, help="path of torch_gpt.py")
   parser.add_argument("overrides", nargs="*", metavar="section.field=value")
-  args = parser.parse_args(argv)
-  if args.suite:
-    print(suite_table(args.suite, args.steps, args.warmup, args.reference))
-    return 0
+  return parser
+
+
+def run_args(args: argparse.Namespace) -> dict:
+  """:func:`run` for options parsed by :func:`make_parser`; an unset preset or
+  precision is the platform's default (gpt2_124m bf16 on GPU, nanogpt_cpu fp32 elsewhere)."""
   on_gpu = jax.devices()[0].platform == "gpu"
   preset = args.preset or ("gpt2_124m" if on_gpu else "nanogpt_cpu")
   precision = args.precision or ("bf16" if on_gpu else "fp32")
-  result = run(preset, precision, args.overrides, args.steps, args.warmup, args.repeats)
-  print(json.dumps(result))
+  return run(preset, precision, args.overrides, args.steps, args.warmup, args.repeats)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """``llm-mp bench``: times one preset; prints a line per phase, then the JSON."""
+  tune_malloc()
+  print(json.dumps(run_args(make_parser().parse_args(argv))))
   return 0

@@ -17,7 +17,8 @@ import warnings
 from typing import Sequence
 
 from llm_mp.allocator import tune_malloc
-from llm_mp.config import PRESETS, Config, MeshConfig, apply_overrides, get_preset
+from llm_mp.config import MESH_AXES, Config, MeshConfig, apply_overrides
+from llm_mp.presets import PRESETS, get_preset
 
 _OVERRIDE = re.compile(r"^(model|optim|data|train|mesh|precision)\.\w+=")
 
@@ -29,8 +30,8 @@ def parse_mesh(text: str) -> MeshConfig:
     if "=" not in part:
       raise ValueError(f"--mesh entry {part!r} is not of the form axis=size")
     axis, size = part.split("=", 1)
-    if axis not in ("data", "fsdp", "tensor"):
-      raise ValueError(f"--mesh axis {axis!r} is not one of data, fsdp, tensor")
+    if axis not in MESH_AXES:
+      raise ValueError(f"--mesh axis {axis!r} is not one of {', '.join(MESH_AXES)}")
     try:
       sizes[axis] = int(size)
     except ValueError:
@@ -145,7 +146,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-  from llm_mp.config import describe  # pylint: disable=import-outside-toplevel
+  from llm_mp.config_docs import describe  # pylint: disable=import-outside-toplevel
 
   print(describe(get_preset(args.preset) if args.preset else Config()))
   return 0
@@ -176,7 +177,7 @@ def cmd_lowrank(args: argparse.Namespace) -> int:
 
 
 def cmd_diagnose(args: argparse.Namespace) -> int:
-  from llm_mp import numerics  # pylint: disable=import-outside-toplevel
+  from llm_mp import numerics, numerics_plot  # pylint: disable=import-outside-toplevel
 
   policies = tuple(p.strip() for p in args.policies.split(",") if p.strip())
   report = numerics.diagnose_run(
@@ -186,7 +187,7 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     precision=args.precision,
     policies=policies,
   )
-  written = numerics.write_report(report, args.out or args.workdir)
+  written = numerics_plot.write_report(report, args.out or args.workdir)
   if written["note"]:
     print(f"llm-mp diagnose: {written['note']}; wrote only {written['json']}", file=sys.stderr)
   print(json.dumps({k: v for k, v in written.items() if k != "note"}, sort_keys=True))

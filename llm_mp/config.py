@@ -5,26 +5,26 @@ Every experiment is described by one :class:`Config` made of sections
 :class:`TrainConfig`, :class:`PrecisionConfig`, :class:`MeshConfig`). Each
 section validates itself on construction and raises ``ValueError`` naming the
 field and the bad value.
-Named presets live in :data:`PRESETS`; :func:`apply_overrides` applies dotted
-``section.field=value`` overrides and rejects unknown keys.
+:func:`apply_overrides` applies dotted ``section.field=value`` overrides and
+rejects unknown keys. Named configs are in :mod:`llm_mp.presets`, the generated
+reference of every field in :mod:`llm_mp.config_docs`.
 """
 
 from __future__ import annotations
 
-import ast
 import dataclasses
-import inspect
 import json
-import re
-import types
 import typing
 from typing import Any, Mapping, Sequence
+
+from llm_mp.config_values import check_value, parse_value
 
 NORMS = ("layernorm", "rmsnorm")
 # "relative": T5's bucketed relative position bias, added to self-attention logits.
 POSITIONS = ("learned", "rope", "sinusoidal", "relative", "none")
 # "gelu" is GPT-2's tanh approximation (HF "gelu_new"); "gelu_exact" is the erf form (HF "gelu").
-MLPS = ("gelu", "gelu_exact", "relu", "swiglu", "geglu")
+GATED_MLPS = ("swiglu", "geglu")  # act(x @ gate) * (x @ up): two input matrices
+MLPS = ("gelu", "gelu_exact", "relu", *GATED_MLPS)
 ROPE_SCALINGS = ("none", "linear", "llama3")  # HF rope_scaling "rope_type"s
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 REMAT_POLICIES = ("none", "dots", "full")
@@ -181,7 +181,7 @@ class ModelConfig:
   def ff_dim(self) -> int:
     if self.d_ff is not None:
       return self.d_ff
-    if self.mlp in ("swiglu", "geglu"):
+    if self.mlp in GATED_MLPS:
       # 8/3 d_model keeps the parameter count of a 4 d_model MLP; rounded up to a
       # multiple that tensor axes of 2, 4, ... divide (d_model=128: 341 -> 384).
       m = 256 if self.d_model >= 256 else 64
@@ -489,7 +489,7 @@ class Config:
         _check_keys(f.name, section_cls, values)
         hints = typing.get_type_hints(section_cls)
         kwargs[f.name] = section_cls(
-          **{k: _check_type(f"{f.name}.{k}", hints[k], v) for k, v in values.items()}
+          **{k: check_value(f"{f.name}.{k}", hints[k], v) for k, v in values.items()}
         )
     return cls(**kwargs)
 
@@ -501,108 +501,6 @@ def _check_keys(section: str, section_cls: type, values: Mapping[str, Any]) -> N
     raise ValueError(
       f"unknown key(s) {sorted(f'{section}.{k}' for k in unknown)}; known: {sorted(known)}"
     )
-
-
-def _type_name(tp: Any) -> str:
-  if typing.get_origin(tp) is not None or isinstance(tp, types.UnionType):
-    return str(tp).replace("typing.", "")
-  return getattr(tp, "__name__", str(tp))
-
-
-def _optional(tp: Any) -> tuple[Any, bool]:
-  """``int | None`` -> (int, True); ``int`` -> (int, False)."""
-  if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
-    args = [a for a in typing.get_args(tp) if a is not type(None)]
-    if len(args) == 1:
-      return args[0], len(args) < len(typing.get_args(tp))
-  return tp, False
-
-
-def _check_type(key: str, tp: Any, value: Any) -> Any:
-  """``value`` (from JSON or a preset) as field ``key``'s declared type ``tp``.
-
-  Ints are accepted for float fields (and become floats); lists for tuple
-  fields. Raises ValueError naming the field, its type and the value.
-  """
-  base, optional = _optional(tp)
-  if value is None and optional:
-    return None
-  bad = ValueError(f"{key}={value!r} is not of type {_type_name(tp)}")
-  if base is bool:
-    if not isinstance(value, bool):
-      raise bad
-  elif base is int:
-    if isinstance(value, bool) or not isinstance(value, int):
-      raise bad
-  elif base is float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-      raise bad
-    value = float(value)
-  elif base is str:
-    if not isinstance(value, str):
-      raise bad
-  elif typing.get_origin(base) is tuple:
-    if not isinstance(value, (list, tuple)):
-      raise bad
-    item = typing.get_args(base)[0]
-    if item is str and not all(isinstance(v, str) for v in value):
-      raise bad
-    value = tuple(value)
-  return value
-
-
-_TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
-
-
-def _parse_value(key: str, tp: Any, text: str) -> Any:
-  """Override text as field ``key``'s declared type ``tp``.
-
-  ``int``: '3', or an integral float such as '1e4'; ``float``: '1e-3';
-  ``bool``: true/false/1/0/yes/no; ``X | None``: also 'none'/'null'; ``str``:
-  the text as is ('none' is a loss-scale kind, not None); ``tuple[str, ...]``:
-  comma-separated ('' = empty) or a Python literal; ``mesh.rules``: a Python literal.
-
-  Raises ValueError naming the field, its type and the text.
-  """
-  base, optional = _optional(tp)
-  if optional and text.strip().lower() in ("none", "null"):
-    return None
-  bad = ValueError(f"{key}={text!r} is not of type {_type_name(tp)}")
-  if base is bool:
-    low = text.strip().lower()
-    if low not in _TRUE + _FALSE:
-      raise bad
-    return low in _TRUE
-  if base is int:
-    try:
-      return int(text)
-    except ValueError:
-      pass
-    try:
-      x = float(text)
-    except ValueError:
-      raise bad from None
-    if not x.is_integer():
-      raise bad
-    return int(x)
-  if base is float:
-    try:
-      return float(text)
-    except ValueError:
-      raise bad from None
-  if base is str:
-    return text
-  if (
-    typing.get_origin(base) is tuple
-    and typing.get_args(base)[0] is str
-    and not text.lstrip().startswith(("(", "["))
-  ):  # a literal: ('a.txt', 'b,c.txt')
-    return tuple(p.strip() for p in text.split(",") if p.strip())
-  try:  # mesh.rules: (('mlp', 'tensor'),)
-    value = ast.literal_eval(text)
-  except (ValueError, SyntaxError):
-    raise bad from None
-  return _check_type(key, tp, value)
 
 
 def apply_overrides(config: Config, overrides: Sequence[str]) -> Config:
@@ -626,310 +524,5 @@ def apply_overrides(config: Config, overrides: Sequence[str]) -> Config:
     if field not in d[section]:
       raise ValueError(f"unknown key {key!r}; known: {sorted(d[section])}")
     section_cls = type(getattr(config, section))
-    d[section][field] = _parse_value(key, typing.get_type_hints(section_cls)[field], value)
+    d[section][field] = parse_value(key, typing.get_type_hints(section_cls)[field], value)
   return Config.from_dict(d)
-
-
-def _tiny() -> Config:
-  # Trains in a few minutes on 2 CPU cores. LLaMA-style: with RoPE it leaves the
-  # unigram plateau in ~100 steps on the default corpus, where learned positions
-  # (gpt2_tiny) take ~400 (measured 2026-11-23: loss 1.89 vs 2.53 at step 300).
-  return Config(
-    model=ModelConfig.llama(
-      vocab_size=259,
-      vocab_multiple=64,
-      d_model=128,
-      n_layers=4,
-      n_heads=4,
-      n_kv_heads=2,
-      max_len=128,
-    ),
-    optim=OptimConfig(lr=2e-3, warmup_steps=50),
-    data=DataConfig(seq_len=128),
-    train=TrainConfig(steps=600, batch_size=16, log_every=20, eval_every=200, ckpt_every=200),
-  )
-
-
-def _gpt2_tiny() -> Config:
-  c = _tiny()
-  return dataclasses.replace(
-    c,
-    model=ModelConfig.gpt2(
-      vocab_size=259, vocab_multiple=64, d_model=128, n_layers=4, n_heads=4, max_len=128
-    ),
-  )
-
-
-def _gpt2_124m() -> Config:
-  return Config(
-    model=ModelConfig.gpt2(vocab_size=50304, d_model=768, n_layers=12, n_heads=12, max_len=1024),
-    optim=OptimConfig(lr=6e-4, warmup_steps=700),
-    data=DataConfig(tokenizer="bpe", bpe_vocab_size=50304, seq_len=1024),
-    train=TrainConfig(steps=20_000, batch_size=16, eval_every=1000, ckpt_every=1000),
-    precision=PrecisionConfig(policy="bf16"),
-  )
-
-
-def _gpt2_350m() -> Config:
-  c = _gpt2_124m()
-  return dataclasses.replace(
-    c, model=dataclasses.replace(c.model, d_model=1024, n_layers=24, n_heads=16)
-  )
-
-
-def _llama_1b() -> Config:
-  c = _gpt2_124m()
-  return dataclasses.replace(
-    c,
-    model=ModelConfig.llama(
-      vocab_size=50304, d_model=2048, n_layers=16, n_heads=16, n_kv_heads=8, d_ff=5632, max_len=1024
-    ),
-  )
-
-
-def _nanogpt_cpu() -> Config:
-  # nanoGPT's small CPU configuration, the CPU speed reference in shared/bench, with
-  # the default byte tokenizer's vocabulary (nanoGPT's 65 characters need its own).
-  return Config(
-    model=ModelConfig.gpt2(vocab_size=259, d_model=128, n_layers=4, n_heads=4, max_len=64),
-    optim=OptimConfig(lr=6e-4, warmup_steps=0, schedule="constant", clip_norm=None),
-    data=DataConfig(seq_len=64),
-    train=TrainConfig(steps=2000, batch_size=12),
-  )
-
-
-def _encoder_tiny() -> Config:
-  # The CPU encoder: tiny's size, bidirectional, bert_base's blocks (LayerNorm with
-  # bias, GELU, tied MLM head, dropout 0.1) but rotary positions: on the default corpus,
-  # 300 fp32 MLM steps reach eval loss 2.33 / accuracy 38% on selected tokens with RoPE,
-  # 2.97 / 22% with learned positions (unigram entropy 3.31) (measured 2026-11-27, seed 0).
-  return Config(
-    model=ModelConfig.gpt2(
-      family="encoder",
-      vocab_size=259,
-      d_model=128,
-      n_layers=4,
-      n_heads=4,
-      max_len=128,
-      dropout=0.1,
-      position="rope",
-    ),
-    optim=OptimConfig(lr=1e-3, warmup_steps=50, weight_decay=0.01),
-    data=DataConfig(seq_len=128),
-    train=TrainConfig(
-      task="mlm", steps=600, batch_size=16, log_every=20, eval_every=200, ckpt_every=200
-    ),
-  )
-
-
-def _bert_base() -> Config:
-  # BERT-base's shape (Devlin et al. 2018, 110M parameters) with llm_mp's pre-norm
-  # blocks; optimizer as BERT's pre-training (Adam b2 0.999, weight decay 0.01, 10k
-  # warm-up steps, linear decay to 0, batch 256). seq_len 128 is BERT's first phase
-  # (90% of its steps); data.seq_len=512 is the second. norm_eps 1e-12 is BERT's; it
-  # relies on norm statistics staying fp32 (the *norm* override): it is 0 in fp16.
-  return Config(
-    model=ModelConfig.gpt2(
-      family="encoder",
-      vocab_size=30522,
-      d_model=768,
-      n_layers=12,
-      n_heads=12,
-      d_ff=3072,
-      max_len=512,
-      dropout=0.1,
-      norm_eps=1e-12,
-    ),
-    optim=OptimConfig(
-      lr=1e-4,
-      warmup_steps=10_000,
-      schedule="linear",
-      end_lr_ratio=0.0,
-      b2=0.999,
-      eps=1e-6,
-      weight_decay=0.01,
-    ),
-    data=DataConfig(tokenizer="bpe", bpe_vocab_size=30522, seq_len=128),
-    train=TrainConfig(
-      task="mlm",
-      steps=1_000_000,
-      batch_size=256,
-      eval_every=10_000,
-      ckpt_every=10_000,
-    ),
-    precision=PrecisionConfig(policy="bf16"),
-  )
-
-
-def _seq2seq_tiny() -> Config:
-  # The CPU encoder-decoder: 2+2 pre-norm blocks of width 128, T5's relative position
-  # bias (no position table: source and target lengths are free up to max_len), shared
-  # source/target embedding tied to the output head.
-  return Config(
-    model=ModelConfig.gpt2(
-      family="encoder_decoder",
-      vocab_size=259,
-      d_model=128,
-      n_layers=2,
-      n_decoder_layers=2,
-      n_heads=4,
-      max_len=128,
-      position="relative",
-      dropout=0.1,
-    ),
-    optim=OptimConfig(lr=1e-3, warmup_steps=50, weight_decay=0.01),
-    data=DataConfig(seq_len=128),
-    train=TrainConfig(
-      task="seq2seq", steps=600, batch_size=16, log_every=20, eval_every=200, ckpt_every=200
-    ),
-  )
-
-
-def _transformer_base() -> Config:
-  # "Attention is all you need" (Vaswani et al. 2017) base: 6+6 layers, d=512, 8 heads,
-  # d_ff=2048, ReLU, sinusoidal positions, dropout 0.1, one embedding shared by source,
-  # target and output (their shared BPE vocabulary), Adam b2=0.98 eps=1e-9, 4000 warm-up
-  # steps. Unlike the paper (post-norm) the blocks are pre-norm, as everywhere in llm_mp,
-  # and the schedule is llm_mp's warm-up + cosine rather than inverse square root.
-  return Config(
-    model=ModelConfig(
-      family="encoder_decoder",
-      vocab_size=37000,
-      d_model=512,
-      n_layers=6,
-      n_decoder_layers=6,
-      n_heads=8,
-      d_ff=2048,
-      max_len=256,
-      dropout=0.1,
-      norm="layernorm",
-      position="sinusoidal",
-      mlp="relu",
-      use_bias=True,
-      tie_embeddings=True,
-      share_embeddings=True,
-    ),
-    optim=OptimConfig(lr=7e-4, warmup_steps=4000, b1=0.9, b2=0.98, eps=1e-9, weight_decay=0.0),
-    data=DataConfig(tokenizer="bpe", bpe_vocab_size=37000, seq_len=256),
-    train=TrainConfig(
-      task="seq2seq",
-      steps=100_000,
-      batch_size=128,
-      eval_every=1000,
-      ckpt_every=1000,
-    ),
-    precision=PrecisionConfig(policy="bf16"),
-  )
-
-
-def _t5_small() -> Config:
-  # T5-small's shape (Raffel et al. 2020, v1.0, 60M parameters): 6+6 layers, d=512,
-  # 8 heads (head dim 64), d_ff=2048 ReLU, RMSNorm, no biases, relative position bias
-  # (32 buckets, max distance 128), one embedding for source, target and output,
-  # dropout 0.1. T5 folds 1/sqrt(head_dim) into its init; here attention scales
-  # as everywhere else in llm_mp, and the head is not rescaled by d^-0.5.
-  return Config(
-    model=ModelConfig(
-      family="encoder_decoder",
-      vocab_size=32128,
-      d_model=512,
-      n_layers=6,
-      n_decoder_layers=6,
-      n_heads=8,
-      d_ff=2048,
-      max_len=512,
-      dropout=0.1,
-      norm="rmsnorm",
-      norm_eps=1e-6,
-      position="relative",
-      relative_buckets=32,
-      relative_max_distance=128,
-      mlp="relu",
-      use_bias=False,
-      tie_embeddings=True,
-      share_embeddings=True,
-    ),
-    optim=OptimConfig(lr=1e-3, warmup_steps=1000, weight_decay=0.0),
-    data=DataConfig(tokenizer="bpe", bpe_vocab_size=32128, seq_len=512),
-    train=TrainConfig(
-      task="seq2seq",
-      steps=100_000,
-      batch_size=128,
-      eval_every=1000,
-      ckpt_every=1000,
-    ),
-    precision=PrecisionConfig(policy="bf16"),
-  )
-
-
-PRESETS = {
-  "tiny": _tiny,
-  "nanogpt_cpu": _nanogpt_cpu,
-  "gpt2_tiny": _gpt2_tiny,
-  "gpt2_124m": _gpt2_124m,
-  "gpt2_350m": _gpt2_350m,
-  "llama_1b": _llama_1b,
-  "encoder_tiny": _encoder_tiny,
-  "bert_base": _bert_base,
-  "seq2seq_tiny": _seq2seq_tiny,
-  "transformer_base": _transformer_base,
-  "t5_small": _t5_small,
-}
-
-
-_FIELD_LINE = re.compile(r"^  (\w+): [^=]+?(?: = .*?)?(?:  # (.*))?$")
-
-
-def field_docs(section_cls: type) -> dict[str, str]:
-  """``{field: meaning}`` from the comments in ``section_cls``'s source: the
-  field line's trailing comment, after any comment lines just above it."""
-  docs, above = {}, []
-  for line in inspect.getsource(section_cls).splitlines():
-    stripped = line.strip()
-    if line.startswith("  #"):
-      above.append(stripped.lstrip("# "))
-      continue
-    m = _FIELD_LINE.match(line)
-    if m and not stripped.startswith(("def ", "@", "return")):
-      docs[m.group(1)] = " ".join(above + ([m.group(2)] if m.group(2) else []))
-    above = []
-  return docs
-
-
-def describe(config: Config | None = None) -> str:
-  """Every config field as a Markdown table per section: ``section.field``, its
-  type, its value in ``config`` (default: ``Config()``) and its meaning.
-  ``llm-mp config`` prints it; docs/configuration.md is its output."""
-  config = Config() if config is None else config
-  lines = []
-  for f in dataclasses.fields(Config):
-    section = getattr(config, f.name)
-    cls = type(section)
-    lines += [
-      f"## {f.name}",
-      "",
-      (cls.__doc__ or "").strip().splitlines()[0],
-      "",
-      "| field | type | value | meaning |",
-      "|---|---|---|---|",
-    ]
-    hints, docs = typing.get_type_hints(cls), field_docs(cls)
-    for g in dataclasses.fields(cls):
-      value = json.dumps(_flat_value(getattr(section, g.name)))
-      kind = _type_name(hints[g.name]).replace(" | ", " or ")  # "|" would end the cell
-      lines.append(
-        f"| `{f.name}.{g.name}` | `{kind}` | `{value}` | {docs.get(g.name, '').replace('|', '/')} |"
-      )
-    lines.append("")
-  return "\n".join(lines)
-
-
-def _flat_value(v: Any) -> Any:
-  return [_flat_value(x) for x in v] if isinstance(v, tuple) else v
-
-
-def get_preset(name: str) -> Config:
-  """Returns the named preset Config; ValueError lists the known names."""
-  if name not in PRESETS:
-    raise ValueError(f"unknown preset {name!r}; known: {sorted(PRESETS)}")
-  return PRESETS[name]()

@@ -36,7 +36,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from llm_mp.config import Config, DataConfig, ModelConfig, OptimConfig, TrainConfig
+from llm_mp.config import GATED_MLPS, Config, DataConfig, ModelConfig, OptimConfig, TrainConfig
 from llm_mp.data.tokenizer import (
   TOKENIZER_FILE,
   BpeTokenizer,
@@ -270,7 +270,7 @@ def _arch(c: ModelConfig) -> str:
     if not bad:
       return "GPT2LMHeadModel"
     why = ", ".join(f"model.{k}={getattr(c, k)!r}" for k in bad)
-  elif c.position != "rope" or c.mlp not in ("swiglu", "geglu"):
+  elif c.position != "rope" or c.mlp not in GATED_MLPS:
     why = f"model.position={c.position!r}, model.mlp={c.mlp!r}"
   elif c.bias("qkv") == c.bias("attn_out"):
     return "LlamaForCausalLM"

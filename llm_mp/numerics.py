@@ -8,15 +8,17 @@ For a model and a batch (or a trained run, :func:`diagnose_run`), per layer:
   ``S * loss`` (as the 2018 mixed-precision paper plots them; ``S`` is the
   loss scale);
 * the fraction of entries that a cast to fp16, bf16, fp8 e4m3 or fp8 e5m2
-  would flush to zero, make subnormal, or overflow (:func:`classify`; the
-  thresholds are in :class:`FormatRange`);
+  would flush to zero, make subnormal, or overflow
+  (:func:`llm_mp.format_ranges.classify`; the thresholds are in
+  :class:`llm_mp.format_ranges.FormatRange`);
 * per policy (fp32, bf16, fp16, pure_bf16), the relative error
   ``||x - ref|| / ||ref||`` of every activation and parameter gradient
   against a float64 run of the same weights (:func:`policy_errors`);
-* the classic figure (:func:`plot_gradient_exponents`): the gradient-exponent
-  histogram against each format's normal and subnormal bands, with the loss
-  scale's shift marked. ``llm-mp diagnose --workdir RUN`` writes it as
-  ``diagnose.png`` with everything above in ``diagnose.json``.
+* the classic figure (:func:`llm_mp.numerics_plot.plot_gradient_exponents`):
+  the gradient-exponent histogram against each format's normal and subnormal
+  bands, with the loss scale's shift marked. ``llm-mp diagnose --workdir RUN``
+  writes it as ``diagnose.png`` with everything above in ``diagnose.json``
+  (:func:`llm_mp.numerics_plot.write_report`).
 
 Activation gradients are read with a zero "probe" added to every module's
 output (a flax method interceptor): the gradient with respect to the probe is
@@ -28,7 +30,6 @@ each layer is reported on its own; numerics are the same ops either way.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -38,172 +39,21 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import jmp
-import ml_dtypes
 import numpy as np
 
 from llm_mp.config import ModelConfig
+from llm_mp.format_ranges import FORMATS, format_fractions, format_range, tensor_stats
 from llm_mp.models import build_model
 from llm_mp.precision import Precision, loss_scale_kind, make_precision
 from llm_mp.rundir import load_run
 from llm_mp.tasks import Task, task_spec
 
-# Name -> the ml_dtypes type whose finfo gives the range. e4m3 is the "fn"
-# variant used for fp8 training (no infinities; 0x7f/0xff are NaN).
-FORMATS: Mapping[str, Any] = {
-  "fp16": np.float16,
-  "bf16": ml_dtypes.bfloat16,
-  "fp8_e4m3": ml_dtypes.float8_e4m3fn,
-  "fp8_e5m2": ml_dtypes.float8_e5m2,
-}
 POLICIES = ("fp32", "bf16", "fp16", "pure_bf16")
 KINDS = ("activations", "weights", "gradients", "activation_gradients")
 LOGITS = "logits"  # the name of the model's own output (module path '')
 _PROBES = "numerics_probes"  # zero added to every module output: its gradient is the output's
 _ACTS = "numerics_activations"  # every module output, captured on the first pass
 _LEAF = "numerics_out"  # the variable name ('out' would collide with submodules so named)
-_EXP_OFFSET = 1100  # float64 exponents lie in [-1075, 1023]: bin = exponent + offset
-
-
-@dataclasses.dataclass(frozen=True)
-class FormatRange:
-  """The range of a floating-point format under round-to-nearest-even.
-
-  A finite nonzero ``x`` cast to the format becomes
-
-  * zero (flushed) when ``|x| <= flush_at = smallest_subnormal / 2`` (the tie
-    at exactly half rounds to the even neighbour, 0);
-  * subnormal when ``flush_at < |x| < normal_at = smallest_normal -
-    smallest_subnormal / 2`` (above that it rounds up to the smallest normal);
-  * an overflow when ``|x| > overflow_at = max + ulp(max) / 2``, or ``>=``
-    when ``overflow_tie_up``: the tie rounds to even, which is past ``max``
-    when ``max``'s last mantissa bit is 1 (fp16, bf16, e5m2: all ones; but
-    e4m3fn's max 448 = 1.110b x 2^8 is even, so 464 rounds down to 448).
-    An overflow is inf (NaN for e4m3fn, which has no inf) in a plain cast, or
-    ``max`` in a saturating one.
-
-  Hardware that flushes subnormals to zero (FTZ) turns the subnormal band into
-  zeros too.
-  """
-
-  name: str
-  smallest_subnormal: float
-  smallest_normal: float
-  max: float
-  flush_at: float
-  normal_at: float
-  overflow_at: float
-  overflow_tie_up: bool
-
-  @property
-  def exponents(self) -> tuple[int, int, int]:
-    """``(smallest subnormal, smallest normal, largest)`` base-2 exponents."""
-    return (
-      int(math.log2(self.smallest_subnormal)),
-      int(math.log2(self.smallest_normal)),
-      math.floor(math.log2(self.max)),
-    )
-
-
-def format_range(name: str) -> FormatRange:
-  """The :class:`FormatRange` of ``name`` (a key of :data:`FORMATS`).
-
-  Raises:
-    ValueError: an unknown format name.
-  """
-  if name not in FORMATS:
-    raise ValueError(f"unknown format {name!r}; known: {list(FORMATS)}")
-  info = ml_dtypes.finfo(FORMATS[name])
-  sub, normal, top = (float(info.smallest_subnormal), float(info.smallest_normal), float(info.max))
-  ulp_max = 2.0 ** (info.maxexp - 1 - info.nmant)  # spacing of the top binade
-  odd = int(top / ulp_max) % 2 == 1
-  return FormatRange(
-    name,
-    sub,
-    normal,
-    top,
-    flush_at=sub / 2,
-    normal_at=normal - sub / 2,
-    overflow_at=top + ulp_max / 2,
-    overflow_tie_up=odd,
-  )
-
-
-def classify(x: Any, fmt: str | FormatRange) -> dict[str, int]:
-  """Counts what a cast of ``x`` to ``fmt`` does to its entries.
-
-  Args:
-    x: any array of real numbers (compared in float64, which holds every
-      threshold exactly).
-    fmt: a :data:`FORMATS` name or a :class:`FormatRange`.
-
-  Returns:
-    ints: ``size``, ``zeros`` (exactly zero already), ``flush`` (nonzero,
-    becomes 0), ``subnormal`` (becomes subnormal), ``overflow`` (finite,
-    exceeds the range), ``nonfinite`` (inf or NaN already).
-  """
-  r = format_range(fmt) if isinstance(fmt, str) else fmt
-  a = np.abs(np.asarray(x, np.float64)).ravel()
-  finite = np.isfinite(a)
-  over = a >= r.overflow_at if r.overflow_tie_up else a > r.overflow_at
-  return {
-    "size": int(a.size),
-    "zeros": int(np.sum(a == 0)),
-    "flush": int(np.sum((a > 0) & (a <= r.flush_at))),
-    "subnormal": int(np.sum((a > r.flush_at) & (a < r.normal_at))),
-    "overflow": int(np.sum(finite & over)),
-    "nonfinite": int(np.sum(~finite)),
-  }
-
-
-def format_fractions(x: Any, formats: Sequence[str] = tuple(FORMATS)) -> dict[str, dict]:
-  """``{format: {"flush", "subnormal", "overflow"}}``: fractions of all entries of ``x``."""
-  out = {}
-  for name in formats:
-    c = classify(x, name)
-    n = max(c["size"], 1)
-    out[name] = {k: c[k] / n for k in ("flush", "subnormal", "overflow")}
-  return out
-
-
-def exponent_histogram(x: Any) -> dict[str, Any]:
-  """Histogram of ``floor(log2 |x|)`` over the finite nonzero entries of ``x``.
-
-  Returns:
-    ``{"min_exponent": e0, "counts": [n(e0), n(e0 + 1), ...], "zeros": n,
-    "nonfinite": n, "size": n}``; ``counts`` spans the smallest to the largest
-    exponent present (``min_exponent`` None and no counts when there is none).
-  """
-  a = np.asarray(x, np.float64).ravel()
-  finite = np.isfinite(a)
-  nz = a[finite & (a != 0)]
-  # frexp: x = m * 2^e with 0.5 <= |m| < 1, so floor(log2 |x|) = e - 1 exactly.
-  exps = np.frexp(nz)[1].astype(np.int64) - 1
-  result = {"zeros": int(np.sum(a == 0)), "nonfinite": int(np.sum(~finite)), "size": int(a.size)}
-  if exps.size == 0:
-    return {"min_exponent": None, "counts": [], **result}
-  lo, hi = int(exps.min()), int(exps.max())
-  counts = np.bincount(exps - lo, minlength=hi - lo + 1)
-  return {"min_exponent": lo, "counts": [int(c) for c in counts], **result}
-
-
-def merge_histograms(hists: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-  """The histogram of the concatenation of the arrays behind ``hists``."""
-  total = np.zeros(2 * _EXP_OFFSET, np.int64)
-  for h in hists:
-    if h["min_exponent"] is not None:
-      lo = h["min_exponent"] + _EXP_OFFSET
-      total[lo : lo + len(h["counts"])] += h["counts"]
-  rest = {k: sum(h[k] for h in hists) for k in ("zeros", "nonfinite", "size")}
-  used = np.nonzero(total)[0]
-  if used.size == 0:
-    return {"min_exponent": None, "counts": [], **rest}
-  lo, hi = int(used[0]), int(used[-1])
-  return {"min_exponent": lo - _EXP_OFFSET, "counts": [int(c) for c in total[lo : hi + 1]], **rest}
-
-
-def tensor_stats(x: Any, formats: Sequence[str] = tuple(FORMATS)) -> dict[str, Any]:
-  """``{"hist": exponent_histogram(x), "formats": format_fractions(x)}``."""
-  return {"hist": exponent_histogram(x), "formats": format_fractions(x, formats)}
 
 
 # --- capturing activations and gradients -------------------------------------------------
@@ -560,123 +410,3 @@ def diagnose_run(
     "run_precision": run.config.precision.policy,
     **report,
   }
-
-
-# --- the figure -------------------------------------------------------------------------------
-
-_PLOT_HINT = (
-  "matplotlib is not installed: the figure needs the plots extra "
-  "(pip install 'llm_mp[plots]' or pip install -e '.[plots]')"
-)
-
-
-def _bars(hist: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-  if hist["min_exponent"] is None:
-    return np.zeros(0), np.zeros(0)
-  counts = np.asarray(hist["counts"], np.float64)
-  return hist["min_exponent"] + np.arange(counts.size), counts / max(hist["size"], 1)
-
-
-def plot_gradient_exponents(
-  report: Mapping[str, Any], path: str, kind: str = "activation_gradients"
-) -> str:
-  """The 2018 paper's figure: the exponent histogram of ``kind`` (unscaled
-  and scaled by the report's loss scale) over the fp16 / bf16 / fp8 ranges.
-
-  Each format is a band: light = subnormal exponents, dark = normal ones;
-  values left of a band flush to zero, right of it overflow. The arrow is the
-  loss scale's shift, ``log2 S`` binades to the right.
-
-  Returns:
-    ``path`` (a PNG is written there).
-
-  Raises:
-    ImportError: matplotlib is missing (the message says how to install it).
-  """
-  try:
-    import matplotlib  # pylint: disable=import-outside-toplevel
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  except ImportError as e:
-    raise ImportError(_PLOT_HINT) from e
-  scale = float(report["loss_scale"])
-  totals = report["totals"]
-  fig, (ax, bands) = plt.subplots(
-    2, 1, figsize=(9, 5.5), sharex=True, gridspec_kw={"height_ratios": [3, 1.3]}
-  )
-  x0, y0 = _bars(totals[f"{kind}_unscaled"]["hist"])
-  x1, y1 = _bars(totals[kind]["hist"])
-  ax.bar(x0, y0, width=1.0, color="0.6", alpha=0.7, label="gradients of the loss")
-  if scale != 1.0:
-    ax.bar(
-      x1,
-      y1,
-      width=1.0,
-      color="tab:blue",
-      alpha=0.6,
-      label=f"gradients of loss x {scale:g} (loss scale)",
-    )
-  ax.set_yscale("log")
-  ax.set_ylabel("fraction of values")
-  zeros = totals[kind]["hist"]["zeros"] / max(totals[kind]["hist"]["size"], 1)
-  ax.set_title(
-    f"{kind.replace('_', ' ')} exponents (precision {report.get('precision')}, "
-    f"{zeros:.1%} exactly zero)"
-  )
-  if scale != 1.0 and y0.size:
-    peak = float(x0[np.argmax(y0)])
-    top = float(np.max(y0))
-    ax.annotate(
-      "",
-      xy=(peak + math.log2(scale), top),
-      xytext=(peak, top),
-      arrowprops={"arrowstyle": "->", "color": "tab:red", "lw": 2},
-    )
-    ax.text(
-      peak + math.log2(scale) / 2,
-      top * 0.45,
-      f"x{scale:g} = +{math.log2(scale):g}",
-      color="tab:red",
-      ha="center",
-    )
-  ax.legend(loc="upper left", fontsize=8)
-  for i, name in enumerate(FORMATS):
-    r = format_range(name)
-    lo, normal, hi = r.exponents
-    bands.broken_barh([(lo - 0.5, normal - lo)], (i - 0.4, 0.8), color="tab:orange", alpha=0.35)
-    bands.broken_barh(
-      [(normal - 0.5, hi - normal + 1)], (i - 0.4, 0.8), color="tab:green", alpha=0.6
-    )
-    if scale != 1.0:  # values of the unscaled loss that the scale lifts into the band
-      bands.plot([lo - 0.5 - math.log2(scale)] * 2, [i - 0.45, i + 0.45], "--", color="tab:red")
-  bands.set_yticks(range(len(FORMATS)), list(FORMATS))
-  bands.set_xlabel(
-    "floor(log2 |value|)   (bands: light = subnormal, dark = normal; "
-    "red dashes: smallest unscaled value kept)"
-  )
-  lo_all = min([*x0[:1], *x1[:1], -40]) - 2
-  bands.set_xlim(lo_all, 20)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  return path
-
-
-def write_report(
-  report: Mapping[str, Any], out_dir: str, name: str = "diagnose"
-) -> dict[str, str | None]:
-  """Writes ``<name>.json`` and, when matplotlib is installed, ``<name>.png``.
-
-  Returns:
-    ``{"json": path, "png": path or None, "note": why the PNG is missing or None}``.
-  """
-  os.makedirs(out_dir, exist_ok=True)
-  json_path = os.path.join(out_dir, f"{name}.json")
-  with open(json_path, "w", encoding="utf-8") as f:
-    json.dump(report, f, indent=1, sort_keys=True)
-  try:
-    png = plot_gradient_exponents(report, os.path.join(out_dir, f"{name}.png"))
-    return {"json": json_path, "png": png, "note": None}
-  except ImportError as e:
-    return {"json": json_path, "png": None, "note": str(e)}

@@ -1,14 +1,17 @@
 """The benchmark: builds a preset through the builder, times llm_mp's own
-train_step, streams a line per phase, prints JSON; ``llm-mp bench`` runs it."""
+train_step, streams a line per phase, prints JSON; ``llm-mp bench`` runs it,
+``python -m experiments.benchmark --suite`` tabulates several."""
 
 import json
 
 import jax
 import numpy as np
 
+from experiments import benchmark as bench_suite
 from llm_mp import allocator, benchmark, cli
 from llm_mp.builder import build_recipe
-from llm_mp.config import apply_overrides, get_preset
+from llm_mp.config import apply_overrides
+from llm_mp.presets import get_preset
 from llm_mp.state import make_init_fn
 from llm_mp.step import make_train_step
 
@@ -58,9 +61,9 @@ def test_suite_table_lists_every_run(monkeypatch):
   fake = dict(
     ms_per_step=10.0, tokens_per_s=1000.0, mfu_spec=None, init_s=1.0, compile_s=2.0, device="cpu"
   )
-  monkeypatch.setitem(benchmark.SUITES, "test", [("tiny", "fp32", ()), ("tiny", "bf16", ())])
+  monkeypatch.setitem(bench_suite.SUITES, "test", [("tiny", "fp32", ()), ("tiny", "bf16", ())])
   monkeypatch.setattr(benchmark, "run", lambda *a, **k: dict(fake))
-  table = benchmark.suite_table("test", 1, 0, reference="/nonexistent/torch_gpt.py")
+  table = bench_suite.suite_table("test", 1, 0, reference="/nonexistent/torch_gpt.py")
   rows = [line for line in table.splitlines() if line.startswith("| llm_mp")]
   assert rows == [
     "| llm_mp tiny fp32  | 10.0 | 1,000 | - | - | 1.0 | 2.0 |",

@@ -7,9 +7,11 @@ import jax
 import pytest
 
 from llm_mp.builder import build_recipe
-from llm_mp.config import PRESETS, Config, MeshConfig, apply_overrides, describe, get_preset
+from llm_mp.config import Config, MeshConfig, apply_overrides
+from llm_mp.config_docs import describe
 from llm_mp.data import ByteTokenizer
 from llm_mp.models import FAMILIES, EncoderDecoder, TransformerEncoder, TransformerLM
+from llm_mp.presets import PRESETS, get_preset
 
 FAMILY_CLASSES = {
   "decoder": TransformerLM,

@@ -12,11 +12,12 @@ import jmp
 import numpy as np
 import pytest
 
-from llm_mp.config import ModelConfig, get_preset
+from llm_mp.config import ModelConfig
 from llm_mp.data.masking import maskable_tokens, mlm_mask
 from llm_mp.models import TransformerEncoder, TransformerLM, pool
 from llm_mp.models.encoder import HEAD_PARAMS
 from llm_mp.precision import Precision, make_precision
+from llm_mp.presets import get_preset
 
 V = 61
 BERT = ModelConfig.gpt2(

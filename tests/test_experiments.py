@@ -66,9 +66,10 @@ def test_seq2seq_translate_fast_writes_its_table(tmp_path, monkeypatch):
 
 
 def test_seq2seq_task_trains_and_evaluates_from_pair_files(tmp_path):
-  from llm_mp.config import apply_overrides, get_preset  # pylint: disable=import-outside-toplevel
+  from llm_mp.config import apply_overrides  # pylint: disable=import-outside-toplevel
   from llm_mp.data import DataError  # pylint: disable=import-outside-toplevel
   from llm_mp.inference import evaluate_run  # pylint: disable=import-outside-toplevel
+  from llm_mp.presets import get_preset  # pylint: disable=import-outside-toplevel
   from llm_mp.train import train  # pylint: disable=import-outside-toplevel
 
   words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"]

@@ -10,8 +10,9 @@ import jax
 import numpy as np
 import pytest
 
-from llm_mp.config import apply_overrides, get_preset
+from llm_mp.config import apply_overrides
 from llm_mp.inference import evaluate_run
+from llm_mp.presets import get_preset
 from llm_mp.rundir import load_run
 from llm_mp.train import train
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from llm_mp.builder import run_precision
-from llm_mp.config import PrecisionConfig, apply_overrides, get_preset
+from llm_mp.config import PrecisionConfig, apply_overrides
 from llm_mp.formats import (
   FORMATS,
   Format,
@@ -25,6 +25,7 @@ from llm_mp.inference import evaluate_run
 from llm_mp.metrics import read_metrics
 from llm_mp.models import Dense
 from llm_mp.precision import make_precision
+from llm_mp.presets import get_preset
 from llm_mp.train import train
 
 NAME = "bf16-weight-test"

@@ -8,8 +8,9 @@ import jax.numpy as jnp
 import pytest
 
 from llm_mp.builder import build_recipe, edge_patterns, run_precision
-from llm_mp.config import apply_overrides, get_preset
+from llm_mp.config import apply_overrides
 from llm_mp.precision import make_precision, precision_report
+from llm_mp.presets import get_preset
 
 
 def _config(*overrides):

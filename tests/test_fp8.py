@@ -24,11 +24,11 @@ from llm_mp.config import (
   PrecisionConfig,
   TrainConfig,
   apply_overrides,
-  get_preset,
 )
 from llm_mp.formats.fp8 import E4M3, E5M2, FP8_META, in_qdq, out_qdq
 from llm_mp.inference import evaluate_run
 from llm_mp.metrics import read_metrics
+from llm_mp.presets import get_preset
 from llm_mp.rundir import load_run
 from llm_mp.state import abstract_train_state, make_init_fn
 from llm_mp.step import make_train_step

@@ -18,13 +18,14 @@ from flax import traverse_util
 from llm_mp import cli
 from llm_mp import generate as gen
 from llm_mp.builder import build_recipe
-from llm_mp.config import PrecisionConfig, apply_overrides, get_preset
+from llm_mp.config import PrecisionConfig, apply_overrides
 from llm_mp.formats import Weight, parse_formats, stored_bytes
 from llm_mp.formats import int8 as q8
 from llm_mp.inference import evaluate_run
 from llm_mp.loss_scale import make_loss_scale
 from llm_mp.models import Dense
 from llm_mp.precision import make_precision
+from llm_mp.presets import get_preset
 from llm_mp.quantize import quantize_run
 from llm_mp.rundir import load_run
 from llm_mp.state import TrainState

@@ -188,7 +188,8 @@ def test_a_label_beyond_n_classes_names_its_file_and_line(tmp_path):
 
 
 def test_training_a_classifier_on_a_stray_label_names_its_file_and_line(tmp_path):
-  from llm_mp.config import apply_overrides, get_preset  # pylint: disable=import-outside-toplevel
+  from llm_mp.config import apply_overrides  # pylint: disable=import-outside-toplevel
+  from llm_mp.presets import get_preset  # pylint: disable=import-outside-toplevel
   from llm_mp.train import prepare_task_data  # pylint: disable=import-outside-toplevel
 
   path = _write(

@@ -14,12 +14,13 @@ import pytest
 
 from llm_mp import cli
 from llm_mp.builder import build_recipe, run_precision
-from llm_mp.config import apply_overrides, get_preset
+from llm_mp.config import apply_overrides
 from llm_mp.formats import parse_formats
 from llm_mp.formats.lowrank import factorize, svd_factors
 from llm_mp.lowrank_convert import svd_sweep
 from llm_mp.models.layers import Dense
 from llm_mp.precision import make_precision
+from llm_mp.presets import get_preset
 from llm_mp.state import make_init_fn
 from llm_mp.step import make_train_step
 from llm_mp.train import train

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llm_mp import cli, numerics
+from llm_mp import cli, format_ranges, numerics
 from llm_mp.config import Config, DataConfig, ModelConfig, OptimConfig, PrecisionConfig, TrainConfig
 from llm_mp.models import build_model
 from llm_mp.precision import make_precision
@@ -32,7 +32,7 @@ HAND_ULP_MAX = {"fp16": 2.0**5, "bf16": 2.0**120, "fp8_e4m3": 2.0**5, "fp8_e5m2"
 
 @pytest.mark.parametrize("fmt", sorted(HAND_RANGES))
 def test_format_range_matches_the_bit_layout(fmt):
-  r = numerics.format_range(fmt)
+  r = format_ranges.format_range(fmt)
   sub, normal, top = HAND_RANGES[fmt]
   assert (r.smallest_subnormal, r.smallest_normal, r.max) == (sub, normal, top)
   assert r.flush_at == sub / 2 and r.normal_at == normal - sub / 2
@@ -65,7 +65,7 @@ def test_under_and_overflow_counts_on_values_around_each_threshold(fmt):
       np.nan,  # nonfinite: 2
     ]
   )
-  counts = numerics.classify(values, fmt)
+  counts = format_ranges.classify(values, fmt)
   overflow = 2 + (fmt != "fp8_e4m3")
   assert counts == {
     "size": 16,
@@ -75,7 +75,7 @@ def test_under_and_overflow_counts_on_values_around_each_threshold(fmt):
     "overflow": overflow,
     "nonfinite": 2,
   }
-  fractions = numerics.format_fractions(values, [fmt])[fmt]
+  fractions = format_ranges.format_fractions(values, [fmt])[fmt]
   assert fractions == {"flush": 3 / 16, "subnormal": 3 / 16, "overflow": overflow / 16}
 
 
@@ -86,8 +86,8 @@ def test_classification_agrees_with_the_actual_cast(fmt):
   x = (
     rng.uniform(1, 2, 20000) * 2.0 ** rng.integers(-148, 20, 20000) * rng.choice([-1, 1], 20000)
   ).astype(np.float32)
-  y = np.abs(x.astype(numerics.FORMATS[fmt]).astype(np.float64))
-  counts = numerics.classify(x, fmt)
+  y = np.abs(x.astype(format_ranges.FORMATS[fmt]).astype(np.float64))
+  counts = format_ranges.classify(x, fmt)
   assert counts["flush"] == np.sum(y == 0) > 0
   assert counts["subnormal"] == np.sum((y > 0) & (y < HAND_RANGES[fmt][1])) > 0
   assert counts["overflow"] == np.sum(~np.isfinite(y))  # inf, or NaN for e4m3fn
@@ -98,14 +98,14 @@ def test_exponent_histogram_of_powers_of_two():
   x = np.array(
     [2.0**-3, -(2.0**-3), 1.0, 1.5, 1.999, 2.0**5, 0.0, -0.0, np.inf, 2.0**-140], np.float32
   )
-  h = numerics.exponent_histogram(x)
+  h = format_ranges.exponent_histogram(x)
   counts = [1] + [0] * 136 + [2, 0, 0, 3] + [0] * 4 + [1]  # exponents -140, -3, 0, 5
   assert h == {"min_exponent": -140, "counts": counts, "zeros": 2, "nonfinite": 1, "size": 10}
-  merged = numerics.merge_histograms(
-    [numerics.exponent_histogram(x[:4]), numerics.exponent_histogram(x[4:])]
+  merged = format_ranges.merge_histograms(
+    [format_ranges.exponent_histogram(x[:4]), format_ranges.exponent_histogram(x[4:])]
   )
   assert merged == h
-  assert numerics.exponent_histogram(np.zeros(3))["min_exponent"] is None
+  assert format_ranges.exponent_histogram(np.zeros(3))["min_exponent"] is None
 
 
 GPT2 = ModelConfig.gpt2(vocab_size=61, d_model=32, n_layers=1, n_heads=4, max_len=32)

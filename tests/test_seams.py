@@ -22,10 +22,10 @@ from llm_mp.config import (
   PrecisionConfig,
   TrainConfig,
   apply_overrides,
-  get_preset,
 )
 from llm_mp.models import TransformerLM
 from llm_mp.precision import make_precision
+from llm_mp.presets import get_preset
 from llm_mp.state import abstract_train_state, create_sharded_state, make_init_fn
 from llm_mp.step import make_eval_step, make_train_step
 from llm_mp.tasks import LM_BATCH_AXES, Task, apply_model, collect_sown, lm_loss

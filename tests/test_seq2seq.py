@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 
 from llm_mp.builder import build_recipe
-from llm_mp.config import Config, DataConfig, ModelConfig, OptimConfig, TrainConfig, get_preset
+from llm_mp.config import Config, DataConfig, ModelConfig, OptimConfig, TrainConfig
 from llm_mp.models import EncoderDecoder, RelativePositionBias, relative_position_bucket
 from llm_mp.precision import make_precision
+from llm_mp.presets import get_preset
 from llm_mp.seq2seq_decode import (
   beam_search,
   generate_seq2seq,

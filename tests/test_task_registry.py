@@ -18,10 +18,11 @@ import numpy as np
 import pytest
 
 from llm_mp import tasks
-from llm_mp.config import apply_overrides, get_preset
+from llm_mp.config import apply_overrides
 from llm_mp.data import ByteTokenizer, ordered_batches, shuffled_batches
 from llm_mp.inference import evaluate_run, predict_run
 from llm_mp.metrics import read_metrics
+from llm_mp.presets import get_preset
 from llm_mp.tasks.base import LM_BATCH_AXES, TaskData, TaskSpec
 from llm_mp.tasks.lm import lm_loss, predict_continuation
 from llm_mp.train import train

@@ -38,6 +38,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from llm_mp.config import TOKENIZERS
 from llm_mp.data.corpus import clean_text
 from llm_mp.data.examples import (
   BadRow,
@@ -198,8 +199,8 @@ def build_text2text_tokenizers(
   Both kinds have the same special ids (pad 0/256, bos 1/257, eos 2/258), so a
   decoder's BOS and EOS do not depend on the choice.
   """
-  if kind not in ("bpe", "byte"):
-    raise ValueError(f"kind={kind!r} must be 'bpe' or 'byte'")
+  if kind not in TOKENIZERS:
+    raise ValueError(f"kind={kind!r} must be one of {list(TOKENIZERS)}")
   if kind == "byte":
     return ByteTokenizer(), ByteTokenizer()
   if shared:

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llm_mp.config import ModelConfig
+from llm_mp.config import GATED_MLPS, ModelConfig
 from llm_mp.formats import Weight, matmul
 from llm_mp.precision import Precision, module_policy
 
@@ -298,7 +298,7 @@ class MLP(nn.Module):
       name=name,
     )
     act = ACTIVATIONS[c.mlp]
-    if c.mlp in ("swiglu", "geglu"):
+    if c.mlp in GATED_MLPS:
       h = inner("gate", act)(x) * inner("up")(x)
     else:
       h = inner("up", act)(x)

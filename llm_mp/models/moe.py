@@ -34,12 +34,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from llm_mp.config import ModelConfig
+from llm_mp.config import GATED_MLPS, ModelConfig
 from llm_mp.formats import Weight, matmul
 from llm_mp.models.layers import ACTIVATIONS, Dense
 from llm_mp.precision import Precision, module_policy
-
-GATED = ("swiglu", "geglu")
 
 
 def expert_capacity(n_tokens: int, n_experts: int, top_k: int, capacity_factor: float) -> int:
@@ -166,7 +164,7 @@ class MoE(nn.Module):
     expert_in = nn.with_logical_constraint(expert_in, ("expert", None, None))
     act = ACTIVATIONS[c.mlp]
     h = matmul(self, expert_in, up("w_in"))  # (E, C, f)
-    if c.mlp in GATED:
+    if c.mlp in GATED_MLPS:
       h = act(matmul(self, expert_in, up("w_gate"))) * h
     else:
       h = act(h)
