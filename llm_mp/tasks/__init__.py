@@ -2,7 +2,8 @@
 data is prepared and evaluated, and what a trained model predicts.
 
 One file per task (``lm``, ``mlm``, ``classify``, ``seq2seq``), each defining a
-:class:`TaskSpec`; one line per task below registers it. ``llm_mp.tasks.base``
+:class:`TaskSpec`; one line per task below registers it. ``corpus`` is the data the
+token-level tasks share. ``llm_mp.tasks.base``
 holds what they share (the bound :class:`Task`, :func:`apply_model`,
 :func:`cross_entropy`); ``llm_mp.tasks.registry`` the lookup every caller uses.
 """

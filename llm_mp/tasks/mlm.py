@@ -11,7 +11,7 @@ import numpy as np
 
 from llm_mp.data.masking import mlm_mask
 from llm_mp.tasks.base import LM_BATCH_AXES, Batch, TaskSpec, apply_model, token_loss
-from llm_mp.tasks.lm import CORPUS
+from llm_mp.tasks.corpus import CORPUS
 
 # Eval batches are masked with this fixed key, so evaluations of different
 # checkpoints see the same masked positions and are comparable.
