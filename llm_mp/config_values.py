@@ -10,7 +10,7 @@ from __future__ import annotations
 import ast
 import types
 import typing
-from typing import Any
+from typing import Any, Sequence
 
 
 def type_name(tp: Any) -> str:
@@ -114,3 +114,17 @@ def parse_value(key: str, tp: Any, text: str) -> Any:
   except (ValueError, SyntaxError):
     raise bad from None
   return check_value(key, tp, value)
+
+
+def check_choice(section: str, field: str, value: Any, choices: Sequence[Any]) -> None:
+  """ValueError naming ``section.field`` unless ``value`` is one of ``choices``."""
+  if value not in choices:
+    raise ValueError(f"{section}.{field}={value!r} is not one of {list(choices)}")
+
+
+def check_positive(section: str, field: str, value: Any, allow_zero: bool = False) -> None:
+  """ValueError naming ``section.field`` unless ``value`` > 0 (or >= 0 with ``allow_zero``)."""
+  ok = value >= 0 if allow_zero else value > 0
+  if not ok:
+    bound = ">= 0" if allow_zero else "> 0"
+    raise ValueError(f"{section}.{field}={value!r} must be {bound}")

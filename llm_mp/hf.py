@@ -36,7 +36,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from llm_mp.config import GATED_MLPS, Config, DataConfig, ModelConfig, OptimConfig, TrainConfig
+from llm_mp.config import Config, DataConfig, ModelConfig, OptimConfig, TrainConfig
 from llm_mp.data.tokenizer import (
   TOKENIZER_FILE,
   BpeTokenizer,
@@ -44,6 +44,7 @@ from llm_mp.data.tokenizer import (
   HFTokenizer,
   read_specials,
 )
+from llm_mp.model_config import GATED_MLPS
 from llm_mp.rundir import load_run, publish_directory, staging_directory
 
 CONFIG_FILE = "config.json"

@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llm_mp.config import GATED_MLPS, ModelConfig
 from llm_mp.formats import Weight, matmul
+from llm_mp.model_config import GATED_MLPS, ModelConfig
 from llm_mp.precision import Precision, module_policy
 
 

@@ -34,8 +34,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from llm_mp.config import GATED_MLPS, ModelConfig
 from llm_mp.formats import Weight, matmul
+from llm_mp.model_config import GATED_MLPS, ModelConfig
 from llm_mp.models.layers import ACTIVATIONS, Dense
 from llm_mp.precision import Precision, module_policy
 
