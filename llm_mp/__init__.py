@@ -9,7 +9,9 @@ The supported API, from the bottom layer up::
   optim      make_optimizer; loss scales in llm_mp.loss_scale
   state      TrainState, make_init_fn
   step       make_train_step, make_eval_step, cross_entropy
-  generate   generate_text, sample_logits (llm_mp.generate.generate for token arrays)
+  decode     sample_logits (llm_mp.decode: the sampling, greedy and beam-search loops)
+  generate   generate_text, generate_seq2seq_text (llm_mp.generate.generate and
+             generate_seq2seq for token arrays)
   train      train (the loop); llm_mp.cli is the `llm-mp` command
 
 Data (llm_mp.data), sharding (llm_mp.sharding), checkpoints
@@ -28,7 +30,8 @@ from llm_mp.config import (
   apply_overrides,
   get_preset,
 )
-from llm_mp.generate import generate_text, sample_logits
+from llm_mp.decode import sample_logits
+from llm_mp.generate import generate_seq2seq_text, generate_text
 from llm_mp.loss_scale import DynamicLossScale, NoOpLossScale, StaticLossScale, make_loss_scale
 from llm_mp.models import TransformerLM
 from llm_mp.optim import make_optimizer
@@ -53,6 +56,7 @@ __all__ = [
   "TransformerLM",
   "apply_overrides",
   "cross_entropy",
+  "generate_seq2seq_text",
   "generate_text",
   "get_preset",
   "make_eval_step",

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import optax
 
 from llm_mp import checkpoint, sharding
-from llm_mp.config import Config
+from llm_mp.config import Config, ModelConfig
 from llm_mp.models import HEAD_PARAMS, build_model
 from llm_mp.optim import make_optimizer, param_path
 from llm_mp.precision import FormatOptions, Precision, make_precision
@@ -89,20 +89,40 @@ def run_precision(config: Config) -> Precision:
 def resolve_backend_choices(
   config: Config, precision: Precision, backend: str | None = None
 ) -> Config:
-  """``config`` with its "auto" implementation choices made for ``backend``
+  """``config`` with its model's "auto" implementation choices made for
+  ``backend`` (:func:`resolve_model_choices`)."""
+  model = resolve_model_choices(config.model, precision, backend)
+  return config if model is config.model else dataclasses.replace(config, model=model)
+
+
+def resolve_model_choices(
+  model: ModelConfig, precision: Precision, backend: str | None = None
+) -> ModelConfig:
+  """``model`` with its "auto" implementation choices made for ``backend``
   (default: ``jax.default_backend()``).
 
   ``model.attention_impl="auto"`` becomes "cudnn" (flash attention, no
   ``T x T`` scores in memory) on a GPU when the compute dtype is bf16 or fp16,
   the dtypes that kernel takes, and "xla" otherwise.
   """
-  m = config.model
-  if m.attention_impl != "auto":
-    return config
+  if model.attention_impl != "auto":
+    return model
   backend = backend or jax.default_backend()
   half = jnp.dtype(precision.compute_dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
   impl = "cudnn" if backend == "gpu" and half else "xla"
-  return dataclasses.replace(config, model=dataclasses.replace(m, attention_impl=impl))
+  return dataclasses.replace(model, attention_impl=impl)
+
+
+def build_resolved_model(
+  model: ModelConfig, precision: Precision, head: str = "lm", decode: bool = False
+) -> nn.Module:
+  """The flax module of ``model`` (by ``model.family``) under ``precision``, its
+  "auto" choices resolved for this backend (:func:`resolve_model_choices`).
+
+  For callers that hold a model config and a policy but no run config
+  (generation, numerics); :func:`build_recipe` builds a whole run's.
+  """
+  return build_model(resolve_model_choices(model, precision), precision, head=head, decode=decode)
 
 
 def build_recipe(config: Config, tokenizer: Any = None, decode: bool = False) -> Recipe:
