@@ -13,7 +13,7 @@ import pytest
 from llm_mp import decode
 from llm_mp import generate as gen
 from llm_mp.config import ModelConfig
-from llm_mp.data.tokenizer import ByteTokenizer
+from llm_mp.data.tokenizer import BpeTokenizer, ByteTokenizer, load_tokenizer
 from llm_mp.models import TransformerLM
 from llm_mp.precision import make_precision
 
@@ -145,6 +145,36 @@ def test_generate_text_continues_a_string_prompt():
   expected = tok.decode(new[: new.index(tok.eos_id)] if tok.eos_id in new else new)
   assert gen.generate_text(cfg, FP32, params, tok, "ab", 10, temperature=0.0) == expected
   assert isinstance(gen.generate_text(cfg, FP32, params, tok, "", 10, seed=1), str)  # bos only
+
+
+def test_prompts_start_with_bos_for_our_own_tokenizers(tmp_path):
+  """The byte tokenizer and our own BPE (trained, or saved and loaded) keep BOS first."""
+  bpe = BpeTokenizer.train(["hello world, hello there"] * 4, 300)
+  bpe.save(str(tmp_path))
+  for tok in (ByteTokenizer(), bpe, load_tokenizer(str(tmp_path))):
+    assert tok.add_bos and gen.encode_prompt(tok, "hi") == [tok.bos_id, *tok.encode("hi")]
+
+
+def test_decoder_beam_search_is_exact_when_the_beam_holds_the_vocabulary():
+  """Beam search on a decoder-only model (its scanned cache reordered by beam): with
+  W = V beams, two new tokens are searched exhaustively, so the result is the most
+  likely continuation by the full forward pass."""
+  cfg = CONFIGS["llama_scan"]
+  model, params = _params(cfg)
+  params = jax.tree.map(lambda x: 4 * x, params)  # sharp logits: clear winners
+  p, v = 5, cfg.vocab_size
+  prompt = _tokens(2, p)
+  out = gen.generate(
+    cfg, FP32, params, prompt, 2, jax.random.key(0), 0.0, beam_size=v, length_penalty=0.0
+  )
+  chex.assert_shape(out, (2, p + 2))
+  np.testing.assert_array_equal(out[:, :p], prompt)
+  first = jnp.tile(jnp.arange(v), 2)  # (2V,): every first token after each prompt
+  cand = jnp.concatenate([jnp.repeat(prompt, v, axis=0), first[:, None]], axis=1)
+  logp = jax.nn.log_softmax(jax.jit(model.apply)({"params": params}, cand), axis=-1)
+  total = logp[jnp.arange(2 * v), p - 1, first].reshape(2, v, 1) + logp[:, p].reshape(2, v, v)
+  best = np.asarray(total.reshape(2, -1).argmax(-1))
+  np.testing.assert_array_equal(out[:, p:], np.stack([best // v, best % v], axis=-1))
 
 
 def test_top_k_1_and_temperature_0_are_argmax():
