@@ -97,17 +97,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
   loaded = _load(args.workdir)
   model = loaded.config.model
   seq2seq = model.family == "encoder_decoder"
-  given, wanted = ("--prompt", "--source") if seq2seq else ("--source", "--prompt")
-  if (args.prompt if seq2seq else args.source) is not None:
-    kind = "an encoder-decoder" if seq2seq else "a decoder-only"
+  wanted, other = ("source", "prompt") if seq2seq else ("prompt", "source")
+  if getattr(args, wanted) is None or getattr(args, other) is not None:
     raise ValueError(
-      f"{args.workdir} is {kind} run (model.family={model.family!r}): "
-      f"{given} does not apply, pass {wanted} TEXT"
-    )
-  text_in = args.source if seq2seq else args.prompt
-  if text_in is None:
-    raise ValueError(
-      f"{wanted} TEXT is required for {args.workdir} (model.family={model.family!r})"
+      f"{args.workdir} is a model.family={model.family!r} run: pass --{wanted} TEXT"
+      + (f", not --{other}" if getattr(args, other) is not None else "")
     )
   temperature = args.temperature
   if temperature is None:  # sampling continues a decoder's text; translation and beams are greedy

@@ -258,10 +258,10 @@ def _decode(
 
   def forward(cache, tokens, start, context=None):  # tokens (R, L) at start.. -> (R, V)
     positions = start + jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-    variables_ = {**variables, "cache": cache}
+    with_cache = {**variables, "cache": cache}
     if seq2seq:
       logits, mutated = model.apply(
-        variables_,
+        with_cache,
         tokens,
         context,
         src_segments,
@@ -271,7 +271,7 @@ def _decode(
         mutable=["cache"],
       )
     else:
-      logits, mutated = model.apply(variables_, tokens, positions=positions, mutable=["cache"])
+      logits, mutated = model.apply(with_cache, tokens, positions=positions, mutable=["cache"])
     # Padded vocabulary columns (model.vocab_multiple) are dropped, not just masked,
     # so the random draws, hence the samples, are those of the unpadded model.
     return logits[:, -1, : config.vocab_size].astype(jnp.float32), mutated["cache"]
@@ -293,8 +293,10 @@ def _decode(
 def encode_prompt(tokenizer: Tokenizer, text: str) -> list[int]:
   """``text`` as the tokenizer encodes it with its special tokens: ``bos_id``
   first when ``tokenizer.add_bos`` (the byte tokenizer, our own BPE, a LLaMA
-  template; not GPT-2's), then ``tokenizer.encode(text)``."""
-  return [tokenizer.bos_id] * bool(tokenizer.add_bos) + list(tokenizer.encode(text))
+  template; not GPT-2's), then ``tokenizer.encode(text)``. An empty result is
+  ``[bos_id]``, the start ``transformers`` generates from without input ids."""
+  ids = [tokenizer.bos_id] * bool(tokenizer.add_bos) + list(tokenizer.encode(text))
+  return ids or [tokenizer.bos_id]
 
 
 def _until_eos(ids: Any, eos_id: int) -> list[int]:
@@ -318,9 +320,8 @@ def generate_text(
 ) -> str:
   """The text a decoder-only model writes after ``prompt`` (the prompt itself excluded).
 
-  The prompt is encoded by :func:`encode_prompt`; an empty prompt must then
-  hold at least the bos token. Generation stops at ``tokenizer.eos_id``, which
-  is not decoded.
+  The prompt is encoded by :func:`encode_prompt` (``""`` samples from the bos
+  token). Generation stops at ``tokenizer.eos_id``, which is not decoded.
 
   Args:
     tokenizer: anything with ``encode``, ``decode``, ``bos_id``, ``eos_id``

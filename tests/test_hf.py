@@ -77,6 +77,7 @@ def test_imported_run_generates_as_transformers(name, tmp_path):
   text = "The quick brown fox"
   ids = tok.hf.encode(text, add_special_tokens=True).ids
   assert encode_prompt(tok, text) == ids
+  assert encode_prompt(tok, "") == [tok.bos_id]  # transformers' start without input ids
   prompt = np.load(os.path.join(_fixture(name), "prompt.npy"))
   ref = np.load(os.path.join(_fixture(name), "greedy.npy"))
   greedy = lambda p, n, **kw: generate(
@@ -312,7 +313,7 @@ def test_cli_import_generate_export(tmp_path, capsys):
   assert capsys.readouterr().out == "The quick" + want + "\n"
   assert cli.main(["generate", "--workdir", run, "--source", "Ein Mann."]) == 2
   err = capsys.readouterr().err
-  assert "decoder-only run" in err and "--source does not apply, pass --prompt" in err
+  assert "model.family='decoder' run" in err and "pass --prompt TEXT, not --source" in err
   assert err.count("\n") == 1
   assert cli.main(["export-hf", "--workdir", run, out]) == 0
   ours, _ = hf.read_weights(out)

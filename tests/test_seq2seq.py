@@ -590,5 +590,5 @@ def test_cli_generate_translates_a_source_greedily_or_by_beam(tmp_path, capsys):
   assert capsys.readouterr().out == want(beam_size=3, length_penalty=1.0) + "\n"
   assert cli.main(["generate", "--workdir", run, "--prompt", "Ein"]) == 2
   err = capsys.readouterr().err
-  assert "encoder-decoder run" in err and "--prompt does not apply, pass --source" in err
+  assert "model.family='encoder_decoder' run" in err and "pass --source TEXT, not --prompt" in err
   assert err.count("\n") == 1
