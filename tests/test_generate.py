@@ -12,6 +12,7 @@ import pytest
 
 from llm_mp import decode
 from llm_mp import generate as gen
+from llm_mp.builder import build_resolved_model
 from llm_mp.config import ModelConfig
 from llm_mp.data.tokenizer import BpeTokenizer, ByteTokenizer, load_tokenizer
 from llm_mp.models import TransformerLM
@@ -175,6 +176,16 @@ def test_decoder_beam_search_is_exact_when_the_beam_holds_the_vocabulary():
   total = logp[jnp.arange(2 * v), p - 1, first].reshape(2, v, 1) + logp[:, p].reshape(2, v, v)
   best = np.asarray(total.reshape(2, -1).argmax(-1))
   np.testing.assert_array_equal(out[:, p:], np.stack([best // v, best % v], axis=-1))
+
+
+def test_generation_builds_through_the_builder(monkeypatch):
+  """The decoding model has model.attention_impl="auto" resolved, as training's."""
+  auto = dataclasses.replace(LLAMA, attention_impl="auto")
+  assert build_resolved_model(auto, FP32, decode=True).config.attention_impl == "xla"
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  bf16 = make_precision("bf16")
+  model = build_resolved_model(auto, bf16, decode=True)
+  assert model.decode and model.config.attention_impl == "cudnn"
 
 
 def test_top_k_1_and_temperature_0_are_argmax():
