@@ -33,9 +33,9 @@ from experiments import common, datasets
 from llm_mp import text_metrics
 from llm_mp.config import apply_overrides
 from llm_mp.data import text2text
+from llm_mp.generate import generate_seq2seq
 from llm_mp.presets import get_preset
 from llm_mp.rundir import load_run
-from llm_mp.seq2seq_decode import generate_seq2seq
 from llm_mp.train import train
 
 PRECISIONS = {"fp32": "fp32", "bf16": "bf16", "fp16 + dynamic scale": "fp16"}

@@ -11,7 +11,9 @@ The supported API, from the bottom layer up::
   tasks      TaskSpec, register_task, make_task (the task registry, llm_mp.tasks)
   state      TrainState, make_init_fn
   step       make_train_step, make_eval_step, cross_entropy
-  generate   generate_text, sample_logits (llm_mp.generate.generate for token arrays)
+  decode     sample_logits (llm_mp.decode: the sampling, greedy and beam-search loops)
+  generate   generate_text, generate_seq2seq_text (llm_mp.generate.generate and
+             generate_seq2seq for token arrays)
   builder    build_recipe: the one place a run's model, task and optimizer are built
   rundir     load_run (a trained run: config, recipe, parameters and collections)
   train      train (the loop); llm_mp.cli is the `llm-mp` command
@@ -32,7 +34,8 @@ from llm_mp.config import (
   TrainConfig,
   apply_overrides,
 )
-from llm_mp.generate import generate_text, sample_logits
+from llm_mp.decode import sample_logits
+from llm_mp.generate import generate_seq2seq_text, generate_text
 from llm_mp.loss_scale import DynamicLossScale, NoOpLossScale, StaticLossScale, make_loss_scale
 from llm_mp.models import TransformerLM
 from llm_mp.optim import make_optimizer
@@ -62,6 +65,7 @@ __all__ = [
   "apply_overrides",
   "build_recipe",
   "cross_entropy",
+  "generate_seq2seq_text",
   "generate_text",
   "get_preset",
   "load_run",

@@ -18,12 +18,11 @@ from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import optax
 
 from llm_mp.config import Config
 from llm_mp.formats import parse_formats
-from llm_mp.models import FAMILIES, HEAD_MODULES, HEAD_PARAMS, build_model
+from llm_mp.models import FAMILIES, HEAD_MODULES, HEAD_PARAMS, build_model, resolve_model_choices
 from llm_mp.optim import make_optimizer, param_path
 from llm_mp.precision import Precision, make_precision
 from llm_mp.tasks import Task, make_task, task_spec
@@ -80,20 +79,10 @@ def run_precision(config: Config) -> Precision:
 def resolve_backend_choices(
   config: Config, precision: Precision, backend: str | None = None
 ) -> Config:
-  """``config`` with its "auto" implementation choices made for ``backend``
-  (default: ``jax.default_backend()``).
-
-  ``model.attention_impl="auto"`` becomes "cudnn" (flash attention, no
-  ``T x T`` scores in memory) on a GPU when the compute dtype is bf16 or fp16,
-  the dtypes that kernel takes, and "xla" otherwise.
-  """
-  m = config.model
-  if m.attention_impl != "auto":
-    return config
-  backend = backend or jax.default_backend()
-  half = jnp.dtype(precision.compute_dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-  impl = "cudnn" if backend == "gpu" and half else "xla"
-  return dataclasses.replace(config, model=dataclasses.replace(m, attention_impl=impl))
+  """``config`` with its model's "auto" implementation choices made for
+  ``backend`` (:func:`resolve_model_choices`)."""
+  model = resolve_model_choices(config.model, precision, backend)
+  return config if model is config.model else dataclasses.replace(config, model=model)
 
 
 def build_recipe(config: Config, tokenizer: Any = None, decode: bool = False) -> Recipe:

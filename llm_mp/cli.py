@@ -92,30 +92,61 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-  from llm_mp.generate import generate_text  # pylint: disable=import-outside-toplevel
+  from llm_mp import generate as gen  # pylint: disable=import-outside-toplevel
+  from llm_mp.data import load_text2text_tokenizers  # pylint: disable=import-outside-toplevel
+  from llm_mp.models import FAMILIES  # pylint: disable=import-outside-toplevel
 
   loaded = _load(args.workdir)
+  model = loaded.config.model
+  seq2seq = FAMILIES[model.family].reads_source
+  wanted, other = ("source", "prompt") if seq2seq else ("prompt", "source")
+  if getattr(args, wanted) is None or getattr(args, other) is not None:
+    raise ValueError(
+      f"{args.workdir} is a model.family={model.family!r} run: pass --{wanted} TEXT"
+      + (f", not --{other}" if getattr(args, other) is not None else "")
+    )
+  temperature = args.temperature
+  if temperature is None:  # sampling continues a decoder's text; translation and beams are greedy
+    temperature = 0.0 if seq2seq or args.beam_size > 1 else 0.8
+  search = dict(
+    seed=args.seed,
+    temperature=temperature,
+    top_k=args.top_k,
+    top_p=args.top_p,
+    beam_size=args.beam_size,
+    length_penalty=args.length_penalty,
+  )
   n = args.max_new_tokens
-  if n is None:  # fill the context: +1 for the bos token generate_text prepends
-    prompt_len = len(loaded.tokenizer.encode(args.prompt)) + 1
-    n = min(200, loaded.config.model.max_len - prompt_len)
+  if seq2seq:
+    source_tokenizer, target_tokenizer = load_text2text_tokenizers(args.workdir)
+    text = gen.generate_seq2seq_text(
+      model,
+      loaded.precision,
+      loaded.params,
+      source_tokenizer,
+      target_tokenizer,
+      args.source,
+      max_new_tokens=min(200, model.max_len) if n is None else n,
+      **search,
+    )
+    print(text)
+    return 0
+  if n is None:  # fill the context, which the prompt's tokens (bos included) share
+    prompt_len = len(gen.encode_prompt(loaded.tokenizer, args.prompt))
+    n = min(200, model.max_len - prompt_len)
     if n < 1:
       raise ValueError(
-        f"the prompt is {prompt_len} tokens (with bos), which leaves no room in "
-        f"the model's context of model.max_len={loaded.config.model.max_len}; "
-        "shorten it"
+        f"the prompt is {prompt_len} tokens, which leaves no room in "
+        f"the model's context of model.max_len={model.max_len}; shorten it"
       )
-  text = generate_text(
-    loaded.config.model,
+  text = gen.generate_text(
+    model,
     loaded.precision,
     loaded.params,
     loaded.tokenizer,
     args.prompt,
     max_new_tokens=n,
-    seed=args.seed,
-    temperature=args.temperature,
-    top_k=args.top_k,
-    top_p=args.top_p,
+    **search,
   )
   print(args.prompt + text)
   return 0
@@ -250,16 +281,28 @@ def build_parser() -> argparse.ArgumentParser:
   )
   p.set_defaults(fn=cmd_train)
 
-  p = sub.add_parser("generate", help="continue a prompt with a trained run")
+  p = sub.add_parser(
+    "generate", help="continue a prompt (decoder run) or map a source text (encoder-decoder run)"
+  )
   p.add_argument("--workdir", required=True)
-  p.add_argument("--prompt", required=True)
+  p.add_argument("--prompt", default=None, help="the text a decoder-only run continues")
+  p.add_argument("--source", default=None, help="the input of an encoder-decoder run")
   p.add_argument(
     "--max-new-tokens",
     type=int,
     default=None,
     help="tokens to add (default: up to the model's context, at most 200)",
   )
-  p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+  p.add_argument(
+    "--temperature",
+    type=float,
+    default=None,
+    help="0 = greedy (default: 0.8 for --prompt, 0 for --source and beam search)",
+  )
+  p.add_argument("--beam-size", type=int, default=1, help="> 1: beam search (temperature 0)")
+  p.add_argument(
+    "--length-penalty", type=float, default=0.6, help="beam search's GNMT alpha (0: log p alone)"
+  )
   p.add_argument("--top-k", type=int, default=None)
   p.add_argument("--top-p", type=float, default=None)
   p.add_argument("--seed", type=int, default=0)

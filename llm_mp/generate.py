@@ -1,14 +1,24 @@
-"""KV-cache text generation: prompt prefill, a jitted decode loop, sampling.
+"""Generation for both model families: tokens in, tokens out, and text in, text out.
 
-:func:`generate` is a pure function of ``(params, prompt, rng)``. Inside one
-``jax.jit`` (static: config, policy, lengths, sampling settings) it creates an
-empty cache, runs the whole prompt through the model in one ``apply``, then
-decodes one token per ``lax.while_loop`` step against the cache. A second call
-with the same shapes and settings does not recompile.
+:func:`generate` continues decoder-only prompts; :func:`generate_seq2seq`
+writes an encoder-decoder's targets for source rows. Both run one jitted
+function (static: config, policy, lengths, search settings; a second call
+with the same shapes and settings does not recompile) that builds the model
+through the builder (its "auto" choices resolved), makes an empty KV cache,
+primes it, and hands one step function to :mod:`llm_mp.decode`'s loops:
+sampling / greedy (``beam_size=1``) or beam search.
 
-:func:`sample_logits` draws tokens with temperature, top-k and top-p (nucleus)
-truncation, in fp32. :func:`generate_text` wraps both for a tokenizer and a
-string prompt (the CLI's ``generate``).
+* Decoder-only: the whole prompt fills the cache in one ``apply``; then each
+  new token costs one single-token pass at the next position.
+* Encoder-decoder: the encoder runs once and its output is repeated for the
+  beams; the decoder is primed with BOS at position 0, a call that projects
+  the encoder output to every layer's cross-attention keys/values and caches
+  them; later steps pass no context and read the cache.
+
+:func:`generate_text` and :func:`generate_seq2seq_text` wrap these for a
+tokenizer and a string. A prompt is encoded as the tokenizer encodes text with
+its special tokens (:func:`encode_prompt`), so an imported Hugging Face
+checkpoint generates what ``transformers`` generates from the same text.
 """
 
 from __future__ import annotations
@@ -20,77 +30,24 @@ import jax
 import jax.numpy as jnp
 
 from llm_mp.config import ModelConfig
-from llm_mp.models import TransformerLM, build_model
+from llm_mp.decode import beam_search, check_sampling, init_cache, reorder_cache, sample_search
+from llm_mp.models import build_resolved_model
 from llm_mp.precision import Precision
 
 if TYPE_CHECKING:
   from llm_mp.data import Tokenizer
 
 
-def sample_logits(
-  logits: jax.Array,
-  rng: jax.Array,
-  temperature: float = 1.0,
-  top_k: int | None = None,
-  top_p: float | None = None,
-) -> jax.Array:
-  """One token per row from ``softmax(logits / temperature)``, truncated.
-
-  The logits are divided by the temperature first; top-k then keeps the ``k``
-  most likely tokens (ties go to the lower id); top-p then keeps, of those, the
-  smallest most-likely-first set whose renormalised mass is >= ``top_p``.
-  Tokens outside the kept set are never drawn.
-
-  Args:
-    logits: ``[B, V]``, any float dtype; sampling runs in fp32.
-    rng: a PRNG key (unused when greedy).
-    temperature: 0 = greedy (argmax; top-k and top-p then change nothing).
-    top_k: ``>= 1``, or None for no top-k truncation.
-    top_p: in ``(0, 1]``, or None for no nucleus truncation.
-
-  Returns:
-    int32 ``[B]`` token ids.
-
-  Raises:
-    ValueError: ``temperature < 0``, ``top_k < 1`` or ``top_p`` outside ``(0, 1]``.
-  """
-  if temperature < 0:
-    raise ValueError(f"temperature={temperature} must be >= 0 (0 = greedy)")
-  if top_k is not None and top_k < 1:
-    raise ValueError(f"top_k={top_k} must be >= 1 or None")
-  if top_p is not None and not 0 < top_p <= 1:
-    raise ValueError(f"top_p={top_p} must be in (0, 1] or None")
-  logits = logits.astype(jnp.float32)  # kept in fp32: softmax mass and cumulative sums
-  if temperature == 0:
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  logits = logits / temperature
-  if top_k is None and top_p is None:
-    return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
-  # Sample a rank among the k best (k = V: a full sort), then map it back to an id.
-  ranked, ids = jax.lax.top_k(logits, min(top_k or logits.shape[-1], logits.shape[-1]))
-  if top_p is not None and top_p < 1:
-    probs = jax.nn.softmax(ranked, axis=-1)  # (B, k), most likely first
-    mass_before = jnp.cumsum(probs, axis=-1) - probs
-    ranked = jnp.where(mass_before < top_p, ranked, -jnp.inf)
-  rank = jax.random.categorical(rng, ranked, axis=-1)  # (B,)
-  return jnp.take_along_axis(ids, rank[:, None], axis=-1)[:, 0].astype(jnp.int32)
-
-
-def init_cache(model: TransformerLM, batch_size: int) -> Any:
-  """An empty KV cache for ``model`` (built with ``decode=True``).
-
-  Returns the ``cache`` collection: per layer, ``cached_key``/``cached_value``
-  zeros of shape ``[batch_size, max_len, kv_heads, head_dim]`` in the key/value
-  projections' output dtype (a leading ``layers`` axis under ``scan_layers``)
-  and an int32 ``index`` of 0. Only shapes are traced: no parameters are
-  initialised.
-  """
-  tokens = jnp.zeros((batch_size, model.config.max_len), jnp.int32)
-  positions = jnp.broadcast_to(jnp.arange(model.config.max_len), tokens.shape)
-  shapes = jax.eval_shape(
-    lambda: model.init(jax.random.key(0), tokens, positions=positions)["cache"]
-  )
-  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+def _check_search(beam_size: int, temperature: float, top_k, top_p) -> None:
+  """Raises ValueError (naming the value) for settings no search takes."""
+  if beam_size < 1:
+    raise ValueError(f"beam_size={beam_size} must be >= 1")
+  if beam_size > 1 and temperature != 0:
+    raise ValueError(
+      f"beam search is deterministic: temperature={temperature} must be 0 "
+      f"with beam_size={beam_size}"
+    )
+  check_sampling(temperature, top_k, top_p)
 
 
 def generate(
@@ -104,16 +61,18 @@ def generate(
   top_k: int | None = None,
   top_p: float | None = None,
   eos_id: int | None = None,
+  beam_size: int = 1,
+  length_penalty: float = 0.6,
 ) -> jax.Array:
-  """Continues ``prompt`` by ``max_new_tokens`` tokens with a KV cache.
+  """Continues a decoder-only model's ``prompt`` by ``max_new_tokens`` tokens.
 
   Every row has the same prompt length ``P`` (no padding). The prompt fills
   the cache in one forward pass; each new token then costs one single-token
   pass. Step ``i`` samples with ``jax.random.fold_in(rng, i)`` (see
-  :func:`sample_logits` for the sampling settings).
+  :func:`llm_mp.decode.sample_logits` for the sampling settings).
 
   Args:
-    model_config: the model's architecture.
+    model_config: the model's architecture (``family="decoder"``).
     precision: the policy the model runs in; the cache takes the key/value
       projections' output dtype (bf16 under the ``bf16`` preset).
     params: the ``TransformerLM`` parameters, laid out for
@@ -126,13 +85,16 @@ def generate(
     temperature, top_k, top_p: sampling settings; ``temperature=0`` is greedy.
     eos_id: once a row emits it, that row emits only ``eos_id`` afterwards;
       the loop stops early when every row has. None = always ``N`` tokens.
+    beam_size: 1 = greedy or sampling; ``W > 1`` = beam search
+      (``temperature`` must be 0), the best hypothesis of each row returned.
+    length_penalty: beam search's ``alpha`` (see :mod:`llm_mp.decode`).
 
   Returns:
     int32 ``[B, P + N]``: the prompt followed by the new tokens.
 
   Raises:
     ValueError: an empty or non-2-D prompt, ``N < 1``, ``P + N`` longer than
-      ``model.max_len``, or bad sampling settings.
+      ``model.max_len``, or bad search settings.
   """
   prompt = jnp.asarray(prompt, jnp.int32)
   if prompt.ndim != 2 or prompt.shape[1] == 0:
@@ -145,17 +107,103 @@ def generate(
       f"prompt length {prompt.shape[1]} + max_new_tokens={max_new_tokens} = "
       f"{total} is longer than model.max_len={model_config.max_len}"
     )
-  return _generate(
+  _check_search(beam_size, temperature, top_k, top_p)
+  new = _decode(
     params,
     prompt,
+    None,
+    None,
     rng,
     config=model_config,
     precision=precision,
     max_new_tokens=max_new_tokens,
+    eos_id=eos_id,
+    pad_id=0 if eos_id is None else eos_id,
+    beam_size=beam_size,
+    length_penalty=float(length_penalty),
     temperature=temperature,
     top_k=top_k,
     top_p=top_p,
+  )
+  return jnp.concatenate([prompt, new], axis=1)
+
+
+def generate_seq2seq(
+  config: ModelConfig,
+  precision: Precision,
+  params: Any,
+  src_tokens: jax.Array,
+  src_segment_ids: jax.Array | None = None,
+  *,
+  max_new_tokens: int,
+  bos_id: int,
+  eos_id: int,
+  pad_id: int | None = None,
+  beam_size: int = 1,
+  length_penalty: float = 0.6,
+  temperature: float = 0.0,
+  top_k: int | None = None,
+  top_p: float | None = None,
+  rng: jax.Array | None = None,
+) -> jax.Array:
+  """Target tokens for each source row of an encoder-decoder.
+
+  Args:
+    config: the model's architecture (``family="encoder_decoder"``).
+    precision: the policy the model runs in (the caches take the key/value
+      projections' dtype).
+    params: the :class:`~llm_mp.models.EncoderDecoder` parameters (or
+      ``{"params": ..., **collections}``).
+    src_tokens: int ``[B, S]``; ``src_segment_ids`` int ``[B, S]`` (0 =
+      padding, never attended to) or None (every token real).
+    max_new_tokens: ``N``, at most ``model.max_len`` (the decoder cache length).
+    bos_id: the decoder's first input; eos_id: ends a row; pad_id: fills a row
+      after its EOS (default ``eos_id``).
+    beam_size: 1 = greedy or sampling; ``W > 1`` = beam search (``temperature``
+      must be 0). Beam size 1 with ``length_penalty=0`` is greedy decoding.
+    length_penalty: beam search's ``alpha`` (GNMT / T5; 0.6 is their default).
+    temperature, top_k, top_p: sampling, as
+      :func:`llm_mp.decode.sample_logits`; ``temperature=0`` is greedy.
+    rng: PRNG key for sampling (required when ``temperature > 0``).
+
+  Returns:
+    int32 ``[B, N]``: generated tokens, EOS, then ``pad_id`` to the end (a row
+    that never emits EOS runs to ``N`` tokens).
+
+  Raises:
+    ValueError: bad shapes or settings (named with the value).
+  """
+  src_tokens = jnp.asarray(src_tokens, jnp.int32)
+  if src_tokens.ndim != 2 or src_tokens.shape[1] == 0:
+    raise ValueError(f"src_tokens must be int[B, S] with S >= 1, got shape {src_tokens.shape}")
+  if src_segment_ids is not None and jnp.shape(src_segment_ids) != src_tokens.shape:
+    raise ValueError(
+      f"src_segment_ids shape {jnp.shape(src_segment_ids)} differs from "
+      f"src_tokens shape {src_tokens.shape}"
+    )
+  if not 1 <= max_new_tokens <= config.max_len:
+    raise ValueError(
+      f"max_new_tokens={max_new_tokens} must be in [1, model.max_len={config.max_len}]"
+    )
+  _check_search(beam_size, temperature, top_k, top_p)
+  if temperature > 0 and rng is None:
+    raise ValueError(f"temperature={temperature} samples: pass rng")
+  return _decode(
+    params,
+    jnp.full((src_tokens.shape[0], 1), bos_id, jnp.int32),
+    src_tokens,
+    src_segment_ids,
+    jax.random.key(0) if rng is None else rng,
+    config=config,
+    precision=precision,
+    max_new_tokens=max_new_tokens,
     eos_id=eos_id,
+    pad_id=eos_id if pad_id is None else pad_id,
+    beam_size=beam_size,
+    length_penalty=float(length_penalty),
+    temperature=temperature,
+    top_k=top_k,
+    top_p=top_p,
   )
 
 
@@ -165,54 +213,95 @@ def generate(
     "config",
     "precision",
     "max_new_tokens",
+    "eos_id",
+    "pad_id",
+    "beam_size",
+    "length_penalty",
     "temperature",
     "top_k",
     "top_p",
-    "eos_id",
   ),
 )
-def _generate(
-  params, prompt, rng, *, config, precision, max_new_tokens, temperature, top_k, top_p, eos_id
+def _decode(
+  params,
+  prefix,
+  src_tokens,
+  src_segment_ids,
+  rng,
+  *,
+  config,
+  precision,
+  max_new_tokens,
+  eos_id,
+  pad_id,
+  beam_size,
+  length_penalty,
+  temperature,
+  top_k,
+  top_p,
 ):
-  """:func:`generate` after validation; traced once per shapes and settings."""
-  model = build_model(config, precision, decode=True)
+  """The one decoding function: ``prefix`` int ``[B, P]`` primes the decoder
+  (the prompt, or BOS for an encoder-decoder, whose source is ``src_tokens``
+  int ``[B, S]``; None for a decoder-only model) -> new tokens int32 ``[B, N]``."""
+  model = build_resolved_model(config, precision, decode=True)
   variables = params if "params" in params else {"params": params}
-  b, p = prompt.shape
-  sample = functools.partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p)
+  # Beam w of example b is row b * W + w.
+  prefix = jnp.repeat(prefix, beam_size, axis=0)
+  rows, p = prefix.shape
+  seq2seq = src_tokens is not None
+  context, src_segments = None, None
+  if seq2seq:
+    encoded = model.apply(variables, src_tokens, src_segment_ids, method=model.encode)
+    context = jnp.repeat(encoded, beam_size, axis=0)
+    if src_segment_ids is not None:
+      src_segments = jnp.repeat(src_segment_ids, beam_size, axis=0)
 
-  def forward(cache, tokens, start):  # tokens (B, L) at positions start.. -> last logits (B, V)
+  def forward(cache, tokens, start, context=None):  # tokens (R, L) at start.. -> (R, V)
     positions = start + jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-    logits, mutated = model.apply(
-      {**variables, "cache": cache}, tokens, positions=positions, mutable=["cache"]
-    )
+    with_cache = {**variables, "cache": cache}
+    if seq2seq:
+      logits, mutated = model.apply(
+        with_cache,
+        tokens,
+        context,
+        src_segments,
+        None,
+        positions,
+        method=model.decoder_logits,
+        mutable=["cache"],
+      )
+    else:
+      logits, mutated = model.apply(with_cache, tokens, positions=positions, mutable=["cache"])
     # Padded vocabulary columns (model.vocab_multiple) are dropped, not just masked,
     # so the random draws, hence the samples, are those of the unpadded model.
-    return logits[:, -1, : config.vocab_size], mutated["cache"]
+    return logits[:, -1, : config.vocab_size].astype(jnp.float32), mutated["cache"]
 
-  def emit(i, logits, out, done):  # samples new token i, writes it at P + i
-    token = sample(logits, jax.random.fold_in(rng, i))
-    if eos_id is not None:
-      token = jnp.where(done, eos_id, token)
-      done = done | (token == eos_id)
-    return token, jax.lax.dynamic_update_slice_in_dim(out, token[:, None], p + i, axis=1), done
+  cache = init_cache(model, rows, src_tokens.shape[1] if seq2seq else None)
+  logits, cache = forward(cache, prefix, 0, context)
+  step = lambda tokens, i, cache: forward(cache, tokens[:, None], p - 1 + i)
+  search = dict(max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id)
+  if beam_size == 1:
+    return sample_search(
+      step, cache, logits, rng=rng, temperature=temperature, top_k=top_k, top_p=top_p, **search
+    )[0]
+  reorder = functools.partial(reorder_cache, scan_layers=config.scan_layers)
+  return beam_search(
+    step, reorder, cache, logits, beam_size=beam_size, length_penalty=length_penalty, **search
+  )[0]
 
-  # Unwritten slots (left by an early stop) read as eos.
-  fill = 0 if eos_id is None else eos_id
-  out = jnp.full((b, p + max_new_tokens), fill, jnp.int32).at[:, :p].set(prompt)
-  logits, cache = forward(init_cache(model, b), prompt, 0)
-  token, out, done = emit(0, logits, out, jnp.zeros((b,), bool))
 
-  def cond(state):
-    i, _, _, _, done = state
-    return (i < max_new_tokens) & ~jnp.all(done)
+def encode_prompt(tokenizer: Tokenizer, text: str) -> list[int]:
+  """``text`` as the tokenizer encodes it with its special tokens: ``bos_id``
+  first when ``tokenizer.add_bos`` (the byte tokenizer, our own BPE, a LLaMA
+  template; not GPT-2's), then ``tokenizer.encode(text)``. An empty result is
+  ``[bos_id]``, the start ``transformers`` generates from without input ids."""
+  ids = [tokenizer.bos_id] * bool(tokenizer.add_bos) + list(tokenizer.encode(text))
+  return ids or [tokenizer.bos_id]
 
-  def body(state):
-    i, token, cache, out, done = state
-    logits, cache = forward(cache, token[:, None], p + i - 1)
-    token, out, done = emit(i, logits, out, done)
-    return i + 1, token, cache, out, done
 
-  return jax.lax.while_loop(cond, body, (1, token, cache, out, done))[3]
+def _until_eos(ids: Any, eos_id: int) -> list[int]:
+  ids = [int(t) for t in ids]
+  return ids[: ids.index(eos_id)] if eos_id in ids else ids
 
 
 def generate_text(
@@ -226,24 +315,25 @@ def generate_text(
   temperature: float = 1.0,
   top_k: int | None = None,
   top_p: float | None = None,
+  beam_size: int = 1,
+  length_penalty: float = 0.6,
 ) -> str:
-  """The text the model writes after ``prompt`` (the prompt itself excluded).
+  """The text a decoder-only model writes after ``prompt`` (the prompt itself excluded).
 
-  The prompt is encoded as ``[tokenizer.bos_id] + tokenizer.encode(prompt)``,
-  as documents start in the token files, so ``prompt=""`` samples from scratch.
-  Generation stops at ``tokenizer.eos_id``, which is not decoded.
+  The prompt is encoded by :func:`encode_prompt` (``""`` samples from the bos
+  token). Generation stops at ``tokenizer.eos_id``, which is not decoded.
 
   Args:
-    tokenizer: anything with ``encode``, ``decode``, ``bos_id`` and ``eos_id``
-      (an :class:`llm_mp.data.Tokenizer`).
+    tokenizer: anything with ``encode``, ``decode``, ``bos_id``, ``eos_id``
+      and ``add_bos`` (an :class:`llm_mp.data.Tokenizer`).
     seed: the sampling PRNG seed.
-    model_config, precision, params, max_new_tokens, temperature, top_k, top_p:
-      as for :func:`generate`.
+    model_config, precision, params, max_new_tokens, temperature, top_k, top_p,
+      beam_size, length_penalty: as for :func:`generate`.
 
   Raises:
-    ValueError: as :func:`generate` (the bos token counts in the prompt length).
+    ValueError: as :func:`generate` (a bos token counts in the prompt length).
   """
-  ids = [tokenizer.bos_id] + list(tokenizer.encode(prompt))
+  ids = encode_prompt(tokenizer, prompt)
   out = generate(
     model_config,
     precision,
@@ -255,8 +345,57 @@ def generate_text(
     top_k=top_k,
     top_p=top_p,
     eos_id=tokenizer.eos_id,
+    beam_size=beam_size,
+    length_penalty=length_penalty,
   )
-  new = [int(t) for t in out[0, len(ids) :]]
-  if tokenizer.eos_id in new:
-    new = new[: new.index(tokenizer.eos_id)]
-  return tokenizer.decode(new)
+  return tokenizer.decode(_until_eos(out[0, len(ids) :], tokenizer.eos_id))
+
+
+def generate_seq2seq_text(
+  config: ModelConfig,
+  precision: Precision,
+  params: Any,
+  source_tokenizer: Tokenizer,
+  target_tokenizer: Tokenizer,
+  source: str,
+  max_new_tokens: int,
+  seed: int = 0,
+  temperature: float = 0.0,
+  top_k: int | None = None,
+  top_p: float | None = None,
+  beam_size: int = 1,
+  length_penalty: float = 0.6,
+) -> str:
+  """An encoder-decoder's output text for ``source`` (a translation, a summary).
+
+  The source is encoded as in training (``tokens + [EOS]``, cut to
+  ``model.max_len``); the decoder starts at the target tokenizer's BOS and
+  stops at its EOS, which is not decoded.
+
+  Args:
+    source_tokenizer, target_tokenizer: the run's (the same one when shared).
+    seed: the sampling PRNG seed.
+    config, precision, params, max_new_tokens, temperature, top_k, top_p,
+      beam_size, length_penalty: as for :func:`generate_seq2seq`.
+
+  Raises:
+    ValueError: as :func:`generate_seq2seq`.
+  """
+  ids = (list(source_tokenizer.encode(source)) + [source_tokenizer.eos_id])[: config.max_len]
+  out = generate_seq2seq(
+    config,
+    precision,
+    params,
+    jnp.asarray([ids], jnp.int32),
+    max_new_tokens=max_new_tokens,
+    bos_id=target_tokenizer.bos_id,
+    eos_id=target_tokenizer.eos_id,
+    pad_id=target_tokenizer.pad_id,
+    beam_size=beam_size,
+    length_penalty=length_penalty,
+    temperature=temperature,
+    top_k=top_k,
+    top_p=top_p,
+    rng=jax.random.key(seed),
+  )
+  return target_tokenizer.decode(_until_eos(out[0], target_tokenizer.eos_id))

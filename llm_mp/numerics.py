@@ -43,7 +43,7 @@ import numpy as np
 
 from llm_mp.config import ModelConfig
 from llm_mp.format_ranges import FORMATS, format_fractions, format_range, tensor_stats
-from llm_mp.models import build_model
+from llm_mp.models import build_resolved_model
 from llm_mp.precision import Precision, loss_scale_kind, make_precision
 from llm_mp.rundir import load_run
 from llm_mp.tasks import Task, task_spec
@@ -110,9 +110,10 @@ def unscan_params(params: Any, n_layers: int) -> Any:
 def diagnostic_model(
   model_config: ModelConfig, precision: Precision, head: str = "lm"
 ) -> nn.Module:
-  """The model of ``model_config`` unrolled (no scan, no remat): one module per layer."""
+  """The model of ``model_config`` unrolled (no scan, no remat): one module per layer,
+  its "auto" choices resolved as the builder resolves them."""
   cfg = dataclasses.replace(model_config, scan_layers=False, remat="none", dropout=0.0)
-  return build_model(cfg, precision, head=head)
+  return build_resolved_model(cfg, precision, head=head)
 
 
 @dataclasses.dataclass

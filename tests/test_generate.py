@@ -10,10 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from llm_mp import decode
 from llm_mp import generate as gen
 from llm_mp.config import ModelConfig
-from llm_mp.data.tokenizer import ByteTokenizer
-from llm_mp.models import TransformerLM
+from llm_mp.data.tokenizer import BpeTokenizer, ByteTokenizer, load_tokenizer
+from llm_mp.models import TransformerLM, build_resolved_model
 from llm_mp.precision import make_precision
 
 GPT2 = ModelConfig.gpt2(vocab_size=61, d_model=32, n_layers=2, n_heads=4, max_len=24)
@@ -68,7 +69,7 @@ def test_cached_logits_equal_full_forward_logits(name):
       {"params": params, "cache": cache}, chunk, positions=positions, mutable=["cache"]
     )
   )
-  cache = gen.init_cache(decoder, 2)
+  cache = decode.init_cache(decoder, 2)
   chunks = [(0, p)] + [(t, t + 1) for t in range(p, tokens.shape[1])]  # prefill, then 1 by 1
   for start, stop in chunks:
     positions = jnp.broadcast_to(jnp.arange(start, stop), (2, stop - start))
@@ -81,7 +82,7 @@ def test_cached_logits_equal_full_forward_logits(name):
 def test_bf16_policy_generates_with_a_bf16_cache():
   bf16 = make_precision("bf16")
   _, params = _params(LLAMA)  # fp32 parameters, as the bf16 preset keeps them
-  cache = gen.init_cache(TransformerLM(LLAMA, bf16, decode=True), 2)
+  cache = decode.init_cache(TransformerLM(LLAMA, bf16, decode=True), 2)
   for path, leaf in jax.tree_util.tree_leaves_with_path(cache):
     expected = jnp.int32 if "index" in jax.tree_util.keystr(path) else jnp.bfloat16
     chex.assert_type(leaf, expected)
@@ -129,9 +130,9 @@ def test_second_call_with_the_same_shapes_does_not_recompile():
     GPT2, FP32, params, _tokens(3, 7, seed=seed), 5, jax.random.key(seed), top_p=0.9
   )
   call(0)
-  size = gen._generate._cache_size()  # pylint: disable=protected-access
+  size = gen._decode._cache_size()  # pylint: disable=protected-access
   call(1)  # new prompt values and key
-  assert gen._generate._cache_size() == size  # pylint: disable=protected-access
+  assert gen._decode._cache_size() == size  # pylint: disable=protected-access
 
 
 def test_generate_text_continues_a_string_prompt():
@@ -146,15 +147,57 @@ def test_generate_text_continues_a_string_prompt():
   assert isinstance(gen.generate_text(cfg, FP32, params, tok, "", 10, seed=1), str)  # bos only
 
 
+def test_prompts_start_with_bos_for_our_own_tokenizers(tmp_path):
+  """The byte tokenizer and our own BPE (trained, or saved and loaded) keep BOS first."""
+  bpe = BpeTokenizer.train(["hello world, hello there"] * 4, 300)
+  bpe.save(str(tmp_path))
+  for tok in (ByteTokenizer(), bpe, load_tokenizer(str(tmp_path))):
+    assert tok.add_bos and gen.encode_prompt(tok, "hi") == [tok.bos_id, *tok.encode("hi")]
+
+
+def test_decoder_beam_search_is_exact_when_the_beam_holds_the_vocabulary():
+  """Beam search on a decoder-only model (its scanned cache reordered by beam): with
+  W = V beams, two new tokens are searched exhaustively, so the result is the most
+  likely continuation by the full forward pass."""
+  cfg = CONFIGS["llama_scan"]
+  model, params = _params(cfg)
+  params = jax.tree.map(lambda x: 4 * x, params)  # sharp logits: clear winners
+  p, v = 5, cfg.vocab_size
+  prompt = _tokens(2, p)
+  out = gen.generate(
+    cfg, FP32, params, prompt, 2, jax.random.key(0), 0.0, beam_size=v, length_penalty=0.0
+  )
+  chex.assert_shape(out, (2, p + 2))
+  np.testing.assert_array_equal(out[:, :p], prompt)
+  first = jnp.tile(jnp.arange(v), 2)  # (2V,): every first token after each prompt
+  cand = jnp.concatenate([jnp.repeat(prompt, v, axis=0), first[:, None]], axis=1)
+  logp = jax.nn.log_softmax(jax.jit(model.apply)({"params": params}, cand), axis=-1)
+  total = logp[jnp.arange(2 * v), p - 1, first].reshape(2, v, 1) + logp[:, p].reshape(2, v, v)
+  best = np.asarray(total.reshape(2, -1).argmax(-1))
+  np.testing.assert_array_equal(out[:, p:], np.stack([best // v, best % v], axis=-1))
+
+
+def test_generation_builds_through_the_builder(monkeypatch):
+  """The decoding model has model.attention_impl="auto" resolved, as training's."""
+  auto = dataclasses.replace(LLAMA, attention_impl="auto")
+  assert build_resolved_model(auto, FP32, decode=True).config.attention_impl == "xla"
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  bf16 = make_precision("bf16")
+  model = build_resolved_model(auto, bf16, decode=True)
+  assert model.decode and model.config.attention_impl == "cudnn"
+
+
 def test_top_k_1_and_temperature_0_are_argmax():
   logits = jax.random.normal(jax.random.key(0), (64, 50)) * 3
   argmax = jnp.argmax(logits, axis=-1)
   for seed in range(3):
     key = jax.random.key(seed)
-    np.testing.assert_array_equal(gen.sample_logits(logits, key, top_k=1), argmax)
-    np.testing.assert_array_equal(gen.sample_logits(logits, key, 5.0, top_k=1, top_p=0.9), argmax)
-    np.testing.assert_array_equal(gen.sample_logits(logits, key, 0.0, top_p=0.1), argmax)
-  chex.assert_type(gen.sample_logits(logits.astype(jnp.bfloat16), jax.random.key(0)), jnp.int32)
+    np.testing.assert_array_equal(decode.sample_logits(logits, key, top_k=1), argmax)
+    np.testing.assert_array_equal(
+      decode.sample_logits(logits, key, 5.0, top_k=1, top_p=0.9), argmax
+    )
+    np.testing.assert_array_equal(decode.sample_logits(logits, key, 0.0, top_p=0.1), argmax)
+  chex.assert_type(decode.sample_logits(logits.astype(jnp.bfloat16), jax.random.key(0)), jnp.int32)
 
 
 # Token probabilities in shuffled id order; by rank: id 3 (.4), 1 (.3), 4 (.15), 2 (.1), 0 (.05).
@@ -177,7 +220,7 @@ PROBS = np.array([0.05, 0.3, 0.1, 0.4, 0.15])
 def test_sampled_frequencies_match_the_truncated_distribution(temperature, top_k, top_p, kept):
   n = 4000
   logits = jnp.broadcast_to(jnp.log(jnp.asarray(PROBS, jnp.float32)), (n, PROBS.size))
-  draws = np.asarray(gen.sample_logits(logits, jax.random.key(7), temperature, top_k, top_p))
+  draws = np.asarray(decode.sample_logits(logits, jax.random.key(7), temperature, top_k, top_p))
   counts = np.bincount(draws, minlength=PROBS.size)
   expected = np.zeros_like(PROBS)
   expected[kept] = PROBS[kept] ** (1 / temperature)
@@ -199,7 +242,7 @@ def test_sampled_frequencies_match_the_truncated_distribution(temperature, top_k
 )
 def test_bad_sampling_settings_are_rejected(kw, match):
   with pytest.raises(ValueError, match=match):
-    gen.sample_logits(jnp.zeros((1, 5)), jax.random.key(0), **kw)
+    decode.sample_logits(jnp.zeros((1, 5)), jax.random.key(0), **kw)
 
 
 def test_prompt_plus_new_tokens_longer_than_max_len_is_rejected():

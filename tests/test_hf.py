@@ -15,9 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llm_mp import cli, hf
+from llm_mp import cli, hf, inference
 from llm_mp.config import ModelConfig
-from llm_mp.generate import generate, generate_text
+from llm_mp.data import load_tokenizer
+from llm_mp.generate import encode_prompt, generate, generate_text
 from llm_mp.models import build_model
 from llm_mp.models.layers import rope_frequencies
 from llm_mp.precision import make_precision
@@ -63,14 +64,58 @@ def test_logits_match_transformers(imported):
   np.testing.assert_array_equal(logits.argmax(-1), ref.argmax(-1))
 
 
-def test_greedy_generation_matches_transformers(imported):
-  name, (config, params, _) = imported
+@pytest.mark.parametrize("name", NAMES)
+def test_imported_run_generates_as_transformers(name, tmp_path):
+  """An imported run encodes a prompt as the checkpoint's tokenizer does with special
+  tokens on (these post-processors add no BOS, as GPT-2's and Qwen2's) and its greedy
+  generation equals transformers' from the same prompt ids."""
+  run = str(tmp_path / "run")
+  assert cli.main(["import-hf", _fixture(name), "--workdir", run]) == 0
+  loaded = inference.load_run(run)
+  model, tok = loaded.config.model, loaded.tokenizer
+  assert not tok.add_bos
+  text = "The quick brown fox"
+  ids = tok.hf.encode(text, add_special_tokens=True).ids
+  assert encode_prompt(tok, text) == ids
+  assert encode_prompt(tok, "") == [tok.bos_id]  # transformers' start without input ids
   prompt = np.load(os.path.join(_fixture(name), "prompt.npy"))
   ref = np.load(os.path.join(_fixture(name), "greedy.npy"))
-  out = generate(
-    config.model, FP32, params, jnp.asarray(prompt), 32, jax.random.key(0), temperature=0.0
+  greedy = lambda p, n, **kw: generate(
+    model, loaded.precision, loaded.params, jnp.asarray(p), n, jax.random.key(0), 0.0, **kw
   )
-  np.testing.assert_array_equal(np.asarray(out), ref)
+  np.testing.assert_array_equal(np.asarray(greedy(prompt, 32)), ref)
+  # The text path continues exactly those ids (up to the first eos).
+  new = np.asarray(greedy([ids], 8, eos_id=tok.eos_id))[0, len(ids) :].tolist()
+  new = new[: new.index(tok.eos_id)] if tok.eos_id in new else new
+  got = generate_text(model, loaded.precision, loaded.params, tok, text, 8, temperature=0.0)
+  assert got == tok.decode(new)
+
+
+def test_a_bos_template_puts_bos_before_the_prompt(tmp_path):
+  """A LLaMA-style post-processor (TemplateProcessing "<s> $A") makes prompts start
+  with BOS, in memory and in the imported run's tokenizer file."""
+  src, run = str(tmp_path / "src"), str(tmp_path / "run")
+  shutil.copytree(_fixture("llama_gqa"), src)
+  path = os.path.join(src, "tokenizer.json")
+  with open(path, encoding="utf-8") as f:
+    spec = json.load(f)
+  bos = "<|endoftext|>"
+  spec["post_processor"] = {
+    "type": "TemplateProcessing",
+    "single": [
+      {"SpecialToken": {"id": bos, "type_id": 0}},
+      {"Sequence": {"id": "A", "type_id": 0}},
+    ],
+    "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+    "special_tokens": {bos: {"id": bos, "ids": [0], "tokens": [bos]}},
+  }
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump(spec, f)
+  assert cli.main(["import-hf", src, "--workdir", run]) == 0
+  for tok in (hf.import_hf(src)[2], load_tokenizer(run)):
+    assert tok.add_bos and tok.bos_id == 0
+    ids = tok.hf.encode("The quick", add_special_tokens=True).ids
+    assert ids[0] == 0 and encode_prompt(tok, "The quick") == ids
 
 
 def test_export_then_import_is_bit_exact(imported, tmp_path):
@@ -266,6 +311,10 @@ def test_cli_import_generate_export(tmp_path, capsys):
   config, params, tok = hf.import_hf(_fixture("llama_gqa"))
   want = generate_text(config.model, FP32, params, tok, "The quick", 4, temperature=0.0)
   assert capsys.readouterr().out == "The quick" + want + "\n"
+  assert cli.main(["generate", "--workdir", run, "--source", "Ein Mann."]) == 2
+  err = capsys.readouterr().err
+  assert "model.family='decoder' run" in err and "pass --prompt TEXT, not --source" in err
+  assert err.count("\n") == 1
   assert cli.main(["export-hf", "--workdir", run, out]) == 0
   ours, _ = hf.read_weights(out)
   theirs, _ = hf.read_weights(_fixture("llama_gqa"))

@@ -12,18 +12,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from llm_mp import cli
 from llm_mp.builder import build_recipe
 from llm_mp.config import Config, DataConfig, ModelConfig, OptimConfig, TrainConfig
+from llm_mp.data import ByteTokenizer
+from llm_mp.decode import beam_search, init_cache, length_penalty_factor, sample_search
+from llm_mp.generate import generate_seq2seq
 from llm_mp.models import EncoderDecoder, RelativePositionBias, relative_position_bucket
 from llm_mp.precision import make_precision
 from llm_mp.presets import get_preset
-from llm_mp.seq2seq_decode import (
-  beam_search,
-  generate_seq2seq,
-  init_decoder_cache,
-  length_penalty_factor,
-  sample_search,
-)
+from llm_mp.rundir import publish_run
 from llm_mp.state import make_init_fn, param_count
 from llm_mp.step import make_eval_step, make_train_step
 
@@ -188,7 +186,7 @@ def test_cached_decoding_equals_uncached_step_by_step(name):
   full = model.apply({"params": params}, src, seg, tgt)  # (3, 7, V)
   dec = EncoderDecoder(cfg, FP32, decode=True)
   encoded = dec.apply({"params": params}, src, seg, method=dec.encode)
-  cache = init_decoder_cache(dec, 3, 7)
+  cache = init_cache(dec, 3, 7)
   step = jax.jit(functools.partial(dec.apply, method=dec.decoder_logits, mutable=["cache"]))
   for i in range(tgt.shape[1]):
     # Only the first step sees the encoder output; later ones read the cached K/V.
@@ -562,3 +560,36 @@ def test_scanned_layers_decode_like_unscanned():
     np.asarray(generate_seq2seq(scanned, FP32, stack(params), src, **kw)),
     np.asarray(generate_seq2seq(cfg, FP32, params, src, **kw)),
   )
+
+
+def test_cli_generate_translates_a_source_greedily_or_by_beam(tmp_path, capsys):
+  """``llm-mp generate --source`` on an encoder-decoder run: the source encoded as in
+  training (bytes + EOS), greedy by default, beam search with --beam-size."""
+  tok = ByteTokenizer()
+  config = Config(
+    model=_config(vocab_size=tok.vocab_size, n_layers=1, max_len=32),
+    data=DataConfig(seq_len=32),
+    train=TrainConfig(task="seq2seq"),
+  )
+  r = build_recipe(config)
+  params = jax.jit(make_init_fn(r.model, r.tx, config))(jax.random.key(0)).params
+  run = str(tmp_path / "run")
+  publish_run(run, config, tok, 0, {"params": params})
+  source = "Ein Mann fährt Fahrrad."
+  src = jnp.asarray([list(source.encode("utf-8")) + [tok.eos_id]], jnp.int32)
+  kw = dict(max_new_tokens=8, bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id)
+
+  def want(**search):
+    ids = np.asarray(generate_seq2seq(config.model, FP32, params, src, **kw, **search))[0]
+    ids = ids.tolist()
+    return tok.decode(ids[: ids.index(tok.eos_id)] if tok.eos_id in ids else ids)
+
+  base = ["generate", "--workdir", run, "--source", source, "--max-new-tokens", "8"]
+  assert cli.main(base) == 0
+  assert capsys.readouterr().out == want() + "\n"
+  assert cli.main([*base, "--beam-size", "3", "--length-penalty", "1.0"]) == 0
+  assert capsys.readouterr().out == want(beam_size=3, length_penalty=1.0) + "\n"
+  assert cli.main(["generate", "--workdir", run, "--prompt", "Ein"]) == 2
+  err = capsys.readouterr().err
+  assert "model.family='encoder_decoder' run" in err and "pass --source TEXT, not --prompt" in err
+  assert err.count("\n") == 1

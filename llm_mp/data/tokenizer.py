@@ -2,7 +2,8 @@
 
 Both satisfy the :class:`Tokenizer` protocol, round-trip any Unicode string
 exactly (``decode(encode(s)) == s``) and add no special tokens when encoding;
-the token files add ``bos_id``/``eos_id`` around each document themselves.
+the token files add ``bos_id``/``eos_id`` around each document themselves, and
+a generation prompt starts with ``bos_id`` when ``add_bos`` says so.
 
 A tokenizer lives in a run directory as one file, ``tokenizer.json``: the HF
 serialisation for BPE, or ``{"type": "byte", ...}`` for bytes.
@@ -39,6 +40,7 @@ class Tokenizer(Protocol):
   pad_id: int
   bos_id: int  # starts every document in the token files
   eos_id: int  # ends every document in the token files
+  add_bos: bool  # a prompt starts with bos_id, as this tokenizer's own encoding of text does
 
   def encode(self, text: str) -> list[int]:
     """Token ids of ``text``, without special tokens."""
@@ -72,6 +74,7 @@ class ByteTokenizer:
   pad_id = BYTE_ALPHABET
   bos_id = BYTE_ALPHABET + 1
   eos_id = BYTE_ALPHABET + 2
+  add_bos = True
 
   def encode(self, text: str) -> list[int]:
     return list(text.encode("utf-8"))
@@ -109,6 +112,12 @@ class BpeTokenizer:
   ``specials`` (pad, bos, eos token strings) wraps any HF tokenizer with its
   own special tokens instead (an imported one: GPT-2's ``<|endoftext|>`` is
   bos, eos and pad at once); it is then saved as ``tokenizer_config.json``.
+
+  ``add_bos``: whether a prompt starts with ``bos_id``. An imported tokenizer
+  follows its ``tokenizer.json`` post-processor, as HF encodes with special
+  tokens on (a LLaMA template adds BOS, GPT-2's and Qwen2's add none); our own
+  BPE has no post-processor and starts prompts with BOS, as documents start in
+  the token files.
   """
 
   def __init__(self, hf: HFTokenizer, specials: Sequence[str] | None = None):
@@ -120,6 +129,9 @@ class BpeTokenizer:
     self.pad_id, self.bos_id, self.eos_id = (hf.token_to_id(t) for t in names)
     if None in (self.pad_id, self.bos_id, self.eos_id):
       raise DataError(f"BPE tokenizer lacks the special tokens {list(names)}")
+    self.add_bos = self.specials is None or hf.encode("", add_special_tokens=True).ids[:1] == [
+      self.bos_id
+    ]
 
   @classmethod
   def train(cls, docs: Sequence[str], vocab_size: int) -> BpeTokenizer:

@@ -10,6 +10,7 @@ import dataclasses
 from typing import Callable
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from llm_mp.config import ModelConfig
@@ -42,12 +43,15 @@ class Family:
     example_inputs: ``seq_len -> args`` for ``model.init`` (shapes only matter).
     stacks: ``config -> {module path prefix: layers}``: its stacks of blocks
       (where ``precision.formats`` leaves the first and last block alone).
+    reads_source: whether it maps a source text to a target (an encoder-decoder:
+      ``llm-mp generate --source``) rather than continuing a prompt.
   """
 
   build: Callable[[ModelConfig, Precision, str, bool], nn.Module]
   heads: tuple[str, ...]
   example_inputs: Callable[[int], tuple]
   stacks: Callable[[ModelConfig], dict[str, int]] = lambda c: {"*": c.n_layers}
+  reads_source: bool = False
 
 
 def _tokens(seq_len: int) -> tuple:
@@ -83,6 +87,7 @@ FAMILIES: dict[str, Family] = {
     heads=("lm",),
     example_inputs=_source_and_target,
     stacks=lambda c: {"encoder/*": c.n_layers, "decoder/*": c.decoder_layers},
+    reads_source=True,
   ),
 }
 
@@ -101,6 +106,36 @@ def build_model(
       f"model.family={config.family!r} has no {head!r} head; it has {list(family.heads)}"
     )
   return family.build(config, precision, head, decode)
+
+
+def resolve_model_choices(
+  model: ModelConfig, precision: Precision, backend: str | None = None
+) -> ModelConfig:
+  """``model`` with its "auto" implementation choices made for ``backend``
+  (default: ``jax.default_backend()``).
+
+  ``model.attention_impl="auto"`` becomes "cudnn" (flash attention, no
+  ``T x T`` scores in memory) on a GPU when the compute dtype is bf16 or fp16,
+  the dtypes that kernel takes, and "xla" otherwise.
+  """
+  if model.attention_impl != "auto":
+    return model
+  backend = backend or jax.default_backend()
+  half = jnp.dtype(precision.compute_dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+  impl = "cudnn" if backend == "gpu" and half else "xla"
+  return dataclasses.replace(model, attention_impl=impl)
+
+
+def build_resolved_model(
+  model: ModelConfig, precision: Precision, head: str = "lm", decode: bool = False
+) -> nn.Module:
+  """The flax module of ``model`` (by ``model.family``) under ``precision``, its
+  "auto" choices resolved for this backend (:func:`resolve_model_choices`).
+
+  For callers that hold a model config and a policy but no run config
+  (generation, numerics); :func:`llm_mp.builder.build_recipe` builds a whole run's.
+  """
+  return build_model(resolve_model_choices(model, precision), precision, head=head, decode=decode)
 
 
 __all__ = [
@@ -123,8 +158,10 @@ __all__ = [
   "TransformerLM",
   "apply_rope",
   "build_model",
+  "build_resolved_model",
   "dot_product_attention",
   "pool",
   "relative_position_bucket",
+  "resolve_model_choices",
   "segment_mask",
 ]

@@ -95,7 +95,7 @@ class EncoderDecoder(nn.Module):
   :meth:`encode` and :meth:`decoder_logits` run the two halves (the method is
   not called ``decode``: that is the decoding-mode flag, as for
   :class:`~llm_mp.models.TransformerLM`). With ``decode=True`` the decoder
-  runs one chunk at a time against its KV cache (``llm_mp.seq2seq_decode``):
+  runs one chunk at a time against its KV cache (``llm_mp.generate``):
   :meth:`decoder_logits` with ``encoded`` projects and caches the
   cross-attention keys/values, later calls pass ``encoded=None`` and reuse
   them; ``positions`` are then required.

@@ -12,7 +12,7 @@ import numpy as np
 
 from llm_mp import data
 from llm_mp.data import text2text
-from llm_mp.seq2seq_decode import generate_seq2seq
+from llm_mp.generate import generate_seq2seq
 from llm_mp.tasks.base import TOKEN_AXES, Batch, TaskData, TaskSpec, apply_model, token_loss
 
 # Source and target lengths may differ; both are ("batch", "length") (length is not sharded).
