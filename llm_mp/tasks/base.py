@@ -132,6 +132,19 @@ def apply_model(
   return out, aux_loss, metrics, model_state
 
 
+def apply_to_tokens(model, variables, batch: Batch, rng, inputs=None):
+  """:func:`apply_model` on a token batch: ``inputs`` (default ``batch["inputs"]``)
+  ``[B, T]`` with the batch's optional ``segment_ids`` and ``positions``."""
+  return apply_model(
+    model,
+    variables,
+    batch["inputs"] if inputs is None else inputs,
+    segment_ids=batch.get("segment_ids"),
+    positions=batch.get("positions"),
+    rng=rng,
+  )
+
+
 def cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array):
   """Token cross-entropy, always in fp32.
 

@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Sequence
 
 import jax.numpy as jnp
 import numpy as np
 
 from llm_mp import data
-from llm_mp.tasks.base import TOKEN_AXES, Batch, TaskData, TaskSpec, apply_model, cross_entropy
+from llm_mp.tasks.base import (
+  TOKEN_AXES,
+  Batch,
+  TaskData,
+  TaskSpec,
+  apply_model,
+  apply_to_tokens,
+  cross_entropy,
+)
+from llm_mp.tasks.examples import example_eval_batches, example_train_batches, replace_val_files
 
 BATCH_AXES = {
   "inputs": TOKEN_AXES,
@@ -23,14 +31,7 @@ def classify_loss(model, variables, batch: Batch, rng):
   """Sequence classification. ``batch``: int32 ``inputs, segment_ids,
   positions [B, T]`` and ``labels [B]`` (-1: a padding row, not counted).
   Cross-entropy over the class logits in fp32; ``accuracy`` in aux."""
-  logits, aux_loss, metrics, model_state = apply_model(
-    model,
-    variables,
-    batch["inputs"],
-    segment_ids=batch.get("segment_ids"),
-    positions=batch.get("positions"),
-    rng=rng,
-  )
+  logits, aux_loss, metrics, model_state = apply_to_tokens(model, variables, batch, rng)
   labels = batch["labels"]
   nll, _, count = cross_entropy(logits, labels, jnp.ones_like(labels, bool))
   n = jnp.maximum(count, 1.0)
@@ -52,16 +53,6 @@ def prepare(config, workdir: str, tokenizer=None, write: bool = True):
   )
 
 
-def train_batches(prepared, config):
-  t = config.train
-  return data.shuffled_batches(prepared.train, t.batch_size, t.seed)
-
-
-def eval_batches(prepared, config, max_batches: int | None = None, split: str = "val"):
-  rows = prepared.train if split == "train" else prepared.val
-  return data.ordered_batches(rows, config.train.batch_size, max_batches)
-
-
 def check(config, prepared) -> bool:
   """The classifier has an output for every class of the data."""
   if len(prepared.label_names) > config.model.n_classes:
@@ -70,13 +61,6 @@ def check(config, prepared) -> bool:
       f"{len(prepared.label_names)} classes of the data {list(prepared.label_names)}"
     )
   return True  # prepare_labelled checked the validation split has examples
-
-
-def on_files(config, paths: Sequence[str]):
-  """The labelled files ``paths`` replace the validation files."""
-  return dataclasses.replace(
-    config, data=dataclasses.replace(config.data, val_paths=tuple(paths))
-  ), "val"
 
 
 def predict_label(run, texts: Sequence[str]) -> list[str]:
@@ -105,7 +89,7 @@ SPEC = TaskSpec(
   head="classify",
   batch_axes=BATCH_AXES,
   make_loss=lambda config, tokenizer: classify_loss,
-  data=TaskData(prepare, train_batches, eval_batches, check, on_files),
+  data=TaskData(prepare, example_train_batches, example_eval_batches, check, replace_val_files),
   predict=predict_label,
   unit="examples",
   perplexity=False,

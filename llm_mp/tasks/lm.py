@@ -10,7 +10,7 @@ from llm_mp.tasks.base import (
   LM_BATCH_AXES,
   Batch,
   TaskSpec,
-  apply_model,
+  apply_to_tokens,
   loss_mask,
   token_loss,
 )
@@ -20,14 +20,7 @@ from llm_mp.tasks.corpus import CORPUS
 def lm_loss(model, variables, batch: Batch, rng, *, z_weight: float = 0.0):
   """Next-token prediction. ``batch``: int32 ``inputs, targets`` ``[B, T]``
   (targets -1 are ignored), optional ``segment_ids, positions`` ``[B, T]``."""
-  logits, aux_loss, metrics, model_state = apply_model(
-    model,
-    variables,
-    batch["inputs"],
-    segment_ids=batch.get("segment_ids"),
-    positions=batch.get("positions"),
-    rng=rng,
-  )
+  logits, aux_loss, metrics, model_state = apply_to_tokens(model, variables, batch, rng)
   return token_loss(
     logits, batch["targets"], loss_mask(batch), aux_loss, metrics, model_state, z_weight
   )

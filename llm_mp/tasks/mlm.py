@@ -10,7 +10,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from llm_mp.data.masking import mlm_mask
-from llm_mp.tasks.base import LM_BATCH_AXES, Batch, TaskSpec, apply_model, token_loss
+from llm_mp.tasks.base import (
+  LM_BATCH_AXES,
+  Batch,
+  TaskSpec,
+  apply_model,
+  apply_to_tokens,
+  token_loss,
+)
 from llm_mp.tasks.corpus import CORPUS
 
 # Eval batches are masked with this fixed key, so evaluations of different
@@ -52,13 +59,8 @@ def mlm_loss(
     low=random_ids[0],
     vocab_size=random_ids[1],
   )
-  logits, aux_loss, metrics, model_state = apply_model(
-    model,
-    variables,
-    masked,
-    segment_ids=batch.get("segment_ids"),
-    positions=batch.get("positions"),
-    rng=dropout_rng,
+  logits, aux_loss, metrics, model_state = apply_to_tokens(
+    model, variables, batch, dropout_rng, inputs=masked
   )
   return token_loss(logits, targets, targets >= 0, aux_loss, metrics, model_state, z_weight)
 

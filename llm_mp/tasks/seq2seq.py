@@ -3,17 +3,16 @@ summarisation, generative question answering)."""
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Mapping, Sequence
 
 import jax.numpy as jnp
 import numpy as np
 
-from llm_mp import data
 from llm_mp.data import text2text
 from llm_mp.generate import generate_seq2seq
 from llm_mp.tasks.base import TOKEN_AXES, Batch, TaskData, TaskSpec, apply_model, token_loss
+from llm_mp.tasks.examples import example_eval_batches, example_train_batches, replace_val_files
 
 # Source and target lengths may differ; both are ("batch", "length") (length is not sharded).
 SEQ2SEQ_BATCH_AXES: Mapping[str, tuple[str, ...]] = {
@@ -58,23 +57,6 @@ def seq2seq_loss(model, variables, batch: Batch, rng, *, z_weight: float = 0.0):
 def prepare(config, workdir: str, tokenizer=None, write: bool = True):
   """The text-to-text pairs of ``config.data`` (``llm_mp.data.text2text``)."""
   return text2text.prepare_text2text(config.data, workdir, tokenizer=tokenizer, write=write)
-
-
-def train_batches(prepared, config):
-  t = config.train
-  return data.shuffled_batches(prepared.train, t.batch_size, t.seed)
-
-
-def eval_batches(prepared, config, max_batches: int | None = None, split: str = "val"):
-  rows = prepared.train if split == "train" else prepared.val
-  return data.ordered_batches(rows, config.train.batch_size, max_batches)
-
-
-def on_files(config, paths: Sequence[str]):
-  """The pair files ``paths`` replace the validation pairs."""
-  return dataclasses.replace(
-    config, data=dataclasses.replace(config.data, val_paths=tuple(paths))
-  ), "val"
 
 
 def encode_sources(tokenizer, texts: Sequence[str], seq_len: int) -> np.ndarray:
@@ -123,6 +105,12 @@ SPEC = TaskSpec(
   head="lm",
   batch_axes=SEQ2SEQ_BATCH_AXES,
   make_loss=lambda config, tokenizer: functools.partial(seq2seq_loss, z_weight=config.train.z_loss),
-  data=TaskData(prepare, train_batches, eval_batches, lambda config, prepared: True, on_files),
+  data=TaskData(
+    prepare,
+    example_train_batches,
+    example_eval_batches,
+    lambda config, prepared: True,
+    replace_val_files,
+  ),
   predict=predict_output,
 )
