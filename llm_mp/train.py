@@ -143,9 +143,11 @@ def validate(config: Config) -> None:
     )
 
 
-def prepare_task_data(config: Config, workdir: str, spec: TaskSpec):
-  """The task's data (its registry entry's ``data.prepare``). A fine-tuning run
-  (``train.init_from``) uses its source run's tokenizer."""
+def prepare_task_data(config: Config, workdir: str, spec: TaskSpec | None = None):
+  """The data of ``config``'s task (``spec``, default its registry entry), prepared by
+  the entry's ``data.prepare``. A fine-tuning run (``train.init_from``) uses its source
+  run's tokenizer."""
+  spec = spec or task_spec(config)
   t = config.train
   tokenizer = data.load_tokenizer(t.init_from) if t.init_from else None
   return spec.data.prepare(config, workdir, tokenizer, write=True)
