@@ -29,7 +29,7 @@ from llm_mp.builder import (
 )
 from llm_mp.config import Config
 from llm_mp.formats import weight_only_formats
-from llm_mp.generate import generate_text
+from llm_mp.generate import encode_prompt, generate_text
 from llm_mp.inference import evaluate
 from llm_mp.metrics import (
   MetricsWriter,
@@ -202,7 +202,7 @@ def _sample(
   t = config.train
   if not spec.continues_prompt:
     return None
-  room = config.model.max_len - len(tokenizer.encode(t.sample_prompt)) - 1  # -1: bos
+  room = config.model.max_len - len(encode_prompt(tokenizer, t.sample_prompt))
   n = min(t.sample_tokens, room)
   if n < 1:
     return None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 from typing import Sequence
 
-from llm_mp.generate import generate_text
+from llm_mp.generate import encode_prompt, generate_text
 from llm_mp.tasks.base import (
   LM_BATCH_AXES,
   Batch,
@@ -33,7 +33,7 @@ def predict_continuation(
   the model's context."""
   out = []
   for text in texts:
-    room = run.config.model.max_len - len(run.tokenizer.encode(text)) - 1  # -1: bos
+    room = run.config.model.max_len - len(encode_prompt(run.tokenizer, text))
     out.append(
       generate_text(
         run.config.model,
