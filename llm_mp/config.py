@@ -239,7 +239,7 @@ class PrecisionConfig:
   format_edges: bool = False
   fp8_scaling: str = "delayed"  # "delayed" (amax history) or "current" (amax of this tensor)
   amax_history: int = 16  # delayed scaling: steps of amax kept per tensor
-  fp8_margin: int = 0  # scale = fp8_max / amax / 2**margin
+  fp8_margin: int = 0  # scale = amax / fp8_max * 2**margin (amax lands at fp8_max / 2**margin)
   int8_activations: str = "tensor"  # int8 QAT activation scales: per "tensor" or per "token"
   group_size: int = 128  # int4-weight: input rows sharing one scale
 

@@ -88,9 +88,16 @@ def test_load_task_data_rejects_unknown_names(tmp_path):
 
 @needs_data
 def test_lead3_rouge_on_the_bbc_test_split():
-  # The summarisation baseline, pinned (computed once; reported in the seq2seq docs).
+  # The summarisation baseline, pinned to 3 decimals: on the first 100 test articles, the
+  # ones `python -m experiments.seq2seq --task summarize` decodes, it is the lead-3 row of
+  # docs/seq2seq.md (48.27 / 39.77 / 38.56); on all 216, lower.
   test = datasets.load_task_data("summarize", "test", DATA)
-  got = rouge([lead3(a, skip_title=True) for a in test.inputs], test.targets)
-  expected = {"rouge1": 45.254, "rouge2": 36.564, "rougeL": 35.466}
-  for k, v in expected.items():
-    assert got[k] == pytest.approx(v, abs=1e-3), k  # pinned to 3 decimals
+  expected = {
+    100: {"rouge1": 48.273, "rouge2": 39.770, "rougeL": 38.564},
+    216: {"rouge1": 45.254, "rouge2": 36.564, "rougeL": 35.466},
+  }
+  assert len(test.inputs) == 216
+  for n, want in expected.items():
+    got = rouge([lead3(a, skip_title=True) for a in test.inputs[:n]], test.targets[:n])
+    for k, v in want.items():
+      assert got[k] == pytest.approx(v, abs=1e-3), (n, k)

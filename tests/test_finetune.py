@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from llm_mp.config import apply_overrides
+from llm_mp.data.pipeline import prepare_data
 from llm_mp.inference import evaluate_run
 from llm_mp.presets import get_preset
 from llm_mp.rundir import load_run
@@ -34,9 +35,10 @@ def _config(*overrides):
 @functools.cache
 def _pretrained(tmp_root):
   workdir = f"{tmp_root}/mlm"
-  train(
-    _config("train.steps=6", "train.eval_every=6", "train.ckpt_every=6"), workdir, verbose=False
-  )
+  # Long enough to go below the unigram level (see the first test), at lr 3e-3 (preset 1e-3).
+  steps = (f"train.{k}=600" for k in ("steps", "eval_every", "ckpt_every"))
+  overrides = ("optim.lr=3e-3", "optim.warmup_steps=10", "train.eval_batches=50")
+  train(_config(*steps, *overrides), workdir, verbose=False)
   return workdir
 
 
@@ -50,7 +52,14 @@ def test_mlm_pretraining_counts_only_selected_tokens(pretrained):
   # ~15% of the 16 x 32 tokens per batch (minus BOS/EOS/padding) are predicted.
   tokens = [r["tokens"] for r in records]
   assert all(0.08 * 16 * 32 < t < 0.2 * 16 * 32 for t in tokens), tokens
-  assert records[-1]["val_ppl"] < 259  # better than uniform over the byte vocabulary
+  # Byte frequencies alone give the validation split's unigram entropy, 3.30 nats; measured
+  # after 600 steps: 3.07 (over 4,346 selected tokens: a standard error of ~0.03).
+  prepared = prepare_data(_config().data, pretrained, write=False)
+  tokenizer, val = prepared.tokenizer, np.asarray(prepared.val.tokens)
+  val = val[~np.isin(val, [tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id])]
+  p = np.bincount(val) / len(val)
+  unigram = -np.sum(p[p > 0] * np.log(p[p > 0]))
+  assert records[-1]["val_loss"] < unigram - 0.1, (records[-1]["val_loss"], unigram)
 
 
 def test_finetuning_loads_the_backbone_and_keeps_frozen_layers(pretrained, tmp_path):

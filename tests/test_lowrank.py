@@ -171,9 +171,10 @@ def _text_batch(step, b=8, t=32):
 
 
 def test_a_lowrank_model_trains_from_scratch():
+  steps = 40  # with 20 steps of its cosine schedule it ends at the unigram level (3.12 nats)
   config = _config(
     "unused.txt",
-    20,
+    steps,
     "model.n_layers=1",  # with the edges included every matmul is low-rank
     "precision.formats=lowrank:8",
     "precision.format_edges=true",
@@ -183,12 +184,18 @@ def test_a_lowrank_model_trains_from_scratch():
   assert set(state.params["lm_head"]) == {"kernel_u", "kernel_v"}  # edges included
   assert set(state.params["decoder"]["blocks_0"]["mlp"]["up"]) == {"kernel_u", "kernel_v"}
   step = jax.jit(make_train_step(r.model, r.tx, r.schedule, config, r.task), donate_argnums=0)
-  losses = []
-  for i in range(20):
-    state, metrics = step(state, _text_batch(i))
+  losses, unigram = [], []
+  for i in range(steps):
+    batch = _text_batch(i)
+    counts = np.bincount(np.asarray(batch["targets"]).ravel())
+    p = counts[counts > 0] / counts.sum()
+    unigram.append(-np.sum(p * np.log(p)))  # the best a byte-frequency model does on it
+    state, metrics = step(state, batch)
     losses.append(float(metrics["loss"]))
-  # From ln(259) = 5.6 (uniform bytes) down: the byte statistics alone give ~3.
-  assert np.mean(losses[-3:]) < 0.75 * np.mean(losses[:3]), losses
+  # From ln(259) = 5.6 (uniform bytes); the batches' own unigram entropy is 3.06-3.17 nats.
+  # Measured over the last 3 steps: loss 2.13 against 3.13, so the model uses context; one
+  # that learned byte frequencies only could not go below 3.1.
+  assert np.mean(losses[-3:]) < np.mean(unigram[-3:]) - 0.5, (losses, unigram)
 
 
 def test_lowrank_command_converts_a_trained_run(corpus, tmp_path, capsys):

@@ -221,11 +221,13 @@ def test_diagnose_cli_writes_json_and_png(tiny_run, tmp_path, capsys):
   unscaled = report["totals"]["activation_gradients_unscaled"]["hist"]
   assert unscaled["min_exponent"] == grads["min_exponent"] - 10  # x1024 = 10 binades
   assert unscaled["counts"] == grads["counts"]
-  # Fewer values flush in fp16 after scaling than before.
+  # Fewer values flush after scaling than before, in cases measured to flush: 0.15% of the
+  # activation gradients in fp16 unscaled (none x1024); 18% of this kernel's gradient in
+  # e5m2 (fp16's exponent range, two fewer mantissa bits) unscaled (none x1024).
   flush = lambda k: report["totals"][k]["formats"]["fp16"]["flush"]
-  assert flush("activation_gradients") <= flush("activation_gradients_unscaled")
+  assert flush("activation_gradients") < flush("activation_gradients_unscaled")
   layer = report["layers"]["gradients"]["decoder/blocks_0/attn/query/kernel"]
-  assert layer["formats_unscaled"]["fp16"]["flush"] >= layer["formats"]["fp16"]["flush"]
+  assert layer["formats_unscaled"]["fp8_e5m2"]["flush"] > layer["formats"]["fp8_e5m2"]["flush"]
   try:
     import matplotlib  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
   except ImportError:

@@ -213,18 +213,22 @@ STEPS = 40
 def test_bf16_moments_train_like_fp32_moments():
   fp32, bf16 = _losses("fp32"), _losses("fp32", state_dtype="bf16")
   assert fp32[-1] < fp32[0] - 2.0  # it learns (from ~log 64 = 4.16)
-  # Measured after 40 steps: 1.3265 (fp32 moments) and 1.3267 (bf16).
-  assert abs(bf16[-1] - fp32[-1]) < 0.01, (bf16[-1], fp32[-1])
+  # Measured after 40 steps: 1.32653 (fp32 moments) and 1.32666 (bf16), 1.2e-4 apart (the
+  # largest gap over the 40 steps). bf16 matmuls alone (the bf16 policy) move this loss by
+  # 0.005, so arithmetic in bf16 where the update should be fp32 would show.
+  assert abs(bf16[-1] - fp32[-1]) < 1e-3, (bf16[-1], fp32[-1])
 
 
 def test_pure_bf16_with_stochastic_rounding_trains():
   nearest, sr = _losses("pure_bf16"), _losses("pure_bf16", stochastic_rounding=True)
   assert sr[-1] < sr[0] - 2.0
-  # Measured after 40 steps: 1.608 rounding to nearest, 1.388 stochastically, 1.327 in fp32:
-  # updates under half a bf16 spacing are lost to rounding to nearest, not to stochastic rounding.
-  assert abs(sr[-1] - nearest[-1]) < 0.3, (sr[-1], nearest[-1])
+  # Measured after 40 steps: 1.608 rounding to nearest, 1.327 in fp32, and stochastically
+  # 1.388 (1.382-1.392 over six rng seeds): updates under half a bf16 spacing are lost to
+  # rounding to nearest, not to stochastic rounding. Rounding that were not stochastic would
+  # end at nearest's 1.608, 0.28 from fp32. (Its unbiasedness is checked draw by draw above.)
   fp32 = _losses("fp32")
-  assert abs(sr[-1] - fp32[-1]) < abs(nearest[-1] - fp32[-1])
+  assert sr[-1] - fp32[-1] < 0.1, (sr[-1], fp32[-1])
+  assert nearest[-1] - sr[-1] > 0.15, (nearest[-1], sr[-1])
 
 
 def test_stochastic_rounding_is_deterministic_and_resumes_exactly():

@@ -122,7 +122,9 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(corpus, straight, tmp_
     for name in files:
       with open(os.path.join(root, name), "wb") as f:
         f.write(b"garbage")
-  with pytest.warns(UserWarning, match="8"):
+  with pytest.warns(
+    UserWarning, match=r"checkpoint step 8 in .* is unreadable .*falling back to step 4"
+  ):
     train(_config(corpus, 12), broken, verbose=False)
   assert straight[12] == _losses(broken)[12]
 
