@@ -9,7 +9,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from llm_mp import data
-from llm_mp.tasks.base import TOKEN_AXES, Batch, TaskData, TaskSpec, apply_model, cross_entropy
+from llm_mp.tasks.base import (
+  TOKEN_AXES,
+  Batch,
+  TaskData,
+  TaskSpec,
+  apply_model,
+  cross_entropy,
+  packed_rows,
+  random_tokens,
+)
 
 BATCH_AXES = {
   "inputs": TOKEN_AXES,
@@ -99,6 +108,14 @@ def predict_label(run, texts: Sequence[str]) -> list[str]:
   ]
 
 
+def synthetic_batch(config, batch_size: int) -> Batch:
+  """Random tokens ``[batch_size, data.seq_len]`` (numpy seed 0), one example per row,
+  with random ``labels [batch_size]`` in ``[0, model.n_classes)``."""
+  tokens = random_tokens(batch_size, config.data.seq_len + 1, config.model.vocab_size)
+  labels = tokens[:, -1] % config.model.n_classes
+  return {**packed_rows(tokens[:, :-1]), "labels": jnp.asarray(labels, jnp.int32)}
+
+
 SPEC = TaskSpec(
   name="classify",
   families=("encoder",),
@@ -109,4 +126,5 @@ SPEC = TaskSpec(
   predict=predict_label,
   unit="examples",
   perplexity=False,
+  synthetic_batch=synthetic_batch,
 )
