@@ -172,7 +172,8 @@ def cmd_export_hf(args: argparse.Namespace) -> int:
 def cmd_lowrank(args: argparse.Namespace) -> int:
   from llm_mp import lowrank_convert  # pylint: disable=import-outside-toplevel
 
-  print(json.dumps(lowrank_convert.convert_run(args.workdir, args.rank, args.out), sort_keys=True))
+  report = lowrank_convert.convert_run(args.workdir, args.rank, args.out, evaluate=args.eval)
+  print(json.dumps(report, sort_keys=True))
   return 0
 
 
@@ -342,8 +343,18 @@ def build_parser() -> argparse.ArgumentParser:
     "truncated-SVD factors of the run's latest weights; prints the parameter counts as JSON.",
   )
   p.add_argument("--workdir", required=True, help="the trained run to convert")
-  p.add_argument("--rank", type=int, required=True, help="R: rank of every factorised weight")
+  p.add_argument(
+    "--rank",
+    type=int,
+    required=True,
+    help="R: rank of every factorised weight, below min(K, N) of each [K, N] kernel",
+  )
   p.add_argument("--out", metavar="DIR", help="new run directory (default: WORKDIR-lowrankR)")
+  p.add_argument(
+    "--eval",
+    action="store_true",
+    help="also evaluate both runs on the validation split (perplexity before and after)",
+  )
   p.set_defaults(fn=cmd_lowrank)
 
   p = sub.add_parser(

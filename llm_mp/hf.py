@@ -44,6 +44,7 @@ from llm_mp.data.tokenizer import (
   HFTokenizer,
   read_specials,
 )
+from llm_mp.formats import require_float_weights
 from llm_mp.rundir import load_run, publish_directory, staging_directory
 
 CONFIG_FILE = "config.json"
@@ -678,6 +679,7 @@ def export_hf(source: str | tuple[Config | ModelConfig, Any, Any], out_dir: str)
 
   if isinstance(source, str):
     run = load_run(source)
+    require_float_weights(run.precision, source, "export-hf")
     config, params, tokenizer = run.config, run.params, run.tokenizer
   else:
     config, params, tokenizer = source

@@ -43,6 +43,7 @@ import numpy as np
 
 from llm_mp.config import ModelConfig
 from llm_mp.format_ranges import FORMATS, format_fractions, format_range, tensor_stats
+from llm_mp.formats import require_float_weights
 from llm_mp.models import build_model
 from llm_mp.precision import Precision, loss_scale_kind, make_precision
 from llm_mp.rundir import load_run
@@ -401,6 +402,7 @@ def diagnose_run(
   if batch_size < 1:
     raise ValueError(f"--batch-size={batch_size}: must be at least 1")
   run = load_run(workdir)
+  require_float_weights(run.precision, workdir, "diagnose")
   params = jax.device_get(run.params)
   batch = run_batch(run, batch_size)
   report = diagnose(run.config.model, params, batch, run.recipe.task, scale, precision, policies)

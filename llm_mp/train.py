@@ -23,6 +23,8 @@ from llm_mp.builder import (
   Recipe,
   build_recipe,
   check_init_from,
+  check_patterns,
+  frozen_count,
   kept_heads,
   load_backbone,
   run_precision,
@@ -87,9 +89,10 @@ def build(config: Config, ckpt, say=print, tokenizer: Any = None) -> Run:
   rng = jax.random.key(config.train.seed)
   abstract = abstract_train_state(recipe.model, recipe.tx, config, mesh, rng)
   shardings = jax.tree.map(lambda x: x.sharding, abstract)
+  frozen = frozen_count(config, abstract.params)
   say(
     f"model: {config.model.family}, task {recipe.task.name}, "
-    f"{param_count(abstract.params):,} parameters, attention "
+    f"{param_count(abstract.params):,} parameters ({frozen:,} frozen), attention "
     f"{recipe.config.model.attention_impl} ({jax.default_backend()}); loss scale "
     f"{loss_scale_kind(config.precision.policy, config.precision.loss_scale)}; "
     f"{recipe.precision.describe()}"
@@ -126,7 +129,8 @@ def build(config: Config, ckpt, say=print, tokenizer: Any = None) -> Run:
 def validate(config: Config) -> None:
   """Checks what only devices and the policy parser can check, before anything
   is written: the task, the precision spec (no weight-only format: those hold integers that
-  take no gradient), the mesh, and that the batch splits over it."""
+  take no gradient), the freeze / override / format patterns, the mesh, and that the
+  batch splits over it."""
   task_spec(config)  # a known task that the model family runs
   frozen = sorted({fmt for _, fmt in run_precision(config).formats} & set(weight_only_formats()))
   if frozen:
@@ -134,6 +138,7 @@ def validate(config: Config) -> None:
       f"precision.formats={config.precision.formats!r}: {frozen[0]} stores integer weights "
       "for eval and generate (written by llm-mp quantize); train with precision.formats=int8"
     )
+  check_patterns(config)  # freeze, override and format patterns match the model
   mesh = sharding.make_mesh(config.mesh)
   rows = mesh.shape["data"] * mesh.shape["fsdp"]
   if config.train.batch_size % rows:
