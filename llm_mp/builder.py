@@ -135,6 +135,16 @@ def check_patterns(config: Config) -> None:
     )
 
 
+def module_paths(params: Any) -> list[str]:
+  """The paths of the modules that hold ``params`` (arrays or shapes), and their parents."""
+  paths = {
+    param_path(p).rsplit("/", 1)[0] for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]
+  }
+  return sorted(
+    {"/".join(path.split("/")[: i + 1]) for path in paths for i in range(path.count("/") + 1)}
+  )
+
+
 def frozen_count(config: Config, params: Any) -> int:
   """How many parameter elements of ``params`` (arrays or shapes) ``train.freeze`` freezes."""
   freeze = freeze_patterns(config)

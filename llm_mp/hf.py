@@ -107,6 +107,11 @@ def _read_safetensors(path: str) -> dict[str, np.ndarray]:
       )
     start, end = info["data_offsets"]
     data = raw[8 + n + start : 8 + n + end]
+    if len(data) != end - start:
+      raise HFError(
+        f"{path}: truncated: tensor {name} needs bytes {start}..{end} of the data, the "
+        f"file has {len(raw) - 8 - n} (an interrupted download? fetch it again)"
+      )
     out[name] = np.frombuffer(data, SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
   return out
 

@@ -22,7 +22,7 @@ from llm_mp.builder import build_recipe, check_patterns
 from llm_mp.config import Config
 from llm_mp.formats.lowrank import factorize, parse_rank, rank_limits
 from llm_mp.inference import evaluate_loaded, evaluate_run
-from llm_mp.rundir import LoadedRun, load_run, write_run
+from llm_mp.rundir import LoadedRun, check_new_directory, load_run, write_run
 from llm_mp.state import abstract_train_state, param_count
 
 
@@ -96,6 +96,7 @@ def convert_run(
   """
   parse_rank(str(rank), "--rank")
   out = out or f"{os.path.abspath(workdir).rstrip(os.sep)}-lowrank{rank}"
+  check_new_directory(out)
   run = load_run(workdir)
   low, factorised = to_lowrank(run, rank, strict=True)
   write_run(out, low.config, low.params, low.tokenizer)

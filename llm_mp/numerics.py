@@ -412,3 +412,23 @@ def diagnose_run(
     "run_precision": run.config.precision.policy,
     **report,
   }
+
+
+def summary_lines(report: Mapping[str, Any]) -> list[str]:
+  """A few lines of a :func:`diagnose_run` report for the terminal: the loss, the pooled
+  fraction of each kind of tensor that flushes to zero or overflows in each format,
+  and each policy's relative error against float64 (loss, whole gradient)."""
+  lines = [
+    f"{report['run']} step {report['step']} ({report['run_precision']}): loss "
+    f"{report['loss']:.4g} under {report['precision']}, loss scale {report['loss_scale']:g}"
+  ]
+  for kind in KINDS:
+    fractions = report["totals"][kind]["formats"]
+    parts = [f"{n} {f['flush']:.2%}/{f['overflow']:.2%}" for n, f in fractions.items()]
+    lines.append(f"  {kind} flush/overflow: {', '.join(parts)}")
+  for name, errors in report.get("policy_errors", {}).items():
+    lines.append(
+      f"  {name} vs float64: loss {errors['loss']:.1e}, gradients "
+      f"{errors['gradients_total']:.1e} (relative error)"
+    )
+  return lines

@@ -31,7 +31,7 @@ from llm_mp.builder import build_recipe, check_patterns
 from llm_mp.config import Config
 from llm_mp.formats import stored_bytes, weight_only_formats
 from llm_mp.models import FAMILIES
-from llm_mp.rundir import abstract_run_state, load_run, publish_run
+from llm_mp.rundir import abstract_run_state, check_new_directory, load_run, publish_run
 
 TARGETS = {"int8": "int8-weight", "int4": "int4-weight"}  # --to -> precision.formats
 
@@ -130,13 +130,14 @@ def quantize_run(
       with no matmul the format reaches (``precision.format_edges``), or an
       ``out`` that exists and is not empty.
   """
+  out = out or f"{os.path.abspath(workdir).rstrip(os.sep)}-{to}"
+  check_new_directory(out)
   run = load_run(workdir)
   stored = {fmt for _, fmt in run.precision.formats} & set(weight_only_formats())
   if stored:
     raise ValueError(f"{workdir} is already quantised (precision.formats={sorted(stored)})")
   config = quantized_config(run.config, to)
   check_patterns(config)  # a format that reaches no matmul is an error
-  out = out or f"{os.path.abspath(workdir).rstrip(os.sep)}-{to}"
   model = build_recipe(config, run.tokenizer).model
   params = quantize_params(
     model, config, run.params, abstract_run_state(config, run.mesh, run.tokenizer).params

@@ -2,12 +2,17 @@
 ``export-hf`` and ``diagnose`` cannot read is refused in one line; ``lowrank`` refuses a
 rank that would grow the model and reports like ``quantize``; a format, freeze or
 override pattern that reaches nothing is an error naming the nearest paths, before
-anything is written; ``quantize`` of an MLM encoder run uses its tokenizer."""
+anything is written; ``quantize`` of an MLM encoder run uses its tokenizer. And the
+small things: overrides after options, a missing ``--init-from`` run, checks before
+work and no half-made run directory after a failed one, file modes, the diagnose
+summary, float64 policies, the progress bar's loss scale."""
 
 import json
 import os
+import shutil
 
 import jax
+import jax.numpy as jnp
 import pytest
 
 from llm_mp import cli
@@ -15,6 +20,8 @@ from llm_mp.builder import build_recipe
 from llm_mp.config import apply_overrides
 from llm_mp.data import ByteTokenizer
 from llm_mp.lowrank_convert import convert_run
+from llm_mp.metrics import bar_postfix
+from llm_mp.precision import make_precision
 from llm_mp.presets import get_preset
 from llm_mp.quantize import quantize_run
 from llm_mp.rundir import write_run
@@ -135,12 +142,99 @@ def test_a_pattern_that_reaches_nothing_stops_training_before_anything_is_writte
 def test_start_up_says_how_many_parameters_are_frozen(tmp_path, capsys):
   config = _config("tiny", "model.n_layers=1", "train.steps=1", "train.freeze=embed/*")
   train(config, str(tmp_path / "run"))
-  header = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("model:"))
+  out = capsys.readouterr().out
+  header = out[out.index("model:") : out.index("mesh:")]
   # the byte embedding table: 259 tokens padded to 320 (vocab_multiple 64), d_model 128
   assert " parameters (40,960 frozen)," in header
+  # The precision header lists the default overrides of the modules this model has.
+  assert "  lm_head: " in header and "classifier" not in header and "router" not in header
 
 
 def test_quantize_of_an_mlm_encoder_run_reads_its_tokenizer(tmp_path):
   encoder = _written_run(tmp_path / "enc", _config("encoder_tiny"))
   report = quantize_run(encoder, "int8")
   assert report["sizes"]["tensors"] > 0 and os.path.isdir(report["out"])
+
+
+def test_overrides_may_follow_options(tmp_path, capsys):
+  # precision.formats after --steps reaches the config: its check fails as it should.
+  argv = ["train", "--workdir", str(tmp_path / "run"), "--steps", "3", "model.n_layers=1"]
+  assert "reaches none of the" in _fails(capsys, *argv, "precision.formats=fp8")
+  assert "unrecognized arguments: stray" in _fails_usage(capsys, *argv, "stray")
+
+
+def _fails_usage(capsys, *argv):
+  """The error line of a command argparse rejects (exit 2)."""
+  with pytest.raises(SystemExit) as e:
+    cli.main(list(argv))
+  assert e.value.code == 2
+  return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_a_missing_init_from_run_is_named_and_nothing_is_written(tmp_path, capsys):
+  workdir, missing = str(tmp_path / "ft"), str(tmp_path / "nowhere")
+  line = _fails(capsys, "train", "--workdir", workdir, "--init-from", missing, *TINY)
+  assert line.endswith(f"train.init_from={missing}: no such run directory")
+  assert not os.path.exists(workdir)
+
+
+def test_a_data_check_that_fails_leaves_no_run_directory(tmp_path, capsys):
+  workdir = str(tmp_path / "run")
+  argv = ["train", "--workdir", workdir, "model.n_layers=1", "data.max_docs=1"]
+  assert "leaves no validation text" in _fails(capsys, *argv)
+  assert not os.path.exists(workdir)  # no lock, tokenizer, corpus.json or checkpoints/
+
+
+def test_a_conversion_into_a_used_directory_fails_before_its_work(trained, tmp_path, capsys):
+  used = tmp_path / "used"
+  used.mkdir()
+  (used / "file").write_text("x")
+  for argv in (
+    ["quantize", "--workdir", trained["run"], "--to", "int8", "--out", str(used)],
+    ["lowrank", "--workdir", trained["run"], "--rank", "4", "--out", str(used)],
+    ["export-hf", "--workdir", trained["run"], str(used)],
+    ["import-hf", str(tmp_path / "nowhere"), "--workdir", str(used)],
+  ):
+    assert _fails(capsys, *argv).endswith(f"{used}: already exists and is not empty")
+
+
+def test_run_files_are_readable_by_others_as_plain_files_are(trained):
+  umask = os.umask(0)
+  os.umask(umask)
+  for name in ("tokenizer.json", "corpus.json", "config.json"):
+    assert os.stat(os.path.join(trained["run"], name)).st_mode & 0o777 == 0o666 & ~umask, name
+
+
+def test_diagnose_prints_a_summary_before_the_paths(trained, tmp_path, capsys):
+  argv = ["diagnose", "--workdir", trained["run"], "--out", str(tmp_path / "d")]
+  assert cli.main([*argv, "--policies", "bf16", "--batch-size", "2"]) == 0
+  lines = capsys.readouterr().out.strip().splitlines()
+  assert lines[0].startswith("run step 20 (fp32): loss ")
+  assert lines[3].startswith("  gradients flush/overflow: fp16 ")
+  assert lines[5].startswith("  bf16 vs float64: loss ")
+  assert json.loads(lines[-1])["json"].endswith("diagnose.json")
+
+
+def test_float64_policies_are_refused_unless_jax_computes_in_float64():
+  with pytest.raises(ValueError, match="float64 needs JAX's 64-bit mode"):
+    make_precision("p=f64")
+  with pytest.raises(ValueError, match="override dtype 'f64': float64 needs"):
+    make_precision("fp32", overrides="lm_head=f64")
+  with jax.enable_x64(True):
+    assert make_precision("p=f64,c=f64").compute_dtype == jnp.float64
+
+
+def test_the_progress_bar_shows_a_loss_scale_only_where_the_run_scales_its_loss():
+  metrics = {"loss": 2.0, "tokens_per_s": 100.0, "loss_scale": 1.0}
+  assert bar_postfix(metrics, loss_scaled=False) == "loss 2.0000, 100 tok/s"
+  assert bar_postfix(metrics) == "loss 2.0000, 100 tok/s, scale 1"
+
+
+def test_import_hf_of_a_truncated_checkpoint_names_the_file(tmp_path, capsys):
+  src = tmp_path / "gpt2"
+  shutil.copytree(os.path.join(os.path.dirname(__file__), "fixtures", "hf", "gpt2"), src)
+  weights = src / "model.safetensors"
+  weights.write_bytes(weights.read_bytes()[:-1000])
+  line = _fails(capsys, "import-hf", str(src), "--workdir", str(tmp_path / "run"))
+  assert f"{weights}: truncated: tensor " in line and "fetch it again" in line
+  assert not os.path.exists(tmp_path / "run")
