@@ -158,9 +158,9 @@ def test_quantize_of_an_mlm_encoder_run_reads_its_tokenizer(tmp_path):
 
 def test_overrides_may_follow_options(tmp_path, capsys):
   # precision.formats after --steps reaches the config: its check fails as it should.
-  argv = ["train", "--workdir", str(tmp_path / "run"), "--steps", "3", "model.n_layers=1"]
+  argv = ["train", "--workdir", str(tmp_path / "run"), "model.n_layers=1", "--steps", "3"]
   assert "reaches none of the" in _fails(capsys, *argv, "precision.formats=fp8")
-  assert "unrecognized arguments: stray" in _fails_usage(capsys, *argv, "stray")
+  assert _fails_usage(capsys, *argv, "stray").endswith("unrecognized arguments: stray")
 
 
 def _fails_usage(capsys, *argv):
@@ -179,9 +179,13 @@ def test_a_missing_init_from_run_is_named_and_nothing_is_written(tmp_path, capsy
 
 
 def test_a_data_check_that_fails_leaves_no_run_directory(tmp_path, capsys):
+  labelled = tmp_path / "three.tsv"
+  rows = [f"text {i}\t{'abc'[i % 3]}" for i in range(30)]
+  labelled.write_text("\n".join(["text\tlabel", *rows]) + "\n")
   workdir = str(tmp_path / "run")
-  argv = ["train", "--workdir", workdir, "model.n_layers=1", "data.max_docs=1"]
-  assert "leaves no validation text" in _fails(capsys, *argv)
+  argv = ["train", "--workdir", workdir, "--preset", "encoder_tiny", "--task", "classify"]
+  line = _fails(capsys, *argv, "--data", str(labelled), "model.n_classes=2", "model.n_layers=1")
+  assert "three.tsv:4: label 'c' makes 3 classes, more than model.n_classes=2" in line
   assert not os.path.exists(workdir)  # no lock, tokenizer, corpus.json or checkpoints/
 
 
