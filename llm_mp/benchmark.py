@@ -1,7 +1,8 @@
 """Train-step throughput of one config: times llm_mp's own ``train_step``; prints JSON.
 
 Times the step users train with on one fixed batch of random tokens (numpy
-seed 0, as the PyTorch reference ``shared/bench/torch_gpt.py``), after
+seed 0, as the PyTorch reference ``shared/bench/torch_gpt.py``; the task's
+``synthetic_batch``, so every preset's task), after
 warm-up, with a device sync per step. Prints one line as each phase ends
 (state init, compile, steps), then the JSON: min and median ms/step,
 tokens/s, MFU with the reference's formula, init and compile seconds, peak
@@ -33,16 +34,16 @@ import time
 from typing import Sequence
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
 from llm_mp.allocator import MALLOC_ENV, tune_malloc
 from llm_mp.builder import build_recipe
 from llm_mp.config import apply_overrides
+from llm_mp.data import ByteTokenizer
 from llm_mp.metrics import flops_per_token, params_without_positions
 from llm_mp.presets import PRESETS, get_preset
 from llm_mp.state import make_init_fn, param_count
 from llm_mp.step import make_train_step
+from llm_mp.tasks import task_spec
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 spec
 
@@ -53,18 +54,6 @@ def peak_flops(device) -> float | None:
     if name in kind:
       return tflops * 1e12
   return None
-
-
-def fixed_batch(batch: int, seq: int, vocab: int) -> dict[str, jax.Array]:
-  """One batch of random tokens, numpy seed 0 (the reference's data), one
-  document per row."""
-  tokens = np.random.default_rng(0).integers(0, vocab, (batch, seq + 1))
-  return {
-    "inputs": jnp.asarray(tokens[:, :-1], jnp.int32),
-    "targets": jnp.asarray(tokens[:, 1:], jnp.int32),
-    "segment_ids": jnp.ones((batch, seq), jnp.int32),
-    "positions": jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq)),
-  }
 
 
 def _say(text: str) -> None:
@@ -88,9 +77,10 @@ def run(
   config = dataclasses.replace(
     config, precision=dataclasses.replace(config.precision, policy=precision)
   )
-  r = build_recipe(config)
+  # The byte tokenizer's special ids stand in for a trained one's (mlm masks with them).
+  r = build_recipe(config, ByteTokenizer())
   b, t = config.train.batch_size, config.data.seq_len
-  batch = fixed_batch(b, t, config.model.vocab_size)
+  batch = task_spec(config).synthetic_batch(config, b)
   t0 = time.perf_counter()
   state = jax.jit(make_init_fn(r.model, r.tx, config))(jax.random.key(0))
   jax.block_until_ready(state)
@@ -105,8 +95,8 @@ def run(
   compile_s = time.perf_counter() - t0
   say(f"{preset} {precision}: step compile {compile_s:.2f} s")
   for _ in range(warmup):
-    state, metrics = step(state, batch)
-  jax.block_until_ready(metrics)
+    state, _ = step(state, batch)
+  jax.block_until_ready(state)
   times = []
   for _ in range(repeats):
     for _ in range(steps):

@@ -14,17 +14,20 @@ a fresh state.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+import difflib
+import fnmatch
+import math
+from typing import Any, Iterable, Sequence
 
 import flax.linen as nn
 import jax
 import optax
 
 from llm_mp.config import Config
-from llm_mp.formats import parse_formats
+from llm_mp.formats import parse_formats, traced_matmuls
 from llm_mp.models import FAMILIES, HEAD_MODULES, HEAD_PARAMS, build_model, resolve_model_choices
 from llm_mp.optim import make_optimizer, param_path
-from llm_mp.precision import Precision, make_precision
+from llm_mp.precision import Precision, make_precision, module_path
 from llm_mp.tasks import Task, make_task, task_spec
 
 
@@ -73,6 +76,81 @@ def run_precision(config: Config) -> Precision:
     # The MoE router keeps the dtype policy's fp32 whatever the formats say.
     protected=("*router*",) + (() if p.format_edges else edge_patterns(config)),
     format_options=p,
+  )
+
+
+def nearest_names(pattern: str, names: Iterable[str], n: int = 3) -> str:
+  """The ``n`` names (paths, or their parts) most like ``pattern`` (difflib), quoted."""
+  names = set(names)
+  candidates = names | {part for name in names for part in name.split("/")}
+  close = difflib.get_close_matches(pattern.strip("*"), sorted(candidates), n=n, cutoff=0.0)
+  return ", ".join(repr(c) for c in close)
+
+
+def _unmatched(field: str, patterns: Iterable[str], names: Sequence[str], what: str) -> None:
+  for pattern in patterns:
+    if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
+      raise ValueError(
+        f"{field}: {pattern!r} matches no {what} of this model; nearest: "
+        f"{nearest_names(pattern, names)}"
+      )
+
+
+def check_patterns(config: Config) -> None:
+  """Checks the config's patterns against its model (one abstract ``init``, no FLOPs).
+
+  Raises:
+    ValueError: a ``train.freeze`` pattern that matches no parameter path, a
+      ``precision.overrides`` pattern that matches no module, a ``precision.formats``
+      pattern that matches no weight matmul, or formats that reach no matmul at all
+      (the first and last block and the heads are kept unless
+      ``precision.format_edges``); each names the nearest paths.
+  """
+  precision = run_precision(config)
+  resolved = resolve_backend_choices(config, precision)
+  model = build_model(resolved.model, precision, head=task_spec(config).head)
+  inputs = FAMILIES[config.model.family].example_inputs(config.data.seq_len)
+  called = set()
+
+  def record(next_fun, args, kwargs, context):
+    called.add(module_path(context.module))
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(record), traced_matmuls() as matmuls:
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), *inputs))
+  params = [param_path(p) for p, _ in jax.tree_util.tree_flatten_with_path(variables["params"])[0]]
+  _unmatched("train.freeze", freeze_patterns(config), params, "parameter path")
+  overrides = [i.split("=", 1)[0].strip() for i in config.precision.overrides.split(";")]
+  _unmatched("precision.overrides", filter(None, overrides), sorted(called - {""}), "module")
+  pairs = parse_formats(config.precision.formats)
+  _unmatched("precision.formats", [p for p, _ in pairs], sorted(matmuls), "weight matmul")
+  # "none" is the dtype policy alone: formats that name only it reach nothing on purpose.
+  wanted = any(fmt != "none" for _, fmt in pairs)
+  if wanted and all(fmt == "none" for fmt in matmuls.values()):
+    raise ValueError(
+      f"precision.formats={config.precision.formats!r} reaches none of the "
+      f"{len(matmuls)} weight matmuls: the first and last block of each stack and the "
+      "heads keep their float weights unless precision.format_edges=true"
+    )
+
+
+def module_paths(params: Any) -> list[str]:
+  """The paths of the modules that hold ``params`` (arrays or shapes), and their parents."""
+  paths = {
+    param_path(p).rsplit("/", 1)[0] for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]
+  }
+  return sorted(
+    {"/".join(path.split("/")[: i + 1]) for path in paths for i in range(path.count("/") + 1)}
+  )
+
+
+def frozen_count(config: Config, params: Any) -> int:
+  """How many parameter elements of ``params`` (arrays or shapes) ``train.freeze`` freezes."""
+  freeze = freeze_patterns(config)
+  return sum(
+    math.prod(x.shape)
+    for p, x in jax.tree_util.tree_flatten_with_path(params)[0]
+    if any(fnmatch.fnmatchcase(param_path(p), pat) for pat in freeze)
   )
 
 

@@ -186,6 +186,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 def cmd_import_hf(args: argparse.Namespace) -> int:
   from llm_mp import hf, rundir  # pylint: disable=import-outside-toplevel
 
+  rundir.check_new_directory(args.workdir)
   config, params, tokenizer = hf.import_hf(args.src, vocab_multiple=args.vocab_multiple)
   rundir.write_run(args.workdir, config, params, tokenizer)
   print(f"{hf.describe(config)}; wrote {args.workdir} (checkpoint at step 0)")
@@ -193,8 +194,9 @@ def cmd_import_hf(args: argparse.Namespace) -> int:
 
 
 def cmd_export_hf(args: argparse.Namespace) -> int:
-  from llm_mp import hf  # pylint: disable=import-outside-toplevel
+  from llm_mp import hf, rundir  # pylint: disable=import-outside-toplevel
 
+  rundir.check_new_directory(args.out)
   hf.export_hf(args.workdir, args.out)
   print(f"wrote {args.out}")
   return 0
@@ -203,7 +205,8 @@ def cmd_export_hf(args: argparse.Namespace) -> int:
 def cmd_lowrank(args: argparse.Namespace) -> int:
   from llm_mp import lowrank_convert  # pylint: disable=import-outside-toplevel
 
-  print(json.dumps(lowrank_convert.convert_run(args.workdir, args.rank, args.out), sort_keys=True))
+  report = lowrank_convert.convert_run(args.workdir, args.rank, args.out, evaluate=args.eval)
+  print(json.dumps(report, sort_keys=True))
   return 0
 
 
@@ -219,6 +222,7 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     policies=policies,
   )
   written = numerics_plot.write_report(report, args.out or args.workdir)
+  print("\n".join(numerics.summary_lines(report)))
   if written["note"]:
     print(f"llm-mp diagnose: {written['note']}; wrote only {written['json']}", file=sys.stderr)
   print(json.dumps({k: v for k, v in written.items() if k != "note"}, sort_keys=True))
@@ -385,8 +389,18 @@ def build_parser() -> argparse.ArgumentParser:
     "truncated-SVD factors of the run's latest weights; prints the parameter counts as JSON.",
   )
   p.add_argument("--workdir", required=True, help="the trained run to convert")
-  p.add_argument("--rank", type=int, required=True, help="R: rank of every factorised weight")
+  p.add_argument(
+    "--rank",
+    type=int,
+    required=True,
+    help="R: rank of every factorised weight, below min(K, N) of each [K, N] kernel",
+  )
   p.add_argument("--out", metavar="DIR", help="new run directory (default: WORKDIR-lowrankR)")
+  p.add_argument(
+    "--eval",
+    action="store_true",
+    help="also evaluate both runs on the validation split (perplexity before and after)",
+  )
   p.set_defaults(fn=cmd_lowrank)
 
   p = sub.add_parser(
@@ -431,7 +445,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     from llm_mp import benchmark  # pylint: disable=import-outside-toplevel
 
     return benchmark.main(argv[1:])
-  args = build_parser().parse_args(argv)
+  parser = build_parser()
+  # Overrides may come anywhere, also after an option (`--steps 5 model.n_layers=2`),
+  # where argparse has already closed the positional list.
+  args, extra = parser.parse_known_args(argv)
+  if extra and hasattr(args, "overrides") and all(_OVERRIDE.match(a) for a in extra):
+    args.overrides = [*args.overrides, *extra]
+  elif extra:
+    parser.error(f"unrecognized arguments: {' '.join(extra)}")
   # orbax logs routine notes (opening checkpoints read-only) as absl warnings and the
   # files it cannot parse as absl errors; llm_mp reports unreadable checkpoints itself.
   from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel

@@ -13,9 +13,10 @@ reference of every field in :mod:`llm_mp.config_docs`.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import typing
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from llm_mp.config_values import check_choice, check_positive, check_value, parse_value
 from llm_mp.model_config import (  # the model section and its choice lists
@@ -316,6 +317,12 @@ def _check_keys(section: str, section_cls: type, values: Mapping[str, Any]) -> N
     )
 
 
+def _did_you_mean(name: str, known: Iterable[str], prefix: str = "") -> str:
+  """' did you mean 'x'?' for the known name closest to ``name`` (difflib), else ''."""
+  close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+  return f" did you mean {prefix + close[0]!r}?" if close else ""
+
+
 def apply_overrides(config: Config, overrides: Sequence[str]) -> Config:
   """Returns ``config`` with ``section.field=value`` strings applied.
 
@@ -332,10 +339,14 @@ def apply_overrides(config: Config, overrides: Sequence[str]) -> Config:
     section, field = key.split(".", 1)
     if section not in d:
       raise ValueError(
-        f"unknown config section {section!r} in override {item!r}; known: {sorted(d)}"
+        f"unknown config section {section!r} in override {item!r};"
+        f"{_did_you_mean(section, d)} known: {sorted(d)}"
       )
     if field not in d[section]:
-      raise ValueError(f"unknown key {key!r}; known: {sorted(d[section])}")
+      raise ValueError(
+        f"unknown key {key!r};{_did_you_mean(field, d[section], section + '.')} "
+        f"known: {sorted(d[section])}"
+      )
     section_cls = type(getattr(config, section))
     d[section][field] = parse_value(key, typing.get_type_hints(section_cls)[field], value)
   return Config.from_dict(d)

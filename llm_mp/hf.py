@@ -44,6 +44,7 @@ from llm_mp.data.tokenizer import (
   HFTokenizer,
   read_specials,
 )
+from llm_mp.formats import require_float_weights
 from llm_mp.model_config import GATED_MLPS
 from llm_mp.rundir import load_run, publish_directory, staging_directory
 
@@ -107,6 +108,11 @@ def _read_safetensors(path: str) -> dict[str, np.ndarray]:
       )
     start, end = info["data_offsets"]
     data = raw[8 + n + start : 8 + n + end]
+    if len(data) != end - start:
+      raise HFError(
+        f"{path}: truncated: tensor {name} needs bytes {start}..{end} of the data, the "
+        f"file has {len(raw) - 8 - n} (an interrupted download? fetch it again)"
+      )
     out[name] = np.frombuffer(data, SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
   return out
 
@@ -679,6 +685,7 @@ def export_hf(source: str | tuple[Config | ModelConfig, Any, Any], out_dir: str)
 
   if isinstance(source, str):
     run = load_run(source)
+    require_float_weights(run.precision, source, "export-hf")
     config, params, tokenizer = run.config, run.params, run.tokenizer
   else:
     config, params, tokenizer = source

@@ -18,11 +18,11 @@ from typing import Any, Sequence
 
 import jax
 
-from llm_mp.builder import build_recipe
+from llm_mp.builder import build_recipe, check_patterns
 from llm_mp.config import Config
-from llm_mp.formats.lowrank import factorize, parse_rank
-from llm_mp.inference import evaluate_loaded
-from llm_mp.rundir import LoadedRun, load_run, write_run
+from llm_mp.formats.lowrank import factorize, parse_rank, rank_limits
+from llm_mp.inference import evaluate_loaded, evaluate_run
+from llm_mp.rundir import LoadedRun, check_new_directory, load_run, write_run
 from llm_mp.state import abstract_train_state, param_count
 
 
@@ -34,22 +34,42 @@ def lowrank_config(config: Config, rank: int) -> Config:
   return dataclasses.replace(config, precision=precision)
 
 
-def to_lowrank(run: LoadedRun, rank: int) -> tuple[LoadedRun, list[str]]:
+def to_lowrank(run: LoadedRun, rank: int, strict: bool = False) -> tuple[LoadedRun, list[str]]:
   """``run`` converted to rank ``rank``: its low-rank config and recipe, and the factors
-  of its kernels placed on its mesh; with the paths of the kernels factorised."""
+  of its kernels placed on its mesh; with the paths of the kernels factorised.
+
+  Past ``min(K, N)`` of a ``[K, N]`` kernel its factors are padded with zeros
+  (exactly the kernel, in more parameters); ``strict`` refuses such a rank.
+
+  Raises:
+    ValueError: no matmul to factorise (every block is a first or last one), or
+      with ``strict`` a rank at or above ``min(K, N)`` of a kernel.
+  """
   config = lowrank_config(run.config, rank)
+  check_patterns(config)
   recipe = build_recipe(config, run.tokenizer)
   abstract = abstract_train_state(
     recipe.model, recipe.tx, config, run.mesh, jax.random.key(0)
   ).params
-  params, factorised = factorize(jax.device_get(run.params), abstract)
+  dense = jax.device_get(run.params)
+  limits = rank_limits(dense, abstract)
+  over = sorted((limit, path) for path, limit in limits.items() if rank >= limit)
+  if strict and over:
+    raise ValueError(
+      f"--rank {rank} is at or above min(K, N) of {len(over)} of the {len(limits)} "
+      f"kernels to factorise (of {over[0][1]}: {over[0][0]}), whose factors would then "
+      f"hold more than the kernel; use a rank below {min(limits.values())}"
+    )
+  params, factorised = factorize(dense, abstract)
   params = jax.tree.map(lambda a, x: jax.device_put(x, a.sharding), abstract, params)
   shardings = jax.tree.map(lambda a: a.sharding, abstract)
   low = dataclasses.replace(run, config=config, recipe=recipe, params=params, shardings=shardings)
   return low, factorised
 
 
-def convert_run(workdir: str, rank: int, out: str | None = None) -> dict[str, Any]:
+def convert_run(
+  workdir: str, rank: int, out: str | None = None, evaluate: bool = False
+) -> dict[str, Any]:
   """Writes the truncated-SVD conversion of run ``workdir``'s latest parameters.
 
   Args:
@@ -57,27 +77,43 @@ def convert_run(workdir: str, rank: int, out: str | None = None) -> dict[str, An
     rank: ``R`` of ``lowrank:R``.
     out: the new run directory (default ``<workdir>-lowrank<R>``); it must not
       exist or be empty.
+    evaluate: also evaluate both runs on the validation split
+      (:func:`llm_mp.inference.evaluate_run`).
 
   Returns:
-    ``{"out", "rank", "params_before", "params_after", "factorised"}`` (the
-    total parameter counts and the number of dense kernels factorised).
+    ``{"out", "format", "step", "source_step", "rank", "params_before",
+    "params_after", "factorised"}`` (the absolute new run directory, its
+    checkpoint's step (0: ``llm-mp train`` fine-tunes it from there), the step of the
+    parameters it was made from, the total parameter
+    counts and the number of dense kernels factorised), plus ``"eval_before"`` /
+    ``"eval_after"`` with ``evaluate``: the keys ``llm-mp quantize`` reports.
 
   Raises:
-    ValueError: a bad rank, no run or checkpoint at ``workdir``, ``out`` not
-      empty, or a run already in another low-rank format.
+    ValueError: a bad rank (also one at or above ``min(K, N)`` of a ``[K, N]``
+      kernel: its factors would hold more than the kernel), no matmul to factorise,
+      no run or checkpoint at ``workdir``, ``out`` not empty, or a run already in
+      another low-rank format.
   """
   parse_rank(str(rank), "--rank")
   out = out or f"{os.path.abspath(workdir).rstrip(os.sep)}-lowrank{rank}"
+  check_new_directory(out)
   run = load_run(workdir)
-  low, factorised = to_lowrank(run, rank)
+  low, factorised = to_lowrank(run, rank, strict=True)
   write_run(out, low.config, low.params, low.tokenizer)
-  return {
+  report = {
     "out": out,
+    "format": low.config.precision.formats,
+    "step": 0,
+    "source_step": run.step,
     "rank": rank,
     "params_before": param_count(run.params),
     "params_after": param_count(low.params),
     "factorised": len(factorised),
   }
+  if evaluate:
+    report["eval_before"] = evaluate_run(workdir)
+    report["eval_after"] = evaluate_run(out)
+  return report
 
 
 def svd_sweep(workdir: str, ranks: Sequence[int]) -> list[dict[str, Any]]:

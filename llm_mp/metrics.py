@@ -170,12 +170,13 @@ def progress_bar(total: int, initial: int, enabled: bool = True):
   )
 
 
-def bar_postfix(m: Mapping[str, Any]) -> str:
-  """The progress bar's text: loss, tokens/s, loss scale, skipped steps."""
+def bar_postfix(m: Mapping[str, Any], loss_scaled: bool = True) -> str:
+  """The progress bar's text: loss, tokens/s, the loss scale (when ``loss_scaled``: a
+  run without loss scaling has none to show), skipped steps."""
   parts = [f"loss {m['loss']:.4f}"]
   if "tokens_per_s" in m:
     parts.append(f"{m['tokens_per_s']:,.0f} tok/s")
-  if "loss_scale" in m:
+  if loss_scaled and "loss_scale" in m:
     parts.append(f"scale {m['loss_scale']:g}")
   if m.get("skipped_steps"):
     parts.append(f"skipped {m['skipped_steps']}")

@@ -43,6 +43,7 @@ import numpy as np
 
 from llm_mp.config import ModelConfig
 from llm_mp.format_ranges import FORMATS, format_fractions, format_range, tensor_stats
+from llm_mp.formats import require_float_weights
 from llm_mp.models import build_resolved_model
 from llm_mp.precision import Precision, loss_scale_kind, make_precision
 from llm_mp.rundir import load_run
@@ -402,6 +403,7 @@ def diagnose_run(
   if batch_size < 1:
     raise ValueError(f"--batch-size={batch_size}: must be at least 1")
   run = load_run(workdir)
+  require_float_weights(run.precision, workdir, "diagnose")
   params = jax.device_get(run.params)
   batch = run_batch(run, batch_size)
   report = diagnose(run.config.model, params, batch, run.recipe.task, scale, precision, policies)
@@ -411,3 +413,23 @@ def diagnose_run(
     "run_precision": run.config.precision.policy,
     **report,
   }
+
+
+def summary_lines(report: Mapping[str, Any]) -> list[str]:
+  """A few lines of a :func:`diagnose_run` report for the terminal: the loss, the pooled
+  fraction of each kind of tensor that flushes to zero or overflows in each format,
+  and each policy's relative error against float64 (loss, whole gradient)."""
+  lines = [
+    f"{report['run']} step {report['step']} ({report['run_precision']}): loss "
+    f"{report['loss']:.4g} under {report['precision']}, loss scale {report['loss_scale']:g}"
+  ]
+  for kind in KINDS:
+    fractions = report["totals"][kind]["formats"]
+    parts = [f"{n} {f['flush']:.2%}/{f['overflow']:.2%}" for n, f in fractions.items()]
+    lines.append(f"  {kind} flush/overflow: {', '.join(parts)}")
+  for name, errors in report.get("policy_errors", {}).items():
+    lines.append(
+      f"  {name} vs float64: loss {errors['loss']:.1e}, gradients "
+      f"{errors['gradients_total']:.1e} (relative error)"
+    )
+  return lines

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -72,7 +72,7 @@ def _parse_policy_fields(spec: str, base: jmp.Policy) -> jmp.Policy:
     "output": "output_dtype",
   }
   if "=" not in spec:
-    return dataclasses.replace(base, compute_dtype=parse_dtype(spec, "override dtype"))
+    return dataclasses.replace(base, compute_dtype=_policy_dtype(spec, "override dtype"))
   changes = {}
   for part in spec.split(","):
     if "=" not in part:
@@ -80,8 +80,19 @@ def _parse_policy_fields(spec: str, base: jmp.Policy) -> jmp.Policy:
     key, value = (s.strip() for s in part.split("=", 1))
     if key not in fields:
       raise ValueError(f"unknown policy field {key!r} in {spec!r}; valid: p, c, o")
-    changes[fields[key]] = parse_dtype(value, f"policy field {key!r}")
+    changes[fields[key]] = _policy_dtype(value, f"policy field {key!r}")
   return dataclasses.replace(base, **changes)
+
+
+def _policy_dtype(text: str, what: str) -> Any:
+  """:func:`parse_dtype`, refusing float64 where JAX would silently compute in float32."""
+  dtype = parse_dtype(text, what)
+  if jnp.dtype(dtype) == jnp.float64 and jax.dtypes.canonicalize_dtype(jnp.float64) != jnp.float64:
+    raise ValueError(
+      f"{what} {text!r}: float64 needs JAX's 64-bit mode (JAX_ENABLE_X64=1); without it "
+      "JAX computes in float32. Use f32"
+    )
+  return dtype
 
 
 def _policy_str(p: jmp.Policy) -> str:
@@ -161,9 +172,15 @@ class Precision:
   def compute_dtype(self) -> Any:
     return self.base.compute_dtype
 
-  def describe(self) -> str:
+  def describe(self, modules: Sequence[str] | None = None) -> str:
+    """The policy, its overrides and formats, one per line; with ``modules`` (the
+    model's module paths) only the overrides that match one of them."""
     lines = [f"precision {self.name}: {_policy_str(self.base)}"]
-    lines += [f"  {pat}: {_policy_str(p)}" for pat, p in self.overrides]
+    lines += [
+      f"  {pat}: {_policy_str(p)}"
+      for pat, p in self.overrides
+      if modules is None or any(fnmatch.fnmatchcase(m, pat) for m in modules)
+    ]
     lines += [f"  {pat}: matmul format {fmt}" for pat, fmt in self.formats]
     if self.formats and self.protected:
       lines.append(f"  no format reaches: {', '.join(self.protected)}")

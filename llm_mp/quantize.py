@@ -27,11 +27,11 @@ import jax
 from flax import traverse_util
 
 from llm_mp import inference
-from llm_mp.builder import build_recipe
+from llm_mp.builder import build_recipe, check_patterns
 from llm_mp.config import Config
 from llm_mp.formats import stored_bytes, weight_only_formats
 from llm_mp.models import FAMILIES
-from llm_mp.rundir import abstract_run_state, load_run, publish_run
+from llm_mp.rundir import abstract_run_state, check_new_directory, load_run, publish_run
 
 TARGETS = {"int8": "int8-weight", "int4": "int4-weight"}  # --to -> precision.formats
 
@@ -120,20 +120,24 @@ def quantize_run(
       (:func:`llm_mp.inference.evaluate_run`).
 
   Returns:
-    ``{"out", "format", "step", "sizes": {...}, "checkpoint_bytes"}`` (bytes of
-    the new ``checkpoints/`` directory), plus ``"eval_before"`` /
+    ``{"out", "format", "step", "source_step", "sizes": {...}, "checkpoint_bytes"}``
+    (the absolute new run directory, its checkpoint's step, the step of the
+    parameters it was made from, bytes of its ``checkpoints/`` directory), plus ``"eval_before"`` /
     ``"eval_after"`` with ``evaluate``.
 
   Raises:
-    ValueError: an unknown ``to``, a run already in a weight-only format, or an
+    ValueError: an unknown ``to``, a run already in a weight-only format, a model
+      with no matmul the format reaches (``precision.format_edges``), or an
       ``out`` that exists and is not empty.
   """
+  out = out or f"{os.path.abspath(workdir).rstrip(os.sep)}-{to}"
+  check_new_directory(out)
   run = load_run(workdir)
   stored = {fmt for _, fmt in run.precision.formats} & set(weight_only_formats())
   if stored:
     raise ValueError(f"{workdir} is already quantised (precision.formats={sorted(stored)})")
   config = quantized_config(run.config, to)
-  out = out or f"{os.path.normpath(workdir)}-{to}"
+  check_patterns(config)  # a format that reaches no matmul is an error
   model = build_recipe(config, run.tokenizer).model
   params = quantize_params(
     model, config, run.params, abstract_run_state(config, run.mesh, run.tokenizer).params
@@ -150,6 +154,7 @@ def quantize_run(
     "out": out,
     "format": TARGETS[to],
     "step": run.step,
+    "source_step": run.step,
     "sizes": _sizes(run.params, params),
     "checkpoint_bytes": _directory_bytes(os.path.join(out, "checkpoints")),
   }

@@ -220,10 +220,16 @@ def write_config(workdir: str, config: Config) -> None:
   os.replace(tmp, os.path.join(workdir, "config.json"))
 
 
-def staging_directory(path: str) -> str:
-  """A fresh sibling directory to write into before renaming it to ``path``."""
+def check_new_directory(path: str) -> None:
+  """Raises ValueError unless ``path`` is absent or an empty directory: where a
+  command will write a new run (checked before its work, and again when it writes)."""
   if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
     raise ValueError(f"{path}: already exists and is not empty")
+
+
+def staging_directory(path: str) -> str:
+  """A fresh sibling directory to write into before renaming it to ``path``."""
+  check_new_directory(path)
   tmp = f"{os.path.abspath(path).rstrip(os.sep)}.tmp-{os.getpid()}"
   shutil.rmtree(tmp, ignore_errors=True)
   os.makedirs(tmp)

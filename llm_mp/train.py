@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import shutil
 import signal
 import time
 from typing import Any
@@ -23,8 +24,11 @@ from llm_mp.builder import (
   Recipe,
   build_recipe,
   check_init_from,
+  check_patterns,
+  frozen_count,
   kept_heads,
   load_backbone,
+  module_paths,
   run_precision,
 )
 from llm_mp.config import Config
@@ -87,12 +91,13 @@ def build(config: Config, ckpt, say=print, tokenizer: Any = None) -> Run:
   rng = jax.random.key(config.train.seed)
   abstract = abstract_train_state(recipe.model, recipe.tx, config, mesh, rng)
   shardings = jax.tree.map(lambda x: x.sharding, abstract)
+  frozen = frozen_count(config, abstract.params)
   say(
     f"model: {config.model.family}, task {recipe.task.name}, "
-    f"{param_count(abstract.params):,} parameters, attention "
+    f"{param_count(abstract.params):,} parameters ({frozen:,} frozen), attention "
     f"{recipe.config.model.attention_impl} ({jax.default_backend()}); loss scale "
     f"{loss_scale_kind(config.precision.policy, config.precision.loss_scale)}; "
-    f"{recipe.precision.describe()}"
+    f"{recipe.precision.describe(module_paths(abstract.params))}"
   )
   mem = sharding.state_memory_report(abstract)
   say(
@@ -104,11 +109,8 @@ def build(config: Config, ckpt, say=print, tokenizer: Any = None) -> Run:
   if restored is None:
     state, _ = create_sharded_state(recipe.model, recipe.tx, config, mesh, rng)
     source = config.train.init_from
-    if source:
+    if source:  # checked by validate: a run of the same architecture
       source_config = stored_config(source)
-      if source_config is None:
-        raise ValueError(f"train.init_from={source} has no config.json: not a run directory")
-      check_init_from(config, source_config, source)
       params, _, step = restore_run_variables(source, source_config, mesh, tokenizer)
       keep = kept_heads(config, source_config)
       state = state.replace(params=load_backbone(state.params, params, source, keep))
@@ -123,17 +125,28 @@ def build(config: Config, ckpt, say=print, tokenizer: Any = None) -> Run:
   return Run(config, recipe, mesh, rules, state, shardings, data_state, step)
 
 
-def validate(config: Config) -> None:
+def validate(config: Config, new_run: bool = True) -> None:
   """Checks what only devices and the policy parser can check, before anything
   is written: the task, the precision spec (no weight-only format: those hold integers that
-  take no gradient), the mesh, and that the batch splits over it."""
+  take no gradient), the freeze / override / format patterns, the mesh, that the
+  batch splits over it, and for a ``new_run`` that ``train.init_from`` is a run of the
+  same architecture (a resumed run restores its own checkpoint)."""
   task_spec(config)  # a known task that the model family runs
+  source = config.train.init_from
+  if source and new_run:
+    if not os.path.isdir(source):
+      raise ValueError(f"train.init_from={source}: no such run directory")
+    source_config = stored_config(source)
+    if source_config is None:
+      raise ValueError(f"train.init_from={source} has no config.json: not a run directory")
+    check_init_from(config, source_config, source)
   frozen = sorted({fmt for _, fmt in run_precision(config).formats} & set(weight_only_formats()))
   if frozen:
     raise ValueError(
       f"precision.formats={config.precision.formats!r}: {frozen[0]} stores integer weights "
       "for eval and generate (written by llm-mp quantize); train with precision.formats=int8"
     )
+  check_patterns(config)  # freeze, override and format patterns match the model
   mesh = sharding.make_mesh(config.mesh)
   rows = mesh.shape["data"] * mesh.shape["fsdp"]
   if config.train.batch_size % rows:
@@ -234,13 +247,23 @@ def train(
   """
   sharding.maybe_initialize_distributed()
   check_workdir(workdir)
-  config = with_schedule_steps(with_absolute_paths(config), stored_config(workdir))
+  stored = stored_config(workdir)
+  config = with_schedule_steps(with_absolute_paths(config), stored)
   check_config(workdir, config)
-  validate(config)
+  validate(config, new_run=stored is None)
   is_main = jax.process_index() == 0
+  fresh = not os.path.isdir(workdir) or not os.listdir(workdir)
   lock = workdir_lock(workdir) if is_main else contextlib.nullcontext()
-  with lock:
-    return _train_locked(config, workdir, verbose, until, is_main)
+  try:
+    with lock:
+      return _train_locked(config, workdir, verbose, until, is_main)
+  except ValueError:
+    # A check that fails before the first checkpoint of a new run (its data, its
+    # init_from) leaves no half-made run directory behind: no lock, tokenizer or cache.
+    checkpoints = os.path.join(workdir, "checkpoints")
+    if fresh and is_main and not (os.path.isdir(checkpoints) and os.listdir(checkpoints)):
+      shutil.rmtree(workdir, ignore_errors=True)
+    raise
 
 
 def _train_locked(
@@ -285,6 +308,7 @@ def _train_locked(
   writer = MetricsWriter(workdir, enabled=is_main, purge_step=start + 1)
   last: dict[str, Any] = {}
   bar = progress_bar(t.steps, start, enabled=is_main and verbose)
+  loss_scaled = loss_scale_kind(config.precision.policy, config.precision.loss_scale) != "none"
   t0, step0 = time.perf_counter(), start
   with _stop_on_signal() as stop:
     for step in range(start + 1, min(t.steps, until or t.steps) + 1):
@@ -308,7 +332,7 @@ def _train_locked(
             if is_main and verbose:
               bar.write(f"step {step} sample: {t.sample_prompt}{sample}")
         writer.write(step, last)
-        bar.set_postfix_str(bar_postfix(last))
+        bar.set_postfix_str(bar_postfix(last, loss_scaled))
         t0, step0 = time.perf_counter(), step  # evaluation time does not count as training
       if step % t.ckpt_every == 0 or step in (t.steps, until) or stop["stop"]:
         checkpoint.save(ckpt, step, state, train_iter.get_state(), force=True)

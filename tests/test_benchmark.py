@@ -6,6 +6,7 @@ import json
 
 import jax
 import numpy as np
+import pytest
 
 from experiments import benchmark as bench_suite
 from llm_mp import allocator, benchmark, cli
@@ -14,6 +15,7 @@ from llm_mp.config import apply_overrides
 from llm_mp.presets import get_preset
 from llm_mp.state import make_init_fn
 from llm_mp.step import make_train_step
+from llm_mp.tasks import task_spec
 
 ARGS = [
   "--preset",
@@ -42,10 +44,26 @@ def test_bench_streams_phases_then_json_and_times_the_real_step(capsys):
   r = build_recipe(config)
   state = jax.jit(make_init_fn(r.model, r.tx, config))(jax.random.key(0))
   step = jax.jit(make_train_step(r.model, r.tx, r.schedule, config, r.task))
-  batch = benchmark.fixed_batch(2, 64, config.model.vocab_size)
+  batch = task_spec(config).synthetic_batch(config, 2)
   for _ in range(3):
     state, metrics = step(state, batch)
   np.testing.assert_allclose(result["loss"], float(metrics["loss"]), atol=1e-5)
+
+
+@pytest.mark.parametrize(
+  "preset, overrides",
+  [
+    ("encoder_tiny", ()),  # mlm: the byte tokenizer's ids stand in for the run's
+    ("encoder_tiny", ("train.task=classify", "model.n_classes=3")),
+    ("seq2seq_tiny", ("data.target_len=8", "model.n_decoder_layers=1")),
+  ],
+)
+def test_bench_times_every_task_on_its_own_synthetic_batch(capsys, preset, overrides):
+  args = ["--preset", preset, "--steps", "1", "--warmup", "0", "train.batch_size=2"]
+  tiny = ["model.n_layers=1", "data.seq_len=16"]
+  assert cli.main(["bench", *args, *tiny, *overrides]) == 0
+  result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert result["preset"] == preset and np.isfinite(result["loss"])
 
 
 def test_tune_malloc_applies_once_unless_the_user_set_the_variables(monkeypatch):

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import re
 
 import jax
 import pytest
@@ -152,6 +153,19 @@ def test_tiny_preset_widths_split_over_tensor_axes():
 )
 def test_bad_overrides_name_the_field_and_value(override, message):
   with pytest.raises(ValueError, match=message):
+    apply_overrides(get_preset("tiny"), [override])
+
+
+@pytest.mark.parametrize(
+  "override, suggestion",
+  [
+    ("model.n_layer=6", "did you mean 'model.n_layers'?"),
+    ("train.step=6", "did you mean 'train.steps'?"),
+    ("modle.n_layers=6", "did you mean 'model'?"),
+  ],
+)
+def test_a_near_miss_key_gets_a_did_you_mean(override, suggestion):
+  with pytest.raises(ValueError, match=re.escape(suggestion)):
     apply_overrides(get_preset("tiny"), [override])
 
 

@@ -201,18 +201,21 @@ def test_a_lowrank_model_trains_from_scratch():
 def test_lowrank_command_converts_a_trained_run(corpus, tmp_path, capsys):
   workdir = str(tmp_path / "dense")
   train(_config(corpus, 20), workdir, verbose=False)
-  assert cli.main(["lowrank", "--workdir", workdir, "--rank", "32"]) == 0
+  # Rank 32 is full here (d_model 32): the command refuses it, the in-memory sweep pads.
+  assert cli.main(["lowrank", "--workdir", workdir, "--rank", "32"]) == 2
+  assert "use a rank below 16" in capsys.readouterr().err  # the [32, 16] key/value kernels
+  assert cli.main(["lowrank", "--workdir", workdir, "--rank", "8"]) == 0
   counts = json.loads(capsys.readouterr().out)
-  out = workdir + "-lowrank32"
+  out = workdir + "-lowrank8"
   # The middle block's 7 matmuls (q, k, v, out, gate, up, down); edges and head stay dense.
   assert counts["out"] == out and counts["factorised"] == 7
-  assert counts["params_after"] > counts["params_before"]  # rank 32 is full here: more, not fewer
+  assert counts["params_after"] < counts["params_before"]
   assert cli.main(["eval", "--workdir", out]) == 0
-  full = json.loads(capsys.readouterr().out)
-  dense, full_in_memory, low = svd_sweep(workdir, [32, 2])
+  written = json.loads(capsys.readouterr().out)
+  dense, full_in_memory, low8, low = svd_sweep(workdir, [32, 8, 2])
   assert (dense["rank"], full_in_memory["rank"], low["rank"]) == (None, 32, 2)
   # Full rank: U @ V = W up to fp32 rounding of the factors.
-  np.testing.assert_allclose(full["val_ppl"], dense["perplexity"], rtol=1e-4)
-  np.testing.assert_allclose(full_in_memory["perplexity"], full["val_ppl"], rtol=1e-6)
+  np.testing.assert_allclose(full_in_memory["perplexity"], dense["perplexity"], rtol=1e-4)
+  np.testing.assert_allclose(low8["perplexity"], written["val_ppl"], rtol=1e-6)
   assert low["params"] < dense["params"]
   assert low["perplexity"] > dense["perplexity"] * 1.01, (dense, low)

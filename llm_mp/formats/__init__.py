@@ -27,7 +27,9 @@ from llm_mp.formats.registry import (
   parse_format,
   parse_formats,
   register_format,
+  require_float_weights,
   state_collections,
+  traced_matmuls,
   weight_only_formats,
 )
 
@@ -42,8 +44,10 @@ __all__ = [
   "parse_format",
   "parse_formats",
   "register_format",
+  "require_float_weights",
   "state_collections",
   "stored_bytes",
+  "traced_matmuls",
   "weight_only_formats",
   "weight_param",
 ]

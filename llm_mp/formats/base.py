@@ -78,6 +78,9 @@ class Format:
     fused: ``fn(module, x, weight, bias, activation, out_dtype) -> y`` doing the
       whole of :func:`llm_mp.formats.matmul` for a weight without batch axes
       (bias, activation and cast inside one gradient), or None.
+    float_weight: it keeps each weight as the float parameter of the weight's name
+      (with any state beside it), so what reads plain checkpoints (``export-hf``,
+      ``diagnose``) reads its runs; False for integers and scales, or factors.
   """
 
   name: str
@@ -88,6 +91,7 @@ class Format:
   weight_only: bool = False
   options: tuple[str, ...] = ()
   fused: Callable[..., jax.Array] | None = None
+  float_weight: bool = True
 
 
 def _dense_2d_fwd(x, kernel, bias, out_dtype, activation):

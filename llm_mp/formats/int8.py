@@ -237,5 +237,7 @@ int4_weight = functools.partial(_weight_only, bits=4)
 
 
 INT8_QAT = Format("int8", int8_qat, options=("int8_activations",))
-INT8_WEIGHT = Format("int8-weight", int8_weight, weight_only=True)
-INT4_WEIGHT = Format("int4-weight", int4_weight, weight_only=True, options=("group_size",))
+INT8_WEIGHT = Format("int8-weight", int8_weight, weight_only=True, float_weight=False)
+INT4_WEIGHT = Format(
+  "int4-weight", int4_weight, weight_only=True, options=("group_size",), float_weight=False
+)

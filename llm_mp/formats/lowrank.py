@@ -105,6 +105,34 @@ def svd_factors(kernel: Any, n_batch: int, n_in: int, rank: int) -> tuple[np.nda
   return u.reshape(batch + inn + (rank,)), v.reshape(batch + (rank,) + out)
 
 
+def _factor_pairs(dense: dict[str, Any], want: dict[str, Any]) -> dict[str, tuple[int, int]]:
+  """``{dense path: (n_batch, n_in)}`` of each dense kernel (flat ``dense``) that the
+  low-rank model (flat ``want``) holds as ``<path>_u`` / ``<path>_v``. Leading axes the
+  factors share (MoE experts, scanned layers) are batch axes: ``len(u) + len(v) - 2 -
+  len(w)`` of them."""
+  pairs = {}
+  for path, u in want.items():
+    base = path[:-2]
+    if path.endswith("_u") and base in dense and f"{base}_v" in want:
+      n_batch = len(u.shape) + len(want[f"{base}_v"].shape) - 2 - len(np.shape(dense[base]))
+      pairs[base] = (n_batch, len(u.shape) - n_batch - 1)
+  return pairs
+
+
+def rank_limits(params: Any, abstract: Any) -> dict[str, int]:
+  """``{path: min(K, N)}`` of each dense kernel of ``params`` that the low-rank model
+  (``abstract``, as for :func:`factorize`) factorises: a rank at or above it stores more
+  than the kernel, exactly."""
+  dense = traverse_util.flatten_dict(params, sep="/")
+  pairs = _factor_pairs(dense, traverse_util.flatten_dict(abstract, sep="/"))
+  limits = {}
+  for path, (n_batch, n_in) in pairs.items():
+    shape = np.shape(dense[path])
+    k, n = math.prod(shape[n_batch : n_batch + n_in]), math.prod(shape[n_batch + n_in :])
+    limits[path] = min(k, n)
+  return limits
+
+
 def factorize(params: Any, abstract: Any) -> tuple[dict[str, Any], list[str]]:
   """Parameters of a low-rank model from a dense model's.
 
@@ -118,8 +146,7 @@ def factorize(params: Any, abstract: Any) -> tuple[dict[str, Any], list[str]]:
     and dtypes, and the paths of the dense kernels that were factorised. A
     parameter present in both is copied; a pair ``<name>_u`` / ``<name>_v``
     the dense model holds as ``<name>`` takes its :func:`svd_factors` at the
-    rank of ``_u``'s last axis. Leading axes the factors share (MoE experts,
-    scanned layers) are batch axes: ``len(u) + len(v) - 2 - len(w)`` of them.
+    rank of ``_u``'s last axis (batch axes as :func:`_factor_pairs` finds them).
 
   Raises:
     ValueError: a parameter the dense model lacks, or holds with another
@@ -127,6 +154,7 @@ def factorize(params: Any, abstract: Any) -> tuple[dict[str, Any], list[str]]:
   """
   dense = traverse_util.flatten_dict(params, sep="/")
   want = traverse_util.flatten_dict(abstract, sep="/")
+  pairs = _factor_pairs(dense, want)
   out, factorised = {}, []
   for path, target in want.items():
     base = path[:-2]
@@ -137,10 +165,8 @@ def factorize(params: Any, abstract: Any) -> tuple[dict[str, Any], list[str]]:
           f"needs {list(target.shape)}"
         )
       out[path] = np.asarray(dense[path]).astype(target.dtype)
-    elif path.endswith("_u") and base in dense and f"{base}_v" in want:
-      w, v_shape = np.shape(dense[base]), want[f"{base}_v"].shape
-      n_batch = len(target.shape) + len(v_shape) - 2 - len(w)
-      u, v = svd_factors(dense[base], n_batch, len(target.shape) - n_batch - 1, target.shape[-1])
+    elif path.endswith("_u") and base in pairs:
+      u, v = svd_factors(dense[base], *pairs[base], target.shape[-1])
       out[path] = u.astype(target.dtype)
       out[f"{base}_v"] = v.astype(want[f"{base}_v"].dtype)
       factorised.append(base)
@@ -149,4 +175,4 @@ def factorize(params: Any, abstract: Any) -> tuple[dict[str, Any], list[str]]:
   return traverse_util.unflatten_dict(out, sep="/"), factorised
 
 
-LOWRANK = Format("lowrank", lowrank_matmul, parse_arg=parse_rank)
+LOWRANK = Format("lowrank", lowrank_matmul, parse_arg=parse_rank, float_weight=False)

@@ -24,8 +24,10 @@ module and one :func:`register_format` line.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import flax.linen as nn
 import jax
@@ -38,6 +40,10 @@ from llm_mp.precision import module_path
 
 FORMATS: dict[str, Format] = {}
 _OPTION_FIELDS = frozenset(f.name for f in dataclasses.fields(PrecisionConfig))
+# While :func:`traced_matmuls` is open a model: module path -> format of each weight matmul.
+_TRACED: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar(
+  "llm_mp_traced_matmuls", default=None
+)
 
 
 def register_format(entry: Format) -> Format:
@@ -107,6 +113,33 @@ def weight_only_formats() -> tuple[str, ...]:
   return tuple(sorted(name for name, f in FORMATS.items() if f.weight_only))
 
 
+def require_float_weights(precision: Any, workdir: str, command: str) -> None:
+  """Raises ValueError (one line, naming ``command``) when the run ``workdir``'s policy
+  ``precision`` (a :class:`~llm_mp.precision.Precision`) stores weights as something
+  other than their float arrays (integers and scales, factors)."""
+  specs = sorted({fmt for _, fmt in precision.formats})
+  converted = [fmt for fmt in specs if not FORMATS[parse_format(fmt)[0]].float_weight]
+  if converted:
+    raise ValueError(
+      f"{workdir} stores its matmul weights as precision.formats={','.join(converted)}, "
+      f"not as float kernels; {command} reads float weights: run it on the run this one "
+      "was converted from"
+    )
+
+
+@contextlib.contextmanager
+def traced_matmuls() -> Iterator[dict[str, str]]:
+  """Within it, every weight matmul traced (an ``init`` or ``apply``, abstract or not)
+  records ``{module path: format spec}`` in the dict it yields (``"none"`` where the
+  dtype policy alone applies)."""
+  traced: dict[str, str] = {}
+  token = _TRACED.set(traced)
+  try:
+    yield traced
+  finally:
+    _TRACED.reset(token)
+
+
 def module_format(module: nn.Module) -> str:
   """The format the precision policy names for a bound module (``"none"`` if none)."""
   return module.precision.format_for(module_path(module))
@@ -136,7 +169,11 @@ def matmul(
   Returns:
     ``[*batch, ..., *out_shape]`` in ``out_dtype``.
   """
-  name, arg = parse_format(module_format(module))
+  spec = module_format(module)
+  traced = _TRACED.get()
+  if traced is not None:  # a trace-time record for traced_matmuls, no part of the computation
+    traced[module_path(module)] = spec
+  name, arg = parse_format(spec)
   entry = FORMATS[name]
   out_dtype = jnp.dtype(out_dtype or x.dtype)
   if entry.fused is not None and not weight.batch_shape:

@@ -31,6 +31,7 @@ from typing import Any, Callable, Mapping
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Batch = dict[str, jax.Array]
 LossFn = Callable[[nn.Module, Any, Batch, "jax.Array | None"], tuple[jax.Array, dict]]
@@ -183,6 +184,30 @@ def token_loss(logits, targets, mask, aux_loss, metrics, model_state, z_weight):
   return loss + z_weight * z / n + aux_loss, aux
 
 
+def random_tokens(rows: int, length: int, vocab: int, seed: int = 0) -> np.ndarray:
+  """int64 ``[rows, length]`` token ids uniform in ``[0, vocab)``, numpy seed ``seed``."""
+  return np.random.default_rng(seed).integers(0, vocab, (rows, length))
+
+
+def packed_rows(tokens: np.ndarray) -> Batch:
+  """int32 ``inputs, segment_ids, positions [B, T]`` of one document per row of
+  ``tokens [B, T]``."""
+  batch, seq = tokens.shape
+  return {
+    "inputs": jnp.asarray(tokens, jnp.int32),
+    "segment_ids": jnp.ones((batch, seq), jnp.int32),
+    "positions": jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq)),
+  }
+
+
+def token_batch(config: Any, batch_size: int) -> Batch:
+  """A language-model batch of random tokens (numpy seed 0, one document per row):
+  int32 ``inputs, targets, segment_ids, positions [batch_size, data.seq_len]``,
+  ``targets`` the inputs shifted left."""
+  tokens = random_tokens(batch_size, config.data.seq_len + 1, config.model.vocab_size)
+  return {**packed_rows(tokens[:, :-1]), "targets": jnp.asarray(tokens[:, 1:], jnp.int32)}
+
+
 @dataclasses.dataclass(frozen=True)
 class TaskData:
   """How a task reads, splits, tokenises and batches its data.
@@ -231,6 +256,8 @@ class TaskSpec:
     perplexity: whether ``exp(loss)`` is reported.
     continues_prompt: whether the model continues a text prompt (the training
       loop then shows ``train.sample_prompt``'s continuation at evaluations).
+    synthetic_batch: ``(config, batch_size) -> batch``: random data with every key
+      of ``batch_axes`` (NumPy seed 0), what ``llm-mp bench`` times the step on.
   """
 
   name: str
@@ -244,3 +271,4 @@ class TaskSpec:
   unit: str = "tokens"
   perplexity: bool = True
   continues_prompt: bool = False
+  synthetic_batch: Callable[[Any, int], Batch] = token_batch

@@ -16,6 +16,8 @@ from llm_mp.tasks.base import (
   apply_model,
   apply_to_tokens,
   cross_entropy,
+  packed_rows,
+  random_tokens,
 )
 from llm_mp.tasks.examples import example_eval_batches, example_train_batches, replace_val_files
 
@@ -83,6 +85,14 @@ def predict_label(run, texts: Sequence[str]) -> list[str]:
   ]
 
 
+def synthetic_batch(config, batch_size: int) -> Batch:
+  """Random tokens ``[batch_size, data.seq_len]`` (numpy seed 0), one example per row,
+  with random ``labels [batch_size]`` in ``[0, model.n_classes)``."""
+  tokens = random_tokens(batch_size, config.data.seq_len + 1, config.model.vocab_size)
+  labels = tokens[:, -1] % config.model.n_classes
+  return {**packed_rows(tokens[:, :-1]), "labels": jnp.asarray(labels, jnp.int32)}
+
+
 SPEC = TaskSpec(
   name="classify",
   families=("encoder",),
@@ -93,4 +103,5 @@ SPEC = TaskSpec(
   predict=predict_label,
   unit="examples",
   perplexity=False,
+  synthetic_batch=synthetic_batch,
 )

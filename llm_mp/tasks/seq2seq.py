@@ -11,7 +11,16 @@ import numpy as np
 
 from llm_mp.data import text2text
 from llm_mp.generate import generate_seq2seq
-from llm_mp.tasks.base import TOKEN_AXES, Batch, TaskData, TaskSpec, apply_model, token_loss
+from llm_mp.tasks.base import (
+  TOKEN_AXES,
+  Batch,
+  TaskData,
+  TaskSpec,
+  apply_model,
+  packed_rows,
+  random_tokens,
+  token_loss,
+)
 from llm_mp.tasks.examples import example_eval_batches, example_train_batches, replace_val_files
 
 # Source and target lengths may differ; both are ("batch", "length") (length is not sharded).
@@ -98,6 +107,21 @@ def predict_output(
   return out
 
 
+def synthetic_batch(config, batch_size: int) -> Batch:
+  """Random source rows ``[batch_size, data.seq_len]`` and target rows ``[batch_size,
+  data.target_len or data.seq_len]`` (numpy seed 0), one pair per row, without padding;
+  ``decoder_inputs`` are the targets shifted right after a random first token."""
+  source_len = config.data.seq_len
+  target_len = config.data.target_len or source_len
+  tokens = random_tokens(batch_size, source_len + target_len + 1, config.model.vocab_size)
+  target = packed_rows(tokens[:, source_len : source_len + target_len])
+  return {
+    **packed_rows(tokens[:, :source_len]),
+    **{f"decoder_{key}": value for key, value in target.items()},
+    "targets": jnp.asarray(tokens[:, source_len + 1 :], jnp.int32),
+  }
+
+
 SPEC = TaskSpec(
   name="seq2seq",
   families=("encoder_decoder",),
@@ -113,4 +137,5 @@ SPEC = TaskSpec(
     replace_val_files,
   ),
   predict=predict_output,
+  synthetic_batch=synthetic_batch,
 )
