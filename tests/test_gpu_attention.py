@@ -5,7 +5,8 @@ Cases (:func:`make_case`): causal, bidirectional with key padding, packed
 segments (causal within each document), grouped-query heads, cached decoding
 (the call the KV cache makes: new queries against the whole cache and its
 mask), and large close logits (the softmax must see fp32 logits). Each runs in
-bf16 and fp16. The tests marked ``gpu`` need a GPU and are skipped elsewhere;
+bf16 and fp16. The tests marked ``gpu`` need a GPU and are skipped elsewhere
+(tests/conftest.py defaults ``JAX_PLATFORMS`` to cpu: run with ``JAX_PLATFORMS=``);
 the others run the XLA path against the reference on any backend, in fp32,
 bf16 and fp16, which checks the reference and the tolerances themselves.
 
@@ -41,7 +42,9 @@ from llm_mp.precision import make_precision
 
 ON_GPU = jax.default_backend() == "gpu"
 gpu = pytest.mark.skipif(
-  not ON_GPU, reason="cuDNN flash attention needs a GPU (jax.default_backend() != 'gpu')"
+  not ON_GPU,
+  reason="cuDNN flash attention needs a GPU (jax.default_backend() != 'gpu'; "
+  "tests/conftest.py sets JAX_PLATFORMS=cpu unless it is set, e.g. to empty)",
 )
 UNIT_ROUNDOFF = {"float32": 2.0**-24, "bfloat16": 2.0**-8, "float16": 2.0**-11}
 ULPS = 4
