@@ -133,6 +133,24 @@ def dot_product_attention(
   return out.reshape(b, kh, g, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
 
+def attend(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  impl: str,
+  mask: jax.Array | None = None,
+  causal: bool = False,
+  bias: jax.Array | None = None,
+) -> jax.Array:
+  """Attention by ``model.attention_impl`` (resolved: "xla" or "cudnn"), shapes and
+  arguments as :func:`dot_product_attention`; "cudnn" needs a GPU and bf16/fp16 inputs."""
+  if impl == "cudnn":
+    return jax.nn.dot_product_attention(
+      q, k, v, bias=bias, mask=mask, is_causal=causal, implementation="cudnn"
+    )
+  return dot_product_attention(q, k, v, mask=mask, causal=causal, bias=bias)
+
+
 class Attention(nn.Module):
   """Attention over ``[B, T, d]`` queries and ``[B, S, d]`` keys/values.
 
@@ -193,12 +211,7 @@ class Attention(nn.Module):
       if bias is not None:  # at init the keys are the input alone, not the whole cache
         bias = bias[..., : k.shape[1]]
     q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
-    if c.attention_impl == "cudnn":
-      out = jax.nn.dot_product_attention(
-        q, k, v, bias=bias, mask=mask, is_causal=causal, implementation="cudnn"
-      )
-    else:
-      out = dot_product_attention(q, k, v, mask=mask, causal=causal, bias=bias)  # (B, T, N, H)
+    out = attend(q, k, v, c.attention_impl, mask=mask, causal=causal, bias=bias)  # (B, T, N, H)
     out = Dense(
       c.d_model,
       ("heads", "kv", "embed"),
