@@ -47,17 +47,15 @@ def plot_gradient_exponents(
     ImportError: matplotlib is missing (the message says how to install it).
   """
   try:
-    import matplotlib  # pylint: disable=import-outside-toplevel
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+    # A Figure of its own (no pyplot): the caller's backend (a notebook's inline
+    # plots) is left as it was.
+    from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
   except ImportError as e:
     raise ImportError(_PLOT_HINT) from e
   scale = float(report["loss_scale"])
   totals = report["totals"]
-  fig, (ax, bands) = plt.subplots(
-    2, 1, figsize=(9, 5.5), sharex=True, gridspec_kw={"height_ratios": [3, 1.3]}
-  )
+  fig = Figure(figsize=(9, 5.5))
+  ax, bands = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1.3]})
   x0, y0 = _bars(totals[f"{kind}_unscaled"]["hist"])
   x1, y1 = _bars(totals[kind]["hist"])
   ax.bar(x0, y0, width=1.0, color="0.6", alpha=0.7, label="gradients of the loss")
@@ -112,7 +110,6 @@ def plot_gradient_exponents(
   bands.set_xlim(lo_all, 20)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
-  plt.close(fig)
   return path
 
 
