@@ -106,6 +106,10 @@ def check_patterns(config: Config) -> None:
       (the first and last block and the heads are kept unless
       ``precision.format_edges``); each names the nearest paths.
   """
+  overrides = [i.split("=", 1)[0].strip() for i in config.precision.overrides.split(";")]
+  pairs = parse_formats(config.precision.formats)
+  if not (freeze_patterns(config) or any(overrides) or pairs):
+    return  # nothing to check: no trace
   precision = run_precision(config)
   resolved = resolve_backend_choices(config, precision)
   model = build_model(resolved.model, precision, head=task_spec(config).head)
@@ -120,9 +124,7 @@ def check_patterns(config: Config) -> None:
     variables = jax.eval_shape(lambda: model.init(jax.random.key(0), *inputs))
   params = [param_path(p) for p, _ in jax.tree_util.tree_flatten_with_path(variables["params"])[0]]
   _unmatched("train.freeze", freeze_patterns(config), params, "parameter path")
-  overrides = [i.split("=", 1)[0].strip() for i in config.precision.overrides.split(";")]
   _unmatched("precision.overrides", filter(None, overrides), sorted(called - {""}), "module")
-  pairs = parse_formats(config.precision.formats)
   _unmatched("precision.formats", [p for p, _ in pairs], sorted(matmuls), "weight matmul")
   # "none" is the dtype policy alone: formats that name only it reach nothing on purpose.
   wanted = any(fmt != "none" for _, fmt in pairs)
