@@ -13,6 +13,7 @@ import re
 from llm_mp.config import MESH_AXES, Config, MeshConfig, apply_overrides
 from llm_mp.presets import get_preset
 
+# A dotted override ``section.field=value``, told apart from a data path anywhere on the line.
 OVERRIDE = re.compile(r"^(model|optim|data|train|mesh|precision)\.\w+=")
 
 
