@@ -55,16 +55,16 @@ from llm_mp.train import train
 class Setting:
   """How long and how big; ``FAST`` is the CI smoke setting."""
 
-  pretrain_steps: int = 800
-  finetune_steps: int = 600
-  seq_len: int = 192
-  doc_stride: int = 64
+  pretrain_steps: int = 400
+  finetune_steps: int = 400
+  seq_len: int = 128
+  doc_stride: int = 48
   batch_size: int = 32
   vocab: int = 2048
   lr: float = 1e-3
   model: tuple[str, ...] = (
     "model.d_model=128",
-    "model.n_layers=3",
+    "model.n_layers=2",
     "model.n_heads=4",
     "model.dropout=0.0",
   )
@@ -185,7 +185,7 @@ def span_run(
 
 def answer(workdir: str, questions: list[tuple[str, str, list[str]]]) -> list[str]:
   """A trained run's answers (``llm_mp.tasks.span`` prediction)."""
-  return span.predict_answer(load_run(workdir), [f"{q}\n{c}" for q, c, _ in questions])
+  return span.predict_answer(load_run(workdir), [f"{q}\t{c}" for q, c, _ in questions])
 
 
 def run(args) -> dict[str, Any]:

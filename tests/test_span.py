@@ -184,6 +184,6 @@ def test_a_tiny_encoder_learns_to_find_a_marked_span(tmp_path):
   )
   train(config, str(tmp_path / "run"), verbose=False)
   run = load_run(str(tmp_path / "run"))
-  answers = span.SPEC.predict(run, [f"{q}\n{c}" for q, c, _ in dev])
+  answers = span.SPEC.predict(run, [f"{q}\t{c}" for q, c, _ in dev])
   em = squad_em_f1(answers, [[a] for _, _, a in dev])["exact_match"]
   assert em >= 90.0, list(zip(answers, dev))[:5]

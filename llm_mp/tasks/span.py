@@ -357,8 +357,9 @@ def logits_function(run) -> Callable[[dict[str, np.ndarray]], jax.Array]:
 
 
 def predict_answer(run, texts: Sequence[str]) -> list[str]:
-  """The answer to each text: its first line is the question, the rest the context."""
-  questions, contexts = zip(*(t.partition("\n")[::2] for t in texts)) if texts else ((), ())
+  """The answer to each text ``"<question>\t<context>"`` (a tab after the question, so
+  that one line of ``llm-mp predict``'s input holds one question)."""
+  questions, contexts = zip(*(t.partition("\t")[::2] for t in texts)) if texts else ((), ())
   d = run.config.data
   spans = extract_spans(
     logits_function(run),
