@@ -123,7 +123,10 @@ def qa_input(question: str, context: str) -> str:
   return f"question: {question} context: {context}"
 
 
-def _qa(root: str, split: str) -> TaskSplit:
+def qa_articles(root: str, split: str) -> list[dict]:
+  """The SQuAD v1.1 dev articles of ``split`` (see the module docstring), as in the
+  file (``{"title", "paragraphs"}``, raw text with its ``answer_start`` offsets), in
+  file order."""
   path = os.path.join(root, "squad", "dev-v1.1.json")
   try:
     articles = json.loads(read_text(path, "SQuAD"))["data"]
@@ -137,10 +140,12 @@ def _qa(root: str, split: str) -> TaskSplit:
     "train": ranked[n_test + n_val :],
   }[split]
   titles = {a["title"] for a in chosen}
+  return [a for a in articles if a["title"] in titles]
+
+
+def _qa(root: str, split: str) -> TaskSplit:
   inputs, refs = [], []
-  for article in articles:  # file order within a split
-    if article["title"] not in titles:
-      continue
+  for article in qa_articles(root, split):
     for paragraph in article["paragraphs"]:
       context = clean_text(paragraph["context"])[0]
       for qa in paragraph["qas"]:

@@ -98,6 +98,10 @@ class DataConfig:
   bad_rows: str = "error"  # a row without text or with an unknown label: "error" or "skip"
   source_field: str = "input"  # seq2seq .jsonl: key holding the source ("article" for BBC)
   target_field: str = "target"  # seq2seq .jsonl: key holding the target (a string or a list)
+  # Span extraction (task "span", SQuAD-format .json): a long context is read in windows
+  # of seq_len tokens (with the question), each starting doc_stride context tokens later.
+  doc_stride: int = 64
+  max_answer_len: int = 30  # the longest predicted answer, in tokens
 
   def __post_init__(self):
     s = "data"
@@ -106,6 +110,8 @@ class DataConfig:
     if self.target_len is not None:
       check_positive(s, "target_len", self.target_len)
     check_positive(s, "bpe_vocab_size", self.bpe_vocab_size)
+    check_positive(s, "doc_stride", self.doc_stride)
+    check_positive(s, "max_answer_len", self.max_answer_len)
     check_choice(s, "bad_rows", self.bad_rows, ("error", "skip"))
     if not 0.0 <= self.val_fraction < 1.0:
       raise ValueError(f"data.val_fraction={self.val_fraction!r} must be in [0, 1)")

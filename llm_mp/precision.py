@@ -14,6 +14,7 @@ Kept in float32 whatever the preset (each is tested in tests/test_model.py):
   * logits returned by the LM head (``lm_head`` override: output fp32),
   * class logits returned by the encoder's classifier (``classifier``
     override: output fp32; the mean pooling before it also sums in fp32),
+  * start/end logits of the encoder's span head (``span_head`` override),
   * the loss (``llm_mp.step`` casts logits to fp32 before the cross-entropy).
 """
 
@@ -107,6 +108,7 @@ DEFAULT_OVERRIDES: tuple[tuple[str, str], ...] = (
   ("*router*", "c=f32,o=f32"),  # MoE routing probabilities in fp32
   ("lm_head", "o=f32"),  # logits leave the model in fp32 for the loss
   ("classifier", "o=f32"),  # so do the encoder's class logits
+  ("span_head", "o=f32"),  # and its answer-span start/end logits
 )
 
 # preset -> (base policy string, loss scaling)

@@ -127,3 +127,38 @@ def test_low_precision_fast_writes_table_and_figure(tmp_path):
   table = open(os.path.join(out, "results.md"), encoding="utf-8").read()
   assert f"| {sr} |" in table and "tokens/s (emulated)" in table
   assert os.path.getsize(os.path.join(out, "low_precision.png")) > 1000
+
+
+def _tiny_squad(root) -> None:
+  """A SQuAD-format dev file of 16 one-paragraph articles (the split keeps 10 for test)."""
+  rng = np.random.default_rng(0)
+  words = "ant bee cat dog eel fox gnu hen owl pig".split()
+  articles = []
+  for i in range(16):
+    context = f"The {' '.join(rng.choice(words, 12))} met the keeper in {1900 + i}. It rained."
+    qas = [
+      {
+        "id": f"{i}",
+        "question": "When did they meet the keeper?",
+        "answers": [{"text": str(1900 + i), "answer_start": context.index(str(1900 + i))}],
+      }
+    ]
+    articles.append({"title": f"article {i}", "paragraphs": [{"context": context, "qas": qas}]})
+  os.makedirs(os.path.join(root, "squad"))
+  with open(os.path.join(root, "squad", "dev-v1.1.json"), "w", encoding="utf-8") as f:
+    json.dump({"data": articles}, f)
+
+
+def test_qa_extract_fast_writes_its_table(tmp_path):
+  from experiments import qa_extract  # pylint: disable=import-outside-toplevel
+
+  _tiny_squad(str(tmp_path / "data"))
+  out = str(tmp_path / "qa")
+  argv = ["--fast", "--root", str(tmp_path / "data"), "--seeds", "0", "--out", out]
+  assert qa_extract.main(argv) == 0
+  results = json.load(open(os.path.join(out, "results.json"), encoding="utf-8"))
+  assert set(results["baselines"]) == {"best-overlap sentence", "sliding window"}
+  assert results["baselines"]["best-overlap sentence"]["f1"] > 0  # the year's sentence
+  assert set(results["runs"]) == {"MLM pre-trained", "from scratch"}
+  table = open(os.path.join(out, "results.md"), encoding="utf-8").read()
+  assert "| span, MLM pre-trained |" in table and "| sliding window (baseline) |" in table

@@ -48,6 +48,11 @@ class Tokenizer(Protocol):
   def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
     """``[encode(t) for t in texts]``, possibly in parallel."""
 
+  def encode_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    """``encode(text)`` and, per token, the ``(start, end)`` character span of
+    ``text`` it came from (a token holding part of a character's bytes spans
+    that whole character)."""
+
   def decode(self, ids: Sequence[int]) -> str:
     """Text of ``ids``; special ids are dropped, invalid UTF-8 becomes U+FFFD."""
 
@@ -81,6 +86,11 @@ class ByteTokenizer:
 
   def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
     return [self.encode(t) for t in texts]
+
+  def encode_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    # Every byte of character i spans (i, i + 1).
+    offsets = [(i, i + 1) for i, ch in enumerate(text) for _ in range(len(ch.encode("utf-8")))]
+    return self.encode(text), offsets
 
   def decode(self, ids: Sequence[int]) -> str:
     # Sampled ids need not form valid UTF-8; encoded text always does.
@@ -162,6 +172,11 @@ class BpeTokenizer:
 
   def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
     return [e.ids for e in self.hf.encode_batch(list(texts), add_special_tokens=False)]
+
+  def encode_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    # HF tracks each token's characters through the byte-level pre-tokenizer.
+    encoding = self.hf.encode(text, add_special_tokens=False)
+    return encoding.ids, [tuple(o) for o in encoding.offsets]
 
   def decode(self, ids: Sequence[int]) -> str:
     return self.hf.decode([int(i) for i in ids], skip_special_tokens=True)

@@ -39,7 +39,7 @@ class Family:
 
   Attributes:
     build: ``(config, precision, head, decode) -> flax module``.
-    heads: the heads it supports ("lm", "classify").
+    heads: the heads it supports ("lm", "classify", ...).
     example_inputs: ``seq_len -> args`` for ``model.init`` (shapes only matter).
     stacks: ``config -> {module path prefix: layers}``: its stacks of blocks
       (where ``precision.formats`` leaves the first and last block alone).
@@ -81,7 +81,7 @@ def _encoder_decoder(
 
 FAMILIES: dict[str, Family] = {
   "decoder": Family(_decoder, heads=("lm",), example_inputs=_tokens),
-  "encoder": Family(_encoder, heads=("lm", "classify", "hidden"), example_inputs=_tokens),
+  "encoder": Family(_encoder, heads=("lm", "classify", "span", "hidden"), example_inputs=_tokens),
   "encoder_decoder": Family(
     _encoder_decoder,
     heads=("lm",),

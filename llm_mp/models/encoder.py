@@ -1,17 +1,20 @@
-"""The bidirectional (BERT-style) encoder: masked-LM and classification heads.
+"""The bidirectional (BERT-style) encoder: masked-LM, classification and span heads.
 
 The backbone is the decoder's: the same embeddings, :class:`Stack` of
 pre-norm blocks (here with ``causal=False``) and final norm. Padding and
 packed documents are masked by ``segment_ids`` (0 = padding, never attended
-to). Two heads sit on top:
+to). Three heads sit on top:
 
 * ``"lm"``: masked-LM logits ``[B, T, vocab]``, tied to the token embedding
   or a ``lm_head`` Dense, exactly as :class:`TransformerLM`'s head;
 * ``"classify"``: a pooled representation (first token or mean over real
   tokens) through BERT's ``pooler`` (Dense + tanh) and a ``classifier``
-  Dense to ``[B, n_classes]`` logits, fp32 under every policy.
+  Dense to ``[B, n_classes]`` logits, fp32 under every policy;
+* ``"span"``: BERT's extractive question-answering head, a ``span_head`` Dense
+  from each token's hidden state to its start and end logits ``[B, T, 2]``,
+  fp32 under every policy (the task masks them to the context tokens).
 
-Parameters named ``lm_head``, ``pooler`` and ``classifier`` are the heads;
+Parameters named ``lm_head``, ``pooler``, ``classifier`` and ``span_head`` are the heads;
 everything else (``embed``, ``pos_embed``, ``encoder``, ``final_norm``) is the
 backbone both heads share, so an MLM-pretrained backbone loads into a
 classifier by name. Unlike BERT (post-norm) the blocks are pre-norm, as in
@@ -30,10 +33,11 @@ from llm_mp.models.layers import Dense, mask_padded_vocab
 from llm_mp.models.transformer import Stack, _child, check_length, embed_tokens, make_norm
 from llm_mp.precision import Precision
 
-HEADS = ("lm", "classify", "hidden")
+HEADS = ("lm", "classify", "span", "hidden")
 # The top-level modules of each head (a decoder's untied output layer is "lm_head" too).
-HEAD_MODULES = {"lm": ("lm_head",), "classify": ("pooler", "classifier")}
-HEAD_PARAMS = ("lm_head", "pooler", "classifier")  # top-level names that are not backbone
+HEAD_MODULES = {"lm": ("lm_head",), "classify": ("pooler", "classifier"), "span": ("span_head",)}
+# Top-level names that are not backbone.
+HEAD_PARAMS = ("lm_head", "pooler", "classifier", "span_head")
 
 
 def pool(hidden: jax.Array, segment_ids: jax.Array | None, kind: str) -> jax.Array:
@@ -73,6 +77,9 @@ class TransformerEncoder(nn.Module):
   * ``"classify"``: logits ``[B, config.n_classes]`` in fp32 (the
     ``classifier`` override), from ``pool(hidden, segment_ids, config.pool)``;
     the pooled vector is also sown as ``intermediates/pooled``;
+  * ``"span"``: start and end logits ``[B, T, 2]`` (``[..., 0]`` start,
+    ``[..., 1]`` end) in fp32 (the ``span_head`` override), for every token:
+    the task masks out the question and padding;
   * ``"hidden"``: the backbone's final hidden states ``[B, T, d]`` in the
     residual-stream dtype (no head parameters).
 
@@ -108,6 +115,10 @@ class TransformerEncoder(nn.Module):
           c.padded_vocab, ("embed", "vocab"), p, use_bias=False, init_std=c.init_std, name="lm_head"
         )(x)
       return mask_padded_vocab(logits, c.vocab_size)
+    if self.head == "span":
+      return Dense(2, ("embed", None), p, use_bias=True, init_std=c.init_std, name="span_head")(
+        x
+      )  # (B, T, 2), fp32 by the "span_head" override
     pooled = pool(x, segment_ids, c.pool)  # (B, d) fp32
     self.sow("intermediates", "pooled", pooled)
     # Head kernels are small ([d, d], [d, n_classes]): only their input axis is sharded.

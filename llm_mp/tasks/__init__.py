@@ -1,14 +1,14 @@
 """Tasks: what a batch holds, how each of its keys is sharded, the loss, how the
 data is prepared and evaluated, and what a trained model predicts.
 
-One file per task (``lm``, ``mlm``, ``classify``, ``seq2seq``), each defining a
-:class:`TaskSpec`; one line per task below registers it. ``corpus`` is the data the
-token-level tasks share. ``llm_mp.tasks.base``
+One file per task (``lm``, ``mlm``, ``classify``, ``seq2seq``, ``span``), each defining a
+:class:`TaskSpec`; one line per task below registers it. ``corpus`` and ``examples`` hold
+the data functions tasks share. ``llm_mp.tasks.base``
 holds what they share (the bound :class:`Task`, :func:`apply_model`,
 :func:`cross_entropy`); ``llm_mp.tasks.registry`` the lookup every caller uses.
 """
 
-from llm_mp.tasks import classify, lm, mlm, seq2seq
+from llm_mp.tasks import classify, lm, mlm, seq2seq, span
 from llm_mp.tasks.base import (
   LM_BATCH_AXES,
   TOKEN_AXES,
@@ -38,6 +38,7 @@ register_task(lm.SPEC)
 register_task(mlm.SPEC)
 register_task(classify.SPEC)
 register_task(seq2seq.SPEC)
+register_task(span.SPEC)
 
 __all__ = [
   "LM_BATCH_AXES",
