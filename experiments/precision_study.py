@@ -10,13 +10,21 @@ over time (``train.layer_metrics``). Writes to ``--out``: ``results.json``,
 ``underflow.png`` (flushed gradients per layer over time).
 
   python -m experiments.precision_study                       # the tiny preset, 3 seeds
-  python -m experiments.precision_study --setup underflow     # where fp16 without scaling fails
+  python -m experiments.precision_study --setup underflow     # small init: fp16 flushes gradients
   python -m experiments.precision_study --data ../shared/data/wikitext2/ ../shared/data/ptb/
   python -m experiments.precision_study --fast                # seconds: 2 steps, 1 seed
 
 ``--setup`` picks a named model/data setting (:data:`SETUPS`); extra
 ``section.field=value`` overrides apply on top. The reading of the measured
 results is in docs/precision.md.
+
+Measured on a 2-core CPU: ``--setup underflow --steps 200 --seeds 2`` (19 minutes,
+2026-11-27) ends with every setting within the seed spread of fp32 except the
+too-small static scale (2^-8: 0.54 nats behind); fp16 without scaling flushes 14%
+of the gradient entries (fp32: 3.2%) and still ends within it. No setting of this
+module yet makes fp16 without scaling fail: the levers tried on 2026-12-07 (a
+4096-token BPE vocabulary, SGD with momentum on the small-init model, the tokens
+per batch), each with its numbers, are in docs/precision.md ("Levers tried").
 """
 
 from __future__ import annotations
