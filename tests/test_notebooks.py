@@ -26,6 +26,7 @@ def test_notebook_is_stored_without_outputs(name):
       assert cell.outputs == [] and cell.execution_count is None, f"{name}: strip outputs"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_notebook_runs_with_fast_settings(name, monkeypatch):
   # The kernel inherits this environment: fast settings, this checkout's llm_mp first on the

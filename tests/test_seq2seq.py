@@ -469,6 +469,7 @@ def test_seq2seq_loss_counts_only_real_target_tokens():
   np.testing.assert_allclose(float(loss), want.mean(), rtol=1e-5)
 
 
+@pytest.mark.slow  # 400 steps of batch 64
 def test_reverse_task_is_learned_to_95_percent_token_accuracy():
   config = _reverse_config()
   r = build_recipe(config)
