@@ -407,6 +407,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   except (ValueError, OSError) as e:  # OSError: e.g. a permission or a full disk
     print(f"llm-mp {args.command}: error: {e}", file=sys.stderr)
     return 2
+  except KeyboardInterrupt:  # before train installs its handler (imports, config)
+    print(f"llm-mp {args.command}: interrupted", file=sys.stderr)
+    return 130
 
 
 if __name__ == "__main__":

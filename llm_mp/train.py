@@ -168,7 +168,8 @@ def prepare_task_data(config: Config, workdir: str, spec: TaskSpec | None = None
 
 @contextlib.contextmanager
 def _stop_on_signal():
-  """Turns the first SIGINT/SIGTERM into a flag, so the loop saves and exits."""
+  """Turns SIGINT/SIGTERM into a flag, so the trainer stops between phases or
+  steps (saving in the loop) instead of raising inside XLA or a file write."""
   flag = {"stop": None}
   handlers = {}
 
@@ -240,44 +241,60 @@ def train(
   TensorBoard events and checkpoints under ``workdir``, holding its lock
   (:func:`workdir_lock`) throughout. Everything that can be checked before
   step 1 is (config, workdir, data, vocabulary); nothing is written before the
-  config validates. On SIGINT/SIGTERM it saves a checkpoint and returns with
-  ``{"interrupted": signal name}``. ``until`` stops (with a checkpoint) after
-  that step, as a preempted job would; the schedule still runs to
-  ``optim.schedule_steps``.
+  config validates. SIGINT/SIGTERM set a flag (from the first line on), checked
+  between phases (data preparation, model building) and after every step: in the
+  loop it saves a checkpoint, before step 1 there is nothing to save; either way
+  it returns ``{"interrupted": signal name}`` and the same call resumes.
+  ``until`` stops (with a checkpoint) after that step, as a preempted job
+  would; the schedule still runs to ``optim.schedule_steps``.
   """
-  sharding.maybe_initialize_distributed()
-  check_workdir(workdir)
-  stored = stored_config(workdir)
-  config = with_schedule_steps(with_absolute_paths(config), stored)
-  check_config(workdir, config)
-  validate(config, new_run=stored is None)
-  is_main = jax.process_index() == 0
-  fresh = not os.path.isdir(workdir) or not os.listdir(workdir)
-  lock = workdir_lock(workdir) if is_main else contextlib.nullcontext()
-  try:
-    with lock:
-      return _train_locked(config, workdir, verbose, until, is_main)
-  except ValueError:
-    # A check that fails before the first checkpoint of a new run (its data, its
-    # init_from) leaves no half-made run directory behind: no lock, tokenizer or cache.
-    checkpoints = os.path.join(workdir, "checkpoints")
-    if fresh and is_main and not (os.path.isdir(checkpoints) and os.listdir(checkpoints)):
-      shutil.rmtree(workdir, ignore_errors=True)
-    raise
+  with _stop_on_signal() as stop:  # from here on, a signal is a flag checked between phases
+    sharding.maybe_initialize_distributed()
+    check_workdir(workdir)
+    stored = stored_config(workdir)
+    config = with_schedule_steps(with_absolute_paths(config), stored)
+    check_config(workdir, config)
+    validate(config, new_run=stored is None)
+    is_main = jax.process_index() == 0
+    fresh = not os.path.isdir(workdir) or not os.listdir(workdir)
+    lock = workdir_lock(workdir) if is_main else contextlib.nullcontext()
+    try:
+      with lock:
+        return _train_locked(config, workdir, verbose, until, is_main, stop)
+    except ValueError:
+      # A check that fails before the first checkpoint of a new run (its data, its
+      # init_from) leaves no half-made run directory behind: no lock, tokenizer or cache.
+      checkpoints = os.path.join(workdir, "checkpoints")
+      if fresh and is_main and not (os.path.isdir(checkpoints) and os.listdir(checkpoints)):
+        shutil.rmtree(workdir, ignore_errors=True)
+      raise
+
+
+def _stopped_before_loop(stop: dict, phase: str, say) -> dict[str, Any]:
+  """The result of a run stopped by a signal before step 1: nothing to save, and
+  what was written (atomically) is reused by the next run of the same command."""
+  say(f"{stop['stop']} during {phase}: stopped before step 1; run the same command to start again")
+  return {"interrupted": stop["stop"]}
 
 
 def _train_locked(
-  config: Config, workdir: str, verbose: bool, until: int | None, is_main: bool
+  config: Config, workdir: str, verbose: bool, until: int | None, is_main: bool, stop: dict
 ) -> dict[str, Any]:
   say = print if verbose and is_main else (lambda *a, **k: None)
   spec = task_spec(config)
+  if stop["stop"]:
+    return _stopped_before_loop(stop, "start-up", say)
   prepared = prepare_task_data(config, workdir, spec)
+  if stop["stop"]:  # data preparation: corpus, tokenizer (BPE training), token files
+    return _stopped_before_loop(stop, "data preparation", say)
   say(prepared)
   eval_on = check_data(config, prepared, spec)
   check_corpus(workdir, config.data.paths, prepared.sha256, write=is_main)
   t = config.train
   ckpt = checkpoint.make_manager(os.path.join(workdir, "checkpoints"), t.keep_checkpoints)
   run = build(config, ckpt, say, prepared.tokenizer)
+  if stop["stop"]:  # building: initialising (compiled) or restoring the state
+    return _stopped_before_loop(stop, "model building", say)
   state = run.state
   start = int(state.step)
   if start >= t.steps:
@@ -310,35 +327,35 @@ def _train_locked(
   bar = progress_bar(t.steps, start, enabled=is_main and verbose)
   loss_scaled = loss_scale_kind(config.precision.policy, config.precision.loss_scale) != "none"
   t0, step0 = time.perf_counter(), start
-  with _stop_on_signal() as stop:
-    for step in range(start + 1, min(t.steps, until or t.steps) + 1):
-      batch = sharding.shard_batch(next(train_iter), run.mesh, run.rules, r.task.batch_axes)
-      state, metrics = step_fn(state, batch)
-      bar.update(1)
-      is_log = step % t.log_every == 0 or step == t.steps
-      is_eval = eval_on and (step % t.eval_every == 0 or step == t.steps)
-      if is_log or is_eval:
-        last = to_python(metrics)  # the only host sync: once per log or eval interval
-        dt = time.perf_counter() - t0
-        last["tokens_per_s"] = (step - step0) * tokens_per_step / dt
-        last["flops_per_s"] = last["tokens_per_s"] * flops
-        last["bytes_per_param"] = state_bytes  # params + optimizer state
-        if is_eval:
-          batches = spec.data.eval_batches(prepared, config, t.eval_batches)
-          last.update(evaluate(eval_fn, state.variables, batches, run.mesh, run.rules, r.task))
-          sample = _sample(config, spec, run.model, state.variables, prepared.tokenizer)
-          if sample is not None:
-            last["sample"] = sample
-            if is_main and verbose:
-              bar.write(f"step {step} sample: {t.sample_prompt}{sample}")
-        writer.write(step, last)
-        bar.set_postfix_str(bar_postfix(last, loss_scaled))
-        t0, step0 = time.perf_counter(), step  # evaluation time does not count as training
-      if step % t.ckpt_every == 0 or step in (t.steps, until) or stop["stop"]:
-        checkpoint.save(ckpt, step, state, train_iter.get_state(), force=True)
-      if stop["stop"]:
-        last["interrupted"] = stop["stop"]
-        break
+  # A signal during the first step's compilation stops after step 1, with a checkpoint.
+  for step in range(start + 1, min(t.steps, until or t.steps) + 1):
+    batch = sharding.shard_batch(next(train_iter), run.mesh, run.rules, r.task.batch_axes)
+    state, metrics = step_fn(state, batch)
+    bar.update(1)
+    is_log = step % t.log_every == 0 or step == t.steps
+    is_eval = eval_on and (step % t.eval_every == 0 or step == t.steps)
+    if is_log or is_eval:
+      last = to_python(metrics)  # the only host sync: once per log or eval interval
+      dt = time.perf_counter() - t0
+      last["tokens_per_s"] = (step - step0) * tokens_per_step / dt
+      last["flops_per_s"] = last["tokens_per_s"] * flops
+      last["bytes_per_param"] = state_bytes  # params + optimizer state
+      if is_eval:
+        batches = spec.data.eval_batches(prepared, config, t.eval_batches)
+        last.update(evaluate(eval_fn, state.variables, batches, run.mesh, run.rules, r.task))
+        sample = _sample(config, spec, run.model, state.variables, prepared.tokenizer)
+        if sample is not None:
+          last["sample"] = sample
+          if is_main and verbose:
+            bar.write(f"step {step} sample: {t.sample_prompt}{sample}")
+      writer.write(step, last)
+      bar.set_postfix_str(bar_postfix(last, loss_scaled))
+      t0, step0 = time.perf_counter(), step  # evaluation time does not count as training
+    if step % t.ckpt_every == 0 or step in (t.steps, until) or stop["stop"]:
+      checkpoint.save(ckpt, step, state, train_iter.get_state(), force=True)
+    if stop["stop"]:
+      last["interrupted"] = stop["stop"]
+      break
   bar.close()
   checkpoint.wait(ckpt)
   writer.close()

@@ -1,35 +1,42 @@
-"""Test setup: 8 fake CPU devices for sharding tests, set before jax is imported."""
+"""Test setup: 8 fake CPU devices for sharding tests, set before jax is imported,
+and one persistent compilation cache for the whole run."""
 
 import os
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = (
   os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import tempfile  # noqa: E402
+# Many tests compile the same tiny programs; a persistent cache lets later ones load the
+# executable instead of compiling it again. It is set in the environment before jax is
+# imported, so the pytest-xdist workers (started by this process), the notebook kernels and
+# the CLI subprocesses of the tests all read and fill the same one. A size limit turns on
+# jax's file lock, so one process never reads an entry that another is still writing.
+_OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
+if _OWN_CACHE:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="llm_mp_jax_cache_")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 * 2**30))
 
 import jax  # noqa: E402  (must come after XLA_FLAGS)
 import pytest  # noqa: E402
 
-# Many tests compile the same tiny programs; a per-session persistent cache
-# lets later ones load the executable instead of compiling it again.
-jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="llm_mp_jax_cache_"))
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
-jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+def pytest_unconfigure(config):
+  # The process that made the cache (the xdist controller, or the only process) removes it.
+  if _OWN_CACHE and not hasattr(config, "workerinput"):
+    shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 
-def pytest_addoption(parser):
-  parser.addoption("--runslow", action="store_true", help="also run tests marked slow")
-
-
-def pytest_collection_modifyitems(config, items):
-  if config.getoption("--runslow"):
-    return
-  skip = pytest.mark.skip(reason="slow: pass --runslow")
-  for item in items:
-    if "slow" in item.keywords:
-      item.add_marker(skip)
+def pytest_collection_modifyitems(items):
+  # Files with slow tests first (each keeps its order): pytest-xdist's loadfile hands out
+  # files in this order, so the long ones start early instead of ending the run on one worker.
+  slow_files = {item.path for item in items if "slow" in item.keywords}
+  items.sort(key=lambda item: item.path not in slow_files)
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,8 @@ import pytest
 
 from experiments import finetune_classify
 
+pytestmark = pytest.mark.slow  # every test here trains one or more runs end to end
+
 
 def test_finetune_classify_fast_writes_table_and_plot(tmp_path):
   out = str(tmp_path / "ft")

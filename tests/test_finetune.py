@@ -104,6 +104,7 @@ def test_init_from_a_different_architecture_is_a_clear_error(pretrained, tmp_pat
     train(decoder, str(tmp_path / "y"), verbose=False)
 
 
+@pytest.mark.slow  # 600 steps
 def test_classifier_beats_chance_on_the_builtin_set(tmp_path):
   # From scratch on the built-in sentiment set (balanced: chance is 0.5).
   workdir = str(tmp_path / "scratch")

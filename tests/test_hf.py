@@ -280,6 +280,7 @@ def test_export_refuses_what_hf_cannot_load(tmp_path):
     hf.export_hf((config, params, tok), str(tmp_path / "full"))
 
 
+@pytest.mark.slow  # import, train, generate and export through the CLI
 def test_cli_import_generate_export(tmp_path, capsys):
   """import-hf writes a run that generate reads; export-hf reproduces the weights."""
   run, out = str(tmp_path / "run"), str(tmp_path / "out")
@@ -351,6 +352,7 @@ def test_padded_vocabulary_keeps_logits_sampling_and_export(name, tmp_path):
     np.testing.assert_array_equal(ours[k], theirs[k])
 
 
+@pytest.mark.slow  # an import and a fine-tuning run per fixture
 @pytest.mark.parametrize("name", NAMES)
 def test_fine_tuning_an_import_keeps_its_lm_head(name, tmp_path):
   """``--init-from`` an imported checkpoint keeps the pretrained output layer (untied

@@ -162,6 +162,7 @@ def test_packed_documents_do_not_see_each_other(name):
   chex.assert_trees_all_close(packed[:, 10:], alone_b, atol=1e-5)
 
 
+@pytest.mark.slow  # float64 finite differences over the parameters
 def test_gradient_matches_finite_differences_in_float64():
   cfg = dataclasses.replace(LLAMA, n_layers=1)
   _, params = _init(cfg)

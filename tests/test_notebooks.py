@@ -40,6 +40,7 @@ def test_notebook_is_stored_with_the_outputs_of_one_run(name):
   assert ROOT not in nbformat.writes(nb), f"{name}: an output names this checkout's path"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_notebook_runs_with_fast_settings(name, monkeypatch):
   # The kernel inherits this environment: fast settings, this checkout's llm_mp first on the

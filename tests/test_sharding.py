@@ -302,6 +302,7 @@ def _two_process_worker(out_dir):
   checkpoint.wait(manager)
 
 
+@pytest.mark.slow  # two fresh processes
 def test_two_processes_train_and_checkpoint_like_one(tmp_path):
   with socket.socket() as s:
     s.bind(("localhost", 0))
