@@ -22,9 +22,9 @@ from llm_mp.models import EncoderDecoder, RelativePositionBias, relative_positio
 from llm_mp.precision import make_precision
 from llm_mp.presets import get_preset
 from llm_mp.rundir import publish_run
-from llm_mp.tasks import task_spec
 from llm_mp.state import make_init_fn, param_count
 from llm_mp.step import make_eval_step, make_train_step
+from llm_mp.tasks import task_spec
 
 V = 23
 BOS, EOS = 1, 2
