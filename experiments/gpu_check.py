@@ -55,6 +55,7 @@ from llm_mp.config import Config, apply_overrides
 from llm_mp.presets import get_preset
 from llm_mp.state import create_sharded_state, make_init_fn
 from llm_mp.step import make_train_step
+from llm_mp.tasks import task_spec
 
 PARTS = ("tests", "gpt2_124m", "llama_1b", "init", "gpt2_350m")
 FP8 = ("precision.formats=fp8", "precision.fp8_scaling=delayed")
@@ -106,8 +107,7 @@ def time_to_first_step(config: Config) -> dict[str, float]:
   out["init_s"] = round(out["init_lower_s"] + out["init_compile_s"] + out["init_run_s"], 3)
   mesh = sharding.make_mesh(config.mesh)
   timed("sharded_init_s", lambda: create_sharded_state(r.model, r.tx, config, mesh, rng)[0])
-  b, t = config.train.batch_size, config.data.seq_len
-  batch = benchmark.fixed_batch(b, t, config.model.vocab_size)
+  batch = task_spec(config).synthetic_batch(config, config.train.batch_size)
   step_fn = jax.jit(make_train_step(r.model, r.tx, r.schedule, config, r.task), donate_argnums=0)
   step = timed("step_compile_s", lambda: step_fn.lower(state, batch).compile())
   timed("first_run_s", lambda: step(state, batch)[1]["loss"])
@@ -167,9 +167,7 @@ class Check:
     config = apply_overrides(get_preset(name), list(over))
     r = build_recipe(config)
     state = jax.eval_shape(make_init_fn(r.model, r.tx, config), jax.random.key(0))
-    batch = benchmark.fixed_batch(
-      config.train.batch_size, config.data.seq_len, config.model.vocab_size
-    )
+    batch = task_spec(config).synthetic_batch(config, config.train.batch_size)
     step = jax.jit(make_train_step(r.model, r.tx, r.schedule, config, r.task))
     self.results["llama_1b_fp8_hlo"] = hlo_gemms(step.lower(state, batch).compile().as_text())
 
