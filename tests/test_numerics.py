@@ -252,3 +252,49 @@ def test_diagnose_cli_bad_loss_scale_is_one_line(tiny_run, tmp_path, capsys):
   )
   err = capsys.readouterr().err
   assert code == 2 and "--loss-scale" in err and len(err.strip().splitlines()) == 1
+
+
+def _files(directory):
+  """{path: (size, mtime)} of every file below ``directory``."""
+  out = {}
+  for root, _, names in os.walk(directory):
+    for name in names:
+      st = os.stat(os.path.join(root, name))
+      out[os.path.join(root, name)] = (st.st_size, st.st_mtime_ns)
+  return out
+
+
+def test_diagnose_reads_a_seq2seq_run_s_pairs_and_writes_nothing_into_it(tiny_run, tmp_path):
+  """A seq2seq run is diagnosed on its own validation pairs (its task's data), and
+  diagnose, like eval and generate, writes nothing into any run directory."""
+  from llm_mp.config import apply_overrides  # pylint: disable=import-outside-toplevel
+  from llm_mp.presets import get_preset  # pylint: disable=import-outside-toplevel
+
+  pairs = tmp_path / "pairs.jsonl"
+  pairs.write_text(
+    "".join(json.dumps({"input": f"ab {i} cd", "target": f"{i} xy"}) + "\n" for i in range(40))
+  )
+  config = apply_overrides(
+    get_preset("seq2seq_tiny"),
+    [
+      f"data.paths={pairs}",
+      "data.seq_len=16",
+      "data.val_fraction=0.25",
+      "train.steps=2",
+      "train.batch_size=8",
+      "train.log_every=1",
+      "train.eval_every=2",
+      "train.ckpt_every=2",
+      "train.sample_tokens=0",
+    ],
+  )
+  s2s = str(tmp_path / "s2s")
+  train(config, s2s, verbose=False)
+  for run in (s2s, tiny_run):
+    before = _files(run)
+    out = str(tmp_path / f"diag-{os.path.basename(run)}")
+    args = ["diagnose", "--workdir", run, "--out", out, "--policies", "", "--batch-size", "2"]
+    assert cli.main(args) == 0
+    assert _files(run) == before  # no tokenizer.json or token cache rewritten
+    with open(os.path.join(out, "diagnose.json"), encoding="utf-8") as f:
+      assert json.load(f)["step"] == 2
