@@ -60,6 +60,8 @@ def resolve_config(args: argparse.Namespace) -> Config:
     overrides.append(f"train.task={args.task}")
   if args.init_from:
     overrides.append(f"train.init_from={os.path.abspath(args.init_from)}")
+  if getattr(args, "teacher", None):  # train only
+    overrides.append(f"train.teacher={os.path.abspath(args.teacher)}")
   config = apply_overrides(config, overrides)
   if paths:
     config = dataclasses.replace(config, data=dataclasses.replace(config.data, paths=tuple(paths)))
@@ -241,6 +243,12 @@ def build_parser() -> argparse.ArgumentParser:
     "--init-from",
     metavar="RUN",
     help="fine-tune: start from RUN's latest parameters (backbone) and tokenizer",
+  )
+  p.add_argument(
+    "--teacher",
+    metavar="RUN",
+    help="with --task distill: learn from RUN's outputs too (train.distill_weight, "
+    "train.distill_temperature); a new run takes its tokenizer",
   )
   p.add_argument(
     "overrides",

@@ -46,6 +46,7 @@ from llm_mp.rundir import (
   check_config,
   check_corpus,
   check_workdir,
+  load_run,
   restore_run_variables,
   stored_config,
   with_absolute_paths,
@@ -127,7 +128,12 @@ def validate(config: Config) -> None:
   """Checks what only devices and the policy parser can check, before anything
   is written: the task, the precision spec (no weight-only format: those hold integers that
   take no gradient), the mesh, and that the batch splits over it."""
-  task_spec(config)  # a known task that the model family runs
+  spec = task_spec(config)  # a known task that the model family runs
+  if config.train.teacher and spec.frozen is None:
+    raise ValueError(
+      f"train.teacher={config.train.teacher} is read by train.task='distill' only, "
+      f"not {spec.name!r}; add --task distill"
+    )
   frozen = sorted({fmt for _, fmt in run_precision(config).formats} & set(weight_only_formats()))
   if frozen:
     raise ValueError(
@@ -145,9 +151,11 @@ def validate(config: Config) -> None:
 
 def prepare_task_data(config: Config, workdir: str, spec: TaskSpec):
   """The task's data (its registry entry's ``data.prepare``). A fine-tuning run
-  (``train.init_from``) uses its source run's tokenizer."""
+  (``train.init_from``) uses its source run's tokenizer, else a distilled one
+  (``train.teacher``) its teacher's."""
   t = config.train
-  tokenizer = data.load_tokenizer(t.init_from) if t.init_from else None
+  source = t.init_from or t.teacher
+  tokenizer = data.load_tokenizer(source) if source else None
   return spec.data.prepare(config, workdir, tokenizer, write=True)
 
 
@@ -265,12 +273,16 @@ def _train_locked(
   if run.data_state is not None:
     train_iter.set_state(run.data_state)
   r = run.recipe
+  # The task's read-only inputs (distill's teacher), on this run's mesh and rules.
+  load = lambda source: load_run(source, mesh_config=config.mesh)
+  frozen = spec.frozen(config, load, prepared.tokenizer) if spec.frozen else None
   step_fn = sharding.jit_train_step(
     make_train_step(r.model, r.tx, r.schedule, config, r.task),
     run.shardings,
     run.mesh,
     run.rules,
     r.task.batch_axes,
+    frozen,
   )
   eval_fn = sharding.jit_eval_step(
     make_eval_step(r.model, r.task), run.shardings, run.mesh, run.rules, r.task.batch_axes

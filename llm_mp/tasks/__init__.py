@@ -1,13 +1,13 @@
 """Tasks: what a batch holds, how each of its keys is sharded, the loss, how the
 data is prepared and evaluated, and what a trained model predicts.
 
-One file per task (``lm``, ``mlm``, ``classify``, ``seq2seq``), each defining a
+One file per task (``lm``, ``mlm``, ``classify``, ``seq2seq``, ``distill``), each defining a
 :class:`TaskSpec`; one line per task below registers it. ``llm_mp.tasks.base``
 holds what they share (the bound :class:`Task`, :func:`apply_model`,
 :func:`cross_entropy`); ``llm_mp.tasks.registry`` the lookup every caller uses.
 """
 
-from llm_mp.tasks import classify, lm, mlm, seq2seq
+from llm_mp.tasks import classify, distill, lm, mlm, seq2seq
 from llm_mp.tasks.base import (
   LM_BATCH_AXES,
   TOKEN_AXES,
@@ -37,6 +37,7 @@ register_task(lm.SPEC)
 register_task(mlm.SPEC)
 register_task(classify.SPEC)
 register_task(seq2seq.SPEC)
+register_task(distill.SPEC)
 
 __all__ = [
   "LM_BATCH_AXES",

@@ -218,6 +218,13 @@ class TaskSpec:
     perplexity: whether ``exp(loss)`` is reported.
     continues_prompt: whether the model continues a text prompt (the training
       loop then shows ``train.sample_prompt``'s continuation at evaluations).
+    frozen: None, or ``(config, load_run, tokenizer) -> {collection: value}``:
+      read-only inputs of the loss that are not training state (``distill``'s
+      teacher). The training loop calls it once with ``load_run(workdir)`` (a
+      run directory loaded onto this run's mesh, laid out by its rules) and the
+      run's tokenizer; the step passes the result as a jit argument and adds it
+      to the loss's ``variables``; nothing in it is differentiated, updated or
+      checkpointed.
   """
 
   name: str
@@ -231,3 +238,4 @@ class TaskSpec:
   unit: str = "tokens"
   perplexity: bool = True
   continues_prompt: bool = False
+  frozen: Callable[..., dict[str, Any]] | None = None
