@@ -34,7 +34,7 @@ SMALL = [
   "model.n_kv_heads=1",
   "model.max_len=16",
   "data.seq_len=16",
-  "train.batch_size=4",
+  "train.batch_size=8",
 ]
 
 
@@ -101,7 +101,7 @@ def _student(family_preset: str, *extra: str):
 
 def _batch(seed: int = 0):
   rng = np.random.default_rng(seed)
-  ids = jnp.asarray(rng.integers(0, 256, (4, 16)), jnp.int32)
+  ids = jnp.asarray(rng.integers(0, 256, (8, 16)), jnp.int32)
   return {"inputs": ids, "targets": jnp.roll(ids, -1, axis=1)}
 
 
@@ -183,20 +183,22 @@ def test_the_step_leaves_the_teacher_bit_for_bit_and_out_of_the_state():
   assert len(step.jitted) == 1  # compiled once
 
 
-def _cli_train(workdir, *args):
-  common = ["--steps", "6", "train.log_every=1", "train.eval_every=6", "train.ckpt_every=3"]
-  argv = ["train", "--workdir", str(workdir), *args, *common, *SMALL, "train.sample_tokens=0"]
-  assert cli.main(argv) == 0
+def _cli_train(workdir, options, overrides=(), steps=6):
+  # The schedule's length fixed: a run stopped at step 3 resumes on the same schedule.
+  logging = ["train.log_every=1", "train.eval_every=6", "train.ckpt_every=3"]
+  logging.append("optim.schedule_steps=6")
+  argv = ["train", "--workdir", str(workdir), "--steps", str(steps), *options]
+  assert cli.main([*argv, *logging, *SMALL, "train.sample_tokens=0", *overrides]) == 0
 
 
 def test_train_with_a_teacher_resumes_exactly_and_keeps_it_out_of_checkpoints(tmp_path):
   teacher = tmp_path / "teacher"
-  _cli_train(teacher, "--preset", "tiny", "--precision", "bf16")
+  _cli_train(teacher, ["--preset", "tiny", "--precision", "bf16"])
   distill = ["--preset", "tiny", "--task", "distill", "--teacher", str(teacher)]
   narrow = ["model.d_model=16", "train.distill_temperature=2.0"]
-  _cli_train(tmp_path / "whole", *distill, *narrow)
-  _cli_train(tmp_path / "parts", *distill, *narrow, "train.steps=3")
-  _cli_train(tmp_path / "parts", *distill, *narrow)  # resumes from step 3
+  _cli_train(tmp_path / "whole", distill, narrow)
+  _cli_train(tmp_path / "parts", distill, narrow, steps=3)
+  _cli_train(tmp_path / "parts", distill, narrow)  # resumes from step 3
   records = lambda d: [(r["step"], r["loss"], r["kl"]) for r in read_metrics(d) if "kl" in r]
   assert len(records(tmp_path / "whole")) == 6
   assert records(tmp_path / "whole") == records(tmp_path / "parts")  # bit for bit
@@ -209,7 +211,7 @@ def test_train_with_a_teacher_resumes_exactly_and_keeps_it_out_of_checkpoints(tm
 
 def test_a_teacher_of_another_family_or_without_the_distill_task_is_refused(tmp_path):
   teacher = tmp_path / "teacher"
-  _cli_train(teacher, "--preset", "tiny")
+  _cli_train(teacher, ["--preset", "tiny"])
   encoder, _, _ = _student("encoder_tiny", f"train.teacher={teacher}")
   with pytest.raises(ValueError, match="model.family='decoder' differs"):
     load_teacher(encoder, load_run, ByteTokenizer())
