@@ -139,16 +139,24 @@ def markdown(results: dict[str, Any]) -> str:
     f"{results['teacher']['ppl']:.3f}. Students trained {results['steps']} steps; "
     f"mean ± sd over {n} seed(s).",
     "",
-    "| student | params | before | after, cross-entropy | after, distillation | "
+  ]
+  if not results["complete"]:
+    lines += [
+      "**Partial**: the run stopped before its end; each row's seeds are those it reached.",
+      "",
+    ]
+  lines += [
+    "| student | params | seeds | before | after, cross-entropy | after, distillation | "
     "gap recovered, CE | gap recovered, distill | distill − CE (per seed) | beyond spread |",
-    "|---|---|---|---|---|---|---|---|---|",
+    "|---|---|---|---|---|---|---|---|---|---|",
   ]
   for name, s in results["students"].items():
     m = s["summary"]
     ce, kd = m["cross-entropy"], m["distillation"]
     d = m.get("difference")
     lines.append(
-      f"| {name} | {s['params']:,} | {s['before']:.3f} | {pm(ce['ppl'])} | {pm(kd['ppl'])} | "
+      f"| {name} | {s['params']:,} | {len(s['after']['distillation'])} | {s['before']:.3f} | "
+      f"{pm(ce['ppl'])} | {pm(kd['ppl'])} | "
       f"{pm(ce['recovered'], '{:.2f}')} | {pm(kd['recovered'], '{:.2f}')} | "
       f"{pm(d['ppl']) if d else '-'} | {('yes' if d['beyond_spread'] else 'no') if d else '-'} |"
     )
@@ -210,15 +218,23 @@ def main(argv: Sequence[str] | None = None) -> int:
   train(_config([*base, *common.quiet_run(args.teacher_steps)]), teacher, verbose=False)
   teacher_ppl = perplexity(teacher)
   print(f"teacher: perplexity {teacher_ppl:.3f}", flush=True)
-  rows = {}
-  for name, diff in student_overrides(args.ranks, args.narrow).items():
+  results = {
+    "device": jax.default_backend(),
+    "steps": args.steps,
+    "seeds": args.seeds,
+    "teacher": {"ppl": teacher_ppl, "params": param_count(load_run(teacher).params)},
+    "students": {},
+    "complete": False,
+  }
+  students = student_overrides(args.ranks, args.narrow)
+  for name, diff in students.items():
     starts = {seed: start_dir(args.out, name, diff, seed) for seed in args.seeds}
     for seed, start in starts.items():
       write_start(start, _config([*base, *diff, f"train.seed={seed}"]), teacher, seed)
     before = perplexity(starts[args.seeds[0]])
     after: dict[str, list[float]] = {m: [] for m in METHODS}
-    for method, task in METHODS.items():
-      for seed in args.seeds:
+    for seed in args.seeds:  # both methods per seed: a stopped run leaves paired rows
+      for method, task in METHODS.items():
         overrides = [
           *base,
           *diff,
@@ -234,27 +250,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         train(_config(overrides), workdir, verbose=False)
         after[method].append(perplexity(workdir))
         print(f"{name}, {method}, seed {seed}: perplexity {after[method][-1]:.3f}", flush=True)
-    rows[name] = {
-      "params": param_count(load_run(starts[args.seeds[0]]).params),
-      "before": before,
-      "after": after,
-      "summary": summarise(teacher_ppl, before, after),
-    }
-  results = {
-    "device": jax.default_backend(),
-    "steps": args.steps,
-    "seeds": args.seeds,
-    "teacher": {"ppl": teacher_ppl, "params": param_count(load_run(teacher).params)},
-    "students": rows,
-    "seconds": round(time.perf_counter() - t0, 1),
-  }
-  md = markdown(results)
-  common.write_results(args.out, results, md, {**vars(args), "overrides": base})
+      results["students"][name] = {
+        "params": param_count(load_run(starts[args.seeds[0]]).params),
+        "before": before,
+        "after": after,
+        "summary": summarise(teacher_ppl, before, after),
+      }
+      done = sum(len(s["after"]["distillation"]) for s in results["students"].values())
+      results["complete"] = done == len(students) * len(args.seeds)
+      results["seconds"] = round(time.perf_counter() - t0, 1)
+      # Written after every seed: a run stopped early leaves its table so far.
+      common.write_results(args.out, results, markdown(results), {**vars(args), "overrides": base})
   try:
     plot(results, args.out)
   except ImportError:
     print("matplotlib not installed (pip install llm_mp[plots]): no figure")
-  print(md)
+  print(markdown(results))
   print(f"total {results['seconds']} s; written to {args.out}")
   return 0
 
