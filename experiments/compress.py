@@ -186,9 +186,15 @@ def plot(results: dict[str, Any], out: str) -> None:
     xs = [j + (i - 1) * width for j in range(len(names))]
     ax.bar(xs, values, width, yerr=errors, label=label, color=color, capsize=2)
   ax.axhline(results["teacher"]["ppl"], color="k", lw=0.8, ls="--", label="teacher")
-  ax.set_yscale("log")
+  values = [
+    v for r in results["students"].values() for v in (r["before"], *r["after"]["distillation"])
+  ]
+  if max(values) > 3 * min(values):  # a fresh student starts near the uniform level
+    ax.set_yscale("log")
+  else:  # differences of a few hundredths: the axis starts near the lowest bar
+    ax.set_ylim(0.98 * min(*values, results["teacher"]["ppl"]), 1.01 * max(values))
   ax.set_xticks(range(len(names)), names, fontsize=8)
-  ax.set(ylabel="validation perplexity (log)", title=f"After {results['steps']} steps")
+  ax.set(ylabel="validation perplexity", title=f"After {results['steps']} steps")
   ax.legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(os.path.join(out, "compress.png"), dpi=110)
