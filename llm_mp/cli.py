@@ -221,6 +221,12 @@ def build_parser() -> argparse.ArgumentParser:
     help="fine-tune: start from RUN's latest parameters (backbone) and tokenizer",
   )
   p.add_argument(
+    "--teacher",
+    metavar="RUN",
+    help="with --task distill: learn from RUN's outputs too (train.distill_weight, "
+    "train.distill_temperature); a new run takes its tokenizer",
+  )
+  p.add_argument(
     "overrides",
     nargs="*",
     metavar="section.field=value",

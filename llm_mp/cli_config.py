@@ -54,6 +54,8 @@ def resolve_config(args: argparse.Namespace) -> Config:
     overrides.append(f"train.task={args.task}")
   if args.init_from:
     overrides.append(f"train.init_from={os.path.abspath(args.init_from)}")
+  if getattr(args, "teacher", None):  # train only
+    overrides.append(f"train.teacher={os.path.abspath(args.teacher)}")
   config = apply_overrides(config, overrides)
   if paths:
     config = dataclasses.replace(config, data=dataclasses.replace(config.data, paths=tuple(paths)))

@@ -202,6 +202,10 @@ class TrainConfig:
   # whose parameters stay fixed; "" trains everything.
   freeze: str = ""
   backbone_lr_scale: float = 1.0  # lr multiplier for non-head parameters when fine-tuning
+  # Distillation (train.task=distill): the teacher run directory, evaluated inside each step.
+  teacher: str | None = None
+  distill_weight: float = 0.5  # alpha: loss = (1 - alpha) * data CE + alpha * T^2 * KL
+  distill_temperature: float = 2.0  # T: both distributions softened by logits / T
 
   def __post_init__(self):
     s = "train"
@@ -220,6 +224,9 @@ class TrainConfig:
     check_positive(s, "sample_tokens", self.sample_tokens, allow_zero=True)
     if not 0.0 < self.mlm_probability < 1.0:
       raise ValueError(f"train.mlm_probability={self.mlm_probability!r} must be in (0, 1)")
+    if not 0.0 <= self.distill_weight <= 1.0:
+      raise ValueError(f"train.distill_weight={self.distill_weight!r} must be in [0, 1]")
+    check_positive(s, "distill_temperature", self.distill_temperature)
 
 
 # Loss scaling kinds (llm_mp.loss_scale builds each; "auto" in the config picks the policy's).

@@ -26,7 +26,7 @@ from flax import traverse_util
 
 from llm_mp import checkpoint, data, sharding
 from llm_mp.builder import Recipe, build_recipe
-from llm_mp.config import Config
+from llm_mp.config import Config, MeshConfig
 from llm_mp.precision import Precision
 from llm_mp.state import abstract_train_state, create_sharded_state
 
@@ -110,15 +110,15 @@ def workdir_lock(workdir: str):
 
 
 def with_absolute_paths(config: Config) -> Config:
-  """``config`` with ``data.paths``, ``data.val_paths`` and ``train.init_from``
-  made absolute, so a run resumes from any directory."""
+  """``config`` with ``data.paths``, ``data.val_paths``, ``train.init_from`` and
+  ``train.teacher`` made absolute, so a run resumes from any directory."""
   d, t = config.data, config.train
   absolute = lambda paths: tuple(os.path.abspath(p) for p in paths)
-  init_from = os.path.abspath(t.init_from) if t.init_from else t.init_from
+  run = lambda path: os.path.abspath(path) if path else path
   return dataclasses.replace(
     config,
     data=dataclasses.replace(d, paths=absolute(d.paths), val_paths=absolute(d.val_paths)),
-    train=dataclasses.replace(t, init_from=init_from),
+    train=dataclasses.replace(t, init_from=run(t.init_from), teacher=run(t.teacher)),
   )
 
 
@@ -379,8 +379,11 @@ class LoadedRun:
     return {"params": self.params, **self.model_state}
 
 
-def load_run(workdir: str) -> LoadedRun:
+def load_run(workdir: str, mesh_config: MeshConfig | None = None) -> LoadedRun:
   """Restores the latest checkpoint of ``workdir`` (parameters and collections).
+
+  ``mesh_config``: lay the run out on this mesh with these rules instead of its
+  own (a distillation teacher placed like its student).
 
   Raises:
     ValueError: ``workdir`` is not a run directory or has no checkpoint yet.
@@ -390,6 +393,8 @@ def load_run(workdir: str) -> LoadedRun:
     if not os.path.isdir(workdir):
       raise ValueError(f"run {workdir} does not exist")
     raise ValueError(f"{workdir} has no config.json: not a run directory (train first)")
+  if mesh_config is not None:
+    config = dataclasses.replace(config, mesh=mesh_config)
   tokenizer = data.load_tokenizer(workdir)
   mesh = sharding.make_mesh(config.mesh)
   recipe = build_recipe(config, tokenizer)

@@ -215,27 +215,32 @@ class _JitPerBatchKeys:
     rules: Rules,
     batch_axes: BatchAxes,
     first_sharding: Any,
+    extra: tuple = (),
     **jit_kwargs,
   ):
     self._fn, self._mesh, self._rules, self._axes = fn, mesh, rules, batch_axes
-    self._first, self._kwargs = first_sharding, jit_kwargs
+    self._first, self._extra, self._kwargs = first_sharding, extra, jit_kwargs
     self.jitted: dict[frozenset, Callable] = {}
 
   def _get(self, batch: Mapping[str, Any]) -> Callable:
     keys = frozenset(batch)
     if keys not in self.jitted:
-      in_shardings = (self._first, batch_shardings(keys, self._mesh, self._rules, self._axes))
+      in_shardings = (
+        self._first,
+        batch_shardings(keys, self._mesh, self._rules, self._axes),
+        *(jax.tree.map(lambda x: x.sharding, a) for a in self._extra),
+      )
       self.jitted[keys] = jax.jit(
         with_rules(self._fn, self._mesh, self._rules), in_shardings=in_shardings, **self._kwargs
       )
     return self.jitted[keys]
 
   def __call__(self, first: Any, batch: Mapping[str, Any]):
-    return self._get(batch)(first, batch)
+    return self._get(batch)(first, batch, *self._extra)
 
   def lower(self, first: Any, batch: Mapping[str, Any]):
     """``jax.jit(...).lower`` for these arguments (shapes suffice)."""
-    return self._get(batch).lower(first, batch)
+    return self._get(batch).lower(first, batch, *self._extra)
 
 
 def jit_train_step(
@@ -244,6 +249,7 @@ def jit_train_step(
   mesh: Mesh,
   rules: Rules = DEFAULT_RULES,
   batch_axes: BatchAxes = LM_BATCH_AXES,
+  frozen: Mapping[str, Any] | None = None,
 ) -> Callable:
   """``train_step(state, batch) -> (state, metrics)`` jitted with explicit shardings.
 
@@ -253,6 +259,10 @@ def jit_train_step(
   come back replicated. Pass the same ``rules`` as the state was built with
   (``logical_rules(config.mesh)``). The step is compiled once per set of
   batch keys (a training run has one); ``.lower(state, batch)`` lowers it.
+  ``frozen`` (the task's read-only collections, ``TaskSpec.frozen``: arrays
+  already placed) goes to ``train_step`` as a third argument with its arrays'
+  shardings: an argument, not a closed-over constant, which jit would embed in
+  the compiled program; it is not donated, so it stays bit for bit.
   """
   replicated = NamedSharding(mesh, PartitionSpec())
   return _JitPerBatchKeys(
@@ -261,6 +271,7 @@ def jit_train_step(
     rules,
     batch_axes,
     state_shardings,
+    (dict(frozen),) if frozen else (),
     out_shardings=(state_shardings, replicated),
     donate_argnums=0,
   )

@@ -91,7 +91,7 @@ def make_train_step(
   config: Config,
   task: Task | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
-  """Builds ``train_step(state, batch) -> (state, metrics)``.
+  """Builds ``train_step(state, batch, frozen=None) -> (state, metrics)``.
 
   Args:
     model, tx, schedule: the model, the optax chain and its schedule.
@@ -99,6 +99,10 @@ def make_train_step(
     task: the loss; default ``make_task(config)`` (the LM task for decoders).
 
   ``batch``: the task's arrays (``task.batch_axes``), leading axis ``B``.
+  ``frozen``: the task's read-only collections (``TaskSpec.frozen``, e.g. the
+  distillation teacher): added to the loss's ``variables``, never differentiated
+  and not part of the returned state (``sharding.jit_train_step`` passes them
+  as a jit argument, so the caller still calls ``step(state, batch)``).
   ``metrics``: fp32/int scalars ``loss`` (the task loss, without auxiliary
   terms), ``grad_norm, lr, loss_scale, grads_finite, grad_zero_fraction,
   skipped_steps``, the count of ``task.unit`` (``tokens`` or ``examples``),
@@ -111,14 +115,15 @@ def make_train_step(
   task = task or make_task(config)
   k = config.optim.grad_accum_steps
 
-  def train_step(state: TrainState, batch: Batch):
+  def train_step(state: TrainState, batch: Batch, frozen: dict[str, Any] | None = None):
     rng = jax.random.fold_in(state.rng, state.step)
+    frozen = frozen or {}
 
     overwrite, kept = _split_state(state.model_state)
 
     def scaled_loss(diff, kept, micro, micro_rng):
       # diff = (params, overwrite): both differentiated; kept: the other collections.
-      variables = {"params": diff[0], **kept, **diff[1]}
+      variables = {"params": diff[0], **kept, **diff[1], **frozen}
       loss, aux = task.loss_fn(model, variables, micro, micro_rng)
       aux = {**aux, "model_state": _split_state(aux["model_state"])[1]}
       return state.loss_scale.scale(loss), aux

@@ -50,6 +50,7 @@ from llm_mp.rundir import (
   check_config,
   check_corpus,
   check_workdir,
+  load_run,
   restore_run_variables,
   stored_config,
   with_absolute_paths,
@@ -131,7 +132,12 @@ def validate(config: Config, new_run: bool = True) -> None:
   take no gradient), the freeze / override / format patterns, the mesh, that the
   batch splits over it, and for a ``new_run`` that ``train.init_from`` is a run of the
   same architecture (a resumed run restores its own checkpoint)."""
-  task_spec(config)  # a known task that the model family runs
+  spec = task_spec(config)  # a known task that the model family runs
+  if config.train.teacher and spec.frozen is None:
+    raise ValueError(
+      f"train.teacher={config.train.teacher} is read by train.task='distill' only, "
+      f"not {spec.name!r}; add --task distill"
+    )
   source = config.train.init_from
   if source and new_run:
     if not os.path.isdir(source):
@@ -159,10 +165,11 @@ def validate(config: Config, new_run: bool = True) -> None:
 def prepare_task_data(config: Config, workdir: str, spec: TaskSpec | None = None):
   """The data of ``config``'s task (``spec``, default its registry entry), prepared by
   the entry's ``data.prepare``. A fine-tuning run (``train.init_from``) uses its source
-  run's tokenizer."""
+  run's tokenizer, else a distilled one (``train.teacher``) its teacher's."""
   spec = spec or task_spec(config)
   t = config.train
-  tokenizer = data.load_tokenizer(t.init_from) if t.init_from else None
+  source = t.init_from or t.teacher
+  tokenizer = data.load_tokenizer(source) if source else None
   return spec.data.prepare(config, workdir, tokenizer, write=True)
 
 
@@ -307,12 +314,16 @@ def _train_locked(
   if run.data_state is not None:
     train_iter.set_state(run.data_state)
   r = run.recipe
+  # The task's read-only inputs (distill's teacher), on this run's mesh and rules.
+  load = lambda source: load_run(source, mesh_config=config.mesh)
+  frozen = spec.frozen(config, load, prepared.tokenizer) if spec.frozen else None
   step_fn = sharding.jit_train_step(
     make_train_step(r.model, r.tx, r.schedule, config, r.task),
     run.shardings,
     run.mesh,
     run.rules,
     r.task.batch_axes,
+    frozen,
   )
   eval_fn = sharding.jit_eval_step(
     make_eval_step(r.model, r.task), run.shardings, run.mesh, run.rules, r.task.batch_axes

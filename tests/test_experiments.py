@@ -170,3 +170,24 @@ def test_qa_extract_fast_writes_its_table(tmp_path):
   assert set(results["runs"]) == {"MLM pre-trained", "from scratch"}
   table = open(os.path.join(out, "results.md"), encoding="utf-8").read()
   assert "| span, MLM pre-trained |" in table and "| sliding window (baseline) |" in table
+
+
+def test_compress_fast_writes_the_table_of_its_json_and_students_start_worse(tmp_path):
+  from experiments import compress  # pylint: disable=import-outside-toplevel
+
+  out = str(tmp_path / "compress")
+  assert compress.main(["--fast", "--out", out]) == 0
+  results = json.load(open(os.path.join(out, "results.json"), encoding="utf-8"))
+  table = open(os.path.join(out, "results.md"), encoding="utf-8").read()
+  assert table.startswith(compress.markdown(results) + "\n\nSettings:")  # the table is the JSON
+  students = results["students"]
+  assert list(students) == ["SVD rank 4", "int8 QAT", "narrow (d_model 16, from scratch)"]
+  teacher = results["teacher"]["ppl"]
+  for name, row in students.items():
+    assert len(row["after"]["cross-entropy"]) == len(row["after"]["distillation"]) == 1, name
+    assert all(np.isfinite(p) and p > 1 for m in row["after"].values() for p in m), name
+  # Compression costs perplexity; int8 QAT of a barely trained model costs little.
+  assert students["SVD rank 4"]["before"] > teacher
+  assert students["narrow (d_model 16, from scratch)"]["before"] > 2 * teacher
+  assert students["int8 QAT"]["before"] == pytest.approx(teacher, rel=0.05)
+  assert os.path.getsize(os.path.join(out, "compress.png")) > 1000

@@ -258,6 +258,13 @@ class TaskSpec:
       loop then shows ``train.sample_prompt``'s continuation at evaluations).
     synthetic_batch: ``(config, batch_size) -> batch``: random data with every key
       of ``batch_axes`` (NumPy seed 0), what ``llm-mp bench`` times the step on.
+    frozen: None, or ``(config, load_run, tokenizer) -> {collection: value}``:
+      read-only inputs of the loss that are not training state (``distill``'s
+      teacher). The training loop calls it once with ``load_run(workdir)`` (a
+      run directory loaded onto this run's mesh, laid out by its rules) and the
+      run's tokenizer; the step passes the result as a jit argument and adds it
+      to the loss's ``variables``; nothing in it is differentiated, updated or
+      checkpointed.
   """
 
   name: str
@@ -272,3 +279,4 @@ class TaskSpec:
   perplexity: bool = True
   continues_prompt: bool = False
   synthetic_batch: Callable[[Any, int], Batch] = token_batch
+  frozen: Callable[..., dict[str, Any]] | None = None

@@ -25,9 +25,7 @@ from llm_mp.tasks.corpus import CORPUS
 _EVAL_MASK_SEED = 0
 
 
-def mlm_loss(
-  model,
-  variables,
+def mask_batch(
   batch: Batch,
   rng,
   *,
@@ -35,13 +33,17 @@ def mlm_loss(
   mask_id: int,
   random_ids: tuple[int, int],
   special_ids: tuple[int, ...],
-  z_weight: float = 0.0,
 ):
-  """Masked LM (BERT): a random ``probability`` of the real, non-special
-  tokens of ``inputs [B, T]`` is selected (80% -> ``mask_id``, 10% -> a random
-  token id in ``[random_ids[0], random_ids[1])``, 10% kept) and predicted; the
-  loss counts the selected positions only. ``batch`` as for :func:`lm_loss`
-  (``targets`` unused)."""
+  """The BERT corruption of ``batch["inputs"] [B, T]``: a random ``probability``
+  of the real, non-special tokens is selected (80% -> ``mask_id``, 10% -> a
+  random token id in ``[random_ids[0], random_ids[1])``, 10% kept).
+
+  Returns:
+    ``(masked, targets, dropout_rng)``: int32 ``[B, T]`` model inputs, int32
+    ``[B, T]`` targets (the original id at selected positions, -1 elsewhere),
+    and the dropout key (None in evaluation, ``rng`` None: then the masks come
+    from a fixed key).
+  """
   inputs = batch["inputs"]
   maskable = ~jnp.isin(inputs, jnp.asarray(special_ids, inputs.dtype))
   if "segment_ids" in batch:
@@ -59,33 +61,49 @@ def mlm_loss(
     low=random_ids[0],
     vocab_size=random_ids[1],
   )
+  return masked, targets, dropout_rng
+
+
+def mlm_loss(model, variables, batch: Batch, rng, *, z_weight: float = 0.0, **masking):
+  """Masked LM (BERT): the positions :func:`mask_batch` selects (``masking``:
+  its keyword arguments) are predicted; the loss counts them only. ``batch`` as
+  for :func:`lm_loss` (``targets`` unused)."""
+  masked, targets, dropout_rng = mask_batch(batch, rng, **masking)
   logits, aux_loss, metrics, model_state = apply_to_tokens(
     model, variables, batch, dropout_rng, inputs=masked
   )
   return token_loss(logits, targets, targets >= 0, aux_loss, metrics, model_state, z_weight)
 
 
-def make_mlm_loss(config, tokenizer):
-  """:func:`mlm_loss` with the run's masking probability and the tokenizer's
-  special ids (the pad id doubles as [MASK]; see ``llm_mp.data.masking``).
+def masking_options(tokenizer) -> dict:
+  """:func:`mask_batch`'s keyword arguments but ``probability`` for ``tokenizer``:
+  the pad id doubles as [MASK] (see ``llm_mp.data.masking``); random replacements
+  are ordinary tokens (the specials sit at the start, BPE: 0..2, or the end,
+  bytes: 256..258, of the vocabulary).
 
   Raises:
     ValueError: no tokenizer.
   """
   if tokenizer is None:
-    raise ValueError("train.task='mlm' needs the tokenizer (its pad/bos/eos ids)")
+    raise ValueError("masked LM needs the tokenizer (its pad/bos/eos ids)")
   tok = tokenizer
   specials = sorted((tok.pad_id, tok.bos_id, tok.eos_id))
-  # Random replacements are ordinary tokens: the specials sit at the start
-  # (BPE: 0..2) or the end (bytes: 256..258) of the vocabulary.
   low, high = (specials[-1] + 1, tok.vocab_size) if specials[0] == 0 else (0, specials[0])
+  return {"mask_id": tok.pad_id, "random_ids": (low, high), "special_ids": tuple(specials)}
+
+
+def make_mlm_loss(config, tokenizer):
+  """:func:`mlm_loss` with the run's masking probability and the tokenizer's
+  special ids (:func:`masking_options`).
+
+  Raises:
+    ValueError: no tokenizer.
+  """
   return functools.partial(
     mlm_loss,
     probability=config.train.mlm_probability,
-    mask_id=tok.pad_id,
-    random_ids=(low, high),
     z_weight=config.train.z_loss,
-    special_ids=tuple(specials),
+    **masking_options(tokenizer),
   )
 
 
