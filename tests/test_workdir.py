@@ -137,7 +137,9 @@ def test_notebook_runs_are_ignored_by_git():
   # The notebooks write into a temporary directory (tests/test_notebooks.py checks that
   # nothing lands in the repository); a run made by hand under notebooks/runs is ignored too.
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  for name in sorted(os.listdir(os.path.join(root, "notebooks"))):
+  notebooks = sorted(n for n in os.listdir(os.path.join(root, "notebooks")) if n.endswith(".ipynb"))
+  assert len(notebooks) == 3
+  for name in notebooks:
     source = "".join(
       "".join(c["source"])
       for c in json.load(open(os.path.join(root, "notebooks", name), encoding="utf-8"))["cells"]
