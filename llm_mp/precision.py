@@ -244,8 +244,16 @@ def make_precision(
         raise ValueError(f"precision override {item!r} is not of the form pattern=dtype")
       pattern, value = item.split("=", 1)
       entries.append((pattern.strip(), value.strip()))
-  # Each override changes only the fields it names, starting from the base policy.
-  resolved = tuple((pat, _parse_policy_fields(val, base)) for pat, val in entries)
+  # Each override changes only the fields it names, on top of what the earlier entries give
+  # its pattern: "lm_head=c=f32" under bf16 keeps the default fp32 logits (o=f32).
+  resolved: list[tuple[str, jmp.Policy]] = []
+  for pat, val in entries:
+    start = base
+    for earlier, policy in resolved:
+      if fnmatch.fnmatchcase(pat, earlier):
+        start = policy
+    resolved.append((pat, _parse_policy_fields(val, start)))
+  resolved = tuple(resolved)
   return Precision(
     name=spec,
     base=base,

@@ -25,8 +25,8 @@ def test_overrides_from_the_config_reach_the_modules_they_name():
   modules = precision_report(r.model, params, tokens)["modules"]
   assert modules["decoder/blocks_1/mlp/up"].startswith("compute=float32")
   assert modules["decoder/blocks_1/attn/query"] == "compute=bfloat16, output=bfloat16, format=none"
-  # An override sets the fields it names on the base policy: the logits are bf16 here.
-  assert modules["lm_head"] == "compute=float32, output=bfloat16, format=none"
+  # An override sets only the fields it names, on top of the defaults: fp32 logits stay.
+  assert modules["lm_head"] == "compute=float32, output=float32, format=none"
 
 
 def _routing(config, formats, edges=False):
