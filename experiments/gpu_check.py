@@ -20,7 +20,7 @@ within 3% of bf16, fp8 >= 1.3x bf16 at 1B, MFU >= 50% at 1B, init <= 5 s,
 first step <= 30 s.
 
   python -m experiments.gpu_check --out gpu_out --reference runs/bench/torch_gpt.py   # one GPU
-  python -m experiments.gpu_check --out /tmp/dry --cpu-dry-run   # same code, tiny, CPU
+  python -m experiments.gpu_check --out runs/gpu_check_dry --cpu-dry-run   # same code, tiny, CPU
 
 Not yet run on a GPU (2026-12-07: none lent). From the 2026-11-27 H100 figures (124M init
 47 s, step compile 20 s), all parts take about 12 minutes on one H100; the parts are
