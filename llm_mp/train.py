@@ -335,14 +335,17 @@ def _train_locked(
   state_bytes = bytes_per_param(run.state)
   writer = MetricsWriter(workdir, enabled=is_main, purge_step=start + 1)
   last: dict[str, Any] = {}
-  bar = progress_bar(t.steps, start, enabled=is_main and verbose)
+  bar = None  # started after the first step's call, so its rate and ETA leave out compilation
   loss_scaled = loss_scale_kind(config.precision.policy, config.precision.loss_scale) != "none"
   t0, step0 = time.perf_counter(), start
   # A signal during the first step's compilation stops after step 1, with a checkpoint.
   for step in range(start + 1, min(t.steps, until or t.steps) + 1):
     batch = sharding.shard_batch(next(train_iter), run.mesh, run.rules, r.task.batch_axes)
     state, metrics = step_fn(state, batch)
-    bar.update(1)
+    if bar is None:
+      bar = progress_bar(t.steps, step, enabled=is_main and verbose)
+    else:
+      bar.update(1)
     is_log = step % t.log_every == 0 or step == t.steps
     is_eval = eval_on and (step % t.eval_every == 0 or step == t.steps)
     if is_log or is_eval:
@@ -367,7 +370,8 @@ def _train_locked(
     if stop["stop"]:
       last["interrupted"] = stop["stop"]
       break
-  bar.close()
+  if bar is not None:
+    bar.close()
   checkpoint.wait(ckpt)
   writer.close()
   if is_main and verbose and "interrupted" in last:

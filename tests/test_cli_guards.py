@@ -234,6 +234,38 @@ def test_the_progress_bar_shows_a_loss_scale_only_where_the_run_scales_its_loss(
   assert bar_postfix(metrics) == "loss 2.0000, 100 tok/s, scale 1"
 
 
+def test_the_progress_bar_starts_after_the_first_step_so_its_eta_leaves_out_compilation(
+  tmp_path, monkeypatch
+):
+  import llm_mp.train as train_module  # pylint: disable=import-outside-toplevel
+
+  made = []
+  real_bar, real_jit = train_module.progress_bar, train_module.sharding.jit_train_step
+  calls = []
+
+  def counting_jit(*args, **kwargs):
+    step_fn = real_jit(*args, **kwargs)
+
+    def counted(state, batch):
+      calls.append(1)
+      return step_fn(state, batch)
+
+    return counted
+
+  def recording_bar(total, initial, enabled=True):
+    made.append((total, initial, len(calls)))
+    return real_bar(total, initial, enabled=False)
+
+  monkeypatch.setattr(train_module, "progress_bar", recording_bar)
+  monkeypatch.setattr(train_module.sharding, "jit_train_step", counting_jit)
+  run = str(tmp_path / "run")
+  train(_config("tiny", "model.n_layers=1", "train.steps=3"), run, until=2)
+  train(_config("tiny", "model.n_layers=1", "train.steps=3"), run)
+  # (total, first step counted, step calls made when the bar was created): the bar is
+  # created once the (compiling) first call of each session has returned.
+  assert made == [(3, 1, 1), (3, 3, 3)]
+
+
 def test_import_hf_of_a_truncated_checkpoint_names_the_file(tmp_path, capsys):
   src = tmp_path / "gpt2"
   shutil.copytree(os.path.join(os.path.dirname(__file__), "fixtures", "hf", "gpt2"), src)
