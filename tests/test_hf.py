@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -278,6 +279,40 @@ def test_export_refuses_what_hf_cannot_load(tmp_path):
   (tmp_path / "full" / "x").write_text("x")
   with pytest.raises(ValueError, match="already exists and is not empty"):
     hf.export_hf((config, params, tok), str(tmp_path / "full"))
+
+
+def test_a_byte_tokenizer_run_exports_with_the_same_ids(tmp_path):
+  """Bytes export as a byte-level BPE with no merges: HF encodes text (BOS first with
+  special tokens on) to the ids the run was trained on, and the import's logits equal."""
+  from tokenizers import Tokenizer as HFTokenizer  # pylint: disable=import-outside-toplevel
+
+  from llm_mp.data import ByteTokenizer  # pylint: disable=import-outside-toplevel
+
+  config, _, _ = hf.import_hf(_fixture("gpt2"))
+  byte = ByteTokenizer()
+  model_config = config.model.__class__(**{**config.model.__dict__, "vocab_size": byte.vocab_size})
+  model = build_model(model_config, FP32)
+  ids = jnp.asarray([[byte.bos_id, *byte.encode("Grüße 🙂")]])
+  params = nn.unbox(model.init(jax.random.key(0), ids)["params"])
+  out = str(tmp_path / "out")
+  hf.export_hf((model_config, params, byte), out)
+  text = "Grüße, 東京 🙂\x00\t"
+  theirs = HFTokenizer.from_file(os.path.join(out, "tokenizer.json"))
+  assert theirs.encode(text).ids == [byte.bos_id, *byte.encode(text)]
+  assert theirs.decode(theirs.encode(text).ids, skip_special_tokens=True) == text
+  config2, params2, tokenizer2 = hf.import_hf(out)
+  assert (tokenizer2.pad_id, tokenizer2.bos_id, tokenizer2.eos_id, tokenizer2.add_bos) == (
+    byte.pad_id,
+    byte.bos_id,
+    byte.eos_id,
+    True,
+  )
+  for t in (text, "a<|bos|>b"):  # specials in the text are text, as in the run
+    assert tokenizer2.encode(t) == byte.encode(t)
+  np.testing.assert_array_equal(
+    build_model(config2.model, FP32).apply({"params": params2}, ids),
+    model.apply({"params": params}, ids),
+  )
 
 
 @pytest.mark.slow  # import, train, generate and export through the CLI

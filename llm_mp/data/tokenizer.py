@@ -22,7 +22,7 @@ import sys
 from typing import Protocol, Sequence
 
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, trainers
+from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
 from llm_mp.config import DataConfig
 from llm_mp.data.files import DataError, write_atomic
@@ -109,6 +109,34 @@ class ByteTokenizer:
 
   def save(self, directory: str) -> str:
     return _save_json(directory, self.to_json())
+
+  def as_bpe(self) -> BpeTokenizer:
+    """The same ids as an HF byte-level BPE with no merges, for ``transformers``.
+
+    Byte ``b`` is the vocabulary entry of its GPT-2 byte-level symbol with id ``b``;
+    the specials keep ids 256-258 under :data:`SPECIAL_TOKENS`, and a template
+    puts BOS first when HF encodes with special tokens, as prompts start here.
+    """
+    vocab = {symbol: b for b, symbol in _byte_symbols().items()}
+    vocab.update({name: BYTE_ALPHABET + i for i, name in enumerate(SPECIAL_TOKENS)})
+    hf = HFTokenizer(models.BPE(vocab=vocab, merges=[]))
+    hf.add_special_tokens(list(SPECIAL_TOKENS))
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    hf.decoder = decoders.ByteLevel()
+    bos = SPECIAL_TOKENS[1]
+    hf.post_processor = processors.TemplateProcessing(
+      single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, self.bos_id)]
+    )
+    return BpeTokenizer(hf, SPECIAL_TOKENS)
+
+
+def _byte_symbols() -> dict[int, str]:
+  """GPT-2's byte-level alphabet: the printable symbol that stands for each byte
+  (printable Latin-1 bytes stand for themselves, the others for U+0100 onwards)."""
+  kept = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
+  kept += range(ord("®"), ord("ÿ") + 1)
+  moved = [b for b in range(BYTE_ALPHABET) if b not in kept]
+  return {**{b: chr(b) for b in kept}, **{b: chr(256 + i) for i, b in enumerate(moved)}}
 
 
 class BpeTokenizer:

@@ -162,8 +162,8 @@ def export_hf(source: str | tuple[Config | ModelConfig, Any, Any], out_dir: str)
 
   Raises:
     HFError: the model has no HF architecture (e.g. an encoder, MoE, or
-      sinusoidal positions), the tokenizer is not a BPE one, or ``out_dir``
-      is not empty; nothing is written then.
+      sinusoidal positions) or ``out_dir`` is not empty; nothing is written
+      then. A byte tokenizer is written as a byte-level BPE with the same ids.
   """
   from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
 
@@ -175,10 +175,7 @@ def export_hf(source: str | tuple[Config | ModelConfig, Any, Any], out_dir: str)
     config, params, tokenizer = source
   model = config.model if isinstance(config, Config) else config
   if isinstance(tokenizer, ByteTokenizer):
-    raise HFError(
-      "tokenizer: a byte tokenizer has no tokenizer.json for transformers; "
-      "export runs trained with data.tokenizer='bpe'"
-    )
+    tokenizer = tokenizer.as_bpe()  # the same ids, in a form transformers reads
   hf_config = hf_config_from_model(model, tokenizer)
   tensors = params_to_hf(model, params)
   tmp = staging_directory(out_dir)
