@@ -48,7 +48,9 @@ def test_notebook_runs_with_fast_settings(name, monkeypatch):
   monkeypatch.setenv("LLM_MP_NOTEBOOK_FAST", "1")
   monkeypatch.setenv("PYTHONPATH", ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-  monkeypatch.setenv("XLA_FLAGS", "")
+  monkeypatch.setenv(
+    "XLA_FLAGS", os.environ["XLA_FLAGS"].replace("--xla_force_host_platform_device_count=8", "")
+  )
   monkeypatch.setenv("MPLBACKEND", "Agg")
   path = os.path.join(NOTEBOOK_DIR, name)
   before = _digests()
