@@ -75,7 +75,7 @@ def test_precision_docs_state_the_study_defaults():
   )
   setup, setup_overrides, steps, seeds, optimizers = stated.groups()
   assert setup == args.setup
-  assert setup_overrides.split() == list(precision_study.SETUPS[args.setup][1])
+  assert setup_overrides.strip("`").split() == list(precision_study.SETUPS[args.setup][1])
   assert (int(steps), int(seeds)) == (args.steps, args.seeds)
   assert optimizers.replace(",", " ").split() == args.optimizers
   assert args.settings is None  # each optimizer's default settings, as the table lists
