@@ -47,8 +47,8 @@ def test_precision_study_fast_writes_table_and_figures(tmp_path):
     for row in rows.values():
       assert row["loss"][0] > 0 and 0.0 <= row["grad_zero_fraction"][0] <= 1.0
     # Without a loss scale the small-init gradients flush to zero in fp16: measured
-    # 33.6% zero entries against 28.9% with dynamic scaling (AdamW); a scale that
-    # did not reach the backward pass would leave the two equal.
+    # 33.6% zero entries against 28.9% with dynamic scaling (AdamW and SGD alike over
+    # two steps); a scale that did not reach the backward pass would leave them equal.
     zeros = {name: row["grad_zero_fraction"][0] for name, row in rows.items()}
     assert zeros["fp16, no scaling"] > zeros["fp16 + dynamic scale"] + 0.02, optimizer
     # The written table is the JSON's, row for row.
