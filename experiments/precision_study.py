@@ -2,37 +2,31 @@
 
 Trains the same model on the same data under each setting (fp32, bf16,
 pure_bf16, fp16 with dynamic loss scaling, fp16 with a sensible and a too-small
-static scale, fp16 without scaling), for several seeds each, and reports the
-mean and spread of the final training and validation loss, the skipped steps
-and the fraction of gradient entries flushed to zero, overall and per layer
-over time (``train.layer_metrics``). Writes to ``--out``: ``results.json``,
-``results.md`` (the table), ``loss.png`` (loss curves, mean over seeds) and
-``underflow.png`` (flushed gradients per layer over time).
+static scale, fp16 without scaling), with each optimizer (AdamW, SGD with
+momentum), for several seeds each, and reports the mean and spread of the final
+training and validation loss, the skipped steps and the fraction of gradient
+entries flushed to zero, overall and per layer over time
+(``train.layer_metrics``). Writes to ``--out``: ``results.json``, ``results.md``
+(the table), ``loss.png`` (loss curves, mean over seeds, one panel per optimizer)
+and ``underflow.png`` (flushed gradients per layer over time).
 
-  python -m experiments.precision_study                       # the tiny preset, 3 seeds
-  python -m experiments.precision_study --setup underflow     # small init: fp16 flushes gradients
-  python -m experiments.precision_study --data ../shared/data/wikitext2/ ../shared/data/ptb/
+  python -m experiments.precision_study                       # the study: bpe4096, 3 seeds
+  python -m experiments.precision_study --setup underflow --steps 200 --optimizers adamw
+  python -m experiments.precision_study --settings fp32 "fp16, no scaling" --seeds 1
   python -m experiments.precision_study --fast                # seconds: 2 steps, 1 seed
 
-``--setup`` picks a named model/data setting (:data:`SETUPS`); extra
-``section.field=value`` overrides apply on top. The reading of the measured
-results is in docs/precision.md.
+``--setup`` picks a named model/data setting (:data:`SETUPS`), ``--optimizers``
+the optimizers (:data:`OPTIMIZERS`), ``--settings`` the precision settings run
+with each (default: :data:`DEFAULT_SETTINGS`, per optimizer); extra
+``section.field=value`` overrides apply on top.
 
-Measured on a 2-core CPU: ``--setup underflow --steps 200 --seeds 2`` (19 minutes,
-2026-11-27) ends with every setting within the seed spread of fp32 except the
-too-small static scale (2^-8: 0.54 nats behind); fp16 without scaling flushes 14%
-of the gradient entries (fp32: 3.2%) and still ends within it. The levers tried on
-2026-12-07 (a 4096-token BPE vocabulary, SGD with momentum on the small-init model,
-the tokens per batch), each with its numbers, are in docs/precision.md ("Levers
-tried"). One opened a gap, at one seed so far:
-
-  python -m experiments.precision_study --setup vocab4096 --steps 200 --seeds 1 \
-    --settings fp32 "fp16, no scaling"
-
-gave (train / validation loss, nats per token) fp32 5.037 / 5.386 and fp16 without
-scaling 5.672 / 5.864; the same command with ``--settings "fp16 + dynamic scale"``
-gave 5.021 / 5.369 and with ``--settings bf16`` 5.031 / 5.378. Each run took about
-10 minutes on a 2-core CPU shared with other jobs.
+The default setup, ``bpe4096`` (a 4096-token BPE vocabulary, 64 x 128 = 8192
+tokens per batch), is the setting in which fp16 without loss scaling fails: a
+non-target logit's gradient is p_j / 8192, below fp16's smallest subnormal once
+p_j < 2^-12, so the head's gradient columns of the tokens absent from a batch
+flush to zero and their logits are never pushed down. The measured table, the
+figures and the levers that did not reproduce the failure are in
+docs/precision.md ("The precision study", "Levers tried").
 """
 
 from __future__ import annotations
@@ -76,9 +70,7 @@ SETUPS = {  # name -> (preset, overrides)
   # A 4096-token BPE vocabulary and 64 x 128 = 8192 tokens per batch (d=64 to pay for
   # them): a non-target logit's gradient is p_j / 8192, below fp16's 2^-25 once p_j <
   # 2^-12, so the head's gradient columns of tokens absent from a batch flush whole.
-  # One seed, 200 steps (docs/precision.md, "Levers tried"): fp16 without scaling
-  # trails fp32 by 0.3-0.6 nats from step 36 on, dynamic scaling stays within 0.02;
-  # not yet measured over seeds.
+  # One seed, 200 steps (docs/precision.md, "Levers tried").
   "vocab4096": (
     "tiny",
     (
@@ -89,11 +81,44 @@ SETUPS = {  # name -> (preset, overrides)
       "train.batch_size=64",
     ),
   ),
+  # The study's default: vocab4096 at d=32 with a shorter warm-up and a higher peak
+  # learning rate, so that 3 seeds of every setting, with AdamW and with SGD, fit in
+  # 20 minutes on 2 CPU cores; the vocabulary and the 8192 tokens per batch are kept.
+  # Measured (docs/precision.md): with AdamW, fp16 without scaling ends 0.44 nats
+  # behind fp32 (7 seed sd), dynamic scaling and bf16 within 0.008.
+  "bpe4096": (
+    "tiny",
+    (
+      "data.tokenizer=bpe",
+      "data.bpe_vocab_size=4096",
+      "model.vocab_size=4096",
+      "model.d_model=32",
+      "train.batch_size=64",
+      "optim.lr=3e-3",
+      "optim.warmup_steps=20",
+    ),
+  ),
+}
+OPTIMIZERS = {  # name -> overrides applied after the setup's
+  # The presets' AdamW: each step divides by the gradient's running RMS, so a
+  # gradient that survives in fp16, however small, still moves its parameter a
+  # full step; only an exact zero leaves it where it is.
+  "adamw": (),
+  # SGD with momentum: the step is proportional to the gradient, so what fp16
+  # flushes is lost in proportion to its size. lr 0.3: of 0.3 and 0.6 on bpe4096,
+  # the one that trained further (100 steps reach token frequencies only).
+  "sgd": ("optim.name=sgd", "optim.momentum=0.9", "optim.lr=0.3"),
+}
+STEPS = 100  # the default --steps
+DEFAULT_SETTINGS = {  # optimizer -> the settings it runs when --settings is not given
+  "adamw": ("fp32", "bf16", "fp16 + dynamic scale", "fp16, no scaling"),
+  "sgd": ("fp32", "fp16 + dynamic scale", "fp16, no scaling"),
 }
 
 
 def run_setting(
   name: str,
+  optimizer: str,
   setup: str,
   seed: int,
   steps: int,
@@ -101,10 +126,12 @@ def run_setting(
   data: Sequence[str],
   overrides: Sequence[str],
 ) -> list[dict]:
-  """Trains one (setting, seed); returns its metrics records."""
+  """Trains one (setting, optimizer, seed) in ``out/<optimizer>_<setting>_seed<seed>``;
+  returns its metrics records."""
   preset, setup_overrides = SETUPS[setup]
   ov = [
     *setup_overrides,
+    *OPTIMIZERS[optimizer],
     *SETTINGS[name],
     *common.quiet_run(steps),
     f"train.seed={seed}",
@@ -114,7 +141,7 @@ def run_setting(
     *common.data_paths(data),
   ]
   config = apply_overrides(get_preset(preset), ov)
-  workdir = os.path.join(out, f"{common.slug(name)}_seed{seed}")
+  workdir = os.path.join(out, f"{optimizer}_{common.slug(name)}_seed{seed}")
   train(config, workdir, verbose=False)
   return read_metrics(workdir)
 
@@ -136,79 +163,101 @@ def summarise(runs: dict[str, list[list[dict]]]) -> dict[str, dict[str, Any]]:
   return table
 
 
-def markdown(table: dict[str, dict[str, Any]], seeds: int) -> str:
-  """The results table (mean ± sd over ``seeds`` seeds)."""
+def markdown(tables: dict[str, dict[str, dict[str, Any]]], seeds: int) -> str:
+  """The results table, one row per (optimizer, setting) of ``tables``
+  (optimizer -> :func:`summarise`'s table), mean ± sd over ``seeds`` seeds."""
   fmt = lambda m, f="{:.4f}": f"{f.format(m[0])} ± {f.format(m[1])}"
   lines = [
-    "| setting | train loss | val loss | skipped steps | zero grads (mean over run) |",
-    "|---|---|---|---|---|",
+    "| optimizer | setting | train loss | val loss | skipped steps | zero grads (mean over run) |",
+    "|---|---|---|---|---|---|",
   ]
-  for name, s in table.items():
-    lines.append(
-      f"| {name} | {fmt(s['loss'])} | {fmt(s['val_loss'])} | "
-      f"{fmt(s['skipped_steps'], '{:.1f}')} | "
-      f"{s['grad_zero_fraction'][0]:.2%} ± {s['grad_zero_fraction'][1]:.2%} |"
-    )
+  for optimizer, table in tables.items():
+    for name, s in table.items():
+      lines.append(
+        f"| {optimizer} | {name} | {fmt(s['loss'])} | {fmt(s['val_loss'])} | "
+        f"{fmt(s['skipped_steps'], '{:.1f}')} | "
+        f"{s['grad_zero_fraction'][0]:.2%} ± {s['grad_zero_fraction'][1]:.2%} |"
+      )
   lines.append(f"\nmean ± sample standard deviation over {seeds} seed(s)")
   return "\n".join(lines)
 
 
-def plot(runs: dict[str, list[list[dict]]], out: str) -> None:
-  """``loss.png``: training loss (mean over seeds); ``underflow.png``: zero
-  gradient fraction per layer over time, fp16 without scaling against fp16
-  with dynamic scaling (seed 0)."""
+def plot(runs: dict[str, dict[str, list[list[dict]]]], out: str) -> None:
+  """From ``runs`` (optimizer -> setting -> per-seed metrics records): ``loss.png``,
+  the training loss of each setting (mean over seeds), one panel per optimizer;
+  ``underflow.png``, the zero gradient fraction per layer over time of fp16 without
+  scaling and fp16 with dynamic scaling (seed 0), one row per optimizer."""
   import matplotlib  # pylint: disable=import-outside-toplevel
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
 
-  fig, ax = plt.subplots(figsize=(7, 4))
-  for name, seeds in runs.items():
-    steps = [x["step"] for x in seeds[0]]
-    mean = [statistics.mean(r[i]["loss"] for r in seeds) for i in range(len(steps))]
-    ax.plot(steps, mean, label=name)
-  ax.set(xlabel="step", ylabel="training loss (nats/token)", title="Mean over seeds")
-  ax.legend(fontsize=8)
+  fig, axes = plt.subplots(1, len(runs), figsize=(5 * len(runs), 3.6), squeeze=False)
+  for ax, (optimizer, settings) in zip(axes[0], runs.items()):
+    for name, seeds in settings.items():
+      steps = [x["step"] for x in seeds[0]]
+      mean = [statistics.mean(r[i]["loss"] for r in seeds) for i in range(len(steps))]
+      ax.plot(steps, mean, label=name)
+    ax.set(xlabel="step", title=f"{optimizer}: mean over {len(seeds)} seed(s)")
+    ax.legend(fontsize=7)
+  axes[0][0].set_ylabel("training loss (nats/token)")
   fig.tight_layout()
-  fig.savefig(os.path.join(out, "loss.png"), dpi=110)
+  fig.savefig(os.path.join(out, "loss.png"), dpi=100)
   plt.close(fig)
-  pair = [n for n in ("fp16, no scaling", "fp16 + dynamic scale") if n in runs]
-  if not pair:
+  pair = ("fp16, no scaling", "fp16 + dynamic scale")
+  rows = [(o, s) for o, s in runs.items() if any(n in s for n in pair)]
+  if not rows:
     return
-  fig, axes = plt.subplots(1, len(pair), figsize=(6 * len(pair), 4), sharey=True, squeeze=False)
-  for ax, name in zip(axes[0], pair):
-    records = runs[name][0]
-    layers = sorted(k for k in records[0] if k.startswith("grad_zero_fraction/"))
-    for k in layers:
-      ax.plot([r["step"] for r in records], [r[k] for r in records], label=k.split("/", 1)[1])
-    ax.set(xlabel="step", title=name, ylim=(0, 1))
-  axes[0][0].set_ylabel("fraction of gradient entries exactly 0")
+  fig, axes = plt.subplots(
+    len(rows), 2, figsize=(10, 3.2 * len(rows)), sharey=True, sharex=True, squeeze=False
+  )
+  for row, (optimizer, settings) in zip(axes, rows):
+    for ax, name in zip(row, pair):
+      ax.set(title=f"{optimizer}, {name}", ylim=(0, 1))
+      if name not in settings:
+        continue
+      records = settings[name][0]
+      layers = sorted(k for k in records[0] if k.startswith("grad_zero_fraction/"))
+      for k in layers:
+        ax.plot([r["step"] for r in records], [r[k] for r in records], label=k.split("/", 1)[1])
+    row[0].set_ylabel("gradient entries exactly 0")
   axes[0][-1].legend(fontsize=7)
+  for ax in axes[-1]:
+    ax.set_xlabel("step")
   fig.tight_layout()
-  fig.savefig(os.path.join(out, "underflow.png"), dpi=110)
+  fig.savefig(os.path.join(out, "underflow.png"), dpi=100)
   plt.close(fig)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+  """The command line of ``python -m experiments.precision_study``."""
   parser = argparse.ArgumentParser(
     prog="python -m experiments.precision_study", description=__doc__.split("\n\n")[0]
   )
-  parser.add_argument("--setup", default="tiny", choices=sorted(SETUPS))
+  parser.add_argument("--setup", default="bpe4096", choices=sorted(SETUPS))
+  parser.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=list(OPTIMIZERS))
   parser.add_argument(
     "--settings",
     nargs="+",
-    default=list(SETTINGS),
+    default=None,
     choices=list(SETTINGS),
     metavar="NAME",
-    help=f"subset of: {', '.join(SETTINGS)}",
+    help=f"subset of: {', '.join(SETTINGS)}; run with every optimizer "
+    "(default per optimizer: "
+    + "; ".join(f"{o}: {', '.join(n)}" for o, n in DEFAULT_SETTINGS.items())
+    + ")",
   )
-  parser.add_argument("--steps", type=int, default=300)
+  parser.add_argument("--steps", type=int, default=STEPS)
   parser.add_argument("--seeds", type=int, default=3)
   parser.add_argument("--data", nargs="*", default=[], help="text files (default: embedded)")
   parser.add_argument("--out", default="runs/precision_study", help="runs, table and figures")
   parser.add_argument("--fast", action="store_true", help="2 steps, 1 seed, tiny model (CI)")
   parser.add_argument("overrides", nargs="*", metavar="section.field=value")
-  args = parser.parse_args(argv)
+  return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  args = build_parser().parse_args(argv)
   overrides = list(args.overrides)
   if args.fast:
     args.steps, args.seeds = 2, 1
@@ -222,21 +271,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     ]
   os.makedirs(args.out, exist_ok=True)
   t0 = time.perf_counter()
-  runs = {}
-  for name in args.settings:
-    runs[name] = [
-      run_setting(name, args.setup, seed, args.steps, args.out, args.data, overrides)
-      for seed in range(args.seeds)
-    ]
-    print(f"{name}: {summarise({name: runs[name]})[name]}", flush=True)
-  table = summarise(runs)
-  md = markdown(table, args.seeds)
+  runs: dict[str, dict[str, list[list[dict]]]] = {}
+  for optimizer in args.optimizers:
+    runs[optimizer] = {}
+    for name in args.settings or DEFAULT_SETTINGS[optimizer]:
+      runs[optimizer][name] = [
+        run_setting(name, optimizer, args.setup, seed, args.steps, args.out, args.data, overrides)
+        for seed in range(args.seeds)
+      ]
+      row = summarise({name: runs[optimizer][name]})[name]
+      print(f"{optimizer}, {name}: {row}", flush=True)
+  tables = {optimizer: summarise(settings) for optimizer, settings in runs.items()}
+  md = markdown(tables, args.seeds)
   results = {
     "setup": args.setup,
     "steps": args.steps,
     "seeds": args.seeds,
     "overrides": overrides,
-    "table": table,
+    "table": tables,
     "seconds": round(time.perf_counter() - t0, 1),
   }
   common.write_results(args.out, results, md, {**vars(args), "overrides": overrides})

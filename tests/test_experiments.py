@@ -2,6 +2,8 @@
 
 import json
 import os
+import re
+import shlex
 
 import numpy as np
 import pytest
@@ -34,22 +36,52 @@ def test_precision_study_fast_writes_table_and_figures(tmp_path):
   from experiments import precision_study  # pylint: disable=import-outside-toplevel
 
   out = str(tmp_path / "ps")
-  settings = ["fp32", "fp16 + dynamic scale", "fp16, no scaling"]
+  settings = ["fp16 + dynamic scale", "fp16, no scaling"]
   argv = ["--fast", "--setup", "underflow", "--out", out, "--settings", *settings]
   assert precision_study.main(argv) == 0
   results = json.load(open(os.path.join(out, "results.json"), encoding="utf-8"))
-  assert list(results["table"]) == settings and results["seeds"] == 1
-  for row in results["table"].values():
-    assert row["loss"][0] > 0 and 0.0 <= row["grad_zero_fraction"][0] <= 1.0
-  # Without a loss scale the small-init gradients flush to zero in fp16: measured
-  # 33.6% zero entries against 28.9% with dynamic scaling; a scale that did not
-  # reach the backward pass would leave the two equal.
-  zeros = {name: row["grad_zero_fraction"][0] for name, row in results["table"].items()}
-  assert zeros["fp16, no scaling"] > zeros["fp16 + dynamic scale"] + 0.02
+  assert list(results["table"]) == ["adamw", "sgd"] and results["seeds"] == 1
   table = open(os.path.join(out, "results.md"), encoding="utf-8").read()
-  assert "| fp16, no scaling |" in table
+  for optimizer, rows in results["table"].items():
+    assert list(rows) == settings
+    for row in rows.values():
+      assert row["loss"][0] > 0 and 0.0 <= row["grad_zero_fraction"][0] <= 1.0
+    # Without a loss scale the small-init gradients flush to zero in fp16: measured
+    # 33.6% zero entries against 28.9% with dynamic scaling (AdamW and SGD alike over
+    # two steps); a scale that did not reach the backward pass would leave them equal.
+    zeros = {name: row["grad_zero_fraction"][0] for name, row in rows.items()}
+    assert zeros["fp16, no scaling"] > zeros["fp16 + dynamic scale"] + 0.02, optimizer
+    # The written table is the JSON's, row for row.
+    for name, row in rows.items():
+      assert f"| {optimizer} | {name} | {row['loss'][0]:.4f} ± {row['loss'][1]:.4f} |" in table
   for figure in ("loss.png", "underflow.png"):
     assert os.path.getsize(os.path.join(out, figure)) > 1000
+
+
+def test_precision_docs_state_the_study_defaults():
+  """docs/precision.md quotes the table of the command it names: that command, parsed
+  by the experiment, gives the setup, steps, seeds and optimizers the docs state, so a
+  changed default cannot leave a stale table behind."""
+  from experiments import precision_study  # pylint: disable=import-outside-toplevel
+
+  docs = os.path.join(os.path.dirname(__file__), "..", "docs", "precision.md")
+  text = open(docs, encoding="utf-8").read()
+  section = text[text.index("## The precision study") :].split("\n## ", 1)[0]
+  command = re.search(r"```\n(python -m experiments\.precision_study[^\n]*)\n```", section)
+  args = precision_study.build_parser().parse_args(shlex.split(command.group(1))[3:])
+  stated = re.search(
+    r"Settings: `--setup (\w+)` \(([^)]*)\), (\d+) steps, (\d+) seeds, optimizers ([\w ,]+)\.",
+    section,
+  )
+  setup, setup_overrides, steps, seeds, optimizers = stated.groups()
+  assert setup == args.setup
+  assert setup_overrides.strip("`").split() == list(precision_study.SETUPS[args.setup][1])
+  assert (int(steps), int(seeds)) == (args.steps, args.seeds)
+  assert optimizers.replace(",", " ").split() == args.optimizers
+  assert args.settings is None  # each optimizer's default settings, as the table lists
+  rows = re.findall(r"^\| (\w+) \| ([^|]+) \| \d", section, flags=re.M)
+  expected = [(o, n) for o in args.optimizers for n in precision_study.DEFAULT_SETTINGS[o]]
+  assert [(o, n.strip()) for o, n in rows] == expected
 
 
 SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "multi30k")
