@@ -21,7 +21,7 @@ fine-tuning from the same bf16-pre-trained backbone (its parameters are fp32).
 Dev-set accuracy and macro-F1, mean and spread over seeds; a table
 (``results.md``, ``results.json``) and a plot (``results.png``) in ``--out``.
 
-  python -m experiments.finetune_classify                 # ~20 min on 2 CPU cores
+  python -m experiments.finetune_classify                 # ~16 min of CPU on 2 cores
   python -m experiments.finetune_classify --fast          # a smoke test, seconds
 
 Labelled data: ``--train``/``--dev`` (.tsv/.csv/.jsonl with ``--text-field``
