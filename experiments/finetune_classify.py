@@ -22,7 +22,7 @@ Dev-set accuracy and macro-F1, mean and spread over seeds; a table
 (``results.md``, ``results.json``) and a plot (``results.png``) in ``--out``.
 
   python -m experiments.finetune_classify                 # ~16 min of CPU on 2 cores
-  python -m experiments.finetune_classify --fast          # a smoke test, seconds
+  python -m experiments.finetune_classify --fast          # a smoke test, about a minute of CPU
 
 Labelled data: ``--train``/``--dev`` (.tsv/.csv/.jsonl with ``--text-field``
 and ``--label-field``); default SST-2 at ``../shared/data/sst2/`` when present,
