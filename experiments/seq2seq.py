@@ -87,11 +87,19 @@ def baseline(task: str, split: text2text.TaskSplit) -> list[str]:
 
 
 def score(task: str, hyps: list[str], split: text2text.TaskSplit) -> dict[str, float]:
-  """The task's metric(s), in percent."""
+  """The task's metric(s), in percent; summaries also get ROUGE-2 against another
+  article's reference and the paired-minus-shuffled difference (what the output owes
+  to its own article: :func:`llm_mp.text_metrics.rouge_paired_minus_shuffled`)."""
   if task == "translate":
     return {"bleu": text_metrics.bleu(hyps, [r[0] for r in split.references])}
-  if task == "summarize":
-    return text_metrics.rouge(hyps, [r[0] for r in split.references])
+  if task == "summarize":  # and the test of reading: ROUGE-2 paired minus shuffled
+    refs = [r[0] for r in split.references]
+    reading = text_metrics.rouge_paired_minus_shuffled(hyps, refs)
+    return {
+      **text_metrics.rouge(hyps, refs),
+      "rouge2_shuffled": reading["shuffled"],
+      "rouge2_reading": reading["difference"],
+    }
   return text_metrics.squad_em_f1(hyps, split.references)
 
 
