@@ -57,8 +57,14 @@ class Setting:
 
 SETTINGS = {
   "translate": Setting(seq_len=48, steps=1500, vocab=4000, max_new_tokens=40, eval_examples=1000),
-  "summarize": Setting(
-    seq_len=192, target_len=64, steps=600, vocab=4000, max_new_tokens=64, eval_examples=100
+  "summarize": Setting(  # dropout 0: 0.19 nats lower validation loss (docs/seq2seq.md)
+    seq_len=192,
+    target_len=64,
+    steps=600,
+    vocab=4000,
+    max_new_tokens=64,
+    eval_examples=100,
+    overrides=("model.dropout=0.0",),
   ),
   "qa": Setting(
     seq_len=256, target_len=16, steps=400, vocab=4000, max_new_tokens=16, eval_examples=300
