@@ -3,6 +3,7 @@
 * :func:`bleu`: corpus BLEU (``sacrebleu``, its default 13a tokenisation) of
   detokenised text, as reported for translation (Multi30k test2016).
 * :func:`rouge`: mean ROUGE-1/2/L F-measures (``rouge-score``, Porter stemming).
+* :func:`rouge_paired_minus_shuffled`: how much a summary owes to its own article.
 * :func:`squad_em_f1`: exact match and token F1 with the official SQuAD v1.1
   answer normalisation, implemented here (the official script is 50 lines and
   not a package); max over the gold answers, mean over questions.
@@ -65,6 +66,28 @@ def rouge(hyps: Sequence[str], refs: Sequence[str]) -> dict[str, float]:
     for k in keys:
       totals[k] += scores[k].fmeasure
   return {k: 100.0 * v / len(hyps) for k, v in totals.items()}
+
+
+def rouge_paired_minus_shuffled(
+  hyps: Sequence[str], refs: Sequence[str], key: str = "rouge2"
+) -> dict[str, float]:
+  """The test of reading: ROUGE of each output against its own reference, against the
+  reference of another example (``refs`` rotated by one), and their difference.
+
+  A model that writes the summaries' language without reading the article scores the
+  same on both (its output fits any reference as well as its own); only what comes from
+  the article makes the difference positive.
+
+  Returns:
+    ``{"paired", "shuffled", "difference"}``: percentages of ``key`` (averaged over
+    examples; at least two are needed).
+  """
+  _check_lengths(hyps, refs, "rouge_paired_minus_shuffled")
+  if len(refs) < 2:
+    raise ValueError("rouge_paired_minus_shuffled: needs at least 2 examples to shuffle")
+  paired = rouge(hyps, refs)[key]
+  shuffled = rouge(hyps, [*refs[1:], refs[0]])[key]
+  return {"paired": paired, "shuffled": shuffled, "difference": paired - shuffled}
 
 
 # ---------------------------------------------------------------- SQuAD v1.1

@@ -11,7 +11,15 @@ import pytest
 from llm_mp.config import DataConfig
 from llm_mp.data import ByteTokenizer, DataError, ordered_batches, shuffled_batches
 from llm_mp.data import text2text as t2t
-from llm_mp.text_metrics import bleu, lead3, normalize_answer, rouge, sentences, squad_em_f1
+from llm_mp.text_metrics import (
+  bleu,
+  lead3,
+  normalize_answer,
+  rouge,
+  rouge_paired_minus_shuffled,
+  sentences,
+  squad_em_f1,
+)
 
 BYTE = ByteTokenizer()
 PAD, BOS, EOS = BYTE.pad_id, BYTE.bos_id, BYTE.eos_id
@@ -277,6 +285,23 @@ def test_bleu_by_hand():
   assert got == pytest.approx(100 * math.exp(-0.2) * (0.9 * 0.75 * (4 / 6) * 0.5) ** 0.25, abs=tol)
   with pytest.raises(ValueError, match=r"bleu: no predictions"):
     bleu([], [])
+
+
+def test_paired_minus_shuffled_rouge_by_hand():
+  refs = ["the cat sat on the mat", "stocks fell sharply in london", "rain is expected today"]
+  # Each output copies two bigrams of its own reference: 2 of 5, 2 of 4, 2 of 3 bigrams.
+  hyps = ["the cat sat", "stocks fell sharply", "rain is expected"]
+  f = lambda p, r: 2 * p * r / (p + r)
+  paired = 100 * (f(1, 2 / 5) + f(1, 2 / 4) + f(1, 2 / 3)) / 3
+  got = rouge_paired_minus_shuffled(hyps, refs)
+  assert got["paired"] == pytest.approx(paired)
+  assert got["shuffled"] == 0.0  # no output shares a bigram with another article's summary
+  assert got["difference"] == pytest.approx(paired)
+  # Output that fits every reference equally (the summaries' language) reads nothing.
+  same = rouge_paired_minus_shuffled(["the cat sat"] * 3, ["the cat sat"] * 3)
+  assert same == {"paired": 100.0, "shuffled": 100.0, "difference": 0.0}
+  with pytest.raises(ValueError, match="at least 2"):
+    rouge_paired_minus_shuffled(["a"], ["a"])
 
 
 def test_lead3_by_hand():
