@@ -7,6 +7,8 @@ matrices and L-BFGS); nothing is jitted, so it runs beside any training run.
 * :func:`bow_logistic_regression` ``(train_texts, train_labels, eval_texts, n_classes, ...)``:
   predictions of a tf-idf unigram+bigram multinomial logistic regression, the
   baseline an experiment reports beside the Transformer.
+* :func:`logistic_regression` ``(x_train, train_labels, x_eval, n_classes, ...)``: the same
+  model on any feature rows (dense or sparse), e.g. a linear probe on frozen features.
 """
 
 from __future__ import annotations
@@ -112,10 +114,7 @@ def bow_logistic_regression(
   punctuation marks), or of the tokenizer's ids when ``tokenizer`` is given;
   the vocabulary is every n-gram of the training texts; values are sublinear
   tf-idf (``1 + log count`` times the smoothed training idf), each row
-  L2-normalised. The model is a multinomial logistic regression with a bias,
-  minimising the mean cross-entropy plus ``l2 / 2 * ||W||^2`` (bias not
-  penalised) with full-batch L-BFGS from zeros, which is deterministic and,
-  the problem being strictly convex, converges to the unique optimum.
+  L2-normalised. The model is :func:`logistic_regression` on those rows.
 
   Args:
     train_texts: ``N`` texts.
@@ -132,16 +131,43 @@ def bow_logistic_regression(
   y = np.asarray(train_labels, np.int64).reshape(-1)
   if len(train_texts) != y.size or not y.size:
     raise ValueError(f"{len(train_texts)} train texts but {y.size} train labels")
-  if y.min() < 0 or y.max() >= n_classes:
-    raise ValueError(f"train labels must be in [0, {n_classes}), got [{y.min()}, {y.max()}]")
-  if l2 <= 0:
-    raise ValueError(f"l2={l2} must be > 0")
   train_grams = _ngrams(train_texts, tokenizer)
   vocab = {}
   for g in train_grams:
     for x in g:
       vocab.setdefault(x, len(vocab))
   x_train, idf = _features(train_grams, vocab)
+  x_eval, _ = _features(_ngrams(eval_texts, tokenizer), vocab, idf)
+  return logistic_regression(x_train, y, x_eval, n_classes, l2=l2, steps=steps)
+
+
+def logistic_regression(
+  x_train, train_labels: np.ndarray, x_eval, n_classes: int, *, l2: float = 1e-4, steps: int = 1000
+) -> np.ndarray:
+  """Fits a multinomial logistic regression on feature rows and predicts others.
+
+  Minimises the mean cross-entropy plus ``l2 / 2 * ||W||^2`` (bias not
+  penalised) with full-batch L-BFGS from zeros: deterministic, and the problem
+  being strictly convex, it converges to the unique optimum.
+
+  Args:
+    x_train: ``float[N, V]`` training features, a NumPy array or SciPy sparse matrix.
+    train_labels: ``int[N]`` classes in ``[0, n_classes)``.
+    x_eval: ``float[M, V]`` features to classify (same kind and width).
+    n_classes: the number of classes.
+    l2: weight decay on ``W``, > 0.
+    steps: the most L-BFGS iterations.
+
+  Returns:
+    ``np.int32[M]`` predicted classes (ties go to the lower class).
+  """
+  y = np.asarray(train_labels, np.int64).reshape(-1)
+  if x_train.shape[0] != y.size or not y.size:
+    raise ValueError(f"{x_train.shape[0]} feature rows but {y.size} train labels")
+  if y.min() < 0 or y.max() >= n_classes:
+    raise ValueError(f"train labels must be in [0, {n_classes}), got [{y.min()}, {y.max()}]")
+  if l2 <= 0:
+    raise ValueError(f"l2={l2} must be > 0")
   n, v = x_train.shape
   onehot = np.eye(n_classes)[y]  # (N, C)
 
@@ -165,5 +191,4 @@ def bow_logistic_regression(
   )
   w = result.x[: v * n_classes].reshape(v, n_classes)
   b = result.x[v * n_classes :]
-  x_eval, _ = _features(_ngrams(eval_texts, tokenizer), vocab, idf)
   return np.argmax(x_eval @ w + b, axis=1).astype(np.int32)

@@ -15,21 +15,35 @@ pytestmark = pytest.mark.slow  # every test here trains one or more runs end to 
 
 def test_finetune_classify_fast_writes_table_and_plot(tmp_path):
   out = str(tmp_path / "ft")
-  assert (
-    finetune_classify.main(
-      ["--fast", "--builtin", "--seeds", "1", "--precisions", "fp32", "--out", out]
-    )
-    == 0
-  )
+  argv = ["--fast", "--builtin", "--seeds", "1", "--precisions", "bf16", "--out", out]
+  assert finetune_classify.main(argv) == 0
   results = json.load(open(os.path.join(out, "results.json"), encoding="utf-8"))
   assert results["labelled"] == "built-in sentiment set"
-  assert results["bow"]["accuracy"] >= 0.95  # the yardstick separates the built-in set
-  assert set(results["runs"]) == {"fp32, fine-tuned", "fp32, from scratch"}
-  for run in results["runs"].values():
+  row = results["curve"]["64"]
+  assert set(row) == {
+    "bag-of-words",
+    "from scratch",
+    "pre-trained, in-domain",
+    "pre-trained, out-of-domain",
+    "probe, random backbone",
+    "probe, in-domain MLM",
+    "probe, out-of-domain MLM",
+  }
+  for run in row.values():
     assert 0.0 <= run["accuracy"][0] <= 1.0 and len(run["per_seed"]) == 1
+  assert row["bag-of-words"]["accuracy"][0] >= 0.8  # the yardstick separates the built-in set
+  assert list(results["precision"]) == ["bf16"]  # the curve's own run at the precision point
   table = open(os.path.join(out, "results.md"), encoding="utf-8").read()
-  assert "| encoder, fine-tuned | fp32 |" in table
+  assert "| labelled sentences | bag-of-words | from scratch |" in table
   assert os.path.getsize(os.path.join(out, "results.png")) > 1000
+  # The probe's features cut each batch to its longest row: padding is masked out of
+  # attention and pooling, so they equal those of full rows (up to summation order).
+  texts = ["a", "this movie seemed charming in the end", "the plot was tedious"] * 6
+  source = os.path.join(out, "pretrain_in-domain_bf16")
+  cut = finetune_classify.features(source, texts, 32)
+  full = finetune_classify.features(source, texts, 32, width_multiple=32)
+  assert cut.shape == (len(texts), 32)
+  np.testing.assert_allclose(cut, full, atol=2e-2)  # bf16 activations
 
 
 def test_precision_study_fast_writes_table_and_figures(tmp_path):

@@ -6,8 +6,13 @@ import os
 
 import numpy as np
 import pytest
+import scipy.sparse
 
-from llm_mp.classification import bow_logistic_regression, classification_metrics
+from llm_mp.classification import (
+  bow_logistic_regression,
+  classification_metrics,
+  logistic_regression,
+)
 from llm_mp.config import DataConfig
 from llm_mp.data import (
   ByteTokenizer,
@@ -423,3 +428,19 @@ def test_bow_baseline_beats_chance_clearly_on_the_builtin_set():
   m = classification_metrics(pred, dev_y, len(names))
   assert m["accuracy"] >= 0.95 and m["macro_f1"] >= 0.95, m
   np.testing.assert_array_equal(bow_logistic_regression(train, train_y, dev, 2), pred)
+
+
+def test_logistic_regression_on_dense_features_matches_sparse_and_separates_blobs():
+  rng = np.random.default_rng(0)
+  y = np.arange(60) % 3
+  centres = np.array([[3.0, 0.0, 0.0], [0.0, 3.0, 0.0], [0.0, 0.0, 3.0]])
+  x = centres[y] + rng.normal(size=(60, 3))
+  dense = logistic_regression(x[:45], y[:45], x[45:], 3)
+  assert dense.dtype == np.int32
+  np.testing.assert_array_equal(dense, y[45:])  # blobs 3 sd apart
+  sparse = logistic_regression(
+    scipy.sparse.csr_matrix(x[:45]), y[:45], scipy.sparse.csr_matrix(x[45:]), 3
+  )
+  np.testing.assert_array_equal(sparse, dense)
+  with pytest.raises(ValueError, match="train labels"):
+    logistic_regression(x[:3], np.array([0, 1, 3]), x, 3)
