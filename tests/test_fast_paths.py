@@ -250,5 +250,7 @@ def test_dense_under_jit_with_named_shardings():
   kw = dict(activation=ACTIVATIONS["gelu"])
   got = jax.jit(lambda ct, *a: _grads(dense, ct, *a, **kw))(ct_sharded, *args)
   want = _grads(plain_dense, ct, x, kernel, bias, **kw)
+  # fp32 rounding only: the jitted program and the eager ops round the GELU differently
+  # (measured 3e-6 at XLA's backend optimisation level 0, <1e-6 at the default level).
   for g, w in zip(got, want):
-    assert _rel_err(g, w) < 1e-6
+    assert _rel_err(g, w) < 1e-5
