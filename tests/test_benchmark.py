@@ -31,6 +31,7 @@ ARGS = [
 ]
 
 
+@pytest.mark.slow
 def test_bench_streams_phases_then_json_and_times_the_real_step(capsys):
   assert cli.main(["bench", *ARGS]) == 0  # through the installed command's parser
   lines = capsys.readouterr().out.strip().splitlines()
@@ -58,6 +59,7 @@ def test_bench_streams_phases_then_json_and_times_the_real_step(capsys):
     ("seq2seq_tiny", ("data.target_len=8", "model.n_decoder_layers=1")),
   ],
 )
+@pytest.mark.slow
 def test_bench_times_every_task_on_its_own_synthetic_batch(capsys, preset, overrides):
   args = ["--preset", preset, "--steps", "1", "--warmup", "0", "train.batch_size=2"]
   tiny = ["model.n_layers=1", "data.seq_len=16"]

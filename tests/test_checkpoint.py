@@ -164,6 +164,7 @@ def _arrays_of_another_save(step_dir):
   [_truncate_array_files, _delete_array_files, _garbage_everywhere, _arrays_of_another_save],
   ids=lambda f: f.__name__.strip("_"),
 )
+@pytest.mark.slow
 def test_corrupt_latest_falls_back_to_previous_with_a_warning(damage, fsdp8, tmp_path):
   manager, states = _saved(tmp_path, fsdp8, [10, 20])
   damage(str(tmp_path / "20"))

@@ -63,6 +63,7 @@ def trained(tmp_path_factory):
 
 @pytest.mark.parametrize("kind, fmt", [("int8", "int8-weight"), ("lowrank", "lowrank:8")])
 @pytest.mark.parametrize("command", ["export-hf", "diagnose"])
+@pytest.mark.slow
 def test_a_converted_run_is_refused_in_one_line_by_commands_that_read_float_weights(
   trained, tmp_path, capsys, kind, fmt, command
 ):
@@ -74,6 +75,7 @@ def test_a_converted_run_is_refused_in_one_line_by_commands_that_read_float_weig
   assert not os.path.exists(tmp_path / "hf") and not os.path.exists(tmp_path / "d")
 
 
+@pytest.mark.slow
 def test_lowrank_refuses_a_rank_at_or_above_min_k_n_and_reports_like_quantize(
   trained, tmp_path, capsys
 ):
@@ -97,6 +99,7 @@ def test_lowrank_refuses_a_rank_at_or_above_min_k_n_and_reports_like_quantize(
   assert report["params_after"] < report["params_before"]
 
 
+@pytest.mark.slow
 def test_quantize_of_a_model_no_format_reaches_is_an_error(tmp_path, capsys):
   one_block = _written_run(tmp_path / "one", _config("tiny", "model.n_layers=1"))
   line = _fails(capsys, "quantize", "--workdir", one_block, "--to", "int8")
@@ -139,6 +142,7 @@ def test_a_pattern_that_reaches_nothing_stops_training_before_anything_is_writte
   assert not os.path.exists(workdir) or not os.listdir(workdir)
 
 
+@pytest.mark.slow
 def test_start_up_says_how_many_parameters_are_frozen(tmp_path, capsys):
   config = _config("tiny", "model.n_layers=1", "train.steps=1", "train.freeze=embed/*")
   train(config, str(tmp_path / "run"))
@@ -150,6 +154,7 @@ def test_start_up_says_how_many_parameters_are_frozen(tmp_path, capsys):
   assert "  lm_head: " in header and "classifier" not in header and "router" not in header
 
 
+@pytest.mark.slow
 def test_quantize_of_an_mlm_encoder_run_reads_its_tokenizer(tmp_path):
   encoder = _written_run(tmp_path / "enc", _config("encoder_tiny"))
   report = quantize_run(encoder, "int8")
@@ -209,6 +214,7 @@ def test_run_files_are_readable_by_others_as_plain_files_are(trained):
     assert os.stat(os.path.join(trained["run"], name)).st_mode & 0o777 == 0o666 & ~umask, name
 
 
+@pytest.mark.slow
 def test_diagnose_prints_a_summary_before_the_paths(trained, tmp_path, capsys):
   argv = ["diagnose", "--workdir", trained["run"], "--out", str(tmp_path / "d")]
   assert cli.main([*argv, "--policies", "bf16", "--batch-size", "2"]) == 0
@@ -234,6 +240,7 @@ def test_the_progress_bar_shows_a_loss_scale_only_where_the_run_scales_its_loss(
   assert bar_postfix(metrics) == "loss 2.0000, 100 tok/s, scale 1"
 
 
+@pytest.mark.slow
 def test_the_progress_bar_starts_after_the_first_step_so_its_eta_leaves_out_compilation(
   tmp_path, monkeypatch
 ):

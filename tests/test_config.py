@@ -22,6 +22,7 @@ FAMILY_CLASSES = {
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
+@pytest.mark.slow
 def test_every_preset_builds_and_round_trips_through_json(name):
   config = get_preset(name)
   assert Config.from_dict(json.loads(config.to_json())) == config

@@ -135,6 +135,7 @@ def test_empty_corpus_and_missing_path_errors(tmp_path):
 # ---------------------------------------------------------------- embedded corpus
 
 
+@pytest.mark.slow
 def test_default_corpus_is_deterministic_and_large_enough():
   first = stdlib_corpus._build.__wrapped__(sysconfig.get_paths()["stdlib"])  # bypass the cache
   assert list(first) == stdlib_corpus.default_corpus()

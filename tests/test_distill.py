@@ -106,6 +106,7 @@ def _batch(seed: int = 0):
 
 
 @pytest.mark.parametrize("preset", ["tiny", "encoder_tiny"])
+@pytest.mark.slow
 def test_a_teacher_equal_to_the_student_gives_zero_kl_and_zero_kl_gradient(preset):
   # No dropout: the teacher runs deterministically, so only then is the student its equal.
   config, recipe, params = _student(preset, "train.distill_weight=1.0", "model.dropout=0.0")
@@ -154,6 +155,7 @@ def test_evaluation_without_a_teacher_is_the_data_loss_and_training_needs_one():
     recipe.task.loss_fn(recipe.model, {"params": params}, _batch(), jax.random.key(0))
 
 
+@pytest.mark.slow
 def test_the_step_leaves_the_teacher_bit_for_bit_and_out_of_the_state():
   config, recipe, _ = _student("tiny")
   mesh = sharding.make_mesh(config.mesh)
@@ -191,6 +193,7 @@ def _cli_train(workdir, options, overrides=(), steps=6):
   assert cli.main([*argv, *logging, *SMALL, "train.sample_tokens=0", *overrides]) == 0
 
 
+@pytest.mark.slow
 def test_train_with_a_teacher_resumes_exactly_and_keeps_it_out_of_checkpoints(tmp_path):
   teacher = tmp_path / "teacher"
   _cli_train(teacher, ["--preset", "tiny", "--precision", "bf16"])
@@ -209,6 +212,7 @@ def test_train_with_a_teacher_resumes_exactly_and_keeps_it_out_of_checkpoints(tm
   assert student.params["embed"]["embedding"].shape[-1] == 16
 
 
+@pytest.mark.slow
 def test_a_teacher_of_another_family_or_without_the_distill_task_is_refused(tmp_path):
   teacher = tmp_path / "teacher"
   _cli_train(teacher, ["--preset", "tiny"])

@@ -53,6 +53,7 @@ def _apply(model, params, tokens, segments=None, **kw):
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.slow
 def test_a_later_token_changes_earlier_outputs_unlike_the_decoder(name):
   cfg = CONFIGS[name]
   tokens = _tokens(b=1)
@@ -128,6 +129,7 @@ def test_classifier_pools_the_final_hidden_states(pool_kind):
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16", "pure_bf16"])
+@pytest.mark.slow
 def test_head_shapes_and_fp32_logits_under_every_policy(precision):
   prec = make_precision(precision)
   tokens = _tokens()
@@ -171,6 +173,7 @@ def test_bf16_classifier_close_to_fp32():
     ("rope", "classify", "first"),
   ],
 )
+@pytest.mark.slow
 def test_fp32_forward_matches_float64_reference(name, head, pool_kind):
   cfg = dataclasses.replace(CONFIGS[name], pool=pool_kind)
   model, params = _init(cfg, head)

@@ -13,6 +13,7 @@ from experiments import finetune_classify
 pytestmark = pytest.mark.slow  # every test here trains one or more runs end to end
 
 
+@pytest.mark.slow
 def test_finetune_classify_fast_writes_table_and_plot(tmp_path):
   out = str(tmp_path / "ft")
   argv = ["--fast", "--builtin", "--seeds", "1", "--precisions", "bf16", "--out", out]
@@ -46,6 +47,7 @@ def test_finetune_classify_fast_writes_table_and_plot(tmp_path):
   np.testing.assert_allclose(cut, full, atol=2e-2)  # bf16 activations
 
 
+@pytest.mark.slow
 def test_precision_study_fast_writes_table_and_figures(tmp_path):
   from experiments import precision_study  # pylint: disable=import-outside-toplevel
 
@@ -119,6 +121,7 @@ def test_seq2seq_translate_fast_writes_its_table(tmp_path, monkeypatch):
   assert "| seq2seq_tiny | fp32 |" in open(os.path.join(out, "results.md"), encoding="utf-8").read()
 
 
+@pytest.mark.slow
 def test_seq2seq_task_trains_and_evaluates_from_pair_files(tmp_path):
   from llm_mp.config import apply_overrides  # pylint: disable=import-outside-toplevel
   from llm_mp.data import DataError  # pylint: disable=import-outside-toplevel
@@ -155,6 +158,7 @@ def test_seq2seq_task_trains_and_evaluates_from_pair_files(tmp_path):
     train(bad, str(tmp_path / "bad"), verbose=False)
 
 
+@pytest.mark.slow
 def test_low_precision_fast_writes_table_and_figure(tmp_path):
   from experiments import low_precision  # pylint: disable=import-outside-toplevel
 
@@ -203,6 +207,7 @@ def _tiny_squad(root) -> None:
     json.dump({"data": articles}, f)
 
 
+@pytest.mark.slow
 def test_qa_extract_fast_writes_its_table(tmp_path):
   from experiments import qa_extract  # pylint: disable=import-outside-toplevel
 
@@ -218,6 +223,7 @@ def test_qa_extract_fast_writes_its_table(tmp_path):
   assert "| span, MLM pre-trained |" in table and "| sliding window (baseline) |" in table
 
 
+@pytest.mark.slow
 def test_compress_fast_writes_the_table_of_its_json_and_students_start_worse(tmp_path):
   from experiments import compress  # pylint: disable=import-outside-toplevel
 

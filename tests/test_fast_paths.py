@@ -171,6 +171,7 @@ def test_norm_grads_equal_autodiff_of_normalize(kind):
   "kv_heads,causal,segments",
   [(4, True, False), (2, True, True), (1, False, True), (2, False, False)],
 )
+@pytest.mark.slow
 def test_attention_equals_grouped_einsum(kv_heads, causal, segments):
   rng = np.random.default_rng(0)
   q = rng.normal(size=(2, 6, 4, 8))
@@ -226,6 +227,7 @@ def _model_grads(cfg, fn, tokens, params=None):
   ],
   ids=["gpt2-scan-full", "gpt2-scan-dots", "gpt2-remat-dots", "llama-scan-full"],
 )
+@pytest.mark.slow
 def test_model_grads_through_scan_and_remat_equal_autodiff(cfg):
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, 61, (2, 16)), jnp.int32)
   params, got = _model_grads(cfg, dense, tokens)

@@ -47,6 +47,7 @@ def pretrained(tmp_path_factory):
   return _pretrained(str(tmp_path_factory.mktemp("finetune")))
 
 
+@pytest.mark.slow
 def test_mlm_pretraining_counts_only_selected_tokens(pretrained):
   records = [json.loads(line) for line in open(f"{pretrained}/metrics.jsonl", encoding="utf-8")]
   # ~15% of the 16 x 32 tokens per batch (minus BOS/EOS/padding) are predicted.
@@ -62,6 +63,7 @@ def test_mlm_pretraining_counts_only_selected_tokens(pretrained):
   assert records[-1]["val_loss"] < unigram - 0.1, (records[-1]["val_loss"], unigram)
 
 
+@pytest.mark.slow
 def test_finetuning_loads_the_backbone_and_keeps_frozen_layers(pretrained, tmp_path):
   workdir = str(tmp_path / "cls")
   config = _config(

@@ -77,6 +77,7 @@ def test_a_registered_format_computes_its_matmul(bf16_weight):
   assert np.abs(want - np.einsum("btk,khd->bthd", x, w)).max() > 1e-5  # the rounding shows
 
 
+@pytest.mark.slow
 def test_a_registered_format_trains_resumes_exactly_and_evaluates(bf16_weight, tmp_path):
   corpus = tmp_path / "corpus.txt"
   corpus.write_text("\n\n\n".join(f"Document {i}: the quick brown fox. " * 4 for i in range(16)))

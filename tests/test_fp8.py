@@ -194,6 +194,7 @@ def runs():
   }
 
 
+@pytest.mark.slow
 def test_fp8_training_follows_bf16(runs):
   bf16 = np.array(runs["bf16"][1])
   assert bf16[-1] < 0.1 * bf16[0]  # 4.19 -> 0.33 (measured)
@@ -355,6 +356,7 @@ def _resume_config(corpus):
   )
 
 
+@pytest.mark.slow
 def test_a_resumed_fp8_run_matches_an_uninterrupted_one(tmp_path):
   corpus = tmp_path / "corpus.txt"
   corpus.write_text("\n\n\n".join(f"Document {i}: the quick brown fox. " * 4 for i in range(12)))
@@ -369,6 +371,7 @@ def test_a_resumed_fp8_run_matches_an_uninterrupted_one(tmp_path):
   assert [a[s] for s in a] == [b[s] for s in a]  # exact on CPU
 
 
+@pytest.mark.slow
 def test_eval_of_a_delayed_scaling_run_equals_the_evaluation_inside_training(tmp_path):
   """``llm-mp eval`` loads the fp8 scales and amax histories with the parameters,
   so it computes the validation loss training computed at the same step."""

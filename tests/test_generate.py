@@ -42,6 +42,7 @@ def _params(cfg):
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.slow
 def test_greedy_tokens_are_argmax_of_the_full_forward_pass(name):
   cfg = CONFIGS[name]
   model, params = _params(cfg)
@@ -58,6 +59,7 @@ def test_greedy_tokens_are_argmax_of_the_full_forward_pass(name):
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.slow
 def test_cached_logits_equal_full_forward_logits(name):
   cfg = CONFIGS[name]
   model, params = _params(cfg)
@@ -105,6 +107,7 @@ def _after_eos(tokens, p, eos):
     (0.0, jnp.tile(_tokens(1, 4), (2, 1))),  # both rows end together: the loop stops early
   ],
 )
+@pytest.mark.slow
 def test_rows_emit_only_eos_after_eos(temperature, rows):
   _, params = _params(GPT2)
   run = lambda eos: gen.generate(
@@ -135,6 +138,7 @@ def test_second_call_with_the_same_shapes_does_not_recompile():
   assert gen._decode._cache_size() == size  # pylint: disable=protected-access
 
 
+@pytest.mark.slow
 def test_generate_text_continues_a_string_prompt():
   cfg = dataclasses.replace(GPT2, vocab_size=ByteTokenizer.vocab_size)
   _, params = _params(cfg)

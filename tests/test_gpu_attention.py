@@ -163,6 +163,7 @@ def reference_of(case: dict) -> np.ndarray:
 
 @pytest.mark.parametrize("dtype", ("float32",) + HALF)
 @pytest.mark.parametrize("name", CASES)
+@pytest.mark.slow
 def test_xla_path_matches_float64_reference(name, dtype):
   case = make_case(name, dtype)
   check_close(run_path(case, "xla"), reference_of(case), case, tolerance(case))
@@ -257,6 +258,7 @@ def decode_case(impl: str, prompt: int = 16, new: int = 8) -> tuple[dict, jax.Ar
   return case, out
 
 
+@pytest.mark.slow
 def test_xla_cached_decoding_matches_float64_reference():
   case, out = decode_case("xla")
   assert case["q"].dtype == out.dtype == jnp.bfloat16

@@ -54,6 +54,7 @@ def test_configs_cover_the_architectures():
   assert q.bias("qkv") and not q.bias("attn_out") and not q.bias("mlp") and q.kv_heads == 1
 
 
+@pytest.mark.slow
 def test_logits_match_transformers(imported):
   name, (config, params, _) = imported
   tokens = np.load(os.path.join(_fixture(name), "tokens.npy"))
@@ -66,6 +67,7 @@ def test_logits_match_transformers(imported):
 
 
 @pytest.mark.parametrize("name", NAMES)
+@pytest.mark.slow
 def test_imported_run_generates_as_transformers(name, tmp_path):
   """An imported run encodes a prompt as the checkpoint's tokenizer does with special
   tokens on (these post-processors add no BOS, as GPT-2's and Qwen2's) and its greedy

@@ -212,6 +212,7 @@ def _train_losses(config, params, steps):
   return np.array(losses)
 
 
+@pytest.mark.slow
 def test_int8_qat_trains_as_far_as_fp32(trained_run):
   # Quantisation-aware fine-tuning of the trained run, against the same steps in fp32.
   config = _config("optim.warmup_steps=0", "optim.lr=3e-3", "optim.schedule=constant")
@@ -226,6 +227,7 @@ def test_int8_qat_trains_as_far_as_fp32(trained_run):
 
 
 @pytest.mark.parametrize("to, ratio, rtol", [("int8", 3.5, 0.002), ("int4", 6.0, 0.02)])
+@pytest.mark.slow
 def test_quantize_stores_integers_and_keeps_the_perplexity(trained_run, quantized, to, ratio, rtol):
   report = quantized[to]
   assert report["out"] == f"{trained_run}-{to}"
@@ -285,6 +287,7 @@ def _numpy_dequantised(stored, float_params):
 
 
 @pytest.mark.parametrize("to", ["int8", "int4"])
+@pytest.mark.slow
 def test_weight_only_run_equals_the_float_model_with_dequantised_weights(
   trained_run, quantized, to
 ):

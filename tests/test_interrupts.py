@@ -96,6 +96,7 @@ def _steps(workdir):
   [("tokenizer", signal.SIGINT, "bpe"), ("build", signal.SIGTERM, "byte")],
   ids=["sigint-bpe-training", "sigterm-model-building"],
 )
+@pytest.mark.slow
 def test_a_signal_before_the_loop_stops_cleanly_and_the_rerun_trains(
   corpus, tmp_path, monkeypatch, capsys, phase, signum, tokenizer
 ):
@@ -113,6 +114,7 @@ def test_a_signal_before_the_loop_stops_cleanly_and_the_rerun_trains(
   assert _steps(workdir) == [1, 2, 3, 4]
 
 
+@pytest.mark.slow
 def test_sigterm_in_the_loop_saves_a_checkpoint_that_resumes_exactly(corpus, tmp_path, monkeypatch):
   straight = str(tmp_path / "straight")
   train(_config(corpus, steps=6), straight, verbose=False)

@@ -170,6 +170,7 @@ def _text_batch(step, b=8, t=32):
   }
 
 
+@pytest.mark.slow
 def test_a_lowrank_model_trains_from_scratch():
   steps = 40  # with 20 steps of its cosine schedule it ends at the unigram level (3.12 nats)
   config = _config(
@@ -198,6 +199,7 @@ def test_a_lowrank_model_trains_from_scratch():
   assert np.mean(losses[-3:]) < np.mean(unigram[-3:]) - 0.5, (losses, unigram)
 
 
+@pytest.mark.slow
 def test_lowrank_command_converts_a_trained_run(corpus, tmp_path, capsys):
   workdir = str(tmp_path / "dense")
   train(_config(corpus, 20), workdir, verbose=False)

@@ -44,6 +44,7 @@ def _f64_model(cfg):
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.slow
 def test_fp32_forward_matches_float64_reference(name):
   cfg = CONFIGS[name]
   model, params = _init(cfg)
@@ -61,6 +62,7 @@ def test_fp32_forward_matches_float64_reference(name):
 
 
 @pytest.mark.parametrize("precision,tol", [("bf16", 0.06), ("fp16", 0.008), ("pure_bf16", 0.06)])
+@pytest.mark.slow
 def test_low_precision_forward_close_to_fp32(precision, tol):
   # The error is measured against the logits' own spread at init (std ~0.13):
   # an absolute bound like 0.05 would pass logits that are 40% wrong. Measured
@@ -138,6 +140,7 @@ def test_override_changes_exactly_the_named_modules():
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.slow
 def test_causality(name):
   model, params = _init(CONFIGS[name])
   tokens = _tokens(b=1)
@@ -149,6 +152,7 @@ def test_causality(name):
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama"])
+@pytest.mark.slow
 def test_packed_documents_do_not_see_each_other(name):
   model, params = _init(CONFIGS[name])
   a, b = _tokens(b=1, t=10, seed=1), _tokens(b=1, t=6, seed=2)
@@ -278,6 +282,7 @@ def _pad_rows(params, path, n_rows, axis, seed):
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama"])  # tied and untied heads
+@pytest.mark.slow
 def test_padded_vocabulary_leaves_loss_and_samples_unchanged(name):
   from llm_mp.generate import generate  # pylint: disable=import-outside-toplevel
 

@@ -95,6 +95,7 @@ def test_capacity_formula():
 
 
 @pytest.mark.parametrize("mlp", ["gelu", "swiglu"])
+@pytest.mark.slow
 def test_one_expert_with_room_for_every_token_is_the_dense_mlp(mlp):
   cfg = dataclasses.replace(CFG, d_model=8, n_experts=1, mlp=mlp, expert_capacity_factor=1.0)
   model, params = _moe(cfg)
@@ -211,6 +212,7 @@ def test_top2_with_room_mixes_both_experts_with_renormalised_gates():
     np.testing.assert_allclose(y[0, n], ref, atol=ATOL)
 
 
+@pytest.mark.slow
 def test_aux_and_z_losses_equal_their_formulas_and_drive_the_router_gradient():
   cfg = dataclasses.replace(CFG, expert_top_k=2, moe_aux_weight=0.1, moe_z_weight=0.01)
   model, params = _moe(cfg)
@@ -252,6 +254,7 @@ def test_aux_and_z_losses_equal_their_formulas_and_drive_the_router_gradient():
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
+@pytest.mark.slow
 def test_router_runs_in_fp32_under_low_precision(precision):
   cfg = ModelConfig.gpt2(
     vocab_size=61,
@@ -292,6 +295,7 @@ LM = ModelConfig.gpt2(
 )
 
 
+@pytest.mark.slow
 def test_scan_and_remat_stack_the_sown_values_over_layers():
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, 61, (2, 12)), jnp.int32)
   plain = TransformerLM(LM, make_precision("fp32"))
@@ -342,6 +346,7 @@ def test_scan_and_remat_stack_the_sown_values_over_layers():
   assert float(jnp.abs(g["decoder"]["blocks_0"]["mlp"]["router"]["kernel"]).max()) > 0
 
 
+@pytest.mark.slow
 def test_experts_shard_on_a_mesh_with_the_single_device_loss():
   cfg = dataclasses.replace(LM, mlp="swiglu")
   model = TransformerLM(cfg, make_precision("fp32"))

@@ -120,6 +120,7 @@ def _setup(cfg=GPT2, b=2, t=12):
   return task, batch, jax.device_get(params)
 
 
+@pytest.mark.slow
 def test_probe_gradients_of_the_scaled_loss_in_closed_form():
   task, batch, params = _setup()
   model = numerics.diagnostic_model(GPT2, make_precision("fp32"))
@@ -139,6 +140,7 @@ def test_probe_gradients_of_the_scaled_loss_in_closed_form():
   assert "decoder/blocks_0/mlp" in cap.activation_gradients
 
 
+@pytest.mark.slow
 def test_fp32_error_against_float64_is_rounding_level_and_bf16_is_larger():
   task, batch, params = _setup()
   errors = numerics.policy_errors(GPT2, params, batch, task, ("fp32", "bf16"))
@@ -153,6 +155,7 @@ def test_fp32_error_against_float64_is_rounding_level_and_bf16_is_larger():
   assert set(bf16["activations"]) == set(fp32["activations"])
 
 
+@pytest.mark.slow
 def test_scanned_params_unscan_to_the_unrolled_layout():
   cfg = dataclasses.replace(GPT2, n_layers=2, scan_layers=True)
   tokens = jnp.zeros((1, 8), jnp.int32)
@@ -192,6 +195,7 @@ def tiny_run(tmp_path_factory):
   return workdir
 
 
+@pytest.mark.slow
 def test_diagnose_cli_writes_json_and_png(tiny_run, tmp_path, capsys):
   out = str(tmp_path / "diag")
   code = cli.main(
@@ -264,6 +268,7 @@ def _files(directory):
   return out
 
 
+@pytest.mark.slow
 def test_diagnose_reads_a_seq2seq_run_s_pairs_and_writes_nothing_into_it(tiny_run, tmp_path):
   """A seq2seq run is diagnosed on its own validation pairs (its task's data), and
   diagnose, like eval and generate, writes nothing into any run directory."""

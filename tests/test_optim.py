@@ -243,6 +243,7 @@ def test_small_gradient_is_not_clipped():
 
 @pytest.mark.parametrize("name", ["adamw", "adam", "sgd", "rmsprop", "adagrad"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.slow
 def test_state_and_updates_follow_param_dtype(name, dtype):
   cfg = OptimConfig(name=name)
   params = jax.tree.map(lambda p: p.astype(dtype), _params())

@@ -210,6 +210,7 @@ def _losses(precision, **optim_kw) -> tuple[float, ...]:
 STEPS = 40
 
 
+@pytest.mark.slow
 def test_bf16_moments_train_like_fp32_moments():
   fp32, bf16 = _losses("fp32"), _losses("fp32", state_dtype="bf16")
   assert fp32[-1] < fp32[0] - 2.0  # it learns (from ~log 64 = 4.16)
@@ -219,6 +220,7 @@ def test_bf16_moments_train_like_fp32_moments():
   assert abs(bf16[-1] - fp32[-1]) < 1e-3, (bf16[-1], fp32[-1])
 
 
+@pytest.mark.slow
 def test_pure_bf16_with_stochastic_rounding_trains():
   nearest, sr = _losses("pure_bf16"), _losses("pure_bf16", stochastic_rounding=True)
   assert sr[-1] < sr[0] - 2.0

@@ -98,6 +98,7 @@ def _setup(model, config, mesh_cfg=MeshConfig(data=1)):
   return r, state, step, mesh, rules
 
 
+@pytest.mark.slow
 def test_recorded_losses_reach_the_loss_and_the_gradient():
   config = _config()
   model = _Recording(config.model, aux_weight=0.5)
@@ -128,6 +129,7 @@ def test_collect_sown_averages_scanned_and_unscanned_layers_alike():
     np.testing.assert_allclose(float(metrics["m"]), 2.0)  # metrics average
 
 
+@pytest.mark.slow
 def test_train_step_updates_and_checkpoints_model_state(tmp_path):
   config = _config()
   model = _Recording(config.model)
@@ -148,6 +150,7 @@ def test_train_step_updates_and_checkpoints_model_state(tmp_path):
   )
 
 
+@pytest.mark.slow
 def test_non_finite_step_keeps_the_model_state():
   config = _config(
     precision=PrecisionConfig(policy="fp16", loss_scale="static", init_loss_scale=2.0**40)
@@ -210,6 +213,7 @@ def test_batch_keys_are_sharded_as_the_task_declares():
     sharding.shard_batch({"extra": np.zeros((8,), np.int32)}, mesh, rules, axes)
 
 
+@pytest.mark.slow
 def test_accumulation_weighs_micro_batches_by_their_counts():
   # Two micro-batches with different numbers of counted tokens: a plain mean of
   # micro-batch means would be wrong; the weighted combination is the full mean.
@@ -258,6 +262,7 @@ def test_frozen_parameters_stay_bit_identical():
   )
 
 
+@pytest.mark.slow
 def test_backbone_lr_scale_zero_trains_only_the_head():
   config = _config(train={"backbone_lr_scale": 0.0})
   r = build_recipe(config)

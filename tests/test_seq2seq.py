@@ -68,6 +68,7 @@ def _init(cfg, s=7, t=6):
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.slow
 def test_decoder_is_causal_and_the_encoder_sees_the_whole_source(name):
   model, params = _init(CONFIGS[name])
   src, tgt = _tokens((1, 7), 2), _tokens((1, 6), 3)
@@ -85,6 +86,7 @@ def test_decoder_is_causal_and_the_encoder_sees_the_whole_source(name):
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.slow
 def test_padding_never_changes_real_positions_on_either_side(name):
   model, params = _init(CONFIGS[name])
   src, tgt = _tokens((2, 5), 4), _tokens((2, 4), 5)
@@ -178,6 +180,7 @@ def _uncached_greedy(model, params, src, seg, steps):
 
 
 @pytest.mark.parametrize("name", ["relative", "learned_separate"])
+@pytest.mark.slow
 def test_cached_decoding_equals_uncached_step_by_step(name):
   cfg = CONFIGS[name]
   model, params = _init(cfg)
@@ -220,6 +223,7 @@ def test_cached_decoding_equals_uncached_step_by_step(name):
   np.testing.assert_array_equal(np.asarray(out), expected)
 
 
+@pytest.mark.slow
 def test_cross_attention_keys_and_values_are_projected_once_per_generation():
   cfg = CONFIGS["relative"]
   model, params = _init(cfg)
@@ -332,6 +336,7 @@ def test_beam_search_finds_the_best_sequence_that_greedy_misses():
 
 @pytest.mark.parametrize("alpha", [0.0, 0.6, 2.0])
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
+@pytest.mark.slow
 def test_wide_beam_equals_brute_force_with_the_length_penalty(alpha, seed):
   # With 4 tokens and 3 positions every prefix fits in a beam of 9: the search is exact.
   table = np.random.default_rng(seed).normal(0, 2, (4, 4))
@@ -374,6 +379,7 @@ def test_eos_ends_rows_pads_after_and_stops_the_loop_early():
   assert int(steps) == 2
 
 
+@pytest.mark.slow
 def test_sampling_draws_from_the_kept_set_and_depends_on_the_rng():
   cfg = CONFIGS["relative"]
   _, params = _init(cfg)
@@ -433,6 +439,7 @@ def _reverse_config(steps=400):
   )
 
 
+@pytest.mark.slow
 def test_seq2seq_loss_counts_only_real_target_tokens():
   config = _reverse_config()
   r = build_recipe(config)
@@ -534,6 +541,7 @@ def test_presets_have_their_published_shapes():
   ) == (6, 6, 512, 8, 2048, "sinusoidal")
 
 
+@pytest.mark.slow
 def test_scanned_layers_decode_like_unscanned():
   cfg = CONFIGS["relative"]
   model, params = _init(cfg)
@@ -565,6 +573,7 @@ def test_scanned_layers_decode_like_unscanned():
   )
 
 
+@pytest.mark.slow
 def test_cli_generate_translates_a_source_greedily_or_by_beam(tmp_path, capsys):
   """``llm-mp generate --source`` on an encoder-decoder run: the source encoded as in
   training (bytes + EOS), greedy by default, beam search with --beam-size."""

@@ -130,6 +130,7 @@ def _run(mesh_cfg, grad_accum_steps=1):
 
 
 @pytest.mark.parametrize("mesh", MESHES, ids=lambda m: f"d{m.data}f{m.fsdp}t{m.tensor}")
+@pytest.mark.slow
 def test_sharded_training_matches_single_device(mesh):
   run, ref = _run(mesh), _run(SINGLE)
   assert ref.losses[-1] < ref.losses[0] - 0.1  # it trains

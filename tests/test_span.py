@@ -159,6 +159,7 @@ def _marked_squad(path, n: int, seed: int) -> list[tuple[str, str, str]]:
   return out
 
 
+@pytest.mark.slow
 def test_a_tiny_encoder_learns_to_find_a_marked_span(tmp_path):
   _marked_squad(tmp_path / "train.json", 512, 0)
   dev = _marked_squad(tmp_path / "dev.json", 64, 1)

@@ -72,6 +72,7 @@ def test_cross_entropy_matches_numpy_with_ignored_targets():
   assert float(count) == keep.sum()
 
 
+@pytest.mark.slow
 def test_nonfinite_gradients_skip_the_update_bit_for_bit():
   # fp16 activations overflow (max 65504) when the loss is scaled by 2^40.
   config = _config(loss_scale="dynamic", init_loss_scale=2.0**40)
@@ -85,6 +86,7 @@ def test_nonfinite_gradients_skip_the_update_bit_for_bit():
   chex.assert_tree_all_finite(state.params)
 
 
+@pytest.mark.slow
 def test_dynamic_scale_grows_after_period_finite_steps():
   config = _config(loss_scale="dynamic", init_loss_scale=2.0**10, loss_scale_period=3)
   _, state, step = _setup(config, "fp16")
@@ -107,6 +109,7 @@ def _train(config, precision, steps, loss_scale=None):
   return state, losses
 
 
+@pytest.mark.slow
 def test_fp16_with_dynamic_scaling_matches_fp32_where_no_scaling_does_not():
   # With init_std=0.002 the backward pass's small activation gradients underflow
   # in fp16 (15% of the parameter gradients are exactly 0 without scaling, 0.04%
@@ -127,6 +130,7 @@ def test_fp16_with_dynamic_scaling_matches_fp32_where_no_scaling_does_not():
   assert dist("none") > 0.2  # the setting does tell scaling from no scaling
 
 
+@pytest.mark.slow
 def test_fp16_with_tiny_static_scale_underflows():
   """Without a large enough scale, fp16 backprop flushes small gradients to zero."""
   config = _config(loss_scale="static", init_loss_scale=2.0**-14)
@@ -153,6 +157,7 @@ def test_fp16_with_tiny_static_scale_underflows():
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16", "pure_bf16"])
+@pytest.mark.slow
 def test_every_preset_overfits_one_batch(precision):
   config = _config()
   _, losses = _train(config, precision, 60)
@@ -160,6 +165,7 @@ def test_every_preset_overfits_one_batch(precision):
   assert losses[-1] < 1.5, losses[-1]
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_equals_one_large_batch():
   # SGD: the update is the gradient itself (Adam's ~sign(g) would amplify the
   # rounding of near-zero gradients that a different summation order gives).

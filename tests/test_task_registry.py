@@ -124,6 +124,7 @@ def _config(steps):
   )
 
 
+@pytest.mark.slow
 def test_a_task_registered_outside_llm_mp_trains_resumes_evaluates_and_predicts(
   reverse_task, tmp_path
 ):

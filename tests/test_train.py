@@ -63,6 +63,7 @@ def straight(corpus, tmp_path_factory):
   return _losses(workdir)
 
 
+@pytest.mark.slow
 def test_resumed_run_matches_uninterrupted_run_bit_for_bit(corpus, straight, tmp_path):
   resumed = str(tmp_path / "resumed")
   train(_config(corpus, 12), resumed, verbose=False, until=6)  # checkpoints at 4 and 6
@@ -91,6 +92,7 @@ def _kill_after_logged_steps(workdir, n):
   return thread
 
 
+@pytest.mark.slow
 def test_sigint_saves_a_checkpoint_that_resumes_exactly(corpus, straight, tmp_path):
   stopped = str(tmp_path / "stopped")
   watcher = _kill_after_logged_steps(stopped, 3)
@@ -103,6 +105,7 @@ def test_sigint_saves_a_checkpoint_that_resumes_exactly(corpus, straight, tmp_pa
   assert [a[s] for s in range(1, 13)] == [b[s] for s in range(1, 13)]
 
 
+@pytest.mark.slow
 def test_resume_on_a_different_mesh(corpus, straight, tmp_path):
   moved = str(tmp_path / "moved")
   train(_config(corpus, 12), moved, verbose=False, until=4)  # data=8
@@ -114,6 +117,7 @@ def test_resume_on_a_different_mesh(corpus, straight, tmp_path):
   np.testing.assert_allclose([b[s] for s in range(5, 13)], [a[s] for s in range(5, 13)], rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_corrupt_latest_checkpoint_falls_back_to_previous(corpus, straight, tmp_path):
   broken = str(tmp_path / "broken")
   train(_config(corpus, 12), broken, verbose=False, until=8)  # checkpoints at 4 and 8
@@ -129,6 +133,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(corpus, straight, tmp_
   assert straight[12] == _losses(broken)[12]
 
 
+@pytest.mark.slow
 def test_conflicting_workdir_config_is_rejected_without_damage(corpus, tmp_path):
   workdir = str(tmp_path / "run")
   train(_config(corpus, 2), workdir, verbose=False)
@@ -151,6 +156,7 @@ def _cli(args, capsys):
   return code, out.out, out.err
 
 
+@pytest.mark.slow
 def test_cli_train_generate_eval(corpus, tmp_path, capsys):
   workdir = str(tmp_path / "cli")
   code, out, _ = _cli(
@@ -211,6 +217,7 @@ def _tree(directory):
   return out
 
 
+@pytest.mark.slow
 def test_eval_and_generate_write_nothing_into_the_run(corpus, tmp_path, capsys):
   workdir = str(tmp_path / "run")
   train(_config(corpus, 2), workdir, verbose=False)
@@ -230,6 +237,7 @@ def test_eval_and_generate_write_nothing_into_the_run(corpus, tmp_path, capsys):
   assert code == 0 and _tree(workdir) == before
 
 
+@pytest.mark.slow
 def test_every_checkpoint_unreadable_is_one_line_saying_what_to_do(corpus, tmp_path, capsys):
   workdir = str(tmp_path / "run")
   train(_config(corpus, 4), workdir, verbose=False)  # one checkpoint, at step 4
@@ -245,6 +253,7 @@ def test_every_checkpoint_unreadable_is_one_line_saying_what_to_do(corpus, tmp_p
   assert len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_nanogpt_cpu_preset_trains_on_the_default_data(tmp_path, capsys):
   # batch_size=8: the 8 fake devices do not split 12 rows; the vocabulary is what failed.
   code, out, err = _cli(

@@ -75,6 +75,7 @@ def test_a_second_trainer_is_refused_naming_the_holders_pid(corpus, tmp_path):
     pass
 
 
+@pytest.mark.slow
 def test_resume_from_another_directory_and_a_changed_corpus_conflicts(
   corpus, tmp_path, monkeypatch
 ):
@@ -104,6 +105,7 @@ def test_resume_from_another_directory_and_a_changed_corpus_conflicts(
     )
 
 
+@pytest.mark.slow
 def test_one_document_trains_and_nothing_to_evaluate_fails_before_step_1(tmp_path):
   one = tmp_path / "one.txt"
   one.write_text("A single document of text. " * 20, encoding="utf-8")
@@ -151,6 +153,7 @@ def test_notebook_runs_are_ignored_by_git():
   assert r.returncode == 0, "notebooks/runs/ is not ignored by .gitignore"
 
 
+@pytest.mark.slow
 def test_evaluation_runs_at_eval_steps_that_are_not_log_steps_with_a_sample(corpus, tmp_path):
   workdir = str(tmp_path / "run")
   train(
