@@ -106,6 +106,7 @@ def test_sigint_saves_a_checkpoint_that_resumes_exactly(corpus, straight, tmp_pa
 
 
 @pytest.mark.slow
+@pytest.mark.multidevice
 def test_resume_on_a_different_mesh(corpus, straight, tmp_path):
   moved = str(tmp_path / "moved")
   train(_config(corpus, 12), moved, verbose=False, until=4)  # data=8
