@@ -113,9 +113,10 @@ def test_resume_on_a_different_mesh(corpus, straight, tmp_path):
   fsdp = dataclasses.replace(_config(corpus, 12), mesh=MeshConfig(data=2, fsdp=4))
   train(fsdp, moved, verbose=False)
   a, b = straight, _losses(moved)
-  assert [a[s] for s in range(1, 5)] == [b[s] for s in range(1, 5)]
-  # Another mesh sums gradients in another order: fp32 rounding, not a different run.
-  np.testing.assert_allclose([b[s] for s in range(5, 13)], [a[s] for s in range(5, 13)], rtol=1e-4)
+  # `straight` ran on one device (the view of the tests not marked multidevice), this run on
+  # 8 then on 2 x 4: each mesh sums gradients in its own order, fp32 rounding and not a
+  # different run.
+  np.testing.assert_allclose([b[s] for s in range(1, 13)], [a[s] for s in range(1, 13)], rtol=1e-4)
 
 
 @pytest.mark.slow
