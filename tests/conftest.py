@@ -1,5 +1,6 @@
 """Test setup: 8 fake CPU devices for sharding tests and a quicker compiler setting, set
-before jax is imported, and one persistent compilation cache for the whole run."""
+before jax is imported, one persistent compilation cache for the whole run, and one
+device for every test not marked ``multidevice``."""
 
 import os
 import shutil
@@ -45,6 +46,22 @@ def pytest_collection_modifyitems(items):
   items.sort(key=lambda item: item.path not in slow_files)
 
 
-@pytest.fixture(scope="session")
-def devices():
-  return jax.devices()
+_ALL_DEVICES = jax.devices
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+  """Outside tests marked ``multidevice``, ``jax.devices()`` is the first CPU device only, so
+  the default mesh (``mesh.data=-1``: every device) has one device. Splitting a test's tiny
+  batches 8 ways on 2 cores only adds work: about a third of the suite's CPU time. The
+  tests that check sharding (same numbers on 1 device or 8, shardings that follow the
+  rules, restoring onto another mesh) are marked and see all 8. The view holds for the
+  whole protocol, so module- and session-scoped fixtures made in a test's setup see the
+  devices that test sees."""
+  if item.get_closest_marker("multidevice") is None:
+    first = _ALL_DEVICES()[:1]
+    jax.devices = lambda backend=None: _ALL_DEVICES(backend)[:1] if backend else first
+  try:
+    return (yield)
+  finally:
+    jax.devices = _ALL_DEVICES

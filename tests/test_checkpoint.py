@@ -25,6 +25,8 @@ from llm_mp.config import (
 )
 from llm_mp.state import abstract_train_state
 
+pytestmark = pytest.mark.multidevice  # meshes of 2 to 8 devices
+
 # After a failed read, tensorstore's cancelled reads call back into orbax's closed event
 # loop ("Event loop is closed"); pytest reports those as unraisable exceptions.
 TENSORSTORE_NOISE = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")

@@ -202,6 +202,7 @@ def test_cli_config_prints_the_reference(capsys):
   assert capsys.readouterr().out.strip() == describe(get_preset("nanogpt_cpu")).strip()
 
 
+@pytest.mark.multidevice
 def test_tiny_preset_shards_over_data_fsdp_and_tensor_axes_of_2():
   from llm_mp import sharding  # pylint: disable=import-outside-toplevel
   from llm_mp.state import abstract_train_state  # pylint: disable=import-outside-toplevel

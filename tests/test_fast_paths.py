@@ -239,6 +239,7 @@ def test_model_grads_through_scan_and_remat_equal_autodiff(cfg):
   chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-6 * scale)
 
 
+@pytest.mark.multidevice
 def test_dense_under_jit_with_named_shardings():
   """Batch split over "data", kernel columns over "tensor" (8 fake CPU devices)."""
   mesh = Mesh(np.asarray(jax.devices()[:8]).reshape(4, 2), ("data", "tensor"))

@@ -347,6 +347,7 @@ def test_scan_and_remat_stack_the_sown_values_over_layers():
 
 
 @pytest.mark.slow
+@pytest.mark.multidevice
 def test_experts_shard_on_a_mesh_with_the_single_device_loss():
   cfg = dataclasses.replace(LM, mlp="swiglu")
   model = TransformerLM(cfg, make_precision("fp32"))

@@ -196,6 +196,7 @@ def test_a_custom_task_loss_plugs_into_the_step():
   assert losses[-1] < 0.1 * losses[0], losses
 
 
+@pytest.mark.multidevice
 def test_batch_keys_are_sharded_as_the_task_declares():
   mesh = sharding.make_mesh(MeshConfig(data=4, fsdp=2), jax.devices())
   rules = sharding.logical_rules(MeshConfig(data=4, fsdp=2))

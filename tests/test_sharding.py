@@ -41,6 +41,8 @@ from llm_mp.config import Config, DataConfig, MeshConfig, ModelConfig, OptimConf
 from llm_mp.state import abstract_train_state, create_sharded_state
 from llm_mp.step import make_eval_step, make_train_step
 
+pytestmark = pytest.mark.multidevice  # meshes of 2 to 8 devices
+
 T, B, VOCAB, STEPS = 16, 16, 64, 3
 LOSS_RTOL, PARAM_ATOL = 1e-6, 5e-5  # see the module docstring
 SINGLE = MeshConfig(data=1)

@@ -106,15 +106,17 @@ def test_sigint_saves_a_checkpoint_that_resumes_exactly(corpus, straight, tmp_pa
 
 
 @pytest.mark.slow
+@pytest.mark.multidevice
 def test_resume_on_a_different_mesh(corpus, straight, tmp_path):
   moved = str(tmp_path / "moved")
   train(_config(corpus, 12), moved, verbose=False, until=4)  # data=8
   fsdp = dataclasses.replace(_config(corpus, 12), mesh=MeshConfig(data=2, fsdp=4))
   train(fsdp, moved, verbose=False)
   a, b = straight, _losses(moved)
-  assert [a[s] for s in range(1, 5)] == [b[s] for s in range(1, 5)]
-  # Another mesh sums gradients in another order: fp32 rounding, not a different run.
-  np.testing.assert_allclose([b[s] for s in range(5, 13)], [a[s] for s in range(5, 13)], rtol=1e-4)
+  # `straight` ran on one device (the view of the tests not marked multidevice), this run on
+  # 8 then on 2 x 4: each mesh sums gradients in its own order, fp32 rounding and not a
+  # different run.
+  np.testing.assert_allclose([b[s] for s in range(1, 13)], [a[s] for s in range(1, 13)], rtol=1e-4)
 
 
 @pytest.mark.slow
