@@ -53,6 +53,7 @@ class Setting:
   eval_examples: int  # test examples decoded (the first ones of the fixed split)
   target_len: int | None = None  # target tokens per row (None: seq_len)
   overrides: tuple[str, ...] = ()  # config overrides of this task, before the command line's
+  pretrain_steps: int = 0  # denoising pre-training on the training inputs first (0: none)
 
 
 SETTINGS = {
@@ -71,6 +72,7 @@ SETTINGS = {
   ),
 }
 FAST = Setting(seq_len=32, steps=3, vocab=300, max_new_tokens=8, eval_examples=8)
+MASK_FRACTION = 0.15  # of the words of a pre-training chunk, in spans of 3 on average
 
 
 def _write_jsonl(path: str, split: text2text.TaskSplit) -> None:
@@ -145,6 +147,69 @@ def decode(
   return out
 
 
+def _config(
+  preset: str,
+  setting: Setting,
+  policy: str,
+  steps: int,
+  paths: dict[str, str],
+  lengths: tuple[int, int | None],
+  extra: Sequence[str] = (),
+):
+  """The config of one training run: ``steps`` updates under ``policy`` on the pairs at
+  ``paths`` (train, validation), ``(source, target)`` token rows ``lengths``, then the
+  overrides of the task and ``extra``."""
+  config = apply_overrides(
+    get_preset(preset),
+    [
+      f"precision.policy={policy}",
+      *common.quiet_run(steps, log_points=20),
+      f"data.seq_len={lengths[0]}",
+      f"data.target_len={lengths[1]}",
+      f"model.max_len={max(setting.seq_len, 64)}",
+      "data.tokenizer=bpe",
+      f"data.bpe_vocab_size={setting.vocab}",
+      f"model.vocab_size={setting.vocab}",
+      "train.eval_batches=20",
+      "train.batch_size=32",
+      f"optim.warmup_steps={max(steps // 20, 1)}",
+      *setting.overrides,
+      *extra,
+    ],
+  )
+  return dataclasses.replace(
+    config,
+    data=dataclasses.replace(
+      config.data, paths=(paths["train"],), val_paths=(paths["validation"],)
+    ),
+  )
+
+
+def pretrain(
+  args, setting: Setting, steps: int, splits: dict[str, text2text.TaskSplit]
+) -> tuple[str, dict[str, Any]]:
+  """Denoising pre-training (fp32, ``steps`` updates) on the training and validation
+  inputs (never the test split's): chunks of ``T // 2`` words, ``T`` the target row
+  length (about ``0.8 T`` tokens, so the clean chunk fits a row), with
+  :data:`MASK_FRACTION` of their words masked
+  (:func:`llm_mp.data.text2text.denoising_pairs`); source and target rows of ``T``
+  tokens. Of the command line's overrides it takes the model's (the fine-tuning runs'
+  architecture must be its own). Returns the run directory, whose tokenizer the
+  fine-tuning runs use, and its last metrics."""
+  target_len = setting.target_len or setting.seq_len
+  paths = {}
+  for seed, name in enumerate(("train", "validation")):
+    pairs = text2text.denoising_pairs(
+      splits[name].inputs, target_len // 2, MASK_FRACTION, seed=seed
+    )
+    paths[name] = os.path.join(args.out, "data", f"denoise_{name}.jsonl")
+    _write_jsonl(paths[name], pairs)
+  workdir = os.path.join(args.out, "pretrain")
+  model = [o for o in args.overrides if o.startswith("model.")]
+  config = _config(args.preset, setting, "fp32", steps, paths, (target_len, target_len), model)
+  return workdir, train(config, workdir, verbose=False)
+
+
 def run(args) -> dict[str, Any]:
   """Trains and evaluates every precision; returns the results."""
   setting = FAST if args.fast else SETTINGS[args.task]
@@ -173,31 +238,22 @@ def run(args) -> dict[str, Any]:
   }
   results["baseline"] = next(iter(results["baselines"].values()))  # the task's baseline
   print(f"baselines: {results['baselines']}", flush=True)
+  steps = setting.pretrain_steps if args.pretrain_steps is None else args.pretrain_steps
+  source = None
+  if steps:
+    source, last = pretrain(args, setting, steps, splits)
+    results["pretrain"] = {"steps": steps, "val_loss": last.get("val_loss")}
+    print(f"denoising pre-training: {results['pretrain']}", flush=True)
   for name in args.precisions:
     workdir = os.path.join(args.out, name.split(" ")[0])
-    config = apply_overrides(
-      get_preset(args.preset),
-      [
-        f"precision.policy={PRECISIONS[name]}",
-        *common.quiet_run(setting.steps, log_points=20),
-        f"data.seq_len={setting.seq_len}",
-        f"data.target_len={setting.target_len}",
-        f"model.max_len={max(setting.seq_len, 64)}",
-        "data.tokenizer=bpe",
-        f"data.bpe_vocab_size={setting.vocab}",
-        f"model.vocab_size={setting.vocab}",
-        "train.eval_batches=20",
-        "train.batch_size=32",
-        f"optim.warmup_steps={max(setting.steps // 20, 1)}",
-        *setting.overrides,
-        *args.overrides,
-      ],
-    )
-    config = dataclasses.replace(
-      config,
-      data=dataclasses.replace(
-        config.data, paths=(paths["train"],), val_paths=(paths["validation"],)
-      ),
+    config = _config(
+      args.preset,
+      setting,
+      PRECISIONS[name],
+      setting.steps,
+      paths,
+      (setting.seq_len, setting.target_len),
+      [*([f"train.init_from={source}"] if source else []), *args.overrides],
     )
     last = train(config, workdir, verbose=False)
     hyps = decode(workdir, test.inputs, setting, args.beam)
@@ -247,6 +303,13 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--root", default=datasets.DEFAULT_ROOT, help="the data directory")
   parser.add_argument("--out", default=None, help="default runs/seq2seq_<task>")
   parser.add_argument("--fast", action="store_true", help="64 examples, 3 steps (CI)")
+  parser.add_argument(
+    "--pretrain-steps",
+    type=int,
+    default=None,
+    help="denoising pre-training steps on the training inputs before fine-tuning (0: none; "
+    "default: the task's setting)",
+  )
   parser.add_argument("overrides", nargs="*", metavar="section.field=value")
   args = parser.parse_args(argv)
   args.out = args.out or os.path.join("runs", f"seq2seq_{args.task}")
