@@ -15,6 +15,11 @@ sentence against the English reference); summarisation takes the article's first
 sentences (lead-3) and, beside it, its first sentence alone; question answering returns the
 context sentence sharing most words with the question. Writes ``results.json`` and
 ``results.md`` to ``--out``.
+
+With ``--pretrain-steps N`` (the summarize setting's default: see ``SETTINGS``) a first fp32
+run learns to copy: it restores chunks of the training and validation inputs whose word
+spans are masked (:func:`llm_mp.data.text2text.denoising_pairs`; the test split is never
+read), and each precision's run fine-tunes from it with its tokenizer (``train.init_from``).
 """
 
 from __future__ import annotations
