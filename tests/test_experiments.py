@@ -103,6 +103,7 @@ def test_precision_docs_state_the_study_defaults():
 SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "multi30k")
 
 
+@pytest.mark.slow  # 30 CPU-seconds with its pre-training step
 @pytest.mark.skipif(not os.path.isdir(SHARED), reason="needs ../shared/data/multi30k")
 def test_seq2seq_translate_fast_writes_its_table(tmp_path, monkeypatch):
   from experiments import seq2seq  # pylint: disable=import-outside-toplevel
