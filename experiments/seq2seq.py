@@ -71,7 +71,7 @@ SETTINGS = {
     max_new_tokens=64,
     eval_examples=100,
     overrides=("model.dropout=0.0",),
-    pretrain_steps=1500,  # denoising pre-training: the model reads (docs/seq2seq.md)
+    pretrain_steps=3000,  # denoising pre-training: the model reads (docs/seq2seq.md)
   ),
   "qa": Setting(
     seq_len=256, target_len=16, steps=400, vocab=4000, max_new_tokens=16, eval_examples=300
