@@ -20,6 +20,11 @@ With ``--pretrain-steps N`` (the summarize setting's default: see ``SETTINGS``) 
 run learns to copy: it restores chunks of the training and validation inputs whose word
 spans are masked (:func:`llm_mp.data.text2text.denoising_pairs`; the test split is never
 read), and each precision's run fine-tunes from it with its tokenizer (``train.init_from``).
+
+With ``--no-repeat-ngram N`` (the summarize setting's default: 4; 0 = off) no decoded
+hypothesis repeats an N-gram of its own tokens (``generate_seq2seq``'s
+``no_repeat_ngram_size``): the summaries repeated their phrases, and blocking 4-grams raised
+ROUGE-1 from 29.65 to 31.92 (docs/seq2seq.md).
 """
 
 from __future__ import annotations
@@ -59,6 +64,7 @@ class Setting:
   target_len: int | None = None  # target tokens per row (None: seq_len)
   overrides: tuple[str, ...] = ()  # config overrides of this task, before the command line's
   pretrain_steps: int = 0  # denoising pre-training on the training inputs first (0: none)
+  no_repeat_ngram: int = 0  # beam search never repeats an n-gram of its output (0: off)
 
 
 SETTINGS = {
@@ -72,6 +78,7 @@ SETTINGS = {
     eval_examples=100,
     overrides=("model.dropout=0.0",),
     pretrain_steps=3000,  # denoising pre-training: the model reads (docs/seq2seq.md)
+    no_repeat_ngram=4,  # the outputs repeated their phrases: ROUGE-1 +2.3 (docs/seq2seq.md)
   ),
   "qa": Setting(
     seq_len=256, target_len=16, steps=400, vocab=4000, max_new_tokens=16, eval_examples=300
@@ -122,9 +129,15 @@ def score(task: str, hyps: list[str], split: text2text.TaskSplit) -> dict[str, f
 
 
 def decode(
-  workdir: str, inputs: list[str], setting: Setting, beam: int, batch_size: int = 32
+  workdir: str,
+  inputs: list[str],
+  setting: Setting,
+  beam: int,
+  no_repeat_ngram: int = 0,
+  batch_size: int = 32,
 ) -> list[str]:
-  """Beam-search outputs of a trained run for ``inputs``, as text."""
+  """Beam-search outputs of a trained run for ``inputs``, as text; ``no_repeat_ngram``
+  n >= 1: no output repeats one of its n-grams (0: off)."""
   run = load_run(workdir)
   tok = run.tokenizer
   out = []
@@ -145,6 +158,7 @@ def decode(
       eos_id=tok.eos_id,
       pad_id=tok.pad_id,
       beam_size=beam,
+      no_repeat_ngram_size=no_repeat_ngram,
     )
     for row in np.asarray(tokens)[: len(chunk)]:
       ids = row.tolist()
@@ -219,6 +233,7 @@ def pretrain(
 def run(args) -> dict[str, Any]:
   """Trains and evaluates every precision; returns the results."""
   setting = FAST if args.fast else SETTINGS[args.task]
+  no_repeat = setting.no_repeat_ngram if args.no_repeat_ngram is None else args.no_repeat_ngram
   os.makedirs(os.path.join(args.out, "data"), exist_ok=True)
   t0 = time.perf_counter()
   splits = {
@@ -236,6 +251,7 @@ def run(args) -> dict[str, Any]:
     "setting": dataclasses.asdict(setting),
     "preset": args.preset,
     "beam": args.beam,
+    "no_repeat_ngram": no_repeat,
     "test_examples": len(test.inputs),
     "baselines": {
       name: score(args.task, hyps, test) for name, hyps in baselines(args.task, test).items()
@@ -262,7 +278,7 @@ def run(args) -> dict[str, Any]:
       [*([f"train.init_from={source}"] if source else []), *args.overrides],
     )
     last = train(config, workdir, verbose=False)
-    hyps = decode(workdir, test.inputs, setting, args.beam)
+    hyps = decode(workdir, test.inputs, setting, args.beam, no_repeat)
     results["runs"][name] = {
       "metric": score(args.task, hyps, test),
       "val_loss": last.get("val_loss"),
@@ -315,6 +331,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     default=None,
     help="denoising pre-training steps on the training inputs before fine-tuning (0: none; "
     "default: the task's setting)",
+  )
+  parser.add_argument(
+    "--no-repeat-ngram",
+    type=int,
+    default=None,
+    metavar="N",
+    help="N >= 1: no decoded output repeats one of its N-grams (0: off; default: the task's "
+    "setting)",
   )
   parser.add_argument("overrides", nargs="*", metavar="section.field=value")
   args = parser.parse_args(argv)

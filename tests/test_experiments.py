@@ -113,12 +113,13 @@ def test_seq2seq_translate_fast_writes_its_table(tmp_path, monkeypatch):
   assert (
     seq2seq.main(
       ["--task", "translate", "--fast", "--precisions", "fp32", "--root", root, "--out", out]
-      + ["--pretrain-steps", "1"]
+      + ["--pretrain-steps", "1", "--no-repeat-ngram", "2"]
     )
     == 0
   )
   results = json.load(open(os.path.join(out, "results.json"), encoding="utf-8"))
   assert results["test_examples"] == 8 and "bleu" in results["baseline"]
+  assert results["no_repeat_ngram"] == 2  # the decoding's n-gram blocking, as passed
   assert results["pretrain"]["steps"] == 1  # the fp32 run fine-tuned from the denoising run
   config = json.load(open(os.path.join(out, "fp32", "config.json"), encoding="utf-8"))
   assert config["train"]["init_from"].endswith("pretrain")
