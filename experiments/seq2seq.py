@@ -15,6 +15,16 @@ sentence against the English reference); summarisation takes the article's first
 sentences (lead-3) and, beside it, its first sentence alone; question answering returns the
 context sentence sharing most words with the question. Writes ``results.json`` and
 ``results.md`` to ``--out``.
+
+With ``--pretrain-steps N`` (the summarize setting's default: see ``SETTINGS``) a first fp32
+run learns to copy: it restores chunks of the training and validation inputs whose word
+spans are masked (:func:`llm_mp.data.text2text.denoising_pairs`; the test split is never
+read), and each precision's run fine-tunes from it with its tokenizer (``train.init_from``).
+
+With ``--no-repeat-ngram N`` (the summarize setting's default: 4; 0 = off) no decoded
+hypothesis repeats an N-gram of its own tokens (``generate_seq2seq``'s
+``no_repeat_ngram_size``): the summaries repeated their phrases, and blocking 4-grams raised
+ROUGE-1 from 29.65 to 31.92 (docs/seq2seq.md).
 """
 
 from __future__ import annotations
@@ -53,6 +63,8 @@ class Setting:
   eval_examples: int  # test examples decoded (the first ones of the fixed split)
   target_len: int | None = None  # target tokens per row (None: seq_len)
   overrides: tuple[str, ...] = ()  # config overrides of this task, before the command line's
+  pretrain_steps: int = 0  # denoising pre-training on the training inputs first (0: none)
+  no_repeat_ngram: int = 0  # beam search never repeats an n-gram of its output (0: off)
 
 
 SETTINGS = {
@@ -65,12 +77,15 @@ SETTINGS = {
     max_new_tokens=64,
     eval_examples=100,
     overrides=("model.dropout=0.0",),
+    pretrain_steps=3000,  # denoising pre-training: the model reads (docs/seq2seq.md)
+    no_repeat_ngram=4,  # the outputs repeated their phrases: ROUGE-1 +2.3 (docs/seq2seq.md)
   ),
   "qa": Setting(
     seq_len=256, target_len=16, steps=400, vocab=4000, max_new_tokens=16, eval_examples=300
   ),
 }
 FAST = Setting(seq_len=32, steps=3, vocab=300, max_new_tokens=8, eval_examples=8)
+MASK_FRACTION = 0.15  # of the words of a pre-training chunk, in spans of 3 on average
 
 
 def _write_jsonl(path: str, split: text2text.TaskSplit) -> None:
@@ -114,9 +129,15 @@ def score(task: str, hyps: list[str], split: text2text.TaskSplit) -> dict[str, f
 
 
 def decode(
-  workdir: str, inputs: list[str], setting: Setting, beam: int, batch_size: int = 32
+  workdir: str,
+  inputs: list[str],
+  setting: Setting,
+  beam: int,
+  no_repeat_ngram: int = 0,
+  batch_size: int = 32,
 ) -> list[str]:
-  """Beam-search outputs of a trained run for ``inputs``, as text."""
+  """Beam-search outputs of a trained run for ``inputs``, as text; ``no_repeat_ngram``
+  n >= 1: no output repeats one of its n-grams (0: off)."""
   run = load_run(workdir)
   tok = run.tokenizer
   out = []
@@ -137,6 +158,7 @@ def decode(
       eos_id=tok.eos_id,
       pad_id=tok.pad_id,
       beam_size=beam,
+      no_repeat_ngram_size=no_repeat_ngram,
     )
     for row in np.asarray(tokens)[: len(chunk)]:
       ids = row.tolist()
@@ -145,9 +167,73 @@ def decode(
   return out
 
 
+def _config(
+  preset: str,
+  setting: Setting,
+  policy: str,
+  steps: int,
+  paths: dict[str, str],
+  lengths: tuple[int, int | None],
+  extra: Sequence[str] = (),
+):
+  """The config of one training run: ``steps`` updates under ``policy`` on the pairs at
+  ``paths`` (train, validation), ``(source, target)`` token rows ``lengths``, then the
+  overrides of the task and ``extra``."""
+  config = apply_overrides(
+    get_preset(preset),
+    [
+      f"precision.policy={policy}",
+      *common.quiet_run(steps, log_points=20),
+      f"data.seq_len={lengths[0]}",
+      f"data.target_len={lengths[1]}",
+      f"model.max_len={max(setting.seq_len, 64)}",
+      "data.tokenizer=bpe",
+      f"data.bpe_vocab_size={setting.vocab}",
+      f"model.vocab_size={setting.vocab}",
+      "train.eval_batches=20",
+      "train.batch_size=32",
+      f"optim.warmup_steps={max(steps // 20, 1)}",
+      *setting.overrides,
+      *extra,
+    ],
+  )
+  return dataclasses.replace(
+    config,
+    data=dataclasses.replace(
+      config.data, paths=(paths["train"],), val_paths=(paths["validation"],)
+    ),
+  )
+
+
+def pretrain(
+  args, setting: Setting, steps: int, splits: dict[str, text2text.TaskSplit]
+) -> tuple[str, dict[str, Any]]:
+  """Denoising pre-training (fp32, ``steps`` updates) on the training and validation
+  inputs (never the test split's): chunks of ``T // 2`` words, ``T`` the target row
+  length (about ``0.8 T`` tokens, so the clean chunk fits a row), with
+  :data:`MASK_FRACTION` of their words masked
+  (:func:`llm_mp.data.text2text.denoising_pairs`); source and target rows of ``T``
+  tokens. Of the command line's overrides it takes the model's (the fine-tuning runs'
+  architecture must be its own). Returns the run directory, whose tokenizer the
+  fine-tuning runs use, and its last metrics."""
+  target_len = setting.target_len or setting.seq_len
+  paths = {}
+  for seed, name in enumerate(("train", "validation")):
+    pairs = text2text.denoising_pairs(
+      splits[name].inputs, target_len // 2, MASK_FRACTION, seed=seed
+    )
+    paths[name] = os.path.join(args.out, "data", f"denoise_{name}.jsonl")
+    _write_jsonl(paths[name], pairs)
+  workdir = os.path.join(args.out, "pretrain")
+  model = [o for o in args.overrides if o.startswith("model.")]
+  config = _config(args.preset, setting, "fp32", steps, paths, (target_len, target_len), model)
+  return workdir, train(config, workdir, verbose=False)
+
+
 def run(args) -> dict[str, Any]:
   """Trains and evaluates every precision; returns the results."""
   setting = FAST if args.fast else SETTINGS[args.task]
+  no_repeat = setting.no_repeat_ngram if args.no_repeat_ngram is None else args.no_repeat_ngram
   os.makedirs(os.path.join(args.out, "data"), exist_ok=True)
   t0 = time.perf_counter()
   splits = {
@@ -165,6 +251,7 @@ def run(args) -> dict[str, Any]:
     "setting": dataclasses.asdict(setting),
     "preset": args.preset,
     "beam": args.beam,
+    "no_repeat_ngram": no_repeat,
     "test_examples": len(test.inputs),
     "baselines": {
       name: score(args.task, hyps, test) for name, hyps in baselines(args.task, test).items()
@@ -173,34 +260,25 @@ def run(args) -> dict[str, Any]:
   }
   results["baseline"] = next(iter(results["baselines"].values()))  # the task's baseline
   print(f"baselines: {results['baselines']}", flush=True)
+  steps = setting.pretrain_steps if args.pretrain_steps is None else args.pretrain_steps
+  source = None
+  if steps:
+    source, last = pretrain(args, setting, steps, splits)
+    results["pretrain"] = {"steps": steps, "val_loss": last.get("val_loss")}
+    print(f"denoising pre-training: {results['pretrain']}", flush=True)
   for name in args.precisions:
     workdir = os.path.join(args.out, name.split(" ")[0])
-    config = apply_overrides(
-      get_preset(args.preset),
-      [
-        f"precision.policy={PRECISIONS[name]}",
-        *common.quiet_run(setting.steps, log_points=20),
-        f"data.seq_len={setting.seq_len}",
-        f"data.target_len={setting.target_len}",
-        f"model.max_len={max(setting.seq_len, 64)}",
-        "data.tokenizer=bpe",
-        f"data.bpe_vocab_size={setting.vocab}",
-        f"model.vocab_size={setting.vocab}",
-        "train.eval_batches=20",
-        "train.batch_size=32",
-        f"optim.warmup_steps={max(setting.steps // 20, 1)}",
-        *setting.overrides,
-        *args.overrides,
-      ],
-    )
-    config = dataclasses.replace(
-      config,
-      data=dataclasses.replace(
-        config.data, paths=(paths["train"],), val_paths=(paths["validation"],)
-      ),
+    config = _config(
+      args.preset,
+      setting,
+      PRECISIONS[name],
+      setting.steps,
+      paths,
+      (setting.seq_len, setting.target_len),
+      [*([f"train.init_from={source}"] if source else []), *args.overrides],
     )
     last = train(config, workdir, verbose=False)
-    hyps = decode(workdir, test.inputs, setting, args.beam)
+    hyps = decode(workdir, test.inputs, setting, args.beam, no_repeat)
     results["runs"][name] = {
       "metric": score(args.task, hyps, test),
       "val_loss": last.get("val_loss"),
@@ -247,6 +325,21 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--root", default=datasets.DEFAULT_ROOT, help="the data directory")
   parser.add_argument("--out", default=None, help="default runs/seq2seq_<task>")
   parser.add_argument("--fast", action="store_true", help="64 examples, 3 steps (CI)")
+  parser.add_argument(
+    "--pretrain-steps",
+    type=int,
+    default=None,
+    help="denoising pre-training steps on the training inputs before fine-tuning (0: none; "
+    "default: the task's setting)",
+  )
+  parser.add_argument(
+    "--no-repeat-ngram",
+    type=int,
+    default=None,
+    metavar="N",
+    help="N >= 1: no decoded output repeats one of its N-grams (0: off; default: the task's "
+    "setting)",
+  )
   parser.add_argument("overrides", nargs="*", metavar="section.field=value")
   args = parser.parse_args(argv)
   args.out = args.out or os.path.join("runs", f"seq2seq_{args.task}")

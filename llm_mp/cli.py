@@ -48,6 +48,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
       f"{args.workdir} is a model.family={model.family!r} run: pass --{wanted} TEXT"
       + (f", not --{other}" if getattr(args, other) is not None else "")
     )
+  if args.no_repeat_ngram and not seq2seq:
+    raise ValueError(f"--no-repeat-ngram={args.no_repeat_ngram} is for --source runs")
   temperature = args.temperature
   if temperature is None:  # sampling continues a decoder's text; translation and beams are greedy
     temperature = 0.0 if seq2seq or args.beam_size > 1 else 0.8
@@ -70,6 +72,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
       target_tokenizer,
       args.source,
       max_new_tokens=min(200, model.max_len) if n is None else n,
+      no_repeat_ngram_size=args.no_repeat_ngram,
       **search,
     )
     print(text)
@@ -255,6 +258,13 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--beam-size", type=int, default=1, help="> 1: beam search (temperature 0)")
   p.add_argument(
     "--length-penalty", type=float, default=0.6, help="beam search's GNMT alpha (0: log p alone)"
+  )
+  p.add_argument(
+    "--no-repeat-ngram",
+    type=int,
+    default=0,
+    metavar="N",
+    help="--source runs: no output repeats one of its N-grams (0: off)",
   )
   p.add_argument("--top-k", type=int, default=None)
   p.add_argument("--top-p", type=float, default=None)

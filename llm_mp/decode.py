@@ -21,6 +21,10 @@ finished hypotheses is full and no live beam can still beat its worst one.
 :func:`init_cache` makes the empty cache of a model built with ``decode=True``
 (a decoder-only model, or an encoder-decoder given the source length);
 :func:`reorder_cache` moves its rows after the beams that own them.
+
+:func:`block_repeated_ngrams` wraps a step (and the beams' reorder) so that no
+row's output repeats an n-gram (fairseq's / Hugging Face's
+``no_repeat_ngram_size``); both searches then run unchanged.
 """
 
 from __future__ import annotations
@@ -255,6 +259,78 @@ def beam_search(
     cond, body, (jnp.int32(1), token, state, *beams)
   )
   return fin_seqs[:, 0], fin_scores[:, 0], i
+
+
+def _banned_ngram_tokens(logits: jax.Array, seqs: jax.Array, i: Any, n: int) -> jax.Array:
+  """``logits`` with ``NEG`` for every token that would complete an ``n``-gram
+  already in its row's output.
+
+  Args:
+    logits: ``[R, V]`` float, the logits of token ``i``.
+    seqs: int ``[R, N]``, each row's output; positions ``0 .. i-1`` are written.
+    i: the position being chosen (traced int).
+    n: ``>= 1``; the last ``n - 1`` tokens are compared with every earlier
+      ``(n - 1)``-gram of the row and the tokens that followed them are banned
+      (``n = 1``: every token already written).
+
+  Returns:
+    ``[R, V]``, ``logits``' dtype.
+  """
+  r, width = seqs.shape
+  m = width - n + 1  # n-grams that fit in a row: starts 0 .. m - 1
+  if m <= 0:
+    return logits
+  windows = jnp.stack([seqs[:, k : k + m] for k in range(n - 1)], axis=-1)  # (R, M, n-1)
+  last = jnp.take(seqs, jnp.clip(i - (n - 1) + jnp.arange(n - 1), 0, width - 1), axis=1)
+  # An earlier n-gram is one whose last token (position j + n - 1) is already written.
+  match = jnp.all(windows == last[:, None, :], axis=-1) & (jnp.arange(m) + n - 1 < i)
+  followers = seqs[:, n - 1 :]  # (R, M): the token ending the n-gram that starts at j
+  hits = jnp.zeros(logits.shape, jnp.int32).at[jnp.arange(r)[:, None], followers].add(match)
+  return jnp.where(hits > 0, jnp.asarray(NEG, logits.dtype), logits)
+
+
+def block_repeated_ngrams(
+  step_fn: StepFn,
+  reorder_fn: Callable[[Any, jax.Array], Any],
+  state: Any,
+  rows: int,
+  max_new_tokens: int,
+  n: int,
+) -> tuple[StepFn, Callable[[Any, jax.Array], Any], Any]:
+  """A step, reorder and state for :func:`sample_search` / :func:`beam_search`
+  that never let a row repeat an ``n``-gram of its own output.
+
+  The state becomes ``(state, seqs int32[rows, max_new_tokens])``: the step
+  writes the token it is fed at position ``i - 1`` and passes its logits
+  through :func:`_banned_ngram_tokens`; the reorder moves ``seqs``' rows with
+  the beams. The first logits need nothing (no output yet). Fixed shapes, jittable.
+
+  Args:
+    step_fn, reorder_fn, state: as the searches take them.
+    rows: ``R``, the batch rows (examples times beams).
+    max_new_tokens: ``N``.
+    n: ``>= 1``, the n-gram size.
+
+  Returns:
+    ``(step_fn, reorder_fn, state)`` to pass to the search in their place.
+
+  Raises:
+    ValueError: ``n < 1``.
+  """
+  if n < 1:
+    raise ValueError(f"no_repeat_ngram_size={n} must be >= 1 here (0 = off: do not wrap)")
+
+  def step(tokens, i, carry):
+    inner, seqs = carry
+    seqs = _write(seqs, i - 1, tokens)
+    logits, inner = step_fn(tokens, i, inner)
+    return _banned_ngram_tokens(logits, seqs, i, n), (inner, seqs)
+
+  def reorder(carry, parents):
+    inner, seqs = carry
+    return reorder_fn(inner, parents), jnp.take(seqs, parents, axis=0)
+
+  return step, reorder, (state, jnp.zeros((rows, max_new_tokens), jnp.int32))
 
 
 def init_cache(model: Any, batch_size: int, src_len: int | None = None) -> Any:

@@ -30,7 +30,14 @@ import jax
 import jax.numpy as jnp
 
 from llm_mp.config import ModelConfig
-from llm_mp.decode import beam_search, check_sampling, init_cache, reorder_cache, sample_search
+from llm_mp.decode import (
+  beam_search,
+  block_repeated_ngrams,
+  check_sampling,
+  init_cache,
+  reorder_cache,
+  sample_search,
+)
 from llm_mp.models import build_resolved_model
 from llm_mp.precision import Precision
 
@@ -141,6 +148,7 @@ def generate_seq2seq(
   pad_id: int | None = None,
   beam_size: int = 1,
   length_penalty: float = 0.6,
+  no_repeat_ngram_size: int = 0,
   temperature: float = 0.0,
   top_k: int | None = None,
   top_p: float | None = None,
@@ -162,6 +170,10 @@ def generate_seq2seq(
     beam_size: 1 = greedy or sampling; ``W > 1`` = beam search (``temperature``
       must be 0). Beam size 1 with ``length_penalty=0`` is greedy decoding.
     length_penalty: beam search's ``alpha`` (GNMT / T5; 0.6 is their default).
+    no_repeat_ngram_size: ``n >= 1``: no row (hypothesis) repeats an
+      ``n``-gram of its own output (a token that would complete one gets the
+      searches' ``-inf``, :data:`llm_mp.decode.NEG`:
+      :func:`llm_mp.decode.block_repeated_ngrams`); 0 = off.
     temperature, top_k, top_p: sampling, as
       :func:`llm_mp.decode.sample_logits`; ``temperature=0`` is greedy.
     rng: PRNG key for sampling (required when ``temperature > 0``).
@@ -186,6 +198,8 @@ def generate_seq2seq(
       f"max_new_tokens={max_new_tokens} must be in [1, model.max_len={config.max_len}]"
     )
   _check_search(beam_size, temperature, top_k, top_p)
+  if no_repeat_ngram_size < 0:
+    raise ValueError(f"no_repeat_ngram_size={no_repeat_ngram_size} must be >= 0 (0 = off)")
   if temperature > 0 and rng is None:
     raise ValueError(f"temperature={temperature} samples: pass rng")
   return _decode(
@@ -201,6 +215,7 @@ def generate_seq2seq(
     pad_id=eos_id if pad_id is None else pad_id,
     beam_size=beam_size,
     length_penalty=float(length_penalty),
+    no_repeat_ngram_size=no_repeat_ngram_size,
     temperature=temperature,
     top_k=top_k,
     top_p=top_p,
@@ -217,6 +232,7 @@ def generate_seq2seq(
     "pad_id",
     "beam_size",
     "length_penalty",
+    "no_repeat_ngram_size",
     "temperature",
     "top_k",
     "top_p",
@@ -239,6 +255,7 @@ def _decode(
   temperature,
   top_k,
   top_p,
+  no_repeat_ngram_size=0,
 ):
   """The one decoding function: ``prefix`` int ``[B, P]`` primes the decoder
   (the prompt, or BOS for an encoder-decoder, whose source is ``src_tokens``
@@ -279,12 +296,16 @@ def _decode(
   cache = init_cache(model, rows, src_tokens.shape[1] if seq2seq else None)
   logits, cache = forward(cache, prefix, 0, context)
   step = lambda tokens, i, cache: forward(cache, tokens[:, None], p - 1 + i)
+  reorder = functools.partial(reorder_cache, scan_layers=config.scan_layers)
+  if no_repeat_ngram_size:
+    step, reorder, cache = block_repeated_ngrams(
+      step, reorder, cache, rows, max_new_tokens, no_repeat_ngram_size
+    )
   search = dict(max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id)
   if beam_size == 1:
     return sample_search(
       step, cache, logits, rng=rng, temperature=temperature, top_k=top_k, top_p=top_p, **search
     )[0]
-  reorder = functools.partial(reorder_cache, scan_layers=config.scan_layers)
   return beam_search(
     step, reorder, cache, logits, beam_size=beam_size, length_penalty=length_penalty, **search
   )[0]
@@ -365,6 +386,7 @@ def generate_seq2seq_text(
   top_p: float | None = None,
   beam_size: int = 1,
   length_penalty: float = 0.6,
+  no_repeat_ngram_size: int = 0,
 ) -> str:
   """An encoder-decoder's output text for ``source`` (a translation, a summary).
 
@@ -376,7 +398,7 @@ def generate_seq2seq_text(
     source_tokenizer, target_tokenizer: the run's (the same one when shared).
     seed: the sampling PRNG seed.
     config, precision, params, max_new_tokens, temperature, top_k, top_p,
-      beam_size, length_penalty: as for :func:`generate_seq2seq`.
+      beam_size, length_penalty, no_repeat_ngram_size: as for :func:`generate_seq2seq`.
 
   Raises:
     ValueError: as :func:`generate_seq2seq`.
@@ -393,6 +415,7 @@ def generate_seq2seq_text(
     pad_id=target_tokenizer.pad_id,
     beam_size=beam_size,
     length_penalty=length_penalty,
+    no_repeat_ngram_size=no_repeat_ngram_size,
     temperature=temperature,
     top_k=top_k,
     top_p=top_p,

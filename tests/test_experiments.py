@@ -103,6 +103,7 @@ def test_precision_docs_state_the_study_defaults():
 SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "multi30k")
 
 
+@pytest.mark.slow  # 30 CPU-seconds with its pre-training step
 @pytest.mark.skipif(not os.path.isdir(SHARED), reason="needs ../shared/data/multi30k")
 def test_seq2seq_translate_fast_writes_its_table(tmp_path, monkeypatch):
   from experiments import seq2seq  # pylint: disable=import-outside-toplevel
@@ -112,11 +113,16 @@ def test_seq2seq_translate_fast_writes_its_table(tmp_path, monkeypatch):
   assert (
     seq2seq.main(
       ["--task", "translate", "--fast", "--precisions", "fp32", "--root", root, "--out", out]
+      + ["--pretrain-steps", "1", "--no-repeat-ngram", "2"]
     )
     == 0
   )
   results = json.load(open(os.path.join(out, "results.json"), encoding="utf-8"))
   assert results["test_examples"] == 8 and "bleu" in results["baseline"]
+  assert results["no_repeat_ngram"] == 2  # the decoding's n-gram blocking, as passed
+  assert results["pretrain"]["steps"] == 1  # the fp32 run fine-tuned from the denoising run
+  config = json.load(open(os.path.join(out, "fp32", "config.json"), encoding="utf-8"))
+  assert config["train"]["init_from"].endswith("pretrain")
   assert 0.0 <= results["runs"]["fp32"]["metric"]["bleu"] <= 100.0
   assert "| seq2seq_tiny | fp32 |" in open(os.path.join(out, "results.md"), encoding="utf-8").read()
 

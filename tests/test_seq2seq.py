@@ -16,7 +16,13 @@ from llm_mp import cli
 from llm_mp.builder import build_recipe
 from llm_mp.config import Config, DataConfig, ModelConfig, OptimConfig, TrainConfig
 from llm_mp.data import ByteTokenizer
-from llm_mp.decode import beam_search, init_cache, length_penalty_factor, sample_search
+from llm_mp.decode import (
+  beam_search,
+  block_repeated_ngrams,
+  init_cache,
+  length_penalty_factor,
+  sample_search,
+)
 from llm_mp.generate import generate_seq2seq
 from llm_mp.models import EncoderDecoder, RelativePositionBias, relative_position_bucket
 from llm_mp.precision import make_precision
@@ -379,6 +385,63 @@ def test_eos_ends_rows_pads_after_and_stops_the_loop_early():
   assert int(steps) == 2
 
 
+def _repeats_an_ngram(row, n, eos):
+  row = list(row)
+  row = row[: row.index(eos)] if eos in row else row
+  grams = [tuple(row[j : j + n]) for j in range(len(row) - n + 1)]
+  return len(grams) != len(set(grams))
+
+
+def _search_blocked(table, beam_size, n_new, no_repeat):
+  table, step, reorder = _markov_fns(table)
+  rows = beam_size  # one example
+  logits = jnp.repeat(table[M_BOS][None], rows, axis=0)
+  state = None
+  if no_repeat:
+    step, reorder, state = block_repeated_ngrams(step, reorder, state, rows, n_new, no_repeat)
+  search = dict(max_new_tokens=n_new, eos_id=M_EOS, pad_id=-1)
+  if beam_size == 1:
+    return sample_search(step, state, logits, rng=jax.random.key(0), **search)[0][0]
+  return beam_search(step, reorder, state, logits, beam_size=beam_size, **search)[0][0]
+
+
+@pytest.mark.parametrize("beam_size", [1, 3])
+def test_no_repeat_ngram_blocks_the_bigram_a_markov_chain_would_repeat(beam_size):
+  p = np.full((5, 5), 0.01)
+  p[M_BOS] = [0.01, 0.9, 0.03, 0.03, 0.03]  # BOS -> 1
+  p[1] = [0.01, 0.01, 0.9, 0.04, 0.04]  # 1 -> 2
+  p[2] = [0.01, 0.9, 0.01, 0.04, 0.04]  # 2 -> 1: 1 2 1 2 1 2 ...
+  p[4] = [0.01, 0.5, 0.4, 0.04, 0.05]
+  table = np.log(p / p.sum(-1, keepdims=True))
+  free = np.asarray(_search_blocked(table, beam_size, 8, 0))
+  np.testing.assert_array_equal(free, [1, 2] * 4)
+  blocked = np.asarray(_search_blocked(table, beam_size, 8, 2))
+  assert not _repeats_an_ngram(blocked, 2, M_EOS), blocked
+  assert list(blocked[:3]) == [1, 2, 1]  # the first repeat is the first thing changed
+  assert _repeats_an_ngram(np.asarray(_search_blocked(table, beam_size, 8, 3)), 2, M_EOS)
+  assert not _repeats_an_ngram(np.asarray(_search_blocked(table, beam_size, 8, 3)), 3, M_EOS)
+  # n = N: no n-gram can occur twice, so nothing is banned: the same tokens, bit for bit.
+  np.testing.assert_array_equal(np.asarray(_search_blocked(table, beam_size, 8, 8)), free)
+
+
+@pytest.mark.parametrize("beam_size", [1, 4])
+def test_generate_seq2seq_no_repeat_ngram_size(beam_size):
+  cfg = CONFIGS["relative"]
+  _, params = _init(cfg)
+  src = _tokens((6, 6), 11)
+  kw = dict(max_new_tokens=12, bos_id=BOS, eos_id=EOS, pad_id=0, beam_size=beam_size)
+  before = np.asarray(generate_seq2seq(cfg, FP32, params, src, **kw))
+  off = np.asarray(generate_seq2seq(cfg, FP32, params, src, no_repeat_ngram_size=0, **kw))
+  whole = np.asarray(generate_seq2seq(cfg, FP32, params, src, no_repeat_ngram_size=12, **kw))
+  np.testing.assert_array_equal(off, before)
+  np.testing.assert_array_equal(whole, before)  # wrapped, but no 12-gram can repeat in 12
+  assert any(_repeats_an_ngram(row, 2, EOS) for row in before)
+  blocked = np.asarray(generate_seq2seq(cfg, FP32, params, src, no_repeat_ngram_size=2, **kw))
+  assert not any(_repeats_an_ngram(row, 2, EOS) for row in blocked), blocked
+  with pytest.raises(ValueError, match="no_repeat_ngram_size=-1"):
+    generate_seq2seq(cfg, FP32, params, src, no_repeat_ngram_size=-1, **kw)
+
+
 @pytest.mark.slow
 def test_sampling_draws_from_the_kept_set_and_depends_on_the_rng():
   cfg = CONFIGS["relative"]
@@ -576,7 +639,8 @@ def test_scanned_layers_decode_like_unscanned():
 @pytest.mark.slow
 def test_cli_generate_translates_a_source_greedily_or_by_beam(tmp_path, capsys):
   """``llm-mp generate --source`` on an encoder-decoder run: the source encoded as in
-  training (bytes + EOS), greedy by default, beam search with --beam-size."""
+  training (bytes + EOS), greedy by default, beam search with --beam-size, n-gram
+  blocking with --no-repeat-ngram."""
   tok = ByteTokenizer()
   config = Config(
     model=_config(vocab_size=tok.vocab_size, n_layers=1, max_len=32),
@@ -601,6 +665,8 @@ def test_cli_generate_translates_a_source_greedily_or_by_beam(tmp_path, capsys):
   assert capsys.readouterr().out == want() + "\n"
   assert cli.main([*base, "--beam-size", "3", "--length-penalty", "1.0"]) == 0
   assert capsys.readouterr().out == want(beam_size=3, length_penalty=1.0) + "\n"
+  assert cli.main([*base, "--beam-size", "3", "--no-repeat-ngram", "2"]) == 0
+  assert capsys.readouterr().out == want(beam_size=3, no_repeat_ngram_size=2) + "\n"
   assert cli.main(["generate", "--workdir", run, "--prompt", "Ein"]) == 2
   err = capsys.readouterr().err
   assert "model.family='encoder_decoder' run" in err and "pass --source TEXT, not --prompt" in err

@@ -168,6 +168,48 @@ def test_rows_by_hand():
     t2t.encode_text2text(["a"], ["c"], BYTE, BYTE, 0, 4)
 
 
+@pytest.mark.parametrize(
+  "n, fraction, mean_span", [(2, 0.15, 3.0), (10, 0.3, 2.0), (40, 0.15, 3.0)]
+)
+def test_span_mask_masks_the_configured_fraction_in_separate_spans(n, fraction, mean_span):
+  rng = np.random.default_rng(0)
+  masked = min(max(round(fraction * n), 1), n - 1)
+  spans = min(max(round(masked / mean_span), 1), masked, n - masked)
+  starts = set()
+  for _ in range(50):
+    mask = t2t.span_noise_mask(n, fraction, mean_span, rng)
+    assert mask.shape == (n,) and mask.dtype == bool and mask.sum() == masked
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], mask.astype(int)])) == 1)
+    assert len(edges) == spans  # separate spans: a kept word between any two
+    starts.add(int(edges[0]))
+  assert n < 10 or len(starts) > 1  # spans fall anywhere, the chunk's start included
+
+
+def test_denoising_pairs_are_clean_targets_and_deterministic_per_seed():
+  words = [f"w{i}" for i in range(45)]
+  texts = [" ".join(words), "one  two\nthree", "single"]
+  split = t2t.denoising_pairs(texts, 20, mask_fraction=0.2, mean_span=2.0, seed=3)
+  # chunks of 20, 20, 5 words and "one two three"; a one-word text gives no chunk
+  assert split.targets == [
+    " ".join(words[:20]),
+    " ".join(words[20:40]),
+    " ".join(words[40:]),
+    "one two three",
+  ]
+  assert split.references == [[t] for t in split.targets]
+  for x, y in zip(split.inputs, split.targets):
+    clean = y.split()
+    masked = min(max(round(0.2 * len(clean)), 1), len(clean) - 1)
+    kept = [w for w in x.split() if w != "<mask>"]
+    assert len(kept) == len(clean) - masked  # the configured fraction of the words
+    assert [w for w in clean if w in kept] == kept  # the rest, in order
+    assert "<mask> <mask>" not in x  # one mask per span
+  assert t2t.denoising_pairs(texts, 20, 0.2, 2.0, seed=3) == split
+  assert t2t.denoising_pairs(texts, 20, 0.2, 2.0, seed=4).inputs != split.inputs
+  with pytest.raises(ValueError, match="mask_fraction"):
+    t2t.denoising_pairs(texts, 20, mask_fraction=1.0)
+
+
 def test_shared_and_separate_bpe_tokenizers_round_trip(tmp_path):
   sources = ["der Hund läuft schnell"] * 20 + ["die Katze schläft"] * 20
   targets = ["the dog runs fast"] * 20 + ["the cat sleeps"] * 20

@@ -177,6 +177,79 @@ def read_text2text_jsonl(
   return TaskSplit([x for x, _ in examples], [r[0] for r in refs], refs), skipped
 
 
+# ---------------------------------------------------------------- denoising
+
+
+def span_noise_mask(
+  n: int, mask_fraction: float, mean_span: float, rng: np.random.Generator
+) -> np.ndarray:
+  """bool ``[n]``: ``round(mask_fraction * n)`` masked positions (at least 1, at most
+  ``n - 1``) in ``round(masked / mean_span)`` separate spans of random positive
+  lengths, the kept runs between them positive too and those at either end possibly
+  empty (T5's ``random_spans_noise_mask``, without its last span always at the end);
+  drawn from ``rng``."""
+  if n < 2:
+    raise ValueError(f"n={n}: a span mask needs at least 2 positions")
+  masked = min(max(round(mask_fraction * n), 1), n - 1)
+  spans = min(max(round(masked / mean_span), 1), masked, n - masked)
+
+  def lengths(total: int, parts: int) -> np.ndarray:  # `parts` positive ints summing to `total`
+    cuts = np.sort(rng.choice(np.arange(1, total), parts - 1, replace=False))
+    return np.diff(np.concatenate([[0], cuts, [total]]))
+
+  noise = lengths(masked, spans)
+  kept = lengths(n - masked + 2, spans + 1) - np.eye(spans + 1, dtype=int)[[0, -1]].sum(0)
+  runs = np.append(np.stack([kept[:-1], noise], 1).reshape(-1), kept[-1])  # kept, masked, ..., kept
+  return np.repeat(np.arange(len(runs)) % 2 == 1, runs)
+
+
+def denoising_pairs(
+  texts: Sequence[str],
+  chunk_words: int,
+  mask_fraction: float = 0.15,
+  mean_span: float = 3.0,
+  seed: int = 0,
+  mask: str = "<mask>",
+) -> TaskSplit:
+  """Text infilling pairs for pre-training an encoder-decoder to copy its source
+  (BART's objective on words): each text is cut into chunks of ``chunk_words``
+  whitespace-separated words (a last chunk of one word is dropped); the input is
+  the chunk with :func:`span_noise_mask`'s spans each replaced by one ``mask``,
+  the target the clean chunk (its words joined by single spaces).
+
+  Args:
+    texts: documents (e.g. the training articles; never the test split's).
+    chunk_words: words per chunk (>= 2).
+    mask_fraction: the fraction of each chunk's words masked (in (0, 1)).
+    mean_span: the mean length of a masked span, in words.
+    seed: the corruption is a function of ``(texts, seed)`` and the settings.
+    mask: the text that stands for a masked span.
+
+  Returns:
+    A :class:`TaskSplit`: corrupted chunks -> clean chunks (one reference each).
+  """
+  if chunk_words < 2 or not 0 < mask_fraction < 1 or mean_span < 1:
+    raise ValueError(
+      f"chunk_words={chunk_words} must be >= 2, mask_fraction={mask_fraction} in (0, 1), "
+      f"mean_span={mean_span} >= 1"
+    )
+  rng = np.random.default_rng(seed)
+  inputs, targets = [], []
+  for text in texts:
+    words = text.split()
+    for start in range(0, len(words), chunk_words):
+      chunk = words[start : start + chunk_words]
+      if len(chunk) < 2:
+        continue
+      noise = span_noise_mask(len(chunk), mask_fraction, mean_span, rng)
+      starts = noise & ~np.concatenate([[False], noise[:-1]])  # first word of each span
+      inputs.append(
+        " ".join(mask if s else w for w, m, s in zip(chunk, noise, starts) if s or not m)
+      )
+      targets.append(" ".join(chunk))
+  return TaskSplit(inputs, targets, [[t] for t in targets])
+
+
 # ---------------------------------------------------------------- tokenizers
 
 
