@@ -67,6 +67,7 @@ class Setting:
   batch_size: int = 32
   vocab: int = 2048
   lr: float = 1e-3
+  match: bool = False  # the span task's exact-match token types (model.n_token_types=2)
   model: tuple[str, ...] = (
     "model.d_model=128",
     "model.n_layers=2",
@@ -85,6 +86,7 @@ FAST = Setting(
   model=("model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.dropout=0.0"),
 )
 SEEDS = (0, 1, 2)
+ARMS = {"pretrained": "MLM pre-trained", "scratch": "from scratch"}  # --arms: the span runs
 
 
 # ---------------------------------------------------------------- baselines
@@ -142,6 +144,7 @@ def _questions(articles: list[dict]) -> list[tuple[str, str, list[str]]]:
 def _overrides(setting: Setting, seed: int, steps: int) -> list[str]:
   return [
     *setting.model,
+    f"model.n_token_types={2 if setting.match else 0}",
     *common.quiet_run(steps, log_points=20),
     f"train.seed={seed}",
     f"data.seq_len={setting.seq_len}",
@@ -195,7 +198,11 @@ def answer(workdir: str, questions: list[tuple[str, str, list[str]]]) -> list[st
 
 def run(args) -> dict[str, Any]:
   """Baselines, pre-training and the span runs; writes results after each run."""
-  setting = FAST if args.fast else Setting()
+  setting = dataclasses.replace(
+    FAST if args.fast else Setting(),
+    **({"finetune_steps": args.span_steps} if args.span_steps else {}),
+    **({} if args.match is None else {"match": args.match}),
+  )
   t0 = time.perf_counter()
   data_dir = os.path.join(args.out, "data")
   os.makedirs(data_dir, exist_ok=True)
@@ -211,14 +218,16 @@ def run(args) -> dict[str, Any]:
   for name, fn in (("best-overlap sentence", best_sentence), ("sliding window", sliding_window)):
     results["baselines"][name] = text_metrics.squad_em_f1([fn(q, c) for q, c, _ in test], golds)
     print(f"{name}: {results['baselines'][name]}", flush=True)
+  arms = {ARMS[a]: None for a in args.arms}  # name -> the run to fine-tune from
   text_paths = args.pretrain_data
   if not text_paths:  # the training articles' paragraphs, one document each
     text_paths = [os.path.join(data_dir, "train_contexts.txt")]
     with open(text_paths[0], "w", encoding="utf-8") as f:
       f.write("\n\n".join(p["context"] for a in articles["train"] for p in a["paragraphs"]))
-  source = pretrain(args.out, setting, text_paths)
+  if "MLM pre-trained" in arms:
+    arms["MLM pre-trained"] = pretrain(args.out, setting, text_paths)
   for seed in args.seeds:
-    for name, init in (("MLM pre-trained", source), ("from scratch", None)):
+    for name, init in arms.items():
       workdir = span_run(args.out, f"{common.slug(name)}_seed{seed}", setting, seed, paths, init)
       metric = text_metrics.squad_em_f1(answer(workdir, test), golds)
       results["runs"].setdefault(name, {})[str(seed)] = metric
@@ -249,6 +258,20 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--root", default=datasets.DEFAULT_ROOT, help="holds squad/dev-v1.1.json")
   parser.add_argument("--pretrain-data", nargs="*", default=[], help="text files for masked LM")
   parser.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
+  parser.add_argument(
+    "--arms",
+    nargs="+",
+    choices=ARMS,
+    default=list(ARMS),
+    help="the span runs: fine-tuned from the MLM run, and from scratch",
+  )
+  parser.add_argument("--span-steps", type=int, default=0, help="span steps (0: the setting's)")
+  parser.add_argument(
+    "--match",
+    action=argparse.BooleanOptionalAction,
+    default=None,
+    help="exact-match token types in the span runs (default: the setting's)",
+  )
   parser.add_argument("--out", default=os.path.join("runs", "qa_extract"))
   parser.add_argument("--fast", action="store_true", help="a smoke test: 3 steps, tiny model")
   args = parser.parse_args(argv)
