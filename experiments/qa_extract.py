@@ -86,6 +86,7 @@ FAST = Setting(
   model=("model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.dropout=0.0"),
 )
 SEEDS = (0, 1, 2)
+PRECISIONS = ("fp32", "bf16", "fp16")
 ARMS = {"pretrained": "MLM pre-trained", "scratch": "from scratch"}  # --arms: the span runs
 
 
@@ -172,15 +173,23 @@ def pretrain(out: str, setting: Setting, text_paths: Sequence[str]) -> str:
 
 
 def span_run(
-  out: str, name: str, setting: Setting, seed: int, paths: dict[str, str], init_from: str | None
+  out: str,
+  name: str,
+  setting: Setting,
+  seed: int,
+  paths: dict[str, str],
+  init_from: str | None,
+  precision: str = "fp32",
 ) -> str:
-  """Span training (fine-tuned from ``init_from``, or from scratch); the run directory."""
+  """Span training (fine-tuned from ``init_from``, or from scratch) under the ``precision``
+  policy (fp16 with its default, dynamic loss scaling); the run directory."""
   workdir = os.path.join(out, name)
   config = apply_overrides(
     get_preset("encoder_tiny"),
     [
       *_overrides(setting, seed, setting.finetune_steps),
       "train.task=span",
+      f"precision.policy={precision}",
       f"data.doc_stride={setting.doc_stride}",
       f"data.paths={paths['train']}",
       f"data.val_paths={paths['validation']}",
@@ -226,9 +235,15 @@ def run(args) -> dict[str, Any]:
       f.write("\n\n".join(p["context"] for a in articles["train"] for p in a["paragraphs"]))
   if "MLM pre-trained" in arms:
     arms["MLM pre-trained"] = pretrain(args.out, setting, text_paths)
+  runs = [
+    (arm if p == "fp32" else f"{arm}, {p}", init, p)
+    for p in args.precisions
+    for arm, init in arms.items()
+  ]
   for seed in args.seeds:
-    for name, init in arms.items():
-      workdir = span_run(args.out, f"{common.slug(name)}_seed{seed}", setting, seed, paths, init)
+    for name, init, precision in runs:
+      slug = f"{common.slug(name)}_seed{seed}"
+      workdir = span_run(args.out, slug, setting, seed, paths, init, precision)
       metric = text_metrics.squad_em_f1(answer(workdir, test), golds)
       results["runs"].setdefault(name, {})[str(seed)] = metric
       print(f"{name} seed {seed}: {metric}", flush=True)
@@ -264,6 +279,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     choices=ARMS,
     default=list(ARMS),
     help="the span runs: fine-tuned from the MLM run, and from scratch",
+  )
+  parser.add_argument(
+    "--precisions",
+    nargs="+",
+    choices=PRECISIONS,
+    default=["fp32"],
+    help="span-training policies (pre-training stays fp32); fp16 scales the loss dynamically",
   )
   parser.add_argument("--span-steps", type=int, default=0, help="span steps (0: the setting's)")
   parser.add_argument(
