@@ -61,13 +61,13 @@ class Setting:
   """How long and how big; ``FAST`` is the CI smoke setting."""
 
   pretrain_steps: int = 400
-  finetune_steps: int = 400
+  finetune_steps: int = 1500
   seq_len: int = 128
   doc_stride: int = 48
   batch_size: int = 32
   vocab: int = 2048
   lr: float = 1e-3
-  match: bool = False  # the span task's exact-match token types (model.n_token_types=2)
+  match: bool = True  # the span task's exact-match token types (model.n_token_types=2)
   model: tuple[str, ...] = (
     "model.d_model=128",
     "model.n_layers=2",
