@@ -149,6 +149,23 @@ def test_the_match_feature_marks_exactly_the_context_tokens_of_question_words():
   np.testing.assert_array_equal(rows["match"][0], wins.match[0])
 
 
+def test_the_encoder_adds_the_match_types_only_with_n_token_types():
+  tokens = jnp.arange(32, dtype=jnp.int32).reshape(2, 16) % 200
+  ones = jnp.ones_like(tokens)
+  for n_types in (0, 2):
+    config = apply_overrides(
+      get_preset("encoder_tiny"), [*SMALL, "train.task=span", f"model.n_token_types={n_types}"]
+    )
+    model = build_model(config.model, make_precision("fp32"), head="span")
+    variables = model.init(jax.random.key(0), tokens)
+    assert ("type_embed" in variables["params"]) == (n_types > 0)
+    plain, zeros, matched = (
+      model.apply(variables, tokens, types=t) for t in (None, jnp.zeros_like(tokens), ones)
+    )
+    np.testing.assert_array_equal(plain, zeros)  # no types: type 0 everywhere
+    assert (np.abs(np.asarray(matched - plain)).max() > 0) == (n_types > 0)
+
+
 def test_best_span_keeps_start_before_end_within_the_maximum_length():
   start = np.array([0.0, 5.0, 0.0, 0.0, 9.0])
   end = np.array([8.0, 0.0, 0.0, 4.0, 0.0])  # end 0 is best alone, but before every good start
