@@ -77,6 +77,9 @@ class ModelConfig:
   moe_z_weight: float = 1e-3  # weight of the router z-loss mean(logsumexp(router logits)^2)
   n_classes: int = 2  # outputs of the classification head (task "classify")
   pool: str = "first"  # classification input: "first" token or "mean" over real tokens
+  # Encoder: a learned embedding of this many token types, added to the token embeddings
+  # (0: none). Task "span" gives type 1 to context tokens whose word is in the question.
+  n_token_types: int = 0
   init_std: float = 0.02  # std of the normal initialisation of weights
 
   def __post_init__(self):
@@ -91,6 +94,8 @@ class ModelConfig:
     check_choice(s, "family", self.family, FAMILIES)
     check_choice(s, "pool", self.pool, POOLS)
     check_positive(s, "n_classes", self.n_classes)
+    if self.n_token_types < 0:
+      raise ValueError(f"model.n_token_types={self.n_token_types} must be >= 0")
     if self.n_decoder_layers is not None:
       check_positive(s, "n_decoder_layers", self.n_decoder_layers)
     if self.position == "relative":

@@ -131,6 +131,41 @@ def test_training_rows_point_at_the_answer_in_every_window_that_holds_it():
     assert rows["context"][r, s] == rows["context"][r, e] == 1
 
 
+def test_the_match_feature_marks_exactly_the_context_tokens_of_question_words():
+  question, context = "Where is the Mill?", "The old mill stands by the river; millstone."
+  # Byte tokens: one per character. "The"/"the" and "mill" are question words (case
+  # ignored); "millstone" and "stands" are other words; spaces belong to no word.
+  want = "111" + "0" * 5 + "1111" + "0" * 11 + "111" + "0" * 18
+  wins = squad.encode_windows(ByteTokenizer(), question, context, seq_len=96, doc_stride=8)
+  assert len(wins.inputs) == 1
+  assert "".join(map(str, wins.match[0][wins.context[0] == 1])) == want
+  assert (wins.match[0][wins.context[0] == 0] == 0).all()  # never on the question or padding
+  # Multi-character tokens (BPE's " mill" carries its space): marked when they overlap a word.
+  offsets = [(0, 3), (3, 7), (7, 12), (12, 19), (33, 38), (38, 43)]
+  assert squad.word_match(question, context, offsets).tolist() == [1, 0, 1, 0, 0, 0]
+  rows = squad.encode_examples(
+    [squad.SpanExample(question, context, ("old mill",), (4,))], ByteTokenizer(), 96, 8
+  )
+  np.testing.assert_array_equal(rows["match"][0], wins.match[0])
+
+
+def test_the_encoder_adds_the_match_types_only_with_n_token_types():
+  tokens = jnp.arange(32, dtype=jnp.int32).reshape(2, 16) % 200
+  ones = jnp.ones_like(tokens)
+  for n_types in (0, 2):
+    config = apply_overrides(
+      get_preset("encoder_tiny"), [*SMALL, "train.task=span", f"model.n_token_types={n_types}"]
+    )
+    model = build_model(config.model, make_precision("fp32"), head="span")
+    variables = model.init(jax.random.key(0), tokens)
+    assert ("type_embed" in variables["params"]) == (n_types > 0)
+    plain, zeros, matched = (
+      model.apply(variables, tokens, types=t) for t in (None, jnp.zeros_like(tokens), ones)
+    )
+    np.testing.assert_array_equal(plain, zeros)  # no types: type 0 everywhere
+    assert (np.abs(np.asarray(matched - plain)).max() > 0) == (n_types > 0)
+
+
 def test_best_span_keeps_start_before_end_within_the_maximum_length():
   start = np.array([0.0, 5.0, 0.0, 0.0, 9.0])
   end = np.array([8.0, 0.0, 0.0, 4.0, 0.0])  # end 0 is best alone, but before every good start

@@ -3,8 +3,10 @@ offsets, grouped by article, and question + context windows as token rows.
 
 A row is ``question tokens, EOS, context tokens [a, a + room), EOS, padding``
 (``segment_ids`` 1 on every real token, 0 on padding; ``context`` 1 on the
-window's context tokens); a context longer than the row is read in windows
-starting every ``doc_stride`` context tokens. The tokenizer's character offsets
+window's context tokens; ``match`` 1 on the context tokens inside a word that
+the question also holds, lower-cased: DrQA's exact-match feature); a context
+longer than the row is read in windows starting every ``doc_stride`` context
+tokens. The tokenizer's character offsets
 (:meth:`~llm_mp.data.Tokenizer.encode_offsets`) tie tokens to characters. The
 ``span`` task (``llm_mp.tasks.span``) trains and predicts on these rows.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from typing import Any, Sequence
 
 import numpy as np
@@ -105,12 +108,28 @@ class Windows:
     context: int32 ``[W, T]``, 1 on the window's context tokens.
     shift: int ``[W]``: context token ``k`` sits at row position ``k + shift[w]``.
     offsets: the ``(start, end)`` characters of each context token.
+    match: int32 ``[W, T]``, 1 on the context tokens of a question word (:func:`word_match`).
   """
 
   inputs: np.ndarray
   context: np.ndarray
   shift: np.ndarray
   offsets: list[tuple[int, int]]
+  match: np.ndarray
+
+
+_WORD = re.compile(r"\w+")
+
+
+def word_match(question: str, context: str, offsets: Sequence[tuple[int, int]]) -> np.ndarray:
+  """int32 ``[len(offsets)]``: 1 on the context tokens (characters ``offsets``) that
+  overlap a word (``\\w+``, lower-cased) which the question also holds, else 0."""
+  words = set(_WORD.findall(question.lower()))
+  shared = np.zeros(len(context) + 1, np.int32)  # per character: inside a shared word
+  for m in _WORD.finditer(context):
+    if m.group(0).lower() in words:
+      shared[m.start() : m.end()] = 1
+  return np.asarray([shared[a:b].max(initial=0) for a, b in offsets], np.int32)
 
 
 def encode_windows(
@@ -128,13 +147,16 @@ def encode_windows(
     firsts.append(firsts[-1] + stride)
   inputs = np.full((len(firsts), seq_len), tokenizer.pad_id, np.int32)
   mask = np.zeros((len(firsts), seq_len), np.int32)
+  match = np.zeros((len(firsts), seq_len), np.int32)
+  shared = word_match(question, context, offsets)
   for w, a in enumerate(firsts):
     piece = ids[a : a + room]
     row = [*q, tokenizer.eos_id, *piece, tokenizer.eos_id]
     inputs[w, : len(row)] = row
     mask[w, len(q) + 1 : len(q) + 1 + len(piece)] = 1
+    match[w, len(q) + 1 : len(q) + 1 + len(piece)] = shared[a : a + room]
   shift = len(q) + 1 - np.asarray(firsts)
-  return Windows(inputs, mask, shift, offsets)
+  return Windows(inputs, mask, shift, offsets, match)
 
 
 def answer_tokens(offsets: Sequence[tuple[int, int]], start: int, end: int) -> tuple[int, int]:
@@ -149,7 +171,7 @@ def encode_examples(
 ) -> ExampleRows:
   """Training rows: every window that holds an example's first gold answer, with the
   answer's row positions as ``starts`` / ``ends`` (arrays as :data:`BATCH_AXES`)."""
-  keys = ("inputs", "segment_ids", "positions", "context", "starts", "ends")
+  keys = ("inputs", "segment_ids", "positions", "context", "match", "starts", "ends")
   out: dict[str, list] = {k: [] for k in keys}
   for ex in examples:
     win = encode_windows(tokenizer, ex.question, ex.context, seq_len, doc_stride)
@@ -162,9 +184,10 @@ def encode_examples(
       out["segment_ids"].append((win.inputs[w] != tokenizer.pad_id).astype(np.int32))
       out["positions"].append(np.arange(seq_len))
       out["context"].append(win.context[w])
+      out["match"].append(win.match[w])
       out["starts"].append(s)
       out["ends"].append(e)
-  fill = {"inputs": tokenizer.pad_id, "segment_ids": 0, "positions": 0, "context": 0}
+  fill = {"inputs": tokenizer.pad_id, "segment_ids": 0, "positions": 0, "context": 0, "match": 0}
   return ExampleRows({k: np.asarray(v) for k, v in out.items()}, {**fill, "starts": -1, "ends": -1})
 
 

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 
 from llm_mp.config import ModelConfig
 from llm_mp.models.attention import segment_mask
-from llm_mp.models.layers import Dense, mask_padded_vocab
+from llm_mp.models.layers import Dense, Embed, mask_padded_vocab
 from llm_mp.models.transformer import Stack, _child, check_length, embed_tokens, make_norm
 from llm_mp.precision import Precision
 
@@ -70,7 +70,8 @@ class TransformerEncoder(nn.Module):
   """Bidirectional Transformer encoder with a masked-LM or classification head.
 
   ``__call__(tokens int[B, T], segment_ids int[B, T] | None,
-  positions int[B, T] | None, deterministic)`` returns, by ``head``:
+  positions int[B, T] | None, types int[B, T] | None, deterministic)``
+  returns, by ``head``:
 
   * ``"lm"``: logits ``[B, T, vocab]`` in the ``lm_head`` policy's output
     dtype (fp32 by default);
@@ -85,6 +86,8 @@ class TransformerEncoder(nn.Module):
 
   ``segment_ids`` (0 = padding) keep padding and packed documents out of
   every real token's attention; ``positions`` default to ``0..T-1``. With
+  ``config.n_token_types > 0``, the ``type_embed`` row of each token's ``types``
+  (default 0) is added to its token embedding (BERT's token types). With
   ``deterministic=False``, dropout (``config.dropout``) draws from the
   ``"dropout"`` rng collection.
   """
@@ -94,7 +97,7 @@ class TransformerEncoder(nn.Module):
   head: str = "lm"
 
   @nn.compact
-  def __call__(self, tokens, segment_ids=None, positions=None, deterministic=True):
+  def __call__(self, tokens, segment_ids=None, positions=None, types=None, deterministic=True):
     c, p = self.config, self.precision
     if self.head not in HEADS:
       raise ValueError(f"TransformerEncoder head={self.head!r} is not one of {list(HEADS)}")
@@ -102,6 +105,11 @@ class TransformerEncoder(nn.Module):
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     x, embed = embed_tokens(self, c, p, tokens, positions, deterministic)
+    if c.n_token_types:
+      types = jnp.zeros_like(tokens) if types is None else types
+      x = x + Embed(c.n_token_types, c.d_model, p, c.init_std, name="type_embed")(types).astype(
+        x.dtype
+      )
     mask = None if segment_ids is None else segment_mask(segment_ids, segment_ids)
     x = Stack(c, p, causal=False, deterministic=deterministic, name="encoder")(x, mask, positions)
     x = make_norm(c, p, "final_norm")(x)  # (B, T, d)

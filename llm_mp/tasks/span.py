@@ -57,6 +57,7 @@ BATCH_AXES = {
   "segment_ids": TOKEN_AXES,
   "positions": TOKEN_AXES,
   "context": TOKEN_AXES,
+  "match": TOKEN_AXES,
   "starts": ("batch",),
   "ends": ("batch",),
 }
@@ -84,8 +85,9 @@ def span_logits(logits: jax.Array, context: jax.Array) -> tuple[jax.Array, jax.A
 
 
 def span_loss(model, variables, batch: Batch, rng):
-  """Extractive QA. ``batch``: int32 ``inputs, segment_ids, positions, context [B, T]``
-  and the gold ``starts, ends [B]`` (row positions; -1: a padding row, not counted).
+  """Extractive QA. ``batch``: int32 ``inputs, segment_ids, positions, context, match [B, T]``
+  and the gold ``starts, ends [B]`` (row positions; -1: a padding row, not counted);
+  ``match`` is the encoder's token types (used where ``model.n_token_types`` > 0).
 
   Loss: ``(CE(start) + CE(end)) / 2`` averaged over the counted rows, fp32;
   ``exact`` in aux: the fraction of rows whose most likely start and end are both gold.
@@ -96,6 +98,7 @@ def span_loss(model, variables, batch: Batch, rng):
     batch["inputs"],
     segment_ids=batch.get("segment_ids"),
     positions=batch.get("positions"),
+    types=batch.get("match"),
     rng=rng,
   )
   start, end = span_logits(logits, batch["context"])
@@ -152,7 +155,7 @@ def extract_spans(
 
   Args:
     logits_fn: ``batch -> [batch_size, seq_len, 2]`` span-head logits for a batch of
-      int32 ``inputs, segment_ids, positions [batch_size, seq_len]`` (the last batch is
+      int32 ``inputs, segment_ids, positions, match [batch_size, seq_len]`` (the last batch is
       padded to ``batch_size`` rows, so one compiled shape serves every call).
     tokenizer: the run's tokenizer.
     questions, contexts: ``N`` each.
@@ -165,6 +168,7 @@ def extract_spans(
   wins = [encode_windows(tokenizer, q, c, seq_len, doc_stride) for q, c in zip(questions, contexts)]
   inputs = np.concatenate([w.inputs for w in wins])
   masks = np.concatenate([w.context for w in wins])
+  matches = np.concatenate([w.match for w in wins])
   start, end = np.empty(inputs.shape, np.float32), np.empty(inputs.shape, np.float32)
   for b in range(0, len(inputs), batch_size):
     rows = np.full((batch_size, seq_len), tokenizer.pad_id, np.int32)
@@ -174,8 +178,10 @@ def extract_spans(
       "segment_ids": (rows != tokenizer.pad_id).astype(np.int32),
       "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), rows.shape),
     }
-    context = np.zeros_like(rows)
+    context, match = np.zeros_like(rows), np.zeros_like(rows)
     context[: len(masks[b : b + batch_size])] = masks[b : b + batch_size]
+    match[: len(matches[b : b + batch_size])] = matches[b : b + batch_size]
+    batch["match"] = match
     s, e = span_logits(jnp.asarray(logits_fn(batch)), jnp.asarray(context))
     n = len(inputs[b : b + batch_size])
     start[b : b + n], end[b : b + n] = np.asarray(s)[:n], np.asarray(e)[:n]
@@ -206,6 +212,7 @@ def logits_function(run) -> Callable[[dict[str, np.ndarray]], jax.Array]:
       batch["inputs"],
       segment_ids=batch["segment_ids"],
       positions=batch["positions"],
+      types=batch["match"],
       rng=None,
     )
     return out
