@@ -30,9 +30,10 @@ Measured 2026-12-07 on a shared 2-core CPU, fp32 (docs/qa.md): 400 span steps wi
 the exact-match feature gave F1 9.9 ± 0.4 (MLM pre-trained) and 10.4 ± 0.9 (from scratch,
 3 seeds), under the baselines' 20.3 (best-overlap sentence) and 17.8 (sliding window);
 1,500 steps alone 17.1 (seed 0, from scratch); 1,500 steps with exact match (the
-default) 32.0 ± 1.7 from scratch (3 seeds) and 39.2 MLM pre-trained (seed 0 only): above
-both baselines; bf16 and fp16 (seed 0, from scratch) 31.9 and 32.1, within the fp32 seed
-spread. About 15 minutes on two quiet cores (estimated from its parts' CPU time).
+default) 32.0 ± 1.7 from scratch and 36.8 ± 2.1 MLM pre-trained (3 seeds each): above
+both baselines, and pre-training adds 4.8 F1, beyond the seed spread; bf16 and fp16 (seed 0,
+from scratch) 31.9 and 32.1, within the fp32 seed spread. About 15 minutes on two quiet
+cores (estimated from its parts' CPU time).
 
 Writes ``results.md`` / ``results.json`` (after every run: a partial table
 survives an interrupted run) to ``--out`` (default ``runs/qa_extract``).
