@@ -255,10 +255,9 @@ def write_run(workdir: str, config: Config, params: Any, tokenizer: Any) -> None
   """
   recipe = build_recipe(config, tokenizer)
   mesh = sharding.make_mesh(config.mesh)
-  state, _ = create_sharded_state(
-    recipe.model, recipe.tx, config, mesh, jax.random.key(config.train.seed)
-  )
-  want = traverse_util.flatten_dict(state.params, sep="/")
+  rng = jax.random.key(config.train.seed)
+  abstract = abstract_train_state(recipe.model, recipe.tx, config, mesh, rng)
+  want = traverse_util.flatten_dict(abstract.params, sep="/")
   got = traverse_util.flatten_dict(params, sep="/")
   for path in sorted(set(want) | set(got)):
     if path not in got or path not in want:
@@ -274,7 +273,10 @@ def write_run(workdir: str, config: Config, params: Any, tokenizer: Any) -> None
     {p: jax.device_put(np.asarray(got[p]).astype(want[p].dtype), want[p].sharding) for p in want},
     sep="/",
   )
-  state = state.replace(params=jax.tree.map(lambda _, x: x, state.params, new))
+  new = jax.tree.map(lambda _, x: x, abstract.params, new)  # the config's tree structure
+  state, _ = create_sharded_state(
+    recipe.model, recipe.tx, config, mesh, rng, params=new, abstract=abstract
+  )
   publish_run(workdir, config, tokenizer, 0, state)
 
 

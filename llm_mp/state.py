@@ -71,20 +71,21 @@ def init_variables_fn(model: nn.Module, config: Config) -> Callable[[jax.Array],
   return init
 
 
-def make_init_fn(
+def _init_boxed_fn(
   model: nn.Module, tx: optax.GradientTransformation, config: Config
-) -> Callable[[jax.Array], TrainState]:
-  """``rng -> TrainState`` (plain arrays), to be jitted, possibly with out_shardings.
-
-  Call ``jax.eval_shape`` on it to get the state's shapes without FLOPs.
-  """
+) -> Callable[[jax.Array], tuple[dict, TrainState]]:
+  """``rng -> (boxed variables, TrainState)``: the variables as the model made them
+  (``nn.LogicallyPartitioned`` boxes carrying their axis names) and the state built
+  from them. One trace gives both: :func:`abstract_train_state` reads the axis names
+  of the first and the shapes of the second."""
   init_variables = init_variables_fn(model, config)
 
-  def init(rng: jax.Array) -> TrainState:
+  def init(rng: jax.Array) -> tuple[dict, TrainState]:
     param_rng, state_rng = jax.random.split(rng)
-    variables = dict(nn.unbox(init_variables(param_rng)))
+    boxed = init_variables(param_rng)
+    variables = dict(nn.unbox(boxed))
     params = variables.pop("params")
-    return TrainState(
+    return boxed, TrainState(
       step=jnp.zeros((), jnp.int32),
       params=params,
       opt_state=tx.init(params),
@@ -99,6 +100,21 @@ def make_init_fn(
     )
 
   return init
+
+
+def make_init_fn(
+  model: nn.Module, tx: optax.GradientTransformation, config: Config
+) -> Callable[[jax.Array], TrainState]:
+  """``rng -> TrainState`` (plain arrays), to be jitted, possibly with out_shardings.
+
+  Call ``jax.eval_shape`` on it to get the state's shapes without FLOPs.
+  """
+  init = _init_boxed_fn(model, tx, config)
+
+  def init_state(rng: jax.Array) -> TrainState:
+    return init(rng)[1]
+
+  return init_state
 
 
 def abstract_train_state(
@@ -118,11 +134,10 @@ def abstract_train_state(
   else (counts, step, loss scale, rng) is replicated.
   """
   rules = sharding.logical_rules(config.mesh)
-  boxed = jax.eval_shape(init_variables_fn(model, config), rng)
+  boxed, shapes = jax.eval_shape(_init_boxed_fn(model, tx, config), rng)
   sharding.check_divisible(boxed, mesh, rules)
   variable_shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)
   param_shardings = variable_shardings.pop("params")
-  shapes = jax.eval_shape(make_init_fn(model, tx, config), rng)
   replicated = NamedSharding(mesh, PartitionSpec())
   shardings = jax.tree.map(lambda _: replicated, shapes).replace(
     params=param_shardings,
@@ -140,6 +155,8 @@ def create_sharded_state(
   config: Config,
   mesh: Mesh,
   rng: jax.Array,
+  params: Any = None,
+  abstract: TrainState | None = None,
 ) -> tuple[TrainState, TrainState]:
   """Initialises the TrainState directly in its sharded layout.
 
@@ -147,6 +164,13 @@ def create_sharded_state(
     model, tx, config: as for ``state.make_init_fn``.
     mesh: from :func:`llm_mp.sharding.make_mesh`.
     rng: PRNG key (the same on every process).
+    params: the parameters to start from (arrays of the shapes and dtypes the
+      config builds, laid out as ``abstract.params``), or None for a fresh
+      initialisation. Given parameters get a fresh optimizer state of their own;
+      the random initialisation of parameters is then dead code, which the
+      compiler drops.
+    abstract: :func:`abstract_train_state` of the same arguments, when the caller
+      has it already (saves tracing the model again).
 
   Returns:
     ``(state, shardings)``: the state, each leaf a global ``jax.Array`` laid
@@ -156,12 +180,23 @@ def create_sharded_state(
   Raises:
     ValueError: a sharded axis is not divisible by its mesh axes.
   """
-  abstract = abstract_train_state(model, tx, config, mesh, rng)
+  if abstract is None:
+    abstract = abstract_train_state(model, tx, config, mesh, rng)
   shardings = jax.tree.map(lambda x: x.sharding, abstract)
-  init = sharding.with_rules(
-    make_init_fn(model, tx, config), mesh, sharding.logical_rules(config.mesh)
+  init = make_init_fn(model, tx, config)
+  rules = sharding.logical_rules(config.mesh)
+  if params is None:
+    return jax.jit(sharding.with_rules(init, mesh, rules), out_shardings=shardings)(rng), shardings
+
+  def init_around(rng: jax.Array, params: Any) -> TrainState:
+    return init(rng).replace(params=params, opt_state=tx.init(params))
+
+  create = jax.jit(
+    sharding.with_rules(init_around, mesh, rules),
+    in_shardings=(None, shardings.params),
+    out_shardings=shardings,
   )
-  return jax.jit(init, out_shardings=shardings)(rng), shardings
+  return create(rng, params), shardings
 
 
 def param_count(params: Any) -> int:

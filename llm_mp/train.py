@@ -108,7 +108,7 @@ def build(config: Config, ckpt, say=print, tokenizer: Any = None) -> Run:
   )
   restored = checkpoint.restore_latest(ckpt, abstract)
   if restored is None:
-    state, _ = create_sharded_state(recipe.model, recipe.tx, config, mesh, rng)
+    state, _ = create_sharded_state(recipe.model, recipe.tx, config, mesh, rng, abstract=abstract)
     source = config.train.init_from
     if source:  # checked by validate: a run of the same architecture
       source_config = stored_config(source)
