@@ -57,16 +57,6 @@ STUDENT_RUN = (  # the students' optimisation: a gentler lr than the teacher's, 
   "train.distill_weight=0.5",
   "train.distill_temperature=2.0",
 )
-FAST = (
-  "model.n_layers=3",
-  "model.d_model=32",
-  "model.n_heads=2",
-  "model.n_kv_heads=1",
-  "model.max_len=32",
-  "data.seq_len=32",
-  "train.batch_size=8",
-  "data.max_docs=200",
-)
 
 
 def student_overrides(ranks: Sequence[int], narrow: int) -> dict[str, list[str]]:
@@ -222,7 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   base = [*args.overrides, *common.data_paths(args.data), "train.keep_checkpoints=1"]
   if args.fast:
     args.teacher_steps, args.steps, args.seeds, args.ranks, args.narrow = 40, 4, [0], [4], 16
-    base = [*FAST, *base]
+    base = [*common.FAST_LM, *base]
   t0 = time.perf_counter()
   teacher = os.path.join(args.out, "teacher")
   train(_config([*base, *common.quiet_run(args.teacher_steps)]), teacher, verbose=False)
