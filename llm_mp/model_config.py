@@ -96,6 +96,11 @@ class ModelConfig:
     check_positive(s, "n_classes", self.n_classes)
     if self.n_token_types < 0:
       raise ValueError(f"model.n_token_types={self.n_token_types} must be >= 0")
+    if self.n_token_types and self.family != "encoder":
+      raise ValueError(
+        f"model.n_token_types={self.n_token_types} is read by model.family='encoder' only, "
+        f"not {self.family!r}"
+      )
     if self.n_decoder_layers is not None:
       check_positive(s, "n_decoder_layers", self.n_decoder_layers)
     if self.position == "relative":

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,6 +17,7 @@ from llm_mp.config import apply_overrides
 from llm_mp.data import ByteTokenizer, squad
 from llm_mp.data.tokenizer import BpeTokenizer
 from llm_mp.models import build_model
+from llm_mp.models.transformer import embed_tokens
 from llm_mp.precision import make_precision
 from llm_mp.presets import get_preset
 from llm_mp.rundir import load_run
@@ -164,6 +166,32 @@ def test_the_encoder_adds_the_match_types_only_with_n_token_types():
     )
     np.testing.assert_array_equal(plain, zeros)  # no types: type 0 everywhere
     assert (np.abs(np.asarray(matched - plain)).max() > 0) == (n_types > 0)
+
+
+def test_the_type_embedding_is_added_before_dropout():
+  """As in BERT, dropout drops the sum of the token, position and type embeddings: a
+  dropped entry is 0 (added after dropout, it would hold the type embedding's value)."""
+  config = apply_overrides(
+    get_preset("encoder_tiny"), [*SMALL, "model.n_token_types=2", "model.dropout=0.5"]
+  )
+  tokens = jnp.arange(32, dtype=jnp.int32).reshape(2, 16) % 200
+  positions = jnp.broadcast_to(jnp.arange(16), tokens.shape)
+
+  class Embedding(nn.Module):
+    @nn.compact
+    def __call__(self, tokens, types):
+      precision = make_precision("fp32")
+      return embed_tokens(self, config.model, precision, tokens, positions, False, types)[0]
+
+  ones = jnp.ones_like(tokens)
+  variables = Embedding().init(
+    {"params": jax.random.key(0), "dropout": jax.random.key(1)}, tokens, ones
+  )
+  assert "type_embed" in variables["params"]
+  x = Embedding().apply(variables, tokens, ones, rngs={"dropout": jax.random.key(2)})
+  assert 0.4 < float(jnp.mean(x == 0)) < 0.6
+  with pytest.raises(ValueError, match="model.n_token_types=2 is read by model.family='encoder'"):
+    apply_overrides(get_preset("tiny"), ["model.n_token_types=2"])  # a decoder has no types
 
 
 def test_best_span_keeps_start_before_end_within_the_maximum_length():

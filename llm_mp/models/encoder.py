@@ -29,7 +29,7 @@ import jax.numpy as jnp
 
 from llm_mp.config import ModelConfig
 from llm_mp.models.attention import segment_mask
-from llm_mp.models.layers import Dense, Embed, mask_padded_vocab
+from llm_mp.models.layers import Dense, mask_padded_vocab
 from llm_mp.models.transformer import Stack, _child, check_length, embed_tokens, make_norm
 from llm_mp.precision import Precision
 
@@ -104,12 +104,7 @@ class TransformerEncoder(nn.Module):
     check_length(c, tokens)
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-    x, embed = embed_tokens(self, c, p, tokens, positions, deterministic)
-    if c.n_token_types:
-      types = jnp.zeros_like(tokens) if types is None else types
-      x = x + Embed(c.n_token_types, c.d_model, p, c.init_std, name="type_embed")(types).astype(
-        x.dtype
-      )
+    x, embed = embed_tokens(self, c, p, tokens, positions, deterministic, types)
     mask = None if segment_ids is None else segment_mask(segment_ids, segment_ids)
     x = Stack(c, p, causal=False, deterministic=deterministic, name="encoder")(x, mask, positions)
     x = make_norm(c, p, "final_norm")(x)  # (B, T, d)

@@ -163,9 +163,13 @@ def embed_tokens(
   tokens: jax.Array,
   positions: jax.Array,
   deterministic: bool,
+  types: jax.Array | None = None,
 ):
-  """Token (+ position) embedding in the residual-stream dtype.
+  """Token (+ position) (+ token-type) embedding in the residual-stream dtype, then
+  dropout.
 
+  With ``config.n_token_types > 0`` the ``type_embed`` row of each token's
+  ``types`` (int[B, T], default 0) is added before dropout, as BERT does.
   Returns ``(x [B, T, d], embed)``; ``embed`` is the :class:`Embed` module
   (its ``attend`` gives tied logits). The residual dtype is the compute dtype
   of the pseudo-path ``residual`` (override it with ``residual=f32``).
@@ -177,6 +181,10 @@ def embed_tokens(
     x = x + LearnedPositions(c.max_len, c.d_model, precision, name="pos_embed")(positions)
   elif c.position == "sinusoidal":
     x = x + sinusoidal_positions(positions, c.d_model).astype(x.dtype)
+  if c.n_token_types:
+    types = jnp.zeros_like(tokens) if types is None else types
+    type_embed = Embed(c.n_token_types, c.d_model, precision, c.init_std, name="type_embed")
+    x = x + type_embed(types).astype(x.dtype)
   residual = precision.for_path(_child(module, "residual"))
   x = nn.Dropout(c.dropout)(x.astype(residual.compute_dtype), deterministic=deterministic)
   return nn.with_logical_constraint(x, ("batch", "length", "embed")), embed
