@@ -7,6 +7,8 @@ small things: overrides after options, a missing ``--init-from`` run, checks bef
 work and no half-made run directory after a failed one, file modes, the diagnose
 summary, float64 policies, the progress bar's loss scale."""
 
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -19,7 +21,6 @@ from llm_mp import cli
 from llm_mp.builder import build_recipe
 from llm_mp.config import apply_overrides
 from llm_mp.data import ByteTokenizer
-from llm_mp.lowrank_convert import convert_run
 from llm_mp.metrics import bar_postfix
 from llm_mp.precision import make_precision
 from llm_mp.presets import get_preset
@@ -54,14 +55,19 @@ def _fails(capsys, *argv):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-  """One tiny decoder run (3 blocks, 20 steps) and its int8 and rank-8 conversions."""
+  """One tiny decoder run (3 blocks, 20 steps), its int8 conversion and its rank-4 one,
+  made by ``llm-mp lowrank --eval`` (the report it prints)."""
   root = tmp_path_factory.mktemp("guards")
-  run = str(root / "run")
+  run, lowrank = str(root / "run"), str(root / "lowrank")
   train(_config("tiny", "train.steps=20"), run, verbose=False)
-  return {"run": run, "int8": quantize_run(run, "int8"), "lowrank": convert_run(run, 8)}
+  printed = io.StringIO()
+  with contextlib.redirect_stdout(printed):
+    assert cli.main(["lowrank", "--workdir", run, "--rank", "4", "--out", lowrank, "--eval"]) == 0
+  report = json.loads(printed.getvalue())
+  return {"run": run, "int8": quantize_run(run, "int8"), "lowrank": report, "lowrank_out": lowrank}
 
 
-@pytest.mark.parametrize("kind, fmt", [("int8", "int8-weight"), ("lowrank", "lowrank:8")])
+@pytest.mark.parametrize("kind, fmt", [("int8", "int8-weight"), ("lowrank", "lowrank:4")])
 @pytest.mark.parametrize("command", ["export-hf", "diagnose"])
 @pytest.mark.slow
 def test_a_converted_run_is_refused_in_one_line_by_commands_that_read_float_weights(
@@ -87,14 +93,12 @@ def test_lowrank_refuses_a_rank_at_or_above_min_k_n_and_reports_like_quantize(
   assert "--rank 64 is at or above min(K, N) of 2 of the 7" in _fails(
     capsys, "lowrank", "--workdir", trained["run"], "--rank", "64", "--out", out
   )
-  argv = ["lowrank", "--workdir", trained["run"], "--rank", "4", "--out", out, "--eval"]
-  assert cli.main(argv) == 0
-  report = json.loads(capsys.readouterr().out)
+  report = trained["lowrank"]  # `lowrank --rank 4 --eval`'s
   quantized = trained["int8"]
   shared = {"out", "format", "step", "source_step"}
   assert shared <= set(report) and shared <= set(quantized)
   assert (report["step"], report["source_step"], quantized["source_step"]) == (0, 20, 20)
-  assert report["out"] == out and report["format"] == "lowrank:4"
+  assert report["out"] == trained["lowrank_out"] and report["format"] == "lowrank:4"
   assert report["eval_before"]["step"] == 20 and report["eval_after"]["step"] == 0
   assert report["params_after"] < report["params_before"]
 

@@ -8,6 +8,7 @@ import signal
 import threading
 import time
 
+import jax
 import numpy as np
 import pytest
 
@@ -107,15 +108,21 @@ def test_sigint_saves_a_checkpoint_that_resumes_exactly(corpus, straight, tmp_pa
 
 @pytest.mark.slow
 @pytest.mark.multidevice
-def test_resume_on_a_different_mesh(corpus, straight, tmp_path):
+def test_resume_on_a_different_mesh(corpus, straight, tmp_path, monkeypatch):
   moved = str(tmp_path / "moved")
-  train(_config(corpus, 12), moved, verbose=False, until=4)  # data=8
+  # The first 8 steps on one device (the view of the tests not marked multidevice: the
+  # programs `straight` compiled), checkpointed unsharded; the rest restores them sharded
+  # over 2 x 4 devices. (Training on 8 devices matching 1 is test_sharding's.)
+  with monkeypatch.context() as m:
+    one = jax.devices()[:1]
+    m.setattr(jax, "devices", lambda backend=None: one)
+    train(_config(corpus, 12), moved, verbose=False, until=8)
+  assert len(jax.devices()) == 8
   fsdp = dataclasses.replace(_config(corpus, 12), mesh=MeshConfig(data=2, fsdp=4))
   train(fsdp, moved, verbose=False)
   a, b = straight, _losses(moved)
-  # `straight` ran on one device (the view of the tests not marked multidevice), this run on
-  # 8 then on 2 x 4: each mesh sums gradients in its own order, fp32 rounding and not a
-  # different run.
+  # Steps 9 to 12 ran on 2 x 4 devices, which sum gradients in their own order: fp32
+  # rounding and not a different run.
   np.testing.assert_allclose([b[s] for s in range(1, 13)], [a[s] for s in range(1, 13)], rtol=1e-4)
 
 
@@ -135,12 +142,23 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(corpus, straight, tmp_
   assert straight[12] == _losses(broken)[12]
 
 
+@pytest.fixture(scope="module")
+def short(corpus, tmp_path_factory):
+  """A 4-step run (one checkpoint, at step 4); tests that change it take a copy."""
+  workdir = str(tmp_path_factory.mktemp("short") / "run")
+  train(_config(corpus, 4), workdir, verbose=False)
+  return workdir
+
+
+def _copy(run, tmp_path):
+  return shutil.copytree(run, str(tmp_path / "run"))
+
+
 @pytest.mark.slow
-def test_conflicting_workdir_config_is_rejected_without_damage(corpus, tmp_path):
-  workdir = str(tmp_path / "run")
-  train(_config(corpus, 2), workdir, verbose=False)
+def test_conflicting_workdir_config_is_rejected_without_damage(corpus, short, tmp_path):
+  workdir = _copy(short, tmp_path)
   before = open(os.path.join(workdir, "config.json")).read()
-  cfg = _config(corpus, 2)
+  cfg = _config(corpus, 4)
   bigger = Config(
     model=ModelConfig.gpt2(d_model=64, n_layers=2, n_heads=2, max_len=32),
     optim=cfg.optim,
@@ -220,9 +238,8 @@ def _tree(directory):
 
 
 @pytest.mark.slow
-def test_eval_and_generate_write_nothing_into_the_run(corpus, tmp_path, capsys):
-  workdir = str(tmp_path / "run")
-  train(_config(corpus, 2), workdir, verbose=False)
+def test_eval_and_generate_write_nothing_into_the_run(short, tmp_path, capsys):
+  workdir = _copy(short, tmp_path)
   for name in os.listdir(os.path.join(workdir, "data")):  # no token cache to reuse either
     shutil.rmtree(os.path.join(workdir, "data", name))
   before = _tree(workdir)
@@ -240,9 +257,8 @@ def test_eval_and_generate_write_nothing_into_the_run(corpus, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_every_checkpoint_unreadable_is_one_line_saying_what_to_do(corpus, tmp_path, capsys):
-  workdir = str(tmp_path / "run")
-  train(_config(corpus, 4), workdir, verbose=False)  # one checkpoint, at step 4
+def test_every_checkpoint_unreadable_is_one_line_saying_what_to_do(short, tmp_path, capsys):
+  workdir = _copy(short, tmp_path)  # one checkpoint, at step 4
   for root, _, files in os.walk(os.path.join(workdir, "checkpoints")):
     for name in files:
       with open(os.path.join(root, name), "wb") as f:
