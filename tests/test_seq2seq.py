@@ -252,7 +252,7 @@ def test_cached_decoding_equals_uncached_step_by_step(name):
 
 @pytest.mark.slow
 def test_cross_attention_keys_and_values_are_projected_once_per_generation():
-  cfg = CONFIGS["relative"]
+  cfg = CONFIGS["learned_separate"]
   model, params = _init(cfg)
   calls = []
 
