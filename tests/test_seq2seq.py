@@ -65,6 +65,7 @@ def _tokens(shape, seed):
   return jnp.asarray(np.random.default_rng(seed).integers(3, V, shape), jnp.int32)
 
 
+@functools.cache  # one initialisation per config for the whole file (the arrays are immutable)
 def _init(cfg, s=7, t=6):
   model = EncoderDecoder(cfg, FP32)
   params = nn.unbox(
@@ -73,41 +74,58 @@ def _init(cfg, s=7, t=6):
   return model, params
 
 
+@functools.cache  # jitted once per config: each input shape is then one compiled program
+def _jitted(cfg):
+  """The model, its parameters, and its forward pass and encoder, jitted."""
+  model, params = _init(cfg)
+  encode = jax.jit(
+    lambda params, src, seg: model.apply({"params": params}, src, seg, method="encode")
+  )
+  return model, params, jax.jit(model.apply), encode
+
+
+# The generation tests share one source shape and length, so that the programs (greedy,
+# beam 4) that several of them run are compiled once.
+GEN_SRC, GEN_NEW = (6, 6), 12
+
+
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 @pytest.mark.slow
 def test_decoder_is_causal_and_the_encoder_sees_the_whole_source(name):
-  model, params = _init(CONFIGS[name])
-  src, tgt = _tokens((1, 7), 2), _tokens((1, 6), 3)
-  logits = model.apply({"params": params}, src, None, tgt)
+  _, params, apply, encode = _jitted(CONFIGS[name])
+  # The padding test's padded shapes, every token real: the same compiled program.
+  src, tgt = _tokens((2, 8), 2), _tokens((2, 6), 3)
+  seg_s, seg_t = jnp.ones((2, 8), jnp.int32), jnp.ones((2, 6), jnp.int32)
+  logits = apply({"params": params}, src, seg_s, tgt, seg_t)
   # A later target token changes no earlier position's logits, and its own.
-  changed = model.apply({"params": params}, src, None, tgt.at[0, 3].add(1))
+  changed = apply({"params": params}, src, seg_s, tgt.at[:, 3].add(1), seg_t)
   np.testing.assert_array_equal(np.asarray(logits[:, :3]), np.asarray(changed[:, :3]))
   assert np.abs(np.asarray(changed[:, 3:] - logits[:, 3:])).max(-1).min() > 1e-4
   # The last source token reaches every encoder position and every target position.
-  enc = lambda s: model.apply({"params": params}, s, method=model.encode)
-  src2 = src.at[0, 6].add(1)
+  enc = lambda s: encode(params, s, seg_s)
+  src2 = src.at[:, 7].add(1)
   assert np.abs(np.asarray(enc(src2) - enc(src))).max(-1).min() > 1e-4
-  changed = model.apply({"params": params}, src2, None, tgt)
+  changed = apply({"params": params}, src2, seg_s, tgt, seg_t)
   assert np.abs(np.asarray(changed - logits)).max(-1).min() > 1e-4
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 @pytest.mark.slow
 def test_padding_never_changes_real_positions_on_either_side(name):
-  model, params = _init(CONFIGS[name])
+  _, params, apply, _ = _jitted(CONFIGS[name])
   src, tgt = _tokens((2, 5), 4), _tokens((2, 4), 5)
   ones_s, ones_t = jnp.ones((2, 5), jnp.int32), jnp.ones((2, 4), jnp.int32)
-  ref = model.apply({"params": params}, src, ones_s, tgt, ones_t)
+  ref = apply({"params": params}, src, ones_s, tgt, ones_t)
   # Three junk tokens after the source and two after the target, marked padding.
   src_p = jnp.concatenate([src, _tokens((2, 3), 6)], 1)
   tgt_p = jnp.concatenate([tgt, _tokens((2, 2), 7)], 1)
   seg_s = jnp.concatenate([ones_s, jnp.zeros((2, 3), jnp.int32)], 1)
   seg_t = jnp.concatenate([ones_t, jnp.zeros((2, 2), jnp.int32)], 1)
-  padded = model.apply({"params": params}, src_p, seg_s, tgt_p, seg_t)
+  padded = apply({"params": params}, src_p, seg_s, tgt_p, seg_t)
   # fp32, same ops up to the softmax's extra (zero-weight) terms.
   chex.assert_trees_all_close(padded[:, :4], ref, atol=1e-5, rtol=1e-5)
   # Other junk in the padding: still the same.
-  other = model.apply({"params": params}, src_p.at[:, 5:].set(3), seg_s, tgt_p, seg_t)
+  other = apply({"params": params}, src_p.at[:, 5:].set(3), seg_s, tgt_p, seg_t)
   chex.assert_trees_all_close(other[:, :4], ref, atol=1e-5, rtol=1e-5)
 
 
@@ -176,26 +194,29 @@ def test_relative_bias_reads_the_table_by_bucket_and_head():
     assert float(bias[0, n, t, s]) == 40 * BIDIRECTIONAL_8_16[s - t] + 10 * n
 
 
-def _uncached_greedy(model, params, src, seg, steps):
-  tgt = jnp.full((src.shape[0], 1), BOS, jnp.int32)
-  apply = jax.jit(model.apply)
-  for _ in range(steps):
+def _uncached_greedy(apply, params, src, seg, steps):
+  """BOS + ``steps`` greedy tokens by full forward passes, and the last pass's logits.
+
+  Every pass runs on the whole ``steps + 1`` row (one compiled program), tokens not yet
+  chosen are 0: the decoder is causal (tested above, bit for bit), so position ``i`` reads
+  tokens ``0..i`` only."""
+  tgt = jnp.zeros((src.shape[0], steps + 1), jnp.int32).at[:, 0].set(BOS)
+  for i in range(steps):
     logits = apply({"params": params}, src, seg, tgt)
-    tgt = jnp.concatenate([tgt, jnp.argmax(logits[:, -1], -1)[:, None].astype(jnp.int32)], 1)
-  return tgt
+    tgt = tgt.at[:, i + 1].set(jnp.argmax(logits[:, i], -1).astype(jnp.int32))
+  return tgt, apply({"params": params}, src, seg, tgt)
 
 
 @pytest.mark.parametrize("name", ["relative", "learned_separate"])
 @pytest.mark.slow
 def test_cached_decoding_equals_uncached_step_by_step(name):
   cfg = CONFIGS[name]
-  model, params = _init(cfg)
+  _, params, apply, encode = _jitted(cfg)
   src = _tokens((3, 7), 8)
   seg = jnp.array([[1] * 7, [1] * 5 + [0] * 2, [1] * 3 + [0] * 4])
-  tgt = _uncached_greedy(model, params, src, seg, 6)  # BOS + 6 greedy tokens
-  full = model.apply({"params": params}, src, seg, tgt)  # (3, 7, V)
+  tgt, full = _uncached_greedy(apply, params, src, seg, 6)  # BOS + 6 greedy tokens; (3, 7, V)
   dec = EncoderDecoder(cfg, FP32, decode=True)
-  encoded = dec.apply({"params": params}, src, seg, method=dec.encode)
+  encoded = encode(params, src, seg)
   cache = init_cache(dec, 3, 7)
   step = jax.jit(functools.partial(dec.apply, method=dec.decoder_logits, mutable=["cache"]))
   for i in range(tgt.shape[1]):
@@ -231,7 +252,7 @@ def test_cached_decoding_equals_uncached_step_by_step(name):
 
 @pytest.mark.slow
 def test_cross_attention_keys_and_values_are_projected_once_per_generation():
-  cfg = CONFIGS["relative"]
+  cfg = CONFIGS["learned_separate"]
   model, params = _init(cfg)
   calls = []
 
@@ -263,9 +284,9 @@ def test_cross_attention_keys_and_values_are_projected_once_per_generation():
 
 def test_beam_size_one_is_greedy():
   cfg = CONFIGS["relative"]
-  model, params = _init(cfg)
-  src = _tokens((12, 6), 10)
-  kw = dict(max_new_tokens=8, bos_id=BOS, eos_id=EOS, pad_id=0)
+  _, params = _init(cfg)
+  src = _tokens(GEN_SRC, 10)
+  kw = dict(max_new_tokens=GEN_NEW, bos_id=BOS, eos_id=EOS, pad_id=0)
   greedy = generate_seq2seq(cfg, FP32, params, src, **kw)
   beam = generate_seq2seq(cfg, FP32, params, src, beam_size=1, length_penalty=0.0, **kw)
   np.testing.assert_array_equal(np.asarray(beam), np.asarray(greedy))
@@ -428,11 +449,11 @@ def test_no_repeat_ngram_blocks_the_bigram_a_markov_chain_would_repeat(beam_size
 def test_generate_seq2seq_no_repeat_ngram_size(beam_size):
   cfg = CONFIGS["relative"]
   _, params = _init(cfg)
-  src = _tokens((6, 6), 11)
-  kw = dict(max_new_tokens=12, bos_id=BOS, eos_id=EOS, pad_id=0, beam_size=beam_size)
+  src = _tokens(GEN_SRC, 11)
+  kw = dict(max_new_tokens=GEN_NEW, bos_id=BOS, eos_id=EOS, pad_id=0, beam_size=beam_size)
   before = np.asarray(generate_seq2seq(cfg, FP32, params, src, **kw))
   off = np.asarray(generate_seq2seq(cfg, FP32, params, src, no_repeat_ngram_size=0, **kw))
-  whole = np.asarray(generate_seq2seq(cfg, FP32, params, src, no_repeat_ngram_size=12, **kw))
+  whole = np.asarray(generate_seq2seq(cfg, FP32, params, src, no_repeat_ngram_size=GEN_NEW, **kw))
   np.testing.assert_array_equal(off, before)
   np.testing.assert_array_equal(whole, before)  # wrapped, but no 12-gram can repeat in 12
   assert any(_repeats_an_ngram(row, 2, EOS) for row in before)
@@ -446,14 +467,16 @@ def test_generate_seq2seq_no_repeat_ngram_size(beam_size):
 def test_sampling_draws_from_the_kept_set_and_depends_on_the_rng():
   cfg = CONFIGS["relative"]
   _, params = _init(cfg)
-  src = _tokens((8, 5), 11)
-  kw = dict(max_new_tokens=6, bos_id=BOS, eos_id=EOS, temperature=1.0)
+  src = _tokens(GEN_SRC, 11)
+  kw = dict(max_new_tokens=GEN_NEW, bos_id=BOS, eos_id=EOS, pad_id=0, temperature=1.0)
   a = generate_seq2seq(cfg, FP32, params, src, rng=jax.random.key(1), **kw)
   b = generate_seq2seq(cfg, FP32, params, src, rng=jax.random.key(2), **kw)
   assert (np.asarray(a) != np.asarray(b)).any()
   # top_k=1 keeps the argmax only: sampling is then greedy.
   top1 = generate_seq2seq(cfg, FP32, params, src, rng=jax.random.key(1), top_k=1, **kw)
-  greedy = generate_seq2seq(cfg, FP32, params, src, max_new_tokens=6, bos_id=BOS, eos_id=EOS)
+  greedy = generate_seq2seq(
+    cfg, FP32, params, src, max_new_tokens=GEN_NEW, bos_id=BOS, eos_id=EOS, pad_id=0
+  )
   np.testing.assert_array_equal(np.asarray(top1), np.asarray(greedy))
   with pytest.raises(ValueError, match="beam search is deterministic"):
     generate_seq2seq(cfg, FP32, params, src, beam_size=2, rng=jax.random.key(1), **kw)
@@ -483,15 +506,17 @@ def _reverse_batch(rng, b):
   )
 
 
-def _reverse_config(steps=400):
+def _reverse_config(steps=300):
   # Learned positions: cross-attention has no position bias, so reversing needs
-  # absolute positions on both sides (relative bias alone reached ~75% here).
+  # absolute positions on both sides (relative bias alone reached ~75% here). One encoder
+  # and one decoder layer: half the compile time and step time of two each, and 300 steps
+  # still reach 0.988 token accuracy (two layers: 0.999 at 400).
   return Config(
     model=ModelConfig(
       family="encoder_decoder",
       vocab_size=13,
       d_model=64,
-      n_layers=2,
+      n_layers=1,
       n_heads=4,
       max_len=16,
       position="learned",
@@ -502,13 +527,32 @@ def _reverse_config(steps=400):
   )
 
 
-@pytest.mark.slow
-def test_seq2seq_loss_counts_only_real_target_tokens():
+@pytest.fixture(scope="module")
+def reverse_init():
+  """The reverse task's config, recipe and initial state (one init program for the file)."""
   config = _reverse_config()
   r = build_recipe(config)
-  state = jax.jit(make_init_fn(r.model, r.tx, config))(jax.random.key(0))
+  return config, r, jax.jit(make_init_fn(r.model, r.tx, config))(jax.random.key(0))
+
+
+@pytest.mark.slow
+def test_seq2seq_loss_counts_only_real_target_tokens(reverse_init):
+  _, r, state = reverse_init
+
+  @jax.jit  # one program for both batches
+  def loss_and_logits(variables, batch):
+    loss, aux = r.task.loss_fn(r.model, variables, batch, None)
+    logits = r.model.apply(
+      variables,
+      batch["inputs"],
+      batch["segment_ids"],
+      batch["decoder_inputs"],
+      batch["decoder_segment_ids"],
+    )
+    return loss, aux, logits
+
   batch = _reverse_batch(np.random.default_rng(0), 8)
-  loss, aux = r.task.loss_fn(r.model, state.variables, batch, None)
+  loss, aux, logits = loss_and_logits(state.variables, batch)
   assert float(aux["weight"]) == float((batch["targets"] >= 0).sum())
   # Whatever sits in the padding of the decoder inputs, the loss is the same.
   junk = dict(
@@ -517,16 +561,9 @@ def test_seq2seq_loss_counts_only_real_target_tokens():
       np.int32
     ),
   )
-  loss2, _ = r.task.loss_fn(r.model, state.variables, junk, None)
+  loss2, _, _ = loss_and_logits(state.variables, junk)
   np.testing.assert_allclose(float(loss2), float(loss), rtol=1e-6)
   # Hand reference: mean -log softmax at the real targets.
-  logits = r.model.apply(
-    state.variables,
-    batch["inputs"],
-    batch["segment_ids"],
-    batch["decoder_inputs"],
-    batch["decoder_segment_ids"],
-  )
   logits = np.asarray(logits, np.float64)
   logp = (
     logits
@@ -538,19 +575,18 @@ def test_seq2seq_loss_counts_only_real_target_tokens():
   np.testing.assert_allclose(float(loss), want.mean(), rtol=1e-5)
 
 
-@pytest.mark.slow  # 400 steps of batch 64
-def test_reverse_task_is_learned_to_95_percent_token_accuracy():
-  config = _reverse_config()
-  r = build_recipe(config)
-  state = jax.jit(make_init_fn(r.model, r.tx, config))(jax.random.key(0))
-  step = jax.jit(make_train_step(r.model, r.tx, r.schedule, config, r.task), donate_argnums=0)
+@pytest.mark.slow  # 300 steps of batch 64
+def test_reverse_task_is_learned_to_95_percent_token_accuracy(reverse_init):
+  config, r, state = reverse_init
+  # Not donated: the first step's input is the shared initial state.
+  step = jax.jit(make_train_step(r.model, r.tx, r.schedule, config, r.task))
   rng = np.random.default_rng(0)
   for _ in range(config.train.steps):
     state, _ = step(state, _reverse_batch(rng, 64))
   test = _reverse_batch(np.random.default_rng(123), 256)
   sums = jax.jit(make_eval_step(r.model, r.task))(state.variables, test)
   accuracy = float(sums["accuracy_sum"] / sums["tokens"])
-  assert accuracy >= 0.95, accuracy  # measured 0.999 at 400 steps (seed 0)
+  assert accuracy >= 0.95, accuracy  # measured 0.988 at 300 steps (seed 0)
   # Greedy decoding writes whole reversals (EOS included) for most held-out rows.
   out = np.asarray(
     generate_seq2seq(
@@ -566,7 +602,7 @@ def test_reverse_task_is_learned_to_95_percent_token_accuracy():
     )
   )
   want = test["targets"][:64]
-  assert (out == want).all(axis=1).mean() >= 0.9
+  assert (out == want).all(axis=1).mean() >= 0.9  # measured 0.969
 
 
 def test_family_and_task_must_match():
@@ -628,8 +664,8 @@ def test_scanned_layers_decode_like_unscanned():
         out[k] = v
     return out
 
-  src = _tokens((2, 6), 12)
-  kw = dict(max_new_tokens=6, bos_id=BOS, eos_id=EOS, beam_size=3)
+  src = _tokens(GEN_SRC, 12)  # the unscanned program is the n-gram test's (beam 4)
+  kw = dict(max_new_tokens=GEN_NEW, bos_id=BOS, eos_id=EOS, pad_id=0, beam_size=4)
   np.testing.assert_array_equal(
     np.asarray(generate_seq2seq(scanned, FP32, stack(params), src, **kw)),
     np.asarray(generate_seq2seq(cfg, FP32, params, src, **kw)),
@@ -639,16 +675,16 @@ def test_scanned_layers_decode_like_unscanned():
 @pytest.mark.slow
 def test_cli_generate_translates_a_source_greedily_or_by_beam(tmp_path, capsys):
   """``llm-mp generate --source`` on an encoder-decoder run: the source encoded as in
-  training (bytes + EOS), greedy by default, beam search with --beam-size, n-gram
-  blocking with --no-repeat-ngram."""
+  training (bytes + EOS), greedy by default, beam search with --beam-size and
+  --length-penalty, n-gram blocking with --no-repeat-ngram (with the beam: one program
+  fewer to compile)."""
   tok = ByteTokenizer()
   config = Config(
     model=_config(vocab_size=tok.vocab_size, n_layers=1, max_len=32),
     data=DataConfig(seq_len=32),
     train=TrainConfig(task="seq2seq"),
   )
-  r = build_recipe(config)
-  params = jax.jit(make_init_fn(r.model, r.tx, config))(jax.random.key(0)).params
+  _, params = _init(config.model)  # op by op: cheaper than compiling a jitted init
   run = str(tmp_path / "run")
   publish_run(run, config, tok, 0, {"params": params})
   source = "Ein Mann fährt Fahrrad."
@@ -663,10 +699,11 @@ def test_cli_generate_translates_a_source_greedily_or_by_beam(tmp_path, capsys):
   base = ["generate", "--workdir", run, "--source", source, "--max-new-tokens", "8"]
   assert cli.main(base) == 0
   assert capsys.readouterr().out == want() + "\n"
-  assert cli.main([*base, "--beam-size", "3", "--length-penalty", "1.0"]) == 0
-  assert capsys.readouterr().out == want(beam_size=3, length_penalty=1.0) + "\n"
-  assert cli.main([*base, "--beam-size", "3", "--no-repeat-ngram", "2"]) == 0
-  assert capsys.readouterr().out == want(beam_size=3, no_repeat_ngram_size=2) + "\n"
+  beam = ["--beam-size", "3", "--length-penalty", "1.0", "--no-repeat-ngram", "2"]
+  assert cli.main([*base, *beam]) == 0
+  assert (
+    capsys.readouterr().out == want(beam_size=3, length_penalty=1.0, no_repeat_ngram_size=2) + "\n"
+  )
   assert cli.main(["generate", "--workdir", run, "--prompt", "Ein"]) == 2
   err = capsys.readouterr().err
   assert "model.family='encoder_decoder' run" in err and "pass --source TEXT, not --prompt" in err
