@@ -19,6 +19,8 @@ from llm_mp.rundir import LoadedRun, load_run
 from llm_mp.step import make_eval_step
 from llm_mp.tasks import Task, task_spec
 
+_EVAL_SYNC = 32  # evaluation batches dispatched between two reads of their results
+
 
 def evaluate(
   eval_fn, variables: Any, batches: Iterable[dict], mesh, rules, task: Task
@@ -37,10 +39,21 @@ def evaluate(
     token-level tasks and ``val_<metric>`` for task metrics (``val_accuracy``).
   """
   sums: dict[str, float] = {}
+
+  def add(outs: list[dict]) -> None:  # float64, in batch order
+    for out in jax.device_get(outs):
+      for k, v in out.items():
+        sums[k] = sums.get(k, 0.0) + float(v)
+
+  # Results are read every _EVAL_SYNC batches, not after each one, so the device runs
+  # ahead of the host while a bounded number of batches is in flight.
+  pending = []
   for batch in batches:
-    out = eval_fn(variables, sharding.shard_batch(batch, mesh, rules, task.batch_axes))
-    for k, v in out.items():
-      sums[k] = sums.get(k, 0.0) + float(v)
+    pending.append(eval_fn(variables, sharding.shard_batch(batch, mesh, rules, task.batch_axes)))
+    if len(pending) == _EVAL_SYNC:
+      add(pending)
+      pending = []
+  add(pending)
   n = max(sums.get(task.unit, 0.0), 1.0)
   loss = sums.get("loss_sum", 0.0) / n
   result = {"val_loss": loss, f"val_{task.unit}": sums.get(task.unit, 0.0)}
