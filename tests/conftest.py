@@ -1,6 +1,6 @@
 """Test setup: 8 fake CPU devices for sharding tests and a quicker compiler setting, set
-before jax is imported, one persistent compilation cache for the whole run, and one
-device for every test not marked ``multidevice``."""
+before jax is imported, one persistent compilation cache and one embedded-corpus cache
+for the whole run, and one device for every test not marked ``multidevice``."""
 
 import os
 import shutil
@@ -33,14 +33,22 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 * 2**30))
 
+# The embedded corpus is parsed from the standard library once for the whole run, not once
+# per process: the first process to need it writes the cache file that the others read.
+_OWN_DATA_CACHE = "LLM_MP_CACHE" not in os.environ
+if _OWN_DATA_CACHE:
+  os.environ["LLM_MP_CACHE"] = tempfile.mkdtemp(prefix="llm_mp_cache_")
+
 import jax  # noqa: E402  (must come after XLA_FLAGS)
 import pytest  # noqa: E402
 
 
 def pytest_unconfigure(config):
-  # The process that made the cache (the xdist controller, or the only process) removes it.
-  if _OWN_CACHE and not hasattr(config, "workerinput"):
-    shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+  # The process that made the caches (the xdist controller, or the only process) removes them.
+  if not hasattr(config, "workerinput"):
+    for own, name in ((_OWN_CACHE, "JAX_COMPILATION_CACHE_DIR"), (_OWN_DATA_CACHE, "LLM_MP_CACHE")):
+      if own:
+        shutil.rmtree(os.environ[name], ignore_errors=True)
 
 
 def pytest_collection_modifyitems(items):

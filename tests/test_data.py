@@ -136,13 +136,30 @@ def test_empty_corpus_and_missing_path_errors(tmp_path):
 
 
 @pytest.mark.slow
-def test_default_corpus_is_deterministic_and_large_enough():
-  first = stdlib_corpus._build.__wrapped__(sysconfig.get_paths()["stdlib"])  # bypass the cache
+def test_default_corpus_is_deterministic_and_large_enough(tmp_path, monkeypatch):
+  stdlib = sysconfig.get_paths()["stdlib"]
+  first = stdlib_corpus._build(stdlib)  # parsed, no cache
   assert list(first) == stdlib_corpus.default_corpus()
   chars = sum(map(len, first))
   assert 1_000_000 < chars < 5_000_000
   assert len(first) > 100 and all(first)
   assert any('The "if" statement' in d for d in first)  # the language-reference topics
+  # The cache file: written by the first process, read by the next; a corrupt one rebuilt.
+  monkeypatch.setenv("LLM_MP_CACHE", str(tmp_path / "cache"))
+  path = stdlib_corpus.cache_path(stdlib)
+  assert os.path.dirname(path) == str(tmp_path / "cache")
+  for before in (None, "{not json", json.dumps(["stale"] * 0)):  # absent, corrupt, empty
+    if before is not None:
+      open(path, "w", encoding="utf-8").write(before)
+    stdlib_corpus._cached.cache_clear()
+    assert stdlib_corpus.default_corpus() == list(first)
+    assert json.load(open(path, encoding="utf-8")) == list(first)
+  stdlib_corpus._cached.cache_clear()
+  with open(path, "w", encoding="utf-8") as f:  # a valid file is what a later process reads
+    json.dump(["cached"], f)
+  assert stdlib_corpus.default_corpus() == ["cached"]
+  stdlib_corpus._cached.cache_clear()
+  os.remove(path)
 
 
 # ---------------------------------------------------------------- tokenizers

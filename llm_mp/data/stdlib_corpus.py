@@ -11,16 +11,26 @@
 Nothing is imported: files are read with ``ast.parse`` and
 ``ast.get_docstring``/``ast.literal_eval``, so no module side effects run.
 Files a distribution leaves out are skipped, so the result is the same on
-every machine with the same Python minor version (about 1.5 MB on 3.11,
-built in about a second).
+every machine with the same Python minor version (about 1.5 MB on 3.11).
+
+Parsing the sources takes one to three CPU-seconds, so the result is kept in a
+JSON file, ``$LLM_MP_CACHE`` (default ``~/.cache/llm_mp``, under
+``$XDG_CACHE_HOME`` when set) ``/stdlib_corpus-<key>.json``, whose key hashes
+the Python version, the standard library's path and this module's source: every
+later process (a CLI command, a notebook kernel) reads it instead. An unreadable
+cache file is rebuilt; an unwritable cache directory only costs the parse.
 """
 
 from __future__ import annotations
 
 import ast
 import functools
+import hashlib
+import json
 import os
+import sys
 import sysconfig
+import tempfile
 
 # Top-level modules and package directories, relative to the stdlib directory.
 # Chosen for long English docstrings; none of them is split off by Linux
@@ -183,8 +193,8 @@ def _docstrings(tree: ast.Module, module: str) -> str:
   return "\n\n".join(parts)
 
 
-@functools.lru_cache(maxsize=1)
 def _build(stdlib: str) -> tuple[str, ...]:
+  """The documents, parsed from the standard library at ``stdlib``."""
   docs = _topics(stdlib)
   files = list(MODULES) + [f for p in PACKAGES for f in _package_files(stdlib, p)]
   for rel in files:
@@ -196,11 +206,57 @@ def _build(stdlib: str) -> tuple[str, ...]:
   return tuple(docs)
 
 
+def cache_path(stdlib: str) -> str:
+  """Where the corpus of the standard library at ``stdlib`` is cached (see the module
+  docstring)."""
+  root = os.environ.get("LLM_MP_CACHE") or os.path.join(
+    os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "llm_mp"
+  )
+  with open(__file__, "rb") as f:
+    key = hashlib.sha256(f"{sys.version}\n{stdlib}\n".encode() + f.read()).hexdigest()
+  return os.path.join(root, f"stdlib_corpus-{key[:16]}.json")
+
+
+def _read_cache(path: str) -> tuple[str, ...] | None:
+  try:
+    with open(path, encoding="utf-8") as f:
+      docs = json.load(f)
+  except (OSError, ValueError):
+    return None  # absent or unreadable: built again
+  if isinstance(docs, list) and docs and all(isinstance(d, str) for d in docs):
+    return tuple(docs)
+  return None
+
+
+def _write_cache(path: str, docs: tuple[str, ...]) -> None:
+  """Writes ``docs`` to ``path`` atomically (a temporary file, then a rename), so a
+  concurrent reader sees the whole file or none; an unwritable directory is skipped."""
+  try:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+      json.dump(list(docs), f, ensure_ascii=False)
+    os.replace(tmp, path)
+  except OSError:
+    pass
+
+
+@functools.lru_cache(maxsize=1)
+def _cached(stdlib: str) -> tuple[str, ...]:
+  path = cache_path(stdlib)
+  docs = _read_cache(path)
+  if docs is None:
+    docs = _build(stdlib)
+    _write_cache(path, docs)
+  return docs
+
+
 def default_corpus() -> list[str]:
   """The embedded corpus: ~1.5 MB of English text from the Python standard library.
 
   Returns:
-    Documents (uncleaned ``str``), in a fixed order. The list is built once per
-    process and copied on each call.
+    Documents (uncleaned ``str``), in a fixed order. The list is read from the
+    cache file (or built and written to it) once per process and copied on
+    each call.
   """
-  return list(_build(sysconfig.get_paths()["stdlib"]))
+  return list(_cached(sysconfig.get_paths()["stdlib"]))
