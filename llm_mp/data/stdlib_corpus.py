@@ -30,7 +30,8 @@ import json
 import os
 import sys
 import sysconfig
-import tempfile
+
+from llm_mp.data.files import write_atomic
 
 # Top-level modules and package directories, relative to the stdlib directory.
 # Chosen for long English docstrings; none of them is split off by Linux
@@ -229,14 +230,10 @@ def _read_cache(path: str) -> tuple[str, ...] | None:
 
 
 def _write_cache(path: str, docs: tuple[str, ...]) -> None:
-  """Writes ``docs`` to ``path`` atomically (a temporary file, then a rename), so a
-  concurrent reader sees the whole file or none; an unwritable directory is skipped."""
+  """Writes ``docs`` to ``path`` atomically (a concurrent reader sees the whole file or
+  none); an unwritable directory is skipped."""
   try:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      json.dump(list(docs), f, ensure_ascii=False)
-    os.replace(tmp, path)
+    write_atomic(path, lambda f: f.write(json.dumps(list(docs), ensure_ascii=False).encode()))
   except OSError:
     pass
 
