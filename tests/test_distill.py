@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 
 import chex
+import compiled
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -95,7 +96,7 @@ def _student(family_preset: str, *extra: str):
     [*SMALL, "train.task=distill", "train.teacher=unused", "precision.policy=fp32", *extra],
   )
   recipe = build_recipe(config, ByteTokenizer())
-  params = recipe.model.init(jax.random.key(0), jnp.zeros((2, 16), jnp.int32))["params"]
+  params = compiled.init(recipe.model, jax.random.key(0), jnp.zeros((2, 16), jnp.int32))["params"]
   return config, recipe, params
 
 
@@ -126,7 +127,7 @@ def test_a_teacher_equal_to_the_student_gives_zero_kl_and_zero_kl_gradient(prese
 @pytest.mark.parametrize("preset", ["tiny", "encoder_tiny"])
 def test_distill_weight_zero_is_plain_cross_entropy(preset):
   config, recipe, params = _student(preset, "train.distill_weight=0.0")
-  other = recipe.model.init(jax.random.key(7), jnp.zeros((2, 16), jnp.int32))["params"]
+  other = compiled.init(recipe.model, jax.random.key(7), jnp.zeros((2, 16), jnp.int32))["params"]
   teacher = Teacher(recipe.model, {"params": other})  # a different model: KL > 0
   plain = dataclasses.replace(config, train=dataclasses.replace(config.train, task="auto"))
   plain_loss = make_task(plain, ByteTokenizer()).loss_fn

@@ -5,6 +5,7 @@ import functools
 import math
 
 import chex
+import compiled
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -44,12 +45,12 @@ def _tokens(b=2, t=16, seed=0):
 
 def _init(cfg, head="lm", precision="fp32"):
   model = TransformerEncoder(cfg, make_precision(precision), head=head)
-  params = nn.unbox(model.init(jax.random.key(0), _tokens(), SEGMENTS)["params"])
+  params = nn.unbox(compiled.init(model, jax.random.key(0), _tokens(), SEGMENTS)["params"])
   return model, params
 
 
 def _apply(model, params, tokens, segments=None, **kw):
-  return model.apply({"params": params}, tokens, segments, **kw)
+  return compiled.apply(model, {"params": params}, tokens, segments, **kw)
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
@@ -62,9 +63,9 @@ def test_a_later_token_changes_earlier_outputs_unlike_the_decoder(name):
   diff = np.abs(np.asarray(_apply(enc, params, tokens) - _apply(enc, params, changed)))
   assert (diff[0, :9].max(axis=-1) > 1e-6).all()  # every earlier position sees token 9
   dec = TransformerLM(dataclasses.replace(cfg, family="decoder"), make_precision("fp32"))
-  dparams = nn.unbox(dec.init(jax.random.key(0), tokens)["params"])
-  before = dec.apply({"params": dparams}, tokens)
-  after = dec.apply({"params": dparams}, changed)
+  dparams = nn.unbox(compiled.init(dec, jax.random.key(0), tokens)["params"])
+  before = compiled.apply(dec, {"params": dparams}, tokens)
+  after = compiled.apply(dec, {"params": dparams}, changed)
   np.testing.assert_array_equal(np.asarray(before[:, :9]), np.asarray(after[:, :9]))
 
 

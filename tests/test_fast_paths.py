@@ -16,6 +16,7 @@ import dataclasses
 import functools
 
 import chex
+import compiled
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -206,7 +207,7 @@ def _model_grads(cfg, fn, tokens, params=None):
   """(params, grads of the next-token loss) with every Dense computed by ``fn``."""
   model = TransformerLM(cfg, make_precision("fp32"))
   if params is None:
-    params = nn.unbox(model.init(jax.random.key(0), tokens)["params"])
+    params = nn.unbox(compiled.init(model, jax.random.key(0), tokens)["params"])
 
   def loss(p):
     with _patched_dense(fn):

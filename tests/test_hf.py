@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 
+import compiled
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -59,7 +60,7 @@ def test_logits_match_transformers(imported):
   name, (config, params, _) = imported
   tokens = np.load(os.path.join(_fixture(name), "tokens.npy"))
   ref = np.load(os.path.join(_fixture(name), "logits.npy"))
-  logits = np.asarray(build_model(config.model, FP32).apply({"params": params}, tokens))
+  logits = np.asarray(compiled.apply(build_model(config.model, FP32), {"params": params}, tokens))
   assert logits.dtype == np.float32 and logits.shape == ref.shape
   # fp32 on both sides; summation order differs (measured max 5e-6 on these fixtures).
   np.testing.assert_allclose(logits, ref, atol=1e-4, rtol=0)

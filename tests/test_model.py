@@ -3,6 +3,7 @@
 import dataclasses
 
 import chex
+import compiled
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -33,7 +34,7 @@ def _tokens(b=2, t=16, vocab=61, seed=0):
 def _init(cfg, precision="fp32", tokens=None):
   model = TransformerLM(cfg, make_precision(precision))
   tokens = _tokens() if tokens is None else tokens
-  params = nn.unbox(model.init(jax.random.key(0), tokens)["params"])
+  params = nn.unbox(compiled.init(model, jax.random.key(0), tokens)["params"])
   return model, params
 
 
@@ -49,10 +50,10 @@ def test_fp32_forward_matches_float64_reference(name):
   cfg = CONFIGS[name]
   model, params = _init(cfg)
   tokens = _tokens()
-  logits = model.apply({"params": params}, tokens)
+  logits = compiled.apply(model, {"params": params}, tokens)
   with jax.enable_x64(True):
-    ref = _f64_model(cfg).apply(
-      {"params": jax.tree.map(lambda p: p.astype(jnp.float64), params)}, tokens
+    ref = compiled.apply(
+      _f64_model(cfg), {"params": jax.tree.map(lambda p: p.astype(jnp.float64), params)}, tokens
     )
     assert ref.dtype == jnp.float64
     # fp32 matmuls over d=32..128 accumulate ~1e-6 relative error per op.
@@ -72,8 +73,8 @@ def test_low_precision_forward_close_to_fp32(precision, tol):
   model, params_lp = _init(GPT2, precision)
   params_lp = jax.tree.map(lambda a, b: a.astype(b.dtype), params, params_lp)
   tokens = _tokens()
-  ref = model32.apply({"params": params}, tokens)
-  out = model.apply({"params": params_lp}, tokens)
+  ref = compiled.apply(model32, {"params": params}, tokens)
+  out = compiled.apply(model, {"params": params_lp}, tokens)
   chex.assert_type(out, jnp.float32)  # logits leave the model in fp32 under every preset
   spread = float(jnp.std(ref))
   assert spread > 0.05  # the logits are not all alike (then any bound would be loose)
@@ -85,8 +86,8 @@ def test_policy_dtypes_of_params_and_intermediates(precision):
   prec = make_precision(precision)
   model, params = _init(GPT2, precision)
   chex.assert_type(jax.tree.leaves(params), [prec.param_dtype] * len(jax.tree.leaves(params)))
-  _, state = model.apply(
-    {"params": params}, _tokens(), capture_intermediates=True, mutable=["intermediates"]
+  _, state = compiled.apply(
+    model, {"params": params}, _tokens(), capture_intermediates=True, mutable=("intermediates",)
   )
   inter = state["intermediates"]
   c = prec.compute_dtype
@@ -129,9 +130,9 @@ def test_norm_statistics_and_softmax_run_in_fp32_under_bf16():
 def test_override_changes_exactly_the_named_modules():
   prec = make_precision("bf16", overrides="*mlp/up=c=f32,o=f32")
   model = TransformerLM(GPT2, prec)
-  params = nn.unbox(model.init(jax.random.key(0), _tokens())["params"])
-  _, state = model.apply(
-    {"params": params}, _tokens(), capture_intermediates=True, mutable=["intermediates"]
+  params = nn.unbox(compiled.init(model, jax.random.key(0), _tokens())["params"])
+  _, state = compiled.apply(
+    model, {"params": params}, _tokens(), capture_intermediates=True, mutable=("intermediates",)
   )
   block = state["intermediates"]["decoder"]["blocks_0"]
   chex.assert_type(block["mlp"]["up"]["__call__"][0], jnp.float32)
@@ -144,9 +145,9 @@ def test_override_changes_exactly_the_named_modules():
 def test_causality(name):
   model, params = _init(CONFIGS[name])
   tokens = _tokens(b=1)
-  base = model.apply({"params": params}, tokens)
+  base = compiled.apply(model, {"params": params}, tokens)
   t = 9
-  changed = model.apply({"params": params}, tokens.at[0, t].set((tokens[0, t] + 1) % 61))
+  changed = compiled.apply(model, {"params": params}, tokens.at[0, t].set((tokens[0, t] + 1) % 61))
   np.testing.assert_array_equal(np.asarray(base[:, :t]), np.asarray(changed[:, :t]))
   assert not np.allclose(base[:, t:], changed[:, t:])
 
@@ -159,9 +160,9 @@ def test_packed_documents_do_not_see_each_other(name):
   row = jnp.concatenate([a, b], axis=1)
   segments = jnp.array([[1] * 10 + [2] * 6])
   positions = jnp.array([list(range(10)) + list(range(6))])
-  packed = model.apply({"params": params}, row, segment_ids=segments, positions=positions)
-  alone_a = model.apply({"params": params}, a)
-  alone_b = model.apply({"params": params}, b)
+  packed = compiled.apply(model, {"params": params}, row, segment_ids=segments, positions=positions)
+  alone_a = compiled.apply(model, {"params": params}, a)
+  alone_b = compiled.apply(model, {"params": params}, b)
   chex.assert_trees_all_close(packed[:, :10], alone_a, atol=1e-5)
   chex.assert_trees_all_close(packed[:, 10:], alone_b, atol=1e-5)
 
@@ -175,12 +176,13 @@ def test_gradient_matches_finite_differences_in_float64():
     model = _f64_model(cfg)
     p64 = jax.tree.map(lambda p: p.astype(jnp.float64), params)
 
+    @jax.jit
     def loss(p):
       logits = model.apply({"params": p}, tokens)
       logp = jax.nn.log_softmax(logits[:, :-1])
       return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1))
 
-    grads = jax.grad(loss)(p64)
+    grads = jax.jit(jax.grad(loss))(p64)
     flat, unravel = ravel_pytree(p64)
     g_flat, _ = ravel_pytree(grads)
     idx = np.random.default_rng(0).choice(flat.size, 20, replace=False)
@@ -223,7 +225,9 @@ def test_scan_and_remat_give_the_same_logits_as_the_plain_stack():
   stacked["decoder"] = {"blocks": {"block": jax.tree.map(lambda *x: jnp.stack(x), *blocks)}}
   tokens = _tokens()
   chex.assert_trees_all_close(
-    scanned.apply({"params": stacked}, tokens), model.apply({"params": params}, tokens), atol=1e-5
+    compiled.apply(scanned, {"params": stacked}, tokens),
+    compiled.apply(model, {"params": params}, tokens),
+    atol=1e-5,
   )
 
 

@@ -9,6 +9,7 @@ NumPy float64.
 import dataclasses
 
 import chex
+import compiled
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -65,7 +66,7 @@ def _moe(cfg=CFG, scale=None, seed=0):
   """The layer and its params (float32); ``scale``: router kernel = scale * I."""
   model = MoE(cfg, make_precision("fp32"))
   x = jnp.zeros((1, 2, cfg.d_model))
-  params = nn.unbox(model.init(jax.random.key(seed), x)["params"])
+  params = nn.unbox(compiled.init(model, jax.random.key(seed), x)["params"])
   if scale is not None:
     params["router"]["kernel"] = scale * jnp.eye(cfg.d_model, cfg.n_experts)
   return model, params
@@ -241,7 +242,7 @@ def test_aux_and_z_losses_equal_their_formulas_and_drive_the_router_gradient():
     _, state = model.apply({"params": p_}, jnp.asarray(x, jnp.float32), mutable=["losses"])
     return sum(jax.tree.leaves(state["losses"]))
 
-  grad = np.asarray(jax.grad(summed_losses)(params["router"]["kernel"]), np.float64)
+  grad = np.asarray(jax.jit(jax.grad(summed_losses))(params["router"]["kernel"]), np.float64)
   # By hand: d aux / d logit_nj = (E / N) p_nj (f_j - sum_e f_e p_ne) (f is a
   # constant count); d z / d logit_nj = (2 / N) lse_n p_nj.
   g_logits = (
@@ -268,7 +269,7 @@ def test_router_runs_in_fp32_under_low_precision(precision):
   )
   model = TransformerLM(cfg, make_precision(precision))
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, 61, (2, 8)), jnp.int32)
-  params = nn.unbox(model.init(jax.random.key(0), tokens)["params"])
+  params = nn.unbox(compiled.init(model, jax.random.key(0), tokens)["params"])
   _, state = jax.jit(
     lambda p: model.apply({"params": p}, tokens, capture_intermediates=True, mutable=COLLECTIONS)
   )(params)
@@ -299,7 +300,7 @@ LM = ModelConfig.gpt2(
 def test_scan_and_remat_stack_the_sown_values_over_layers():
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, 61, (2, 12)), jnp.int32)
   plain = TransformerLM(LM, make_precision("fp32"))
-  params = nn.unbox(plain.init(jax.random.key(0), tokens)["params"])
+  params = nn.unbox(compiled.init(plain, jax.random.key(0), tokens)["params"])
   scanned = TransformerLM(
     dataclasses.replace(LM, scan_layers=True, remat="full"), make_precision("fp32")
   )
@@ -354,7 +355,7 @@ def test_experts_shard_on_a_mesh_with_the_single_device_loss():
   rng = np.random.default_rng(0)
   tokens = jnp.asarray(rng.integers(0, 61, (8, 13)), jnp.int32)
   batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
-  boxed = model.init(jax.random.key(0), batch["inputs"])["params"]
+  boxed = compiled.init(model, jax.random.key(0), batch["inputs"])["params"]
   params = nn.unbox(boxed)
 
   def loss_fn(p, batch):

@@ -6,6 +6,7 @@ import json
 import os
 
 import chex
+import compiled
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -116,7 +117,7 @@ def _setup(cfg=GPT2, b=2, t=12):
   tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (b, t + 1)).astype(np.int32)
   batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
   model = build_model(cfg, make_precision("fp32"))
-  params = nn.unbox(model.init(jax.random.key(0), batch["inputs"])["params"])
+  params = nn.unbox(compiled.init(model, jax.random.key(0), batch["inputs"])["params"])
   return task, batch, jax.device_get(params)
 
 
@@ -160,10 +161,12 @@ def test_scanned_params_unscan_to_the_unrolled_layout():
   cfg = dataclasses.replace(GPT2, n_layers=2, scan_layers=True)
   tokens = jnp.zeros((1, 8), jnp.int32)
   scanned = nn.unbox(
-    build_model(cfg, make_precision("fp32")).init(jax.random.key(0), tokens)["params"]
+    compiled.init(build_model(cfg, make_precision("fp32")), jax.random.key(0), tokens)["params"]
   )
   unrolled = nn.unbox(
-    numerics.diagnostic_model(cfg, make_precision("fp32")).init(jax.random.key(0), tokens)["params"]
+    compiled.init(
+      numerics.diagnostic_model(cfg, make_precision("fp32")), jax.random.key(0), tokens
+    )["params"]
   )
   flat = numerics.unscan_params(scanned, 2)
   chex.assert_trees_all_equal_shapes_and_dtypes(flat, unrolled)

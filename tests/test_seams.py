@@ -5,6 +5,7 @@ import dataclasses
 import functools
 
 import chex
+import compiled
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -102,7 +103,7 @@ def _setup(model, config, mesh_cfg=MeshConfig(data=1)):
 def test_recorded_losses_reach_the_loss_and_the_gradient():
   config = _config()
   model = _Recording(config.model, aux_weight=0.5)
-  variables = model.init(jax.random.key(0), jnp.zeros((1, T), jnp.int32))
+  variables = compiled.init(model, jax.random.key(0), jnp.zeros((1, T), jnp.int32))
   variables = {"params": variables["params"], "stats": variables["stats"]}
   batch = jax.tree.map(jnp.asarray, _batch())
   loss, aux = lm_loss(model, variables, batch, None)

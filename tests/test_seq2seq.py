@@ -6,6 +6,7 @@ import itertools
 import math
 
 import chex
+import compiled
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -69,7 +70,7 @@ def _tokens(shape, seed):
 def _init(cfg, s=7, t=6):
   model = EncoderDecoder(cfg, FP32)
   params = nn.unbox(
-    model.init(jax.random.key(0), _tokens((2, s), 0), None, _tokens((2, t), 1))["params"]
+    compiled.init(model, jax.random.key(0), _tokens((2, s), 0), None, _tokens((2, t), 1))["params"]
   )
   return model, params
 

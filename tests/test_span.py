@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import chex
+import compiled
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -33,7 +34,7 @@ def _model(policy: str = "fp32", seq_len: int = 16):
     get_preset("encoder_tiny"), [*SMALL, "train.task=span", f"data.seq_len={seq_len}"]
   )
   model = build_model(config.model, make_precision(policy), head="span")
-  params = model.init(jax.random.key(0), jnp.zeros((2, seq_len), jnp.int32))
+  params = compiled.init(model, jax.random.key(0), jnp.zeros((2, seq_len), jnp.int32))
   return model, params
 
 
@@ -52,7 +53,7 @@ def test_the_loss_on_a_hand_built_row_is_its_closed_form():
     "ends": np.array([9, -1], np.int32),
   }
   loss, aux = span.span_loss(model, variables, batch, None)
-  logits = np.asarray(model.apply(variables, inputs, batch["segment_ids"]), np.float64)[0]
+  logits = np.asarray(compiled.apply(model, variables, inputs, batch["segment_ids"]), np.float64)[0]
 
   def nll(column, gold):  # -log softmax over the context tokens only
     z = logits[5:14, column]
@@ -67,7 +68,7 @@ def test_the_loss_on_a_hand_built_row_is_its_closed_form():
 def test_start_and_end_probabilities_are_fp32_under_half_precision(policy):
   model, variables = _model(policy)
   tokens = jnp.ones((2, 16), jnp.int32)
-  logits = model.apply(variables, tokens, jnp.ones_like(tokens))
+  logits = compiled.apply(model, variables, tokens, jnp.ones_like(tokens))
   chex.assert_shape(logits, (2, 16, 2))
   chex.assert_type(logits, jnp.float32)  # the span_head override
   start, end = span.span_logits(logits, jnp.ones_like(tokens))
