@@ -148,12 +148,16 @@ def test_default_corpus_is_deterministic_and_large_enough(tmp_path, monkeypatch)
   monkeypatch.setenv("LLM_MP_CACHE", str(tmp_path / "cache"))
   path = stdlib_corpus.cache_path(stdlib)
   assert os.path.dirname(path) == str(tmp_path / "cache")
+  # Each unreadable file is rebuilt: the parse (checked above) is counted, not repeated.
+  builds = []
+  monkeypatch.setattr(stdlib_corpus, "_build", lambda s: builds.append(s) or first)
   for before in (None, "{not json", json.dumps(["stale"] * 0)):  # absent, corrupt, empty
     if before is not None:
       open(path, "w", encoding="utf-8").write(before)
     stdlib_corpus._cached.cache_clear()
     assert stdlib_corpus.default_corpus() == list(first)
     assert json.load(open(path, encoding="utf-8")) == list(first)
+  assert builds == [stdlib] * 3
   stdlib_corpus._cached.cache_clear()
   with open(path, "w", encoding="utf-8") as f:  # a valid file is what a later process reads
     json.dump(["cached"], f)
