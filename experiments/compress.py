@@ -29,7 +29,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 
@@ -98,8 +98,14 @@ def write_start(to: str, config: Config, teacher: str, seed: int) -> None:
   write_run(to, config, state.params, run.tokenizer)
 
 
-def perplexity(workdir: str) -> float:
-  """Validation perplexity of a run's latest checkpoint (the whole validation split)."""
+def perplexity(workdir: str, trained: Mapping[str, Any] | None = None) -> float:
+  """Validation perplexity of a run's latest checkpoint (the whole validation split).
+
+  ``trained``: what ``train`` returned for the run. Its final evaluation read the whole
+  split (``train.eval_batches=0``), so its perplexity is the checkpoint's; a run that was
+  complete before (``{}``) or stopped is evaluated from its checkpoint instead."""
+  if trained and "val_ppl" in trained and "interrupted" not in trained:
+    return trained["val_ppl"]
   return evaluate_run(workdir)["val_ppl"]
 
 
@@ -209,14 +215,20 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--fast", action="store_true", help="a 3-layer model, 1 seed (CI)")
   parser.add_argument("overrides", nargs="*", metavar="section.field=value")
   args = parser.parse_args(argv)
-  base = [*args.overrides, *common.data_paths(args.data), "train.keep_checkpoints=1"]
+  # One evaluation per run, at its end, over the whole validation split: the table's.
+  base = [
+    *args.overrides,
+    *common.data_paths(args.data),
+    "train.keep_checkpoints=1",
+    "train.eval_batches=0",
+  ]
   if args.fast:
     args.teacher_steps, args.steps, args.seeds, args.ranks, args.narrow = 40, 4, [0], [4], 16
     base = [*common.FAST_LM, *base]
   t0 = time.perf_counter()
   teacher = os.path.join(args.out, "teacher")
-  train(_config([*base, *common.quiet_run(args.teacher_steps)]), teacher, verbose=False)
-  teacher_ppl = perplexity(teacher)
+  trained = train(_config([*base, *common.quiet_run(args.teacher_steps)]), teacher, verbose=False)
+  teacher_ppl = perplexity(teacher, trained)
   print(f"teacher: perplexity {teacher_ppl:.3f}", flush=True)
   results = {
     "device": jax.default_backend(),
@@ -247,8 +259,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if task == "distill":
           overrides.append(f"train.teacher={os.path.abspath(teacher)}")
         workdir = os.path.join(args.out, common.slug(f"{name} {method} seed{seed}"))
-        train(_config(overrides), workdir, verbose=False)
-        after[method].append(perplexity(workdir))
+        trained = train(_config(overrides), workdir, verbose=False)
+        after[method].append(perplexity(workdir, trained))
         print(f"{name}, {method}, seed {seed}: perplexity {after[method][-1]:.3f}", flush=True)
       results["students"][name] = {
         "params": param_count(load_run(starts[args.seeds[0]]).params),

@@ -186,7 +186,7 @@ class TrainConfig:
   seed: int = 0  # parameter init, dropout and data shuffling
   log_every: int = 10  # steps between metrics.jsonl records
   eval_every: int = 100  # steps between evaluations (and samples)
-  eval_batches: int = 8  # validation batches per evaluation
+  eval_batches: int = 8  # validation batches per evaluation; 0: the whole validation split
   ckpt_every: int = 100  # steps between checkpoints
   keep_checkpoints: int = 3  # newest checkpoints kept on disk
   sample_prompt: str = "The "  # at each evaluation a sample continues it (log, TensorBoard)
@@ -216,9 +216,9 @@ class TrainConfig:
       "eval_every",
       "ckpt_every",
       "keep_checkpoints",
-      "eval_batches",
     ):
       check_positive(s, f, getattr(self, f))
+    check_positive(s, "eval_batches", self.eval_batches, allow_zero=True)
     check_positive(s, "backbone_lr_scale", self.backbone_lr_scale, allow_zero=True)
     check_positive(s, "z_loss", self.z_loss, allow_zero=True)
     check_positive(s, "sample_tokens", self.sample_tokens, allow_zero=True)

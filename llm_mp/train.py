@@ -355,7 +355,7 @@ def _train_locked(
       last["flops_per_s"] = last["tokens_per_s"] * flops
       last["bytes_per_param"] = state_bytes  # params + optimizer state
       if is_eval:
-        batches = spec.data.eval_batches(prepared, config, t.eval_batches)
+        batches = spec.data.eval_batches(prepared, config, t.eval_batches or None)
         last.update(evaluate(eval_fn, state.variables, batches, run.mesh, run.rules, r.task))
         sample = _sample(config, spec, run.model, state.variables, prepared.tokenizer)
         if sample is not None:
