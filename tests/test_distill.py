@@ -117,7 +117,7 @@ def test_a_teacher_equal_to_the_student_gives_zero_kl_and_zero_kl_gradient(prese
     variables = {"params": p, TEACHER: teacher}
     return recipe.task.loss_fn(recipe.model, variables, _batch(), jax.random.key(3))
 
-  (value, aux), grads = jax.value_and_grad(loss, has_aux=True)(params)
+  (value, aux), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
   # alpha = 1: the loss is T^2 KL alone (no recorded losses in these models).
   assert abs(float(aux["kl"])) < 1e-7 and abs(float(value)) < 1e-6
   assert float(aux["weight"]) > 0
@@ -140,8 +140,8 @@ def test_distill_weight_zero_is_plain_cross_entropy(preset):
   def theirs(p):
     return plain_loss(recipe.model, {"params": p}, _batch(), rng)
 
-  (a, aux), ga = jax.value_and_grad(ours, has_aux=True)(params)
-  (b, _), gb = jax.value_and_grad(theirs, has_aux=True)(params)
+  (a, aux), ga = jax.jit(jax.value_and_grad(ours, has_aux=True))(params)
+  (b, _), gb = jax.jit(jax.value_and_grad(theirs, has_aux=True))(params)
   assert float(aux["kl"]) > 1e-4  # two random inits: near-uniform, yet apart
   np.testing.assert_allclose(float(a), float(b), rtol=1e-6)  # fp32: one rounding apart
   chex.assert_trees_all_close(ga, gb, rtol=1e-5, atol=1e-7)

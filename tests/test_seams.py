@@ -106,11 +106,11 @@ def test_recorded_losses_reach_the_loss_and_the_gradient():
   variables = compiled.init(model, jax.random.key(0), jnp.zeros((1, T), jnp.int32))
   variables = {"params": variables["params"], "stats": variables["stats"]}
   batch = jax.tree.map(jnp.asarray, _batch())
-  loss, aux = lm_loss(model, variables, batch, None)
+  loss, aux = jax.jit(lambda v: lm_loss(model, v, batch, None))(variables)
   # w = 1 at init: penalty 0.5 * (1 - 3)^2 = 2.0 on top of the cross-entropy.
   np.testing.assert_allclose(float(loss - aux["loss"]), 2.0, rtol=1e-6)
   np.testing.assert_allclose(float(aux["w_value"]), 1.0)
-  grad = jax.grad(lambda p: lm_loss(model, {**variables, "params": p}, batch, None)[0])(
+  grad = jax.jit(jax.grad(lambda p: lm_loss(model, {**variables, "params": p}, batch, None)[0]))(
     variables["params"]
   )
   np.testing.assert_allclose(float(grad["w"]), 0.5 * 2 * (1.0 - 3.0), rtol=1e-6)
