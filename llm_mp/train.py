@@ -108,14 +108,21 @@ def build(config: Config, ckpt, say=print, tokenizer: Any = None) -> Run:
   )
   restored = checkpoint.restore_latest(ckpt, abstract)
   if restored is None:
-    state, _ = create_sharded_state(recipe.model, recipe.tx, config, mesh, rng, abstract=abstract)
     source = config.train.init_from
+    loaded = None
     if source:  # checked by validate: a run of the same architecture
       source_config = stored_config(source)
       params, _, step = restore_run_variables(source, source_config, mesh, tokenizer)
       keep = kept_heads(config, source_config)
-      state = state.replace(params=load_backbone(state.params, params, source, keep))
-      fresh = sorted(set(state.params) & set(HEAD_PARAMS) - set(keep))
+      fresh = sorted(set(abstract.params) & set(HEAD_PARAMS) - set(keep))
+      if not fresh:  # every parameter is the source's: no random initialisation to run
+        loaded = load_backbone(abstract.params, params, source, keep)
+    state, _ = create_sharded_state(
+      recipe.model, recipe.tx, config, mesh, rng, params=loaded, abstract=abstract
+    )
+    if source:
+      if fresh:  # the fresh heads as initialised, the rest the source's
+        state = state.replace(params=load_backbone(state.params, params, source, keep))
       say(
         f"backbone from {source} (step {step}); heads kept: {', '.join(keep) or 'none'}; "
         f"fresh: {', '.join(fresh) or 'none'}"

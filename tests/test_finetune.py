@@ -137,3 +137,25 @@ def test_bad_labelled_rows_name_the_file_and_line(tmp_path):
   config = dataclasses.replace(config, data=dataclasses.replace(config.data, paths=(str(path),)))
   with pytest.raises(ValueError, match=r"train.tsv:3: "):
     train(config, str(tmp_path / "run"), verbose=False)
+
+
+@pytest.mark.parametrize("task, fresh", [("mlm", set()), ("classify", {"pooler", "classifier"})])
+def test_a_fine_tuning_run_starts_from_the_source_parameters_and_a_fresh_optimizer(
+  pretrained, tmp_path, task, fresh
+):
+  # MLM from an MLM run keeps every parameter (the state is built around the source's: no
+  # random initialisation); a classifier draws its fresh heads and loads the rest.
+  from llm_mp import checkpoint, data  # pylint: disable=import-outside-toplevel
+  from llm_mp.train import build  # pylint: disable=import-outside-toplevel
+
+  config = _config(f"train.task={task}", f"train.init_from={pretrained}")
+  manager = checkpoint.make_manager(str(tmp_path / "checkpoints"))
+  run = build(config, manager, say=lambda *_: None, tokenizer=data.load_tokenizer(pretrained))
+  manager.close()
+  source = jax.device_get(load_run(pretrained).params)
+  params = jax.device_get(run.state.params)
+  assert set(params) - set(source) == fresh
+  chex.assert_trees_all_equal({k: params[k] for k in source}, source)
+  assert int(run.state.step) == 0
+  # Adam's moments and counts all start at zero, whatever the parameters.
+  assert not any(np.asarray(x).any() for x in jax.tree.leaves(run.state.opt_state))
