@@ -286,6 +286,10 @@ def test_diagnose_reads_a_seq2seq_run_s_pairs_and_writes_nothing_into_it(tiny_ru
     get_preset("seq2seq_tiny"),
     [
       f"data.paths={pairs}",
+      "model.n_layers=1",  # 1+1 blocks: the size does not matter here, the compiles do
+      "model.n_decoder_layers=1",
+      "model.d_model=32",
+      "model.n_heads=2",
       "data.seq_len=16",
       "data.val_fraction=0.25",
       "train.steps=2",
