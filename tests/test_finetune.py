@@ -140,6 +140,7 @@ def test_bad_labelled_rows_name_the_file_and_line(tmp_path):
 
 
 @pytest.mark.parametrize("task, fresh", [("mlm", set()), ("classify", {"pooler", "classifier"})])
+@pytest.mark.slow
 def test_a_fine_tuning_run_starts_from_the_source_parameters_and_a_fresh_optimizer(
   pretrained, tmp_path, task, fresh
 ):
